@@ -1,0 +1,92 @@
+"""ONNX Runtime backend: the CPU path of development hosts and CI, same graph as TensorRT."""
+
+import logging
+
+import numpy as np
+
+from edge.backends import Backend, Engine, register
+from edge.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int64)": np.int64,
+          "tensor(float16)": np.float16, "tensor(int32)": np.int32}
+
+
+class Binding:
+    """One slot bound to the session: the frame's buffer in, preallocated arrays out."""
+
+    __slots__ = ("io", "image", "outputs")
+
+    def __init__(self, io, image, outputs):
+        self.io = io
+        self.image = image          # the array bound as input; rebound if the slot reallocates
+        self.outputs = outputs      # name -> numpy array written by every run
+
+
+class OrtEngine(Engine):
+    """An InferenceSession whose inputs and outputs are bound once per slot."""
+
+    def __init__(self, session, label):
+        self.session = session
+        self.label = label
+        self.inputs = [(i.name, i.shape, _NUMPY[i.type]) for i in session.get_inputs()]
+        self.outputs = [(o.name, o.shape, _NUMPY[o.type]) for o in session.get_outputs()]
+
+    def bind(self, frame, extra=None):
+        io = self.session.io_binding()
+        extra = extra or {}
+        for name, _, _ in self.inputs[1:]:
+            # Fixed inputs (a reference image) are bound once; the frame is input 0.
+            io.bind_cpu_input(name, np.ascontiguousarray(extra[name]))
+        io.bind_cpu_input(self.inputs[0][0], frame.image)
+        outputs = {}
+        for name, shape, dtype in self.outputs:
+            array = np.empty(shape, dtype)
+            io.bind_output(name, "cpu", 0, dtype, list(shape), array.ctypes.data)
+            outputs[name] = array
+        return Binding(io, frame.image, outputs)
+
+    def rebind_frame(self, binding, frame):
+        """Point the binding at the slot's image again after the slot was reallocated."""
+        binding.io.bind_cpu_input(self.inputs[0][0], frame.image)
+        binding.image = frame.image
+
+    def infer(self, binding):
+        self.session.run_with_iobinding(binding.io)
+
+
+@register
+class OrtBackend(Backend):
+    """ONNX Runtime on the CPU."""
+
+    name = "ort"
+
+    def __init__(self, threads=0):
+        import onnxruntime
+        self.ort = onnxruntime
+        self.threads = threads   # 0: ONNX Runtime's default (one per physical core)
+
+    @classmethod
+    def available(cls):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return "onnxruntime is not installed ({})".format(e)
+        return None
+
+    def load(self, model, label):
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        try:
+            session = self.ort.InferenceSession(model.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for bad graphs
+            raise ModelError("{}: ONNX Runtime cannot load the rewritten graph: {}".format(
+                label, str(e).splitlines()[0]))
+        return OrtEngine(session, label)
+
+    def describe(self):
+        return {"backend": self.name, "onnxruntime": self.ort.__version__, "device": "cpu"}

@@ -1,0 +1,124 @@
+"""The capture thread: fills free frame slots from a source and hands them to the pipeline.
+
+A live source that fails mid-run is closed and reopened with exponential backoff; a finite
+source (file, folder, `test://?frames=N`) ends the thread at its end, and any error it raises
+is fatal. The first open happens before the thread starts, so a source that cannot be opened
+at all fails the start with its SourceError.
+"""
+
+import logging
+import threading
+
+from edge.errors import SourceError
+
+logger = logging.getLogger(__name__)
+
+STATES = ("opening", "open", "reconnecting", "finished", "failed", "stopped")
+
+
+class Capture(threading.Thread):
+    """Reads a source into pool slots and passes each filled slot to `deliver(frame)`.
+
+    `deliver` returns False when the pipeline is stopping; the thread then releases the slot
+    once and ends. Counters: `frames` (delivered), `reopens`; `state` is one of STATES;
+    `finished` is True at the end of a finite source; `error` holds the exception that failed
+    the thread; `last_error` is the text of the latest source failure, for health reports.
+    """
+
+    def __init__(self, source, pool, deliver, stop_event, reopen_backoff=(0.5, 8.0),
+                 on_exit=None):
+        super().__init__(name="capture", daemon=True)
+        self.source = source
+        self.pool = pool
+        self.deliver = deliver
+        self.stop_event = stop_event
+        self.backoff_min, self.backoff_max = reopen_backoff
+        self.on_exit = on_exit        # called from this thread as it ends, e.g. to close hand-offs
+        self.frames = 0
+        self.reopens = 0
+        self.state = "opening"
+        self.finished = False
+        self.error = None
+        self.last_error = None
+        self._opened = False
+        self._backoff = self.backoff_min
+
+    def start_source(self):
+        """Open the source now, in the caller's thread; raises SourceError if it cannot be."""
+        self.state = "opening"
+        try:
+            self.source.open()
+        except Exception:
+            self.source.close()
+            self.state = "failed"
+            raise
+        self._opened = True
+        self.state = "open"
+
+    def run(self):
+        try:
+            if not self._opened:
+                self.start_source()
+            self._loop()
+        except Exception as exc:   # the thread must not die silently: the supervisor reads .error
+            self.error = exc
+            self.state = "failed"
+            if not isinstance(exc, SourceError):   # a SourceError is reported by the pipeline
+                logger.exception("capture from %s failed", self.source.uri)
+        finally:
+            self.source.close()
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _loop(self):
+        while not self.stop_event.is_set():
+            frame = self.pool.acquire(timeout=0.2)
+            if frame is None:
+                continue     # every slot is busy in the tasks; look at stop_event again
+            try:
+                ok = self.source.read_into(frame)
+            except SourceError as exc:
+                self.pool.release(frame)
+                if not self.source.live:
+                    raise
+                self._reopen(exc)
+                continue
+            except BaseException:
+                self.pool.release(frame)
+                raise
+            if not ok:
+                self.pool.release(frame)
+                self.finished = True
+                self.state = "finished"
+                logger.info("source %s ended after %d frames", self.source.uri, self.frames)
+                return
+            self._backoff = self.backoff_min
+            if not self.deliver(frame):
+                self.pool.release(frame)
+                break
+            self.frames += 1
+        self.state = "stopped"
+
+    def _reopen(self, exc):
+        # Close, wait, reopen until it works or the pipeline stops; the wait doubles per
+        # failure and goes back to the minimum after the next good frame.
+        self.state = "reconnecting"
+        self.last_error = str(exc)
+        self.source.close()
+        while True:
+            logger.warning("source %s failed (%s); reopening in %.1f s",
+                           self.source.uri, exc, self._backoff)
+            if self.stop_event.wait(self._backoff):
+                return
+            self._backoff = min(self._backoff * 2, self.backoff_max)
+            try:
+                self.source.open()
+            except SourceError as again:
+                self.source.close()
+                exc = again
+                self.last_error = str(again)
+                continue
+            self.reopens += 1
+            self.state = "open"
+            logger.info("source %s reopened", self.source.uri)
+            return

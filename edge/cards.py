@@ -1,0 +1,179 @@
+"""Model cards: the YAML files in engines/ that say what a model is and how to feed it."""
+
+import os
+import re
+import sys
+
+from edge import validate
+from edge.errors import ConfigError
+from edge.validate import Field
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _safe_file_name(value):
+    if "/" in value or "\\" in value or value in (".", "..") or not _NAME.match(value):
+        return "a plain file name (letters, digits, . _ -), no folders"
+    return None
+
+
+def _sha256(value):
+    return None if _SHA256.match(value) else "64 lowercase hex digits"
+
+
+def _positive(values):
+    return None if all(v > 0 for v in values) else "every value must be > 0"
+
+
+def _url(value):
+    return None if value.startswith(("https://", "http://")) else "an http(s) URL"
+
+
+def _families():
+    from edge import families
+    return families.names()
+
+
+SPEC = {
+    "name": Field(str, check=_safe_file_name),
+    "task": Field(str, choices=("detect", "match")),
+    "family": Field(str),
+    "description": Field(str, default=""),
+    "license": Field(str, default=""),
+    "model": {
+        "file": Field(str, check=_safe_file_name),
+        "url": Field(str, check=_url),
+        "sha256": Field(str, check=_sha256),
+    },
+    "input": {
+        "size": Field(list, length=2, check=_positive, help="width, height"),
+        "color": Field(str, default="bgr", choices=("bgr", "rgb", "gray")),
+        "scale": Field(float, default=1.0),
+        "mean": Field(list, default=[0.0, 0.0, 0.0], length=3),
+        "std": Field(list, default=[1.0, 1.0, 1.0], length=3, check=_positive),
+        "resize": Field(str, default="letterbox", choices=("letterbox", "stretch")),
+        "pad": {
+            "value": Field(float, default=114.0, min=0, max=255),
+            "position": Field(str, default="top-left", choices=("top-left", "center")),
+        },
+    },
+    "labels": Field(str, default=None, nullable=True),
+    "thresholds": Field(dict, default={}),
+    "candidates": Field(int, default=200, min=1, max=3840,
+                        help="boxes the graph returns, best first (TensorRT TopK allows 3840)"),
+    "precision": Field(str, default="fp16", choices=("fp16", "fp32")),
+}
+
+THRESHOLDS = {
+    "detect": {
+        "score": Field(float, default=0.3, min=0.0, max=1.0),
+        "iou": Field(float, default=0.45, min=0.0, max=1.0),
+    },
+    "match": {
+        "score": Field(float, default=0.2, min=0.0, max=1.0),
+        "ransac_px": Field(float, default=8.0, min=0.1),
+        "min_inliers": Field(int, default=8, min=4),
+        "border": Field(int, default=1, min=0),
+    },
+}
+
+
+class Card:
+    """A validated model card; `path` is the file it came from."""
+
+    def __init__(self, data, path):
+        self.data = data
+        self.path = path
+        self.name = data["name"]
+        self.task = data["task"]
+        self.family = data["family"]
+        self.model = data["model"]
+        self.input = data["input"]
+        self.thresholds = data["thresholds"]
+        self.candidates = data["candidates"]
+        self.precision = data["precision"]
+        self.labels = load_labels(data["labels"], path)
+
+    @property
+    def input_size(self):
+        """(width, height) the network expects."""
+        return int(self.input["size"][0]), int(self.input["size"][1])
+
+    def label(self, class_id):
+        """The class name for an id, or its number as text when the card has no labels."""
+        if 0 <= class_id < len(self.labels):
+            return self.labels[class_id]
+        return str(class_id)
+
+    def __repr__(self):
+        return "<Card {} ({})>".format(self.name, self.path)
+
+
+def search_path():
+    """Folders searched for cards by name, first match wins."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = []
+    if os.environ.get("EDGE_CARDS"):
+        paths.extend(os.environ["EDGE_CARDS"].split(os.pathsep))
+    paths.append(os.path.join(os.path.dirname(here), "engines"))       # source tree, editable
+    paths.append(os.path.join(sys.prefix, "share", "edge", "engines"))   # pip install
+    return [p for p in paths if os.path.isdir(p)]
+
+
+def available():
+    """{name: path} of every card found on the search path."""
+    found = {}
+    for folder in search_path():
+        for entry in sorted(os.listdir(folder)):
+            if entry.endswith(".yaml"):
+                found.setdefault(entry[:-5], os.path.join(folder, entry))
+    return found
+
+
+def find(name_or_path):
+    """The path of a card given by name (`yolox-nano`) or as a file path."""
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not os.path.isfile(name_or_path):
+            raise ConfigError("model card {}: file not found".format(name_or_path))
+        return name_or_path
+    cards = available()
+    if name_or_path not in cards:
+        raise ConfigError("model card {!r}: unknown; available cards: {} (or give a path to a "
+                          "card file)".format(name_or_path, ", ".join(sorted(cards)) or "none"))
+    return cards[name_or_path]
+
+
+def load(name_or_path):
+    """A validated Card; ConfigError naming the card file and key when it is wrong."""
+    path = find(name_or_path)
+    where = "model card " + path
+    raw = validate.load_yaml(path, "model card")
+    data = validate.check(raw, SPEC, where)
+    families = _families()
+    if data["family"] not in families:
+        raise ConfigError("{}: family: must be one of {} (got {!r})".format(
+            where, ", ".join(families), data["family"]))
+    data["thresholds"] = validate.check(data["thresholds"], THRESHOLDS[data["task"]], where,
+                                        "thresholds.")
+    from edge import families as registry
+    expected = registry.get(data["family"]).task
+    if expected != data["task"]:
+        raise ConfigError("{}: task: family {} is a {} model, not {}".format(
+            where, data["family"], expected, data["task"]))
+    return Card(data, path)
+
+
+def load_labels(labels, card_path):
+    """Class names: a name from engines/labels/ (`coco80`) or a text file beside the card."""
+    if not labels:
+        return []
+    candidates = [os.path.join(os.path.dirname(card_path), labels)]
+    candidates += [os.path.join(folder, "labels", labels + ".txt") for folder in search_path()]
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+    raise ConfigError("model card {}: labels: {!r} not found; use a name from engines/labels/ "
+                      "or a text file beside the card, one class per line".format(
+                          card_path, labels))

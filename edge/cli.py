@@ -1,0 +1,117 @@
+"""The `edge` command line: run, models (see DESIGN.md, Command line)."""
+
+import argparse
+import logging
+import os
+import sys
+
+from edge import __version__
+from edge.errors import EXIT_FAILURE, EXIT_OK, EdgeError
+
+logger = logging.getLogger("edge")
+
+
+def _run(args):
+    from edge import config, daemon
+    overrides = {
+        "source": args.source, "detector": args.detector, "matcher": args.matcher,
+        "mqtt.url": args.mqtt, "jsonl": args.jsonl, "device_id": args.device_id,
+        "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
+        "model_dir": args.model_dir,
+    }
+    cfg = config.load(args.config, overrides)
+    if args.debug:
+        cfg["log_level"] = "debug"
+    logging.getLogger().setLevel(cfg["log_level"].upper())
+    return daemon.run(cfg)
+
+
+def _models_list(args):
+    from edge import cards, models
+    model_dir = args.model_dir or models.default_model_dir()
+    rows = []
+    for name, path in sorted(cards.available().items()):
+        card = cards.load(path)
+        file_path = models.model_path(card, model_dir)
+        state = "present" if os.path.isfile(file_path) else "missing"
+        rows.append((name, card.task, card.family, card.model["file"], state))
+    widths = [max(len(r[i]) for r in rows + [("card", "task", "family", "file", "state")])
+              for i in range(5)]
+    for row in [("card", "task", "family", "file", "state")] + rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    print("model folder: {}".format(model_dir))
+    return EXIT_OK
+
+
+def _models_fetch(args):
+    from edge import cards, fetch, models
+    model_dir = args.model_dir or models.default_model_dir()
+    names = args.names or sorted(cards.available())
+    for name in names:
+        card = cards.load(name)
+        dest = models.model_path(card, model_dir)
+        fetch.fetch(card.model["url"], card.model["sha256"], dest, mirror=args.mirror,
+                    what="model {} ({})".format(card.model["file"], card.name))
+        print("{}: {} ok (sha256 {}...)".format(card.name, dest, card.model["sha256"][:12]))
+    return EXIT_OK
+
+
+def parser():
+    """The argument parser (also used by the documentation)."""
+    top = argparse.ArgumentParser(prog="edge", description="Jetson vision sensor over MQTT.")
+    top.add_argument("--version", action="version", version="edge " + __version__)
+    top.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline in the foreground")
+    run.add_argument("-c", "--config", help="YAML config file (flags override it)")
+    run.add_argument("--source", help="source URI: test://, images:///dir, file.mp4, "
+                                      "/dev/video0, rtsp://..., csi://0")
+    run.add_argument("--detector", help="detection card name or path (e.g. yolox-nano)")
+    run.add_argument("--matcher", help="matching card name or path (e.g. coarse-loftr)")
+    run.add_argument("--mqtt", help="broker URL mqtt://host[:port][?qos=0|1&keepalive=S]")
+    run.add_argument("--jsonl", help="also append every message to this file")
+    run.add_argument("--device-id", help="device name in topics (default: host name)")
+    run.add_argument("--backend", choices=("auto", "trt", "ort"))
+    run.add_argument("--max-frames", type=int, help="stop after N frames")
+    run.add_argument("--model-dir", help="folder of model files")
+    run.add_argument("--mirror", help="local folder to fetch models from (or EDGE_MODEL_MIRROR)")
+    run.set_defaults(func=_run)
+
+    models = sub.add_parser("models", help="list or fetch model files")
+    models_sub = models.add_subparsers(dest="action", metavar="ACTION")
+    lst = models_sub.add_parser("list", help="cards and whether their model is present")
+    lst.add_argument("--model-dir", help="folder of model files")
+    lst.set_defaults(func=_models_list)
+    fch = models_sub.add_parser("fetch", help="download model files, checked against sha256")
+    fch.add_argument("names", nargs="*", metavar="NAME", help="cards (default: all)")
+    fch.add_argument("--mirror", help="local folder to copy from (or EDGE_MODEL_MIRROR)")
+    fch.add_argument("--model-dir", help="folder of model files")
+    fch.set_defaults(func=_models_fetch)
+    return top
+
+
+def main(argv=None):
+    """Entry point of the console script; returns the exit status."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser().print_help()
+        return EXIT_OK if args.command is None else 2
+    try:
+        return args.func(args)
+    except EdgeError as e:
+        if args.debug:
+            logger.exception("failed")
+        print("edge: error: {}".format(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print("edge: internal error: {}: {} (run with --debug for the traceback)".format(
+            type(e).__name__, e), file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,90 @@
+"""The configuration: defaults, the YAML file, then command line flags, validated by key."""
+
+import os
+import re
+import socket
+
+from edge import validate
+from edge.errors import ConfigError
+from edge.validate import Field
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def _device_id(value):
+    return None if _DEVICE_ID.match(value) else "letters, digits, _ . - (no / + # or spaces)"
+
+
+def _prefix(value):
+    return None if _TOPIC_PREFIX.match(value) else "MQTT topic levels without + # or spaces"
+
+
+def _backend_names():
+    from edge import backends
+    return tuple(backends.names())
+
+
+SPEC = {
+    "device_id": Field(str, default=None, nullable=True, check=_device_id,
+                       help="name in MQTT topics; default: the host name"),
+    "source": Field(str, default="test://", help="source URI (DESIGN.md, Sources)"),
+    "detector": Field(str, default=None, nullable=True, help="detection card name or path"),
+    "matcher": Field(str, default=None, nullable=True, help="matching card name or path"),
+    "backend": Field(str, default="auto", choices=("auto", "ort", "trt")),
+    "model_dir": Field(str, default=None, nullable=True,
+                       help="model files; default $EDGE_MODEL_DIR or ~/.cache/edge/models"),
+    "model_mirror": Field(str, default=None, nullable=True,
+                          help="local folder to fetch models from instead of the network"),
+    "max_frames": Field(int, default=None, nullable=True, min=1),
+    "jsonl": Field(str, default=None, nullable=True, help="also append messages to this file"),
+    "log_level": Field(str, default="info", choices=("debug", "info", "warning", "error")),
+    "mqtt": {
+        "url": Field(str, default=None, nullable=True,
+                     help="mqtt://host:port; null: no MQTT (JSONL only)"),
+        "prefix": Field(str, default="edge", check=_prefix),
+        "qos": Field(int, default=0, choices=(0, 1)),
+        "keepalive": Field(int, default=30, min=5, max=3600),
+        "queue": Field(int, default=1000, min=1, max=1000000,
+                       help="messages held while the broker is slow or away"),
+        "flush_timeout": Field(float, default=10.0, min=0.0, max=600.0,
+                               help="seconds to deliver what is queued when a run ends"),
+    },
+    "pipeline": {
+        "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
+        "threads": Field(int, default=0, min=0, max=64,
+                         help="inference threads for ONNX Runtime; 0: one per core"),
+    },
+}
+
+
+def load(path=None, overrides=None):
+    """The validated configuration: defaults < file < overrides (dotted keys from flags)."""
+    where = "config {}".format(path) if path else "config"
+    raw = {}
+    if path:
+        raw = validate.load_yaml(path, "config")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("config {}: must be a mapping of keys to values".format(path))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    config = validate.check(raw, SPEC, where)
+    if config["device_id"] is None:
+        host = socket.gethostname().split(".")[0]
+        config["device_id"] = re.sub(r"[^A-Za-z0-9_.-]", "-", host) or "edge"
+    if config["model_dir"] is None:
+        from edge import models
+        config["model_dir"] = models.default_model_dir()
+    config["model_dir"] = os.path.expanduser(config["model_dir"])
+    if not config["detector"] and not config["matcher"]:
+        raise ConfigError("{}: detector: no task configured; set detector (e.g. yolox-nano) "
+                          "and/or matcher, or pass --detector CARD".format(where))
+    return config

@@ -1,0 +1,107 @@
+"""`edge run`: assemble source, tasks, publisher and MQTT link from a config and run them."""
+
+import logging
+import signal
+import threading
+
+
+from edge import backends, cards, mqtt, sources, tasks
+from edge.errors import UnavailableError
+from edge.pipeline import Pipeline
+from edge.publisher import JsonlSink, Publisher
+
+logger = logging.getLogger(__name__)
+
+
+def build_tasks(config, backend):
+    """The configured tasks, models fetched and checked."""
+    built = []
+    for key in ("detector", "matcher"):
+        if config[key]:
+            card = cards.load(config[key])
+            expected = "detect" if key == "detector" else "match"
+            if card.task != expected:
+                from edge.errors import ConfigError
+                raise ConfigError("{}: card {} is a {} card; use it as --{}".format(
+                    key, card.name, card.task, "detector" if card.task == "detect" else "matcher"))
+            built.append(tasks.create(card, backend, config["model_dir"],
+                                      mirror=config["model_mirror"],
+                                      device=config["device_id"]))
+    return built
+
+
+def run(config, stop_event=None):
+    """Run the pipeline until the source ends or a signal stops it; returns 0 or raises."""
+    source = sources.open_source(config["source"])
+    backend = backends.select(config["backend"], threads=config["pipeline"]["threads"])
+    link = None
+    if config["mqtt"]["url"]:
+        settings = mqtt.parse_url(config["mqtt"]["url"], config["mqtt"]["qos"],
+                                  config["mqtt"]["keepalive"])
+        link = mqtt.MqttLink(settings, config["device_id"], config["mqtt"]["prefix"],
+                             queue_limit=config["mqtt"]["queue"])
+    built = build_tasks(config, backend)
+    jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
+    qos = settings["qos"] if link else 0
+    publisher = Publisher(link, jsonl, qos=qos, limit=config["mqtt"]["queue"])
+    pipeline = Pipeline(source, built, publisher, pool_size=config["pipeline"]["pool"],
+                        max_frames=config["max_frames"])
+    pipeline.open()
+    stop_event = stop_event or threading.Event()
+    restore = _handle_signals(stop_event)
+    reason = "finished"
+    try:
+        if link:
+            link.start()
+            link.set_status("online")
+        publisher.start()
+        pipeline.start()
+        logger.info("running %s on %s with %s", ", ".join(t.card.name for t in built),
+                    config["source"], backend.describe())
+        while pipeline.alive():
+            if stop_event.wait(0.1):
+                reason = "stopped"
+                logger.info("stopping: finishing frames in flight")
+                pipeline.stop()
+                break
+        pipeline.join()
+        undelivered = publisher.flush(config["mqtt"]["flush_timeout"])
+        error = pipeline.error()
+        if error is not None:
+            reason = "error: {}".format(error)
+            raise error
+        if undelivered and link:
+            raise UnavailableError(
+                "mqtt {}: {} of {} messages not delivered within {:.0f} s ({}); check the "
+                "broker URL (--mqtt) and that the broker runs".format(
+                    link.settings["display"], undelivered, publisher.accepted,
+                    config["mqtt"]["flush_timeout"], link.probe_error()))
+        logger.info("done: %d frames, %d messages, %d dropped", pipeline.delivered,
+                    publisher.accepted, publisher.dropped)
+        return 0
+    finally:
+        restore()
+        if link:
+            link.stop(reason if len(reason) < 200 else reason[:200])
+        if jsonl:
+            jsonl.close()
+
+
+def _handle_signals(stop_event):
+    """SIGTERM and SIGINT set the stop event (main thread only); returns an undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def handler(signum, _frame):
+        stop_event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore():
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
+
+

@@ -1,0 +1,30 @@
+"""Model families: how a model's graph is fed and what its outputs become.
+
+A family is a small module that registers a class with `register`. The class says which
+task it serves, adds the family's nodes when `edge.graph.rewrite` fuses the card into the
+model (`graph_inputs`, `graph_outputs`), and nothing outside the family asks which it is.
+"""
+
+_FAMILIES = {}
+
+
+def register(cls):
+    """Class decorator: register a family under its `name`."""
+    _FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _load_builtin():
+    from edge.families import loftr, yolov5, yolov8, yolox  # noqa: F401
+
+
+def names():
+    """Registered family names."""
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def get(name):
+    """The family registered as `name` (cards are validated against `names()` first)."""
+    _load_builtin()
+    return _FAMILIES[name]

@@ -1,0 +1,200 @@
+"""MQTT: broker URLs, one paho client that works with paho-mqtt 1.x and 2.x, the status topic.
+
+paho's network thread runs the socket; our callbacks only set flags and never raise, since an
+exception escaping a callback ends that thread and every later reconnect with it.
+"""
+
+import json
+import logging
+import socket
+import threading
+import time
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from edge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def parse_url(url, qos=0, keepalive=30):
+    """Broker settings from `mqtt[s]://[user[:password]@]host[:port][?qos=0|1&keepalive=S]`."""
+    def bad(reason):
+        return ConfigError("mqtt url {!r}: {}; expected mqtt://[user[:password]@]host[:port]"
+                           "[?qos=0|1&keepalive=S] or mqtts://...".format(_redact(url), reason))
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise bad(str(e))
+    if parts.scheme not in DEFAULT_PORTS:
+        raise bad("unknown scheme {!r}".format(parts.scheme))
+    if not parts.hostname:
+        raise bad("no host")
+    if parts.path not in ("", "/"):
+        raise bad("unexpected path {!r}".format(parts.path))
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    for key in query:
+        if key not in ("qos", "keepalive"):
+            raise bad("unknown parameter {!r}".format(key))
+    try:
+        qos = int(query.get("qos", qos))
+        keepalive = int(query.get("keepalive", keepalive))
+    except ValueError:
+        raise bad("qos and keepalive must be integers")
+    if qos not in (0, 1):
+        raise bad("qos must be 0 or 1")
+    if not 5 <= keepalive <= 3600:
+        raise bad("keepalive must be 5..3600 seconds")
+    return {"host": parts.hostname, "port": port or DEFAULT_PORTS[parts.scheme],
+            "tls": parts.scheme == "mqtts", "qos": qos, "keepalive": keepalive,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+            "display": _redact(url)}
+
+
+def _redact(url):
+    """The URL without its password, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            return url.replace(":" + parts.password + "@", ":***@", 1)
+    except ValueError:
+        pass
+    return url
+
+
+def make_client(client_id):
+    """A paho Client for MQTT 3.1.1 under paho-mqtt 1.x or 2.x."""
+    import paho.mqtt.client as paho
+    if hasattr(paho, "CallbackAPIVersion"):   # paho-mqtt >= 2.0
+        return paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                           clean_session=True, protocol=paho.MQTTv311)
+    return paho.Client(client_id=client_id, clean_session=True, protocol=paho.MQTTv311)
+
+
+def _reason_code(rc):
+    """An int from a paho 1.x int or a paho 2.x ReasonCode."""
+    value = getattr(rc, "value", rc)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def status_payload(device, state, since, reason=None):
+    """The `status` message (retained; also the last will)."""
+    from edge import __version__
+    return json.dumps({"v": 1, "device": device, "state": state, "since": round(since, 3),
+                       "reason": reason, "version": __version__}).encode()
+
+
+class MqttLink:
+    """A connection to the broker kept up in the background, with status and last will."""
+
+    def __init__(self, settings, device, prefix="edge", queue_limit=1000):
+        self.settings = settings
+        self.device = device
+        self.prefix = prefix
+        self.connected = threading.Event()
+        self.last_error = None
+        self.connects = 0
+        self.state = "starting"
+        self.since = time.time()
+        self.reason = None
+        client = make_client("edge-{}-{}".format(device, int(time.time() * 1000) % 100000))
+        client.max_queued_messages_set(queue_limit)
+        if settings["username"]:
+            client.username_pw_set(settings["username"], settings["password"])
+        if settings["tls"]:
+            client.tls_set()
+        client.will_set(self.topic("status"), status_payload(
+            device, "offline", self.since, "connection lost"), qos=1, retain=True)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        self.client = client
+
+    def topic(self, suffix):
+        return "{}/{}/{}".format(self.prefix, self.device, suffix)
+
+    def start(self):
+        """Begin connecting in the background; never blocks on the network."""
+        try:
+            self.client.connect_async(self.settings["host"], self.settings["port"],
+                                      self.settings["keepalive"])
+        except (OSError, ValueError) as e:
+            self.last_error = str(e)
+        self.client.loop_start()
+
+    def set_status(self, state, reason=None):
+        """Publish the retained status now (when connected) and after every reconnect."""
+        if state != self.state or reason != self.reason:
+            self.state, self.reason, self.since = state, reason, time.time()
+        if not self.connected.is_set():
+            return None     # _on_connect publishes it
+        return self.client.publish(self.topic("status"), status_payload(
+            self.device, self.state, self.since, self.reason), qos=1, retain=True)
+
+    def publish(self, topic, payload, qos, retain=False):
+        """paho's MessageInfo; its rc says whether paho took the message."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def _on_connect(self, client, userdata, flags, rc, properties=None):
+        try:
+            code = _reason_code(rc)
+            if code != 0:
+                self.last_error = "broker refused the connection (code {}: {})".format(
+                    code, _connack_text(code))
+                logger.warning("mqtt %s: %s", self.settings["display"], self.last_error)
+                return
+            self.connects += 1
+            self.last_error = None
+            logger.info("mqtt connected to %s", self.settings["display"])
+            self.connected.set()
+            self.set_status(self.state, self.reason)
+        except Exception:  # never let an exception end paho's network thread
+            logger.exception("mqtt on_connect failed")
+
+    def _on_disconnect(self, client, userdata, *args):
+        try:
+            self.connected.clear()
+            rc = _reason_code(args[-2] if len(args) >= 2 else args[-1]) if args else 0
+            if rc != 0:
+                self.last_error = "connection lost (code {})".format(rc)
+                logger.warning("mqtt %s: %s; reconnecting", self.settings["display"],
+                               self.last_error)
+        except Exception:
+            logger.exception("mqtt on_disconnect failed")
+
+    def probe_error(self):
+        """Why the broker is not reachable, for the final error message."""
+        if self.last_error:
+            return self.last_error
+        try:
+            socket.create_connection((self.settings["host"], self.settings["port"]), 2).close()
+        except OSError as e:
+            return e.strerror or str(e)
+        return "no connection yet"
+
+    def stop(self, reason="stopped", timeout=5.0):
+        """Publish the final `offline` status, wait for it, disconnect."""
+        info = self.set_status("offline", reason)
+        if info is not None:
+            _wait(info, timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _wait(info, timeout):
+    deadline = time.monotonic() + timeout
+    while not info.is_published() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return info.is_published()
+
+
+def _connack_text(code):
+    return {1: "protocol version", 2: "client id rejected", 3: "server unavailable",
+            4: "bad user name or password", 5: "not authorised", 134: "bad user name or password",
+            135: "not authorised"}.get(code, "refused")

@@ -1,0 +1,95 @@
+"""Frame sources chosen by URI: csi://, v4l2://, rtsp://, file://, images://, test://.
+
+Each kind is a small module that registers itself with `register`; `open_source(uri)` picks
+the kind from the URI (or from a plain path: a folder of images, a /dev/video* device or a
+video file) and returns an unopened `Source`. The capture thread that drives a source lives in
+edge.capture.
+"""
+
+import os
+
+from edge.errors import ConfigError
+
+_KINDS = {}
+
+
+def register(scheme):
+    """Class decorator: make a Source subclass the handler of `scheme://` URIs."""
+    def wrap(cls):
+        _KINDS[scheme] = cls
+        cls.scheme = scheme
+        return cls
+    return wrap
+
+
+class Source:
+    """A camera, stream, file, folder or pattern that fills frame slots.
+
+    `read_into(frame)` has three outcomes, as in jetson-utils: True (the slot holds a new
+    frame), False (end of stream: finite sources only), or SourceError (a failure; live
+    sources are reopened with backoff by the capture thread).
+    """
+
+    scheme = None
+    live = True           # live sources keep the newest frame and drop; finite ones never drop
+
+    def __init__(self, uri, location, params):
+        self.uri = uri
+        self.location = location   # the part after scheme:// (path, host, device)
+        self.params = params       # query parameters, str -> str
+
+    def open(self):
+        """Open the device or file; raises SourceError with a fix."""
+
+    def read_into(self, frame):
+        """Fill `frame` (image, index, ts, name); False at the end of a finite source."""
+        raise NotImplementedError
+
+    def close(self):
+        """Release the device or file; safe to call twice."""
+
+    def __repr__(self):
+        return "<{} {}>".format(type(self).__name__, self.uri)
+
+
+def kinds():
+    """Registered URI schemes."""
+    _load_builtin()
+    return sorted(_KINDS)
+
+
+def _load_builtin():
+    # Imported here, not at the top, so a kind's heavy imports (cv2) load only when needed.
+    from edge.sources import images, pattern, video  # noqa: F401
+
+
+def parse_uri(uri):
+    """(scheme, location, params) for a source URI or plain path."""
+    from urllib.parse import parse_qsl, urlsplit
+    if "://" not in uri:
+        path = os.path.expanduser(uri)
+        if os.path.isdir(path):
+            return "images", path, {}
+        if path.startswith("/dev/video"):
+            return "v4l2", path, {}
+        return "file", path, {}
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if scheme in ("file", "images", "v4l2"):
+        location = (parts.netloc + parts.path) if parts.netloc else parts.path
+        return scheme, os.path.expanduser(location), params
+    if scheme == "rtsp":
+        return scheme, uri, params
+    return scheme, parts.netloc + parts.path, params
+
+
+def open_source(uri):
+    """The Source for `uri` (not yet opened); SourceError for an unknown kind."""
+    _load_builtin()
+    scheme, location, params = parse_uri(uri)
+    cls = _KINDS.get(scheme)
+    if cls is None:
+        raise ConfigError("source {!r}: unknown kind {!r}; use one of {}".format(
+            uri, scheme, ", ".join(s + "://" for s in sorted(_KINDS))))
+    return cls(uri, location, params)

@@ -1,0 +1,104 @@
+"""images:// - a folder of images, read in name order; each frame carries its file name.
+
+`images:///data/shots` or a plain folder path; `?loop=1` starts over after the last image.
+A folder is finite: the pipeline never drops its frames. Files that cannot be decoded are
+skipped with one warning each and counted in `skipped`.
+"""
+
+import logging
+import os
+import time
+
+import cv2
+import numpy as np
+
+from edge.errors import SourceError
+from edge.sources import Source, register
+from edge.sources.pattern import check_params, int_param
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@register("images")
+class ImageFolderSource(Source):
+    """The images of one folder, sorted by file name."""
+
+    live = False
+
+    def __init__(self, uri, location, params):
+        super().__init__(uri, location, params)
+        check_params(self, ("loop",))
+        self.loop = bool(int_param(self, "loop", 0, 0, 1))
+        self.folder = location
+        self.paths = []
+        self.skipped = 0
+        self._next = 0
+        self._index = 0
+        self._delivered_this_pass = 0
+
+    def open(self):
+        """List the folder; SourceError when it is missing or holds no images."""
+        try:
+            names = sorted(os.listdir(self.folder))
+        except FileNotFoundError:
+            raise SourceError("image folder {} does not exist; check the --source path".format(
+                self.folder)) from None
+        except OSError as exc:
+            raise SourceError("image folder {} cannot be read ({}); check its permissions".format(
+                self.folder, exc.strerror)) from None
+        self.paths = [os.path.join(self.folder, name) for name in names
+                      if name.lower().endswith(EXTENSIONS)
+                      and os.path.isfile(os.path.join(self.folder, name))]
+        if not self.paths:
+            raise SourceError("image folder {} holds no {} files; put images there or "
+                              "choose another folder".format(
+                                  self.folder, "/".join(e[1:] for e in EXTENSIONS)))
+        self._next = 0
+        self._delivered_this_pass = 0
+        logger.info("image folder %s: %d images", self.folder, len(self.paths))
+
+    def read_into(self, frame):
+        """Decode the next readable image into `frame`; False after the last one."""
+        while True:
+            if self._next >= len(self.paths):
+                if not self._delivered_this_pass:
+                    # A folder where nothing decodes is a mistake, not an empty run (and
+                    # looping over it would spin forever).
+                    raise SourceError("none of the {} images in {} can be decoded; replace "
+                                      "them".format(len(self.paths), self.folder))
+                if not self.loop:
+                    return False
+                self._next = 0
+                self._delivered_this_pass = 0
+            path = self.paths[self._next]
+            self._next += 1
+            image = _decode(path)
+            if image is None:
+                self.skipped += 1
+                continue
+            # cv2.imread allocates; the slot keeps its buffer unless the size changes.
+            np.copyto(frame.ensure_shape(image.shape[0], image.shape[1]), image)
+            frame.index = self._index
+            frame.ts = time.time()
+            frame.name = os.path.basename(path)
+            self._index += 1
+            self._delivered_this_pass += 1
+            return True
+
+
+def _decode(path):
+    # (H, W, 3) uint8 BGR, or None after one warning: IMREAD_COLOR turns grey, 16-bit and
+    # 4-channel images into 8-bit BGR.
+    try:
+        if os.path.getsize(path) == 0:
+            logger.warning("skipped image %s: the file is empty", path)
+            return None
+    except OSError as exc:
+        logger.warning("skipped image %s: cannot be read (%s)", path, exc.strerror)
+        return None
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        logger.warning("skipped image %s: cannot be decoded (corrupt or not an image)", path)
+    return image

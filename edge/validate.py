@@ -1,0 +1,134 @@
+"""Checking YAML documents (config files, model cards) field by field.
+
+A spec is a dict of key -> Field or nested dict. `check(doc, spec, where)` returns a new dict
+with defaults filled in, or raises ConfigError naming the file, the key path and the allowed
+values, e.g. `edge.yaml: mqtt.qos: must be one of 0, 1 (got 2)`.
+"""
+
+from edge.errors import ConfigError
+
+_MISSING = object()
+
+
+class Field:
+    """One key: its type, default, allowed values and an optional extra check."""
+
+    def __init__(self, kind, default=_MISSING, choices=None, min=None, max=None,
+                 length=None, check=None, nullable=False, help=""):
+        self.kind = kind            # a type or tuple of types; float accepts int
+        self.default = default
+        self.choices = choices
+        self.min = min
+        self.max = max
+        self.length = length        # exact length for lists
+        self.check = check          # callable(value) -> error text or None
+        self.nullable = nullable
+        self.help = help
+
+    @property
+    def required(self):
+        return self.default is _MISSING
+
+    def describe(self):
+        """The allowed values in words, for error messages."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                 list: "a list", dict: "a mapping"}
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        text = " or ".join(names.get(k, k.__name__) for k in kinds)
+        if self.length is not None:
+            text = "a list of {} {}".format(self.length, "numbers" if self.kind == list else text)
+        if self.min is not None and self.max is not None:
+            text += " from {} to {}".format(self.min, self.max)
+        elif self.min is not None:
+            text += " >= {}".format(self.min)
+        elif self.max is not None:
+            text += " <= {}".format(self.max)
+        if self.nullable:
+            text += " (or null)"
+        return text
+
+
+def _type_ok(value, kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False   # YAML `yes` must not pass as 1
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, kinds)
+
+
+def _check_field(value, field, path, where):
+    def fail(reason=None):
+        raise ConfigError("{}: {}: must be {} (got {!r}){}".format(
+            where, path, field.describe(), value, "; " + reason if reason else ""))
+
+    if value is None:
+        if field.nullable:
+            return None
+        fail()
+    if not _type_ok(value, field.kind):
+        fail()
+    if field.choices is not None and value not in field.choices:
+        fail()
+    if field.length is not None and len(value) != field.length:
+        fail()
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                if field.kind == list:
+                    fail()
+    if field.min is not None and isinstance(value, (int, float)) and value < field.min:
+        fail()
+    if field.max is not None and isinstance(value, (int, float)) and value > field.max:
+        fail()
+    if field.check is not None:
+        reason = field.check(value)
+        if reason:
+            fail(reason)
+    return value
+
+
+def check(doc, spec, where, prefix=""):
+    """Validated copy of `doc` with defaults; ConfigError on unknown or bad keys."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("{}: {}: must be a mapping (got {!r})".format(
+            where, prefix.rstrip(".") or "top level", doc))
+    out = {}
+    for key in doc:
+        if key not in spec:
+            raise ConfigError("{}: {}{}: unknown key; allowed keys here: {}".format(
+                where, prefix, key, ", ".join(sorted(spec))))
+    for key, field in spec.items():
+        path = prefix + key
+        if isinstance(field, dict):
+            out[key] = check(doc.get(key), field, where, path + ".")
+            continue
+        if key not in doc:
+            if field.required:
+                raise ConfigError("{}: {}: missing; it must be {}".format(
+                    where, path, field.describe()))
+            out[key] = field.default
+            continue
+        out[key] = _check_field(doc[key], field, path, where)
+    return out
+
+
+def load_yaml(path, what):
+    """A YAML file's content; ConfigError with the line for syntax errors."""
+    import yaml
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError("{} {}: file not found".format(what, path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("{} {}: cannot read: {}".format(what, path, e))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = " line {}".format(mark.line + 1) if mark is not None else ""
+        raise ConfigError("{} {}:{}: not valid YAML: {}".format(
+            what, path, at, getattr(e, "problem", None) or e))
