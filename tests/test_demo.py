@@ -1,0 +1,28 @@
+"""tools/demo.py, the main job a new user runs, end to end with a real broker it starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+
+from tests.conftest import MODELS, ROOT, SHARED
+
+
+def test_demo_prints_messages_and_writes_annotated_picture(tmp_path, model_dir):
+    out = tmp_path / "demo-out"
+    env = dict(os.environ, EDGE_MODEL_MIRROR=MODELS, EDGE_MODEL_DIR=model_dir,
+               EDGE_DATA_MIRROR=os.path.join(SHARED, "data"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--out",
+                           str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                          timeout=120)
+    text = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    received = [line for line in text.splitlines() if "edge/demo/detections" in line]
+    assert len(received) == 8, text
+    assert "zebra" in text and "giraffe" in text
+    picture = cv2.imread(str(out / "annotated.jpg"))
+    assert picture is not None and picture.shape[0] >= 320
+    with open(out / "messages.jsonl") as f:
+        assert len([json.loads(line) for line in f]) == 8

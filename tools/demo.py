@@ -1,0 +1,168 @@
+"""The demo behind tools/demo: real images -> edge run -> MQTT -> what a robot receives.
+
+Fetches the pinned demo images and the model (mirror-aware), starts a local Mosquitto on a
+free port (unless --mqtt is given), subscribes like a robot would, runs `edge run` on the
+images, prints every message received and writes annotated pictures to demo-out/.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import cv2
+import numpy as np
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+sys.path.insert(0, ROOT)
+
+from edge import draw, fetch  # noqa: E402
+from edge.mqtt import make_client  # noqa: E402
+
+
+def fetch_images(folder, mirror):
+    with open(os.path.join(ROOT, "tools", "demo-images.yaml")) as f:
+        manifest = yaml.safe_load(f)["images"]
+    os.makedirs(folder, exist_ok=True)
+    for item in manifest:
+        fetch.fetch(item["url"], item["sha256"], os.path.join(folder, item["file"]),
+                    mirror=mirror, what="demo image")
+    return [item["file"] for item in manifest]
+
+
+def start_broker(workdir):
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(binary):
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = os.path.join(workdir, "mosquitto.conf")
+    with open(conf, "w") as f:
+        f.write("listener {} 127.0.0.1\nallow_anonymous true\n".format(port))
+    proc = subprocess.Popen([binary, "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, "mqtt://127.0.0.1:{}".format(port)
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    return None, None
+
+
+def subscribe(url, topic):
+    """A robot-side subscriber; returns (client, received list)."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    received = []
+    ready = threading.Event()
+    client = make_client("demo-robot")
+    client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, 1)
+    client.on_subscribe = lambda *a: ready.set()
+
+    def on_message(c, u, msg):
+        received.append((msg.topic, json.loads(msg.payload)))
+        payload = json.loads(msg.payload)
+        if msg.topic.endswith("/detections"):
+            dets = ", ".join("{} {:.2f}".format(d["label"], d["score"])
+                             for d in payload["detections"]) or "nothing"
+            print("  {}  seq {}  {}: {}".format(msg.topic, payload["seq"],
+                                                 payload["frame"]["name"], dets))
+        else:
+            print("  {}  {}".format(msg.topic, msg.payload.decode()[:160]))
+    client.on_message = on_message
+    client.connect(parts.hostname, parts.port or 1883, 30)
+    client.loop_start()
+    ready.wait(5)
+    return client, received
+
+
+def contact_sheet(pictures, width=1280):
+    """The annotated pictures in one image, rows of 4."""
+    tiles = []
+    for pic in pictures:
+        scale = 320.0 / pic.shape[1]
+        tile = cv2.resize(pic, (320, int(pic.shape[0] * scale)))
+        canvas = np.zeros((320, 320, 3), np.uint8)
+        canvas[:min(320, tile.shape[0])] = tile[:320]
+        tiles.append(canvas)
+    while len(tiles) % 4:
+        tiles.append(np.zeros((320, 320, 3), np.uint8))
+    rows = [np.hstack(tiles[i:i + 4]) for i in range(0, len(tiles), 4)]
+    return np.vstack(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mqtt", help="use this broker instead of starting a local one")
+    parser.add_argument("--out", default=os.path.join(ROOT, "demo-out"))
+    parser.add_argument("--detector", default="yolox-nano")
+    args = parser.parse_args()
+
+    data_mirror = os.environ.get("EDGE_DATA_MIRROR") or (
+        os.path.join(SHARED, "data") if os.path.isdir(os.path.join(SHARED, "data")) else None)
+    images = os.path.join(args.out, "images")
+    names = fetch_images(images, data_mirror or "")
+    print("demo: {} images in {}".format(len(names), images))
+
+    broker, url = None, args.mqtt
+    workdir = tempfile.mkdtemp(prefix="edge-demo-")
+    if url is None:
+        broker, url = start_broker(workdir)
+        if url is None:
+            print("demo: mosquitto is not installed: running with the JSONL sink only "
+                  "(install it with: sudo apt-get install mosquitto)")
+    jsonl = os.path.join(args.out, "messages.jsonl")
+    if os.path.exists(jsonl):
+        os.unlink(jsonl)
+    client = None
+    try:
+        cmd = [sys.executable, "-m", "edge", "run", "--source", images, "--detector",
+               args.detector, "--device-id", "demo", "--jsonl", jsonl]
+        if url:
+            print("demo: broker {}; a robot subscribed to edge/demo/# receives:".format(url))
+            client, received = subscribe(url, "edge/demo/#")
+            cmd += ["--mqtt", url + "?qos=1"]
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print("demo: edge run failed with exit status {}".format(rc))
+            return rc
+        time.sleep(0.5)
+    finally:
+        if client is not None:
+            client.loop_stop()
+            client.disconnect()
+        if broker is not None:
+            broker.terminate()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    with open(jsonl) as f:
+        messages = [json.loads(line) for line in f]
+    annotated = os.path.join(args.out, "annotated")
+    os.makedirs(annotated, exist_ok=True)
+    pictures = []
+    for message in messages:
+        image = cv2.imread(os.path.join(images, message["frame"]["name"]))
+        draw.detections(image, message["detections"])
+        cv2.imwrite(os.path.join(annotated, message["frame"]["name"]), image)
+        pictures.append(image)
+    sheet = os.path.join(args.out, "annotated.jpg")
+    cv2.imwrite(sheet, contact_sheet(pictures))
+    total = sum(len(m["detections"]) for m in messages)
+    print("demo: {} messages, {} detections; annotated picture: {} (one per image in {})".format(
+        len(messages), total, sheet, annotated))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
