@@ -154,13 +154,13 @@ def load(name_or_path):
     if data["family"] not in families:
         raise ConfigError("{}: family: must be one of {} (got {!r})".format(
             where, ", ".join(families), data["family"]))
-    data["thresholds"] = validate.check(data["thresholds"], THRESHOLDS[data["task"]], where,
-                                        "thresholds.")
     from edge import families as registry
     expected = registry.get(data["family"]).task
     if expected != data["task"]:
         raise ConfigError("{}: task: family {} is a {} model, not {}".format(
             where, data["family"], expected, data["task"]))
+    data["thresholds"] = validate.check(data["thresholds"], THRESHOLDS[data["task"]], where,
+                                        "thresholds.")
     return Card(data, path)
 
 

@@ -73,8 +73,13 @@ def load(path=None, overrides=None):
             continue
         node = raw
         keys = dotted.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
+        for depth, key in enumerate(keys[:-1]):
+            if node.get(key) is None:
+                node[key] = {}     # a section left empty in the file
+            elif not isinstance(node[key], dict):
+                raise ConfigError("{}: {}: must be a mapping (got {!r})".format(
+                    where, ".".join(keys[:depth + 1]), node[key]))
+            node = node[key]
         node[keys[-1]] = value
     config = validate.check(raw, SPEC, where)
     if config["device_id"] is None:
@@ -83,7 +88,9 @@ def load(path=None, overrides=None):
     if config["model_dir"] is None:
         from edge import models
         config["model_dir"] = models.default_model_dir()
-    config["model_dir"] = os.path.expanduser(config["model_dir"])
+    for key in ("model_dir", "model_mirror", "jsonl"):
+        if config[key]:
+            config[key] = os.path.expanduser(config[key])
     if not config["detector"] and not config["matcher"]:
         raise ConfigError("{}: detector: no task configured; set detector (e.g. yolox-nano) "
                           "and/or matcher, or pass --detector CARD".format(where))

@@ -74,6 +74,13 @@ def fetch(url, sha256, dest, mirror=None, what="file", progress=None):
                 raise UnavailableError("{} {}: not in the mirror folder {}; put it there or unset "
                                        "--mirror / {}".format(what, os.path.basename(dest),
                                                               mirror, MIRROR_ENV))
+            try:
+                with open(source, "rb"):
+                    pass
+            except OSError as e:
+                raise UnavailableError("{} {}: cannot read it from the mirror ({}); fix its "
+                                       "permissions or the --mirror folder".format(
+                                           what, source, e.strerror))
             shutil.copyfile(source, tmp)
         else:
             _download(url, tmp, what, progress)
