@@ -17,7 +17,7 @@ def _run(args):
         "source": args.source, "detector": args.detector, "matcher": args.matcher,
         "mqtt.url": args.mqtt, "jsonl": args.jsonl, "device_id": args.device_id,
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
-        "model_dir": args.model_dir,
+        "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
     }
     cfg = config.load(args.config, overrides)
     if args.debug:
@@ -69,6 +69,9 @@ def parser():
                                       "/dev/video0, rtsp://..., csi://0")
     run.add_argument("--detector", help="detection card name or path (e.g. yolox-nano)")
     run.add_argument("--matcher", help="matching card name or path (e.g. coarse-loftr)")
+    run.add_argument("--reference", help="image stored as the matcher's reference (named after "
+                                         "its file) before the run")
+    run.add_argument("--state-dir", help="folder for references and engines")
     run.add_argument("--mqtt", help="broker URL mqtt://host[:port][?qos=0|1&keepalive=S]")
     run.add_argument("--jsonl", help="also append every message to this file")
     run.add_argument("--device-id", help="device name in topics (default: host name)")

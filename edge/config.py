@@ -36,6 +36,11 @@ SPEC = {
                        help="model files; default $EDGE_MODEL_DIR or ~/.cache/edge/models"),
     "model_mirror": Field(str, default=None, nullable=True,
                           help="local folder to fetch models from instead of the network"),
+    "state_dir": Field(str, default=None, nullable=True,
+                       help="references and engines; default $EDGE_STATE_DIR, $STATE_DIRECTORY "
+                            "or ~/.local/state/edge"),
+    "reference": Field(str, default=None, nullable=True,
+                       help="image file stored as a matcher reference at start"),
     "max_frames": Field(int, default=None, nullable=True, min=1),
     "jsonl": Field(str, default=None, nullable=True, help="also append messages to this file"),
     "log_level": Field(str, default="info", choices=("debug", "info", "warning", "error")),
@@ -49,6 +54,14 @@ SPEC = {
                        help="messages held while the broker is slow or away"),
         "flush_timeout": Field(float, default=10.0, min=0.0, max=600.0,
                                help="seconds to deliver what is queued when a run ends"),
+    },
+    "match": {
+        "max_hz": Field(float, default=1.0, min=0.0, max=1000.0,
+                        help="matching rate on the newest frame; 0: every frame"),
+        "every": Field(int, default=0, min=0, help="> 0: match every N-th frame instead"),
+        "top_k": Field(int, default=500, min=0, max=100000,
+                       help="matches published per message, best first (count is always full)"),
+        "max_references": Field(int, default=4, min=1, max=64),
     },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
@@ -88,7 +101,10 @@ def load(path=None, overrides=None):
     if config["model_dir"] is None:
         from edge import models
         config["model_dir"] = models.default_model_dir()
-    for key in ("model_dir", "model_mirror", "jsonl"):
+    if config["state_dir"] is None:
+        from edge import references
+        config["state_dir"] = references.default_state_dir()
+    for key in ("model_dir", "model_mirror", "jsonl", "state_dir", "reference"):
         if config[key]:
             config[key] = os.path.expanduser(config[key])
     if not config["detector"] and not config["matcher"]:

@@ -5,8 +5,8 @@ import signal
 import threading
 
 
-from edge import backends, cards, mqtt, sources, tasks
-from edge.errors import UnavailableError
+from edge import backends, cards, mqtt, references, sources, tasks
+from edge.errors import ConfigError, UnavailableError
 from edge.pipeline import Pipeline
 from edge.publisher import JsonlSink, Publisher
 
@@ -16,18 +16,28 @@ logger = logging.getLogger(__name__)
 def build_tasks(config, backend):
     """The configured tasks, models fetched and checked."""
     built = []
-    for key in ("detector", "matcher"):
-        if config[key]:
-            card = cards.load(config[key])
-            expected = "detect" if key == "detector" else "match"
-            if card.task != expected:
-                from edge.errors import ConfigError
-                raise ConfigError("{}: card {} is a {} card; use it as --{}".format(
-                    key, card.name, card.task, "detector" if card.task == "detect" else "matcher"))
-            built.append(tasks.create(card, backend, config["model_dir"],
-                                      mirror=config["model_mirror"],
-                                      device=config["device_id"]))
+    for key, task in (("detector", "detect"), ("matcher", "match")):
+        if not config[key]:
+            continue
+        card = cards.load(config[key])
+        if card.task != task:
+            raise ConfigError("{}: card {} is a {} card; use it as --{}".format(
+                key, card.name, card.task, "detector" if card.task == "detect" else "matcher"))
+        options = {"device": config["device_id"]}
+        if task == "match":
+            options.update(config["match"], store=reference_store(config))
+        built.append(tasks.create(card, backend, config["model_dir"],
+                                  mirror=config["model_mirror"], **options))
     return built
+
+
+def reference_store(config):
+    """The device's references, with `reference:` / --reference stored first."""
+    store = references.ReferenceStore(config["state_dir"])
+    if config["reference"]:
+        name = references.name_from_path(config["reference"])
+        store.put_file(name, config["reference"])
+    return store
 
 
 def run(config, stop_event=None):

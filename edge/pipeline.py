@@ -39,8 +39,8 @@ class TaskRunner(threading.Thread):
                 continue
             try:
                 if self.error is None and not self._done():
-                    message, _ = self.task.process(frame)
-                    self.publisher.put(self.task.topic, message)
+                    for message in self.task.process(frame):
+                        self.publisher.put(self.task.topic, message)
                     if self._done():
                         self.stop_event.set()
             except EdgeError as e:
@@ -82,8 +82,12 @@ class Pipeline:
         """Hand a filled slot to every task due on it; False once the run should end."""
         if self.stop_event.is_set():
             return False
-        due = list(zip(self.tasks, self.handoffs))
+        now = time.monotonic()
+        due = [(t, h) for t, h in zip(self.tasks, self.handoffs) if t.due(frame, now)]
         frame.refs = len(due)
+        if not due:
+            self.pool.release(frame)     # no task wants this frame: straight back
+            return True
         for _, handoff in due:
             if not handoff.put(frame, self.stop_event):
                 self.pool.release(frame)

@@ -58,16 +58,20 @@ class ReferenceStore:
         self.version = 0            # bumped on every change, so tasks reload
         self._lock = threading.Lock()
         self._cache = {}            # name -> BGR image
+        self._names = self._scan()  # kept in memory: the scheduler asks on every frame
 
     def _path(self, name):
         return os.path.join(self.folder, check_name(name) + ".png")
 
-    def names(self):
-        """Stored reference names, sorted."""
+    def _scan(self):
         if not os.path.isdir(self.folder):
             return []
         return sorted(f[:-4] for f in os.listdir(self.folder)
                       if f.endswith(".png") and NAME.match(f[:-4]))
+
+    def names(self):
+        """Stored reference names, sorted."""
+        return self._names
 
     def get(self, name):
         """The BGR image of a reference; SourceError when missing or unreadable."""
@@ -103,6 +107,7 @@ class ReferenceStore:
                 os.unlink(tmp)
         with self._lock:
             self._cache[name] = image.copy()
+            self._names = self._scan()
             self.version += 1
         logger.info("reference %s stored (%dx%d)", name, image.shape[1], image.shape[0])
         return {"name": name, "width": image.shape[1], "height": image.shape[0]}
@@ -124,6 +129,7 @@ class ReferenceStore:
             if not os.path.isfile(path):
                 return False
             os.unlink(path)
+            self._names = self._scan()
             self.version += 1
         logger.info("reference %s deleted", name)
         return True

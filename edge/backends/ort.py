@@ -16,12 +16,13 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int64)
 class Binding:
     """One slot bound to the session: the frame's buffer in, preallocated arrays out."""
 
-    __slots__ = ("io", "image", "outputs")
+    __slots__ = ("io", "image", "outputs", "fixed")
 
-    def __init__(self, io, image, outputs):
+    def __init__(self, io, image, outputs, fixed):
         self.io = io
         self.image = image          # the array bound as input; rebound if the slot reallocates
         self.outputs = outputs      # name -> numpy array written by every run
+        self.fixed = fixed          # fixed input arrays, kept alive while ONNX Runtime reads them
 
 
 class OrtEngine(Engine):
@@ -35,17 +36,18 @@ class OrtEngine(Engine):
 
     def bind(self, frame, extra=None):
         io = self.session.io_binding()
-        extra = extra or {}
+        fixed = []
         for name, _, _ in self.inputs[1:]:
             # Fixed inputs (a reference image) are bound once; the frame is input 0.
-            io.bind_cpu_input(name, np.ascontiguousarray(extra[name]))
+            fixed.append(np.ascontiguousarray((extra or {})[name]))
+            io.bind_cpu_input(name, fixed[-1])
         io.bind_cpu_input(self.inputs[0][0], frame.image)
         outputs = {}
         for name, shape, dtype in self.outputs:
             array = np.empty(shape, dtype)
             io.bind_output(name, "cpu", 0, dtype, list(shape), array.ctypes.data)
             outputs[name] = array
-        return Binding(io, frame.image, outputs)
+        return Binding(io, frame.image, outputs, fixed)
 
     def rebind_frame(self, binding, frame):
         """Point the binding at the slot's image again after the slot was reallocated."""

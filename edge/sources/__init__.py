@@ -11,6 +11,7 @@ import os
 from edge.errors import ConfigError
 
 _KINDS = {}
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def register(scheme):
@@ -68,7 +69,7 @@ def parse_uri(uri):
     from urllib.parse import parse_qsl, urlsplit
     if "://" not in uri:
         path = os.path.expanduser(uri)
-        if os.path.isdir(path):
+        if os.path.isdir(path) or path.lower().endswith(_IMAGE_EXTENSIONS):
             return "images", path, {}
         if path.startswith("/dev/video"):
             return "v4l2", path, {}

@@ -1,5 +1,7 @@
 """images:// - a folder of images, read in name order; each frame carries its file name.
 
+A plain path to one image file is a folder of one.
+
 `images:///data/shots` or a plain folder path; `?loop=1` starts over after the last image.
 A folder is finite: the pipeline never drops its frames. Files that cannot be decoded are
 skipped with one warning each and counted in `skipped`.
@@ -40,6 +42,11 @@ class ImageFolderSource(Source):
 
     def open(self):
         """List the folder; SourceError when it is missing or holds no images."""
+        if os.path.isfile(self.folder) and self.folder.lower().endswith(EXTENSIONS):
+            self.paths = [self.folder]      # a single image file: a folder of one
+            self._next = 0
+            self._delivered_this_pass = 0
+            return
         try:
             names = sorted(os.listdir(self.folder))
         except FileNotFoundError:

@@ -27,7 +27,7 @@ def register(cls):
 
 def create(card, backend, model_dir, mirror=None, **options):
     """The task for a card, with its model fetched and checked."""
-    from edge.tasks import detect  # noqa: F401  (registers)
+    from edge.tasks import detect, match  # noqa: F401  (registers)
     cls = _TASKS[card.task]
     path = models.ensure(card, model_dir, mirror)
     return cls(card, backend, models.load_onnx(path, card), **options)
@@ -48,19 +48,19 @@ class Task:
         self.frames = 0
         self.infer_ms = 0.0
 
-    def extra_inputs(self):
-        """Fixed inputs bound with every slot besides the frame (a reference image)."""
-        return None
+    def due(self, frame, now):
+        """Whether this task runs on this frame (detection: every frame)."""
+        return True
 
-    def engine_for(self, width, height):
+    def engine_for(self, width, height, reference_size=None):
         """The engine for frames of this size, rewriting and loading it on first use."""
-        key = (width, height)
+        key = (width, height, reference_size)
         engine = self.engines.get(key)
         if engine is not None:
             self.engines.move_to_end(key)
         else:
             started = time.monotonic()
-            rewritten = graph.rewrite(self.model, self.card, width, height)
+            rewritten = graph.rewrite(self.model, self.card, width, height, reference_size)
             engine = self.backend.load(rewritten, "{} for {}x{} frames".format(
                 self.card.name, width, height))
             self.engines[key] = engine
@@ -70,28 +70,33 @@ class Task:
                         height, time.monotonic() - started)
         return engine
 
-    def binding_for(self, frame):
-        """This task's binding of the slot, made once and refreshed if the slot changed."""
-        engine = self.engine_for(frame.width, frame.height)
-        held = frame.outputs.get(self.name)
-        if held is None or held[0] is not engine:
-            held = (engine, engine.bind(frame, self.extra_inputs()))
-            frame.outputs[self.name] = held
+    def binding_for(self, frame, key=None, reference=None):
+        """This task's binding of the slot (per reference), made once, refreshed on change.
+
+        `reference` is a fixed second image bound with the frame (matching); a binding is
+        remade when the engine or the reference array changes.
+        """
+        size = None if reference is None else (reference.shape[1], reference.shape[0])
+        engine = self.engine_for(frame.width, frame.height, size)
+        key = key or self.name
+        held = frame.outputs.get(key)
+        if held is None or held[0] is not engine or held[2] is not reference:
+            extra = None if reference is None else {engine.inputs[1][0]: reference}
+            held = (engine, engine.bind(frame, extra), reference)
+            frame.outputs[key] = held
         elif held[1].image is not frame.image:
             engine.rebind_frame(held[1], frame)
-        return held
+        return held[0], held[1]
 
-    def process(self, frame):
-        """Infer the frame and return (message, infer_ms)."""
-        engine, binding = self.binding_for(frame)
+    def infer(self, engine, binding):
+        """Run the engine; the inference time in milliseconds."""
         started = time.perf_counter()
         engine.infer(binding)
-        infer_ms = (time.perf_counter() - started) * 1000.0
-        self.frames += 1
-        self.seq += 1
-        return self.message(frame, binding.outputs, infer_ms), infer_ms
+        self.infer_ms = (time.perf_counter() - started) * 1000.0
+        return self.infer_ms
 
-    def message(self, frame, outputs, infer_ms):
+    def process(self, frame):
+        """Infer the frame; the list of messages to publish."""
         raise NotImplementedError
 
 

@@ -56,7 +56,11 @@ class DetectTask(Task):
                  "score": round(float(row[4]), 4),
                  "box": [round(float(v), 2) for v in row[:4]]} for row in kept]
 
-    def message(self, frame, outputs, infer_ms):
+    def process(self, frame):
+        engine, binding = self.binding_for(frame)
+        infer_ms = self.infer(engine, binding)
+        self.frames += 1
+        self.seq += 1
         msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
-        msg["detections"] = self.detections(outputs)
-        return msg
+        msg["detections"] = self.detections(binding.outputs)
+        return [msg]

@@ -1,0 +1,140 @@
+"""Feature matching: reference image <-> live frame, verified by a RANSAC homography.
+
+The graph (family `loftr-coarse`) returns, per reference cell, its best frame cell and the
+confidence of mutual nearest neighbours above the card's threshold. Here the cells become
+pixel coordinates in each image, OpenCV fits the homography reference -> frame, and the best
+`top_k` matches are published with the full count.
+"""
+
+import logging
+import time
+
+import cv2
+import numpy as np
+
+from edge import graph
+from edge.errors import SourceError
+from edge.families.loftr import MATCHES, STRIDE
+from edge.tasks import Task, envelope, register
+
+logger = logging.getLogger(__name__)
+
+MIN_POINTS = 4       # a homography needs four correspondences
+
+
+def cell_centres(card, width, height):
+    """(N, 2) float32 pixel coordinates, in an image of width x height, of every coarse cell.
+
+    A cell of the network input covers STRIDE x STRIDE pixels; its centre is mapped back
+    through the card's resize (and letterbox padding) into the image's own pixels.
+    """
+    geometry = graph.Geometry(card, width, height)
+    columns, rows = geometry.net_w // STRIDE, geometry.net_h // STRIDE
+    index = np.arange(columns * rows)
+    u = (index % columns) * STRIDE + STRIDE / 2.0
+    v = (index // columns) * STRIDE + STRIDE / 2.0
+    x = (u - geometry.pad_x) / geometry.sx
+    y = (v - geometry.pad_y) / geometry.sy
+    return np.stack([x, y], axis=1).astype(np.float32)
+
+
+def decode(pairs, ref_centres, cur_centres):
+    """(n, 5) float32 rows x_ref, y_ref, x_cur, y_cur, score of the matches, best first."""
+    score = pairs[:, 1]
+    index = np.flatnonzero(score > 0)
+    index = index[np.argsort(-score[index], kind="stable")]
+    best = pairs[index, 0].astype(np.int64)
+    out = np.empty((index.size, 5), np.float32)
+    out[:, 0:2] = ref_centres[index]
+    out[:, 2:4] = cur_centres[best]
+    out[:, 4] = score[index]
+    return out
+
+
+def verify(rows, ransac_px, min_inliers):
+    """(homography 3x3 or None, inlier mask) from a RANSAC fit reference -> frame."""
+    mask = np.zeros(rows.shape[0], bool)
+    if rows.shape[0] < MIN_POINTS:
+        return None, mask
+    h, inliers = cv2.findHomography(rows[:, 0:2], rows[:, 2:4], cv2.RANSAC, ransac_px)
+    if h is None or inliers is None:
+        return None, mask
+    mask = inliers.reshape(-1).astype(bool)
+    if int(mask.sum()) < min_inliers:
+        return None, mask
+    return h, mask
+
+
+@register
+class MatchTask(Task):
+    """Matches of each stored reference against the frames it is due on (`matches` topic)."""
+
+    name = "match"
+    topic = "matches"
+
+    def __init__(self, card, backend, model, device="edge", store=None, max_hz=1.0, every=0,
+                 top_k=500, max_references=4):
+        super().__init__(card, backend, model)
+        self.device = device
+        self.store = store                   # ReferenceStore
+        self.max_hz = max_hz                 # 0: every frame (unless `every` is set)
+        self.every = every                   # > 0: every N-th frame of the source
+        self.top_k = top_k
+        self.max_references = max_references
+        self._last = None
+        self._centres = {}                   # (width, height) -> cell centres
+        self._warned = False
+
+    def due(self, frame, now):
+        if not self.store or not self.store.names():
+            if not self._warned:
+                logger.warning("matcher %s: no reference image stored; set one with "
+                               "--reference IMAGE or the set_reference command", self.card.name)
+                self._warned = True
+            return False
+        if self.every:
+            return frame.index % self.every == 0
+        if self._last is None or self.max_hz <= 0 or now - self._last >= 1.0 / self.max_hz:
+            self._last = now
+            return True
+        return False
+
+    def centres(self, width, height):
+        key = (width, height)
+        if key not in self._centres:
+            self._centres[key] = cell_centres(self.card, width, height)
+        return self._centres[key]
+
+    def process(self, frame):
+        messages = []
+        for name in self.store.names()[:self.max_references]:
+            try:
+                reference = self.store.get(name)
+            except SourceError as e:
+                logger.warning("matcher: %s", e)
+                continue
+            messages.append(self.match(frame, name, reference))
+        if messages:
+            self.frames += 1
+        return messages
+
+    def match(self, frame, name, reference):
+        """The `matches` message for one reference and the frame."""
+        engine, binding = self.binding_for(frame, (self.name, name), reference)
+        infer_ms = self.infer(engine, binding)
+        ref_h, ref_w = reference.shape[:2]
+        rows = decode(binding.outputs[MATCHES], self.centres(ref_w, ref_h),
+                      self.centres(frame.width, frame.height))
+        thresholds = self.card.thresholds
+        homography, inliers = verify(rows, thresholds["ransac_px"], thresholds["min_inliers"])
+        self.seq += 1
+        msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
+        msg["reference"] = {"name": name, "width": ref_w, "height": ref_h}
+        msg["count"] = int(rows.shape[0])
+        msg["inliers"] = int(inliers.sum())
+        msg["homography"] = None if homography is None else [
+            round(float(v), 8) for v in homography.reshape(-1)]
+        msg["matches"] = [[round(float(v), 2) for v in row[:4]] + [round(float(row[4]), 4)]
+                          for row in rows[:self.top_k]]
+        msg["latency_ms"]["total"] = round((time.time() - frame.ts) * 1000.0, 3)
+        return msg
