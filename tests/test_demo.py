@@ -26,3 +26,8 @@ def test_demo_prints_messages_and_writes_annotated_picture(tmp_path, model_dir):
     assert picture is not None and picture.shape[0] >= 320
     with open(out / "messages.jsonl") as f:
         assert len([json.loads(line) for line in f]) == 8
+    with open(out / "matches.jsonl") as f:
+        match = json.loads(f.readline())
+    assert match["count"] >= 300 and match["homography"] is not None
+    picture = cv2.imread(str(out / "matches.jpg"))
+    assert picture.shape[1] == 2 * 741    # reference and frame side by side

@@ -2,7 +2,8 @@
 
 Fetches the pinned demo images and the model (mirror-aware), starts a local Mosquitto on a
 free port (unless --mqtt is given), subscribes like a robot would, runs `edge run` on the
-images, prints every message received and writes annotated pictures to demo-out/.
+images, prints every message received and writes annotated pictures to demo-out/. Then matches a
+stereo pair with the matcher and draws reference and frame side by side with the matches.
 """
 
 import argparse
@@ -28,9 +29,9 @@ from edge import draw, fetch  # noqa: E402
 from edge.mqtt import make_client  # noqa: E402
 
 
-def fetch_images(folder, mirror):
+def fetch_images(folder, mirror, section="images"):
     with open(os.path.join(ROOT, "tools", "demo-images.yaml")) as f:
-        manifest = yaml.safe_load(f)["images"]
+        manifest = yaml.safe_load(f)[section]
     os.makedirs(folder, exist_ok=True)
     for item in manifest:
         fetch.fetch(item["url"], item["sha256"], os.path.join(folder, item["file"]),
@@ -107,6 +108,7 @@ def main():
     parser.add_argument("--mqtt", help="use this broker instead of starting a local one")
     parser.add_argument("--out", default=os.path.join(ROOT, "demo-out"))
     parser.add_argument("--detector", default="yolox-nano")
+    parser.add_argument("--no-matcher", action="store_true", help="skip the matching demo")
     args = parser.parse_args()
 
     data_mirror = os.environ.get("EDGE_DATA_MIRROR") or (
@@ -161,6 +163,34 @@ def main():
     total = sum(len(m["detections"]) for m in messages)
     print("demo: {} messages, {} detections; annotated picture: {} (one per image in {})".format(
         len(messages), total, sheet, annotated))
+    return 0 if args.no_matcher else demo_matching(args, data_mirror)
+
+
+def demo_matching(args, data_mirror):
+    """The matcher: a stereo pair, left as the reference, right as the live frame."""
+    folder = os.path.join(args.out, "pair")
+    left, right = (os.path.join(folder, n) for n in fetch_images(folder, data_mirror or "",
+                                                                   "pair"))
+    jsonl = os.path.join(args.out, "matches.jsonl")
+    if os.path.exists(jsonl):
+        os.unlink(jsonl)
+    print("demo: matching {} (reference) against {} (frame)".format(
+        os.path.basename(left), os.path.basename(right)))
+    rc = subprocess.call([sys.executable, "-m", "edge", "run", "--matcher", "coarse-loftr",
+                          "--reference", left, "--source", right, "--device-id", "demo",
+                          "--state-dir", os.path.join(args.out, "state"), "--jsonl", jsonl])
+    if rc != 0:
+        print("demo: edge run (matcher) failed with exit status {}".format(rc))
+        return rc
+    with open(jsonl) as f:
+        message = json.loads(f.readline())
+    picture = draw.matches(cv2.imread(left), cv2.imread(right), message["matches"],
+                           message["homography"])
+    path = os.path.join(args.out, "matches.jpg")
+    cv2.imwrite(path, picture)
+    print("demo: {} matches, {} inliers, homography {}; picture: {}".format(
+        message["count"], message["inliers"],
+        "found" if message["homography"] else "none", path))
     return 0
 
 
