@@ -56,6 +56,100 @@ def _models_fetch(args):
     return EXIT_OK
 
 
+def _build(args):
+    """`edge build`: build (or check) the engines the config needs, with progress."""
+    from edge import cards, config, daemon, tasks
+    from edge.backends import build as building
+    from edge.frames import Frame
+    overrides = {"source": args.source, "backend": args.backend, "model_dir": args.model_dir,
+                 "model_mirror": args.mirror, "reference": args.reference,
+                 "state_dir": args.state_dir}
+    cfg = config.load(args.config, overrides, require_task=False)
+    names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c]
+    if not names:
+        from edge.errors import ConfigError
+        raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
+                          "configure detector/matcher with -c")
+    width, height = _frame_size(args.size, cfg["source"])
+    maker = daemon.engine_maker(cfg)
+    building.add_listener(_ProgressPrinter())
+    print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
+                                         sorted(maker.backend.describe().items()) if v)))
+    store = daemon.reference_store(cfg)
+    for name in names:
+        card = cards.load(name)
+        task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                            device=cfg["device_id"], **({"store": store} if card.task == "match"
+                                                          else {}))
+        frame = Frame(0, (height, width, 3), maker.allocate)
+        refs = [None] if card.task == "detect" else [store.get(n) for n in store.names()]
+        if not refs:
+            print("{}: no reference stored: matcher engines are built per reference size; "
+                  "give --reference IMAGE".format(card.name))
+        for ref in refs:
+            engine, binding = task.binding_for(frame, None if ref is None else ("build", id(ref)),
+                                               ref)
+            engine.infer(binding)    # one run proves the engine loads and executes
+            print("{}: engine for {}x{} frames ready".format(card.name, width, height))
+    return EXIT_OK
+
+
+def _frame_size(size, source_uri):
+    """(width, height) from --size WxH, else from the first frame of the source."""
+    from edge.errors import ConfigError
+    if size:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+            if width > 0 and height > 0:
+                return width, height
+        except ValueError:
+            pass
+        raise ConfigError("--size {!r}: expected WIDTHxHEIGHT, e.g. 1280x720".format(size))
+    from edge import sources
+    from edge.frames import Frame
+    source = sources.open_source(source_uri)
+    source.open()
+    try:
+        frame = Frame(0, (2, 2, 3))
+        if not source.read_into(frame):
+            raise ConfigError("source {} gave no frame to learn the size from; pass --size "
+                              "WxH".format(source_uri))
+        return frame.width, frame.height
+    finally:
+        source.close()
+
+
+class _ProgressPrinter:
+    """Build progress: a redrawn bar on a terminal, a log line per phase (or 10 s) otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = (None, None, 0.0)
+
+    def __call__(self, state):
+        import time
+        now = time.monotonic()
+        phase_changed = (state.label, state.phase) != self.last[:2]
+        if not self.tty and not phase_changed and now - self.last[2] < 10:
+            return
+        self.last = (state.label, state.phase, now)
+        fraction = state.progress
+        bar = ""
+        if fraction is not None:
+            filled = int(round(20 * fraction))
+            bar = "[{}{}] {:3.0f}% ".format("#" * filled, "." * (20 - filled), 100 * fraction)
+        line = "building {}: {}{} {:.1f} s".format(state.label, bar, state.phase, state.elapsed)
+        if state.state != "building":
+            line = "building {}: {} after {:.1f} s".format(state.label, state.state,
+                                                          state.elapsed)
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if state.state != "building" else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
 def parser():
     """The argument parser (also used by the documentation)."""
     top = argparse.ArgumentParser(prog="edge", description="Jetson vision sensor over MQTT.")
@@ -80,6 +174,19 @@ def parser():
     run.add_argument("--model-dir", help="folder of model files")
     run.add_argument("--mirror", help="local folder to fetch models from (or EDGE_MODEL_MIRROR)")
     run.set_defaults(func=_run)
+
+    bld = sub.add_parser("build", help="build or refresh engines now, with progress")
+    bld.add_argument("cards", nargs="*", metavar="CARD", help="cards (default: the configured "
+                                                               "detector and matcher)")
+    bld.add_argument("-c", "--config", help="YAML config file")
+    bld.add_argument("--size", help="frame size WxH (default: the source's first frame)")
+    bld.add_argument("--source", help="source URI to learn the frame size from")
+    bld.add_argument("--reference", help="reference image for matcher engines")
+    bld.add_argument("--backend", choices=("auto", "trt", "ort"))
+    bld.add_argument("--model-dir", help="folder of model files")
+    bld.add_argument("--mirror", help="local folder to fetch models from")
+    bld.add_argument("--state-dir", help="folder for references and engines")
+    bld.set_defaults(func=_build)
 
     models = sub.add_parser("models", help="list or fetch model files")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")

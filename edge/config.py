@@ -63,6 +63,16 @@ SPEC = {
                        help="matches published per message, best first (count is always full)"),
         "max_references": Field(int, default=4, min=1, max=64),
     },
+    "engine": {
+        "dir": Field(str, default=None, nullable=True,
+                     help="built engines; default {state_dir}/engines"),
+        "budget_mb": Field(int, default=2048, min=64, max=1 << 20,
+                           help="memory the engine build child may use (RSS + swap)"),
+        "workspace_mb": Field(int, default=256, min=0, max=1 << 20,
+                              help="TensorRT builder workspace"),
+        "build_timeout": Field(float, default=3600.0, min=1.0,
+                               help="seconds before a build is given up"),
+    },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
         "threads": Field(int, default=0, min=0, max=64,
@@ -71,7 +81,7 @@ SPEC = {
 }
 
 
-def load(path=None, overrides=None):
+def load(path=None, overrides=None, require_task=True):
     """The validated configuration: defaults < file < overrides (dotted keys from flags)."""
     where = "config {}".format(path) if path else "config"
     raw = {}
@@ -107,7 +117,10 @@ def load(path=None, overrides=None):
     for key in ("model_dir", "model_mirror", "jsonl", "state_dir", "reference"):
         if config[key]:
             config[key] = os.path.expanduser(config[key])
-    if not config["detector"] and not config["matcher"]:
+    if config["engine"]["dir"] is None:
+        config["engine"]["dir"] = os.path.join(config["state_dir"], "engines")
+    config["engine"]["dir"] = os.path.expanduser(config["engine"]["dir"])
+    if require_task and not config["detector"] and not config["matcher"]:
         raise ConfigError("{}: detector: no task configured; set detector (e.g. yolox-nano) "
                           "and/or matcher, or pass --detector CARD".format(where))
     return config

@@ -13,7 +13,18 @@ from edge.publisher import JsonlSink, Publisher
 logger = logging.getLogger(__name__)
 
 
-def build_tasks(config, backend):
+def engine_maker(config):
+    """The backend with its engine cache and build budget, as the config says."""
+    from edge.backends.build import EngineMaker
+    from edge.backends.cache import EngineCache
+    backend = backends.select(config["backend"], threads=config["pipeline"]["threads"],
+                              workspace_mb=config["engine"]["workspace_mb"])
+    return EngineMaker(backend, EngineCache(config["engine"]["dir"]),
+                       config["engine"]["budget_mb"] * 2 ** 20,
+                       config["engine"]["build_timeout"])
+
+
+def build_tasks(config, maker):
     """The configured tasks, models fetched and checked."""
     built = []
     for key, task in (("detector", "detect"), ("matcher", "match")):
@@ -26,7 +37,7 @@ def build_tasks(config, backend):
         options = {"device": config["device_id"]}
         if task == "match":
             options.update(config["match"], store=reference_store(config))
-        built.append(tasks.create(card, backend, config["model_dir"],
+        built.append(tasks.create(card, maker, config["model_dir"],
                                   mirror=config["model_mirror"], **options))
     return built
 
@@ -43,19 +54,19 @@ def reference_store(config):
 def run(config, stop_event=None):
     """Run the pipeline until the source ends or a signal stops it; returns 0 or raises."""
     source = sources.open_source(config["source"])
-    backend = backends.select(config["backend"], threads=config["pipeline"]["threads"])
+    maker = engine_maker(config)
     link = None
     if config["mqtt"]["url"]:
         settings = mqtt.parse_url(config["mqtt"]["url"], config["mqtt"]["qos"],
                                   config["mqtt"]["keepalive"])
         link = mqtt.MqttLink(settings, config["device_id"], config["mqtt"]["prefix"],
                              queue_limit=config["mqtt"]["queue"])
-    built = build_tasks(config, backend)
+    built = build_tasks(config, maker)
     jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
     qos = settings["qos"] if link else 0
     publisher = Publisher(link, jsonl, qos=qos, limit=config["mqtt"]["queue"])
     pipeline = Pipeline(source, built, publisher, pool_size=config["pipeline"]["pool"],
-                        max_frames=config["max_frames"])
+                        max_frames=config["max_frames"], allocate=maker.allocate)
     pipeline.open()
     stop_event = stop_event or threading.Event()
     restore = _handle_signals(stop_event)
@@ -67,7 +78,7 @@ def run(config, stop_event=None):
         publisher.start()
         pipeline.start()
         logger.info("running %s on %s with %s", ", ".join(t.card.name for t in built),
-                    config["source"], backend.describe())
+                    config["source"], maker.backend.describe())
         while pipeline.alive():
             if stop_event.wait(0.1):
                 reason = "stopped"

@@ -15,11 +15,14 @@ import numpy as np
 class Frame:
     """One slot of the pool: an image buffer and what the source knows about it."""
 
-    __slots__ = ("slot", "image", "index", "ts", "name", "refs", "outputs")
+    __slots__ = ("slot", "image", "index", "ts", "name", "refs", "outputs", "allocate")
 
-    def __init__(self, slot, shape):
+    def __init__(self, slot, shape, allocate=None):
         self.slot = slot
-        self.image = np.zeros(shape, np.uint8)   # (H, W, 3) uint8, BGR as captured
+        # The backend's allocator: mapped pinned memory on a Jetson, so the GPU reads the
+        # very bytes the capture wrote; plain numpy elsewhere.
+        self.allocate = allocate or _zeros
+        self.image = self.allocate(shape, np.uint8)   # (H, W, 3) uint8, BGR as captured
         self.index = -1        # frame number from the source, counting from 0
         self.ts = 0.0          # capture time, unix seconds
         self.name = None       # file name for image folders, else None
@@ -37,17 +40,21 @@ class Frame:
     def ensure_shape(self, height, width):
         """Make the image buffer (height, width, 3); reallocates only when the size changes."""
         if self.image.shape[0] != height or self.image.shape[1] != width:
-            self.image = np.zeros((height, width, 3), np.uint8)
+            self.image = self.allocate((height, width, 3), np.uint8)
         return self.image
+
+
+def _zeros(shape, dtype):
+    return np.zeros(shape, dtype)
 
 
 class FramePool:
     """A fixed set of frame slots shared by capture and every task."""
 
-    def __init__(self, size, shape=(480, 640, 3)):
+    def __init__(self, size, shape=(480, 640, 3), allocate=None):
         if size < 2:
             raise ValueError("a frame pool needs at least 2 slots")
-        self.frames = [Frame(i, shape) for i in range(size)]
+        self.frames = [Frame(i, shape, allocate) for i in range(size)]
         self._free = collections.deque(self.frames)
         self._cond = threading.Condition()
 

@@ -27,6 +27,7 @@ class Geometry:
 
     def __init__(self, card, frame_w, frame_h):
         self.reference_size = None
+        self.frame_dtype = "uint8"
         net_w, net_h = card.input_size
         self.frame_w, self.frame_h = int(frame_w), int(frame_h)
         self.net_w, self.net_h = net_w, net_h
@@ -84,10 +85,16 @@ class GraphBuilder:
         return name
 
 
-def preprocess(g, card, geometry, frame):
-    """Nodes from the uint8 (H, W, 3) BGR frame to the network input; returns its name."""
+def preprocess(g, card, geometry, frame, frame_dtype="uint8"):
+    """Nodes from the (H, W, 3) BGR frame to the network input; returns its name.
+
+    The frame is uint8 as captured; `frame_dtype="float32"` is the one exception, for
+    TensorRT < 8.5, which has no uint8 inputs (the backend casts on the host).
+    """
     inp = card.input
-    x = g.op("Cast", [frame], "to_float", to=TensorProto.FLOAT)
+    x = frame
+    if frame_dtype == "uint8":
+        x = g.op("Cast", [frame], "to_float", to=TensorProto.FLOAT)
     x = g.op("Unsqueeze", [x], "batch", axes=[0])
     x = g.op("Transpose", [x], "hwc_to_chw", perm=[0, 3, 1, 2])          # (1, 3, H, W)
     if (geometry.new_w, geometry.new_h) != (geometry.frame_w, geometry.frame_h):
@@ -134,20 +141,22 @@ def preprocess_model(card, frame_w, frame_h):
                                        [1, channels, geometry.net_h, geometry.net_w])])
 
 
-def rewrite(model, card, frame_w, frame_h, reference_size=None):
+def rewrite(model, card, frame_w, frame_h, reference_size=None, frame_dtype="uint8"):
     """The card's model with fused preprocessing in front and the family's outputs at the end.
 
-    `reference_size` (width, height) is the size of the second image of two-image families.
+    `reference_size` (width, height) is the size of the second image of two-image families;
+    `frame_dtype` is uint8, or float32 for backends without uint8 inputs (TensorRT < 8.5).
     """
     from edge import families
     family = families.get(card.family)
     geometry = Geometry(card, frame_w, frame_h)
     geometry.reference_size = reference_size
+    geometry.frame_dtype = frame_dtype
     model = _copy(model)
     graph = model.graph
     g = GraphBuilder("edge")
     net_inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    network_input = preprocess(g, card, geometry, FRAME_INPUT)
+    network_input = preprocess(g, card, geometry, FRAME_INPUT, frame_dtype)
     inputs = family.graph_inputs(g, card, geometry, net_inputs, network_input)
     outputs = family.graph_outputs(g, card, geometry, list(graph.output))
     # Our nodes that feed the model go first, the ones reading its outputs after it.
@@ -168,13 +177,17 @@ def postprocess_model(card, frame_w, frame_h, raw_infos):
     return _make_model(g, list(raw_infos), outputs)
 
 
-def frame_input(frame_w, frame_h, name=FRAME_INPUT):
-    """The value info of a uint8 (H, W, 3) frame input."""
-    return _frame_info(frame_w, frame_h, name)
+def frame_input(geometry, width=None, height=None, name=FRAME_INPUT):
+    """The value info of an (H, W, 3) image input of the geometry's frame dtype."""
+    return _frame_info(width or geometry.frame_w, height or geometry.frame_h, name,
+                       geometry.frame_dtype)
 
 
-def _frame_info(frame_w, frame_h, name=FRAME_INPUT):
-    return helper.make_tensor_value_info(name, TensorProto.UINT8, [frame_h, frame_w, 3])
+_DTYPES = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}
+
+
+def _frame_info(frame_w, frame_h, name=FRAME_INPUT, dtype="uint8"):
+    return helper.make_tensor_value_info(name, _DTYPES[dtype], [frame_h, frame_w, 3])
 
 
 def _split_nodes(nodes, feeds):

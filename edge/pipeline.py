@@ -60,13 +60,13 @@ class TaskRunner(threading.Thread):
 class Pipeline:
     """Capture, tasks and publisher for one source; `run()` returns when the run is over."""
 
-    def __init__(self, source, tasks, publisher, pool_size=6, max_frames=None):
+    def __init__(self, source, tasks, publisher, pool_size=6, max_frames=None, allocate=None):
         self.source = source
         self.tasks = tasks
         self.publisher = publisher
         self.stop_event = threading.Event()
         self.max_frames = max_frames
-        self.pool = FramePool(pool_size)
+        self.pool = FramePool(pool_size, allocate=allocate)
         live = source.live
         self.handoffs = [Handoff(self.pool, depth=1 if live else 2, newest=live) for _ in tasks]
         # --max-frames counts the frames the first task processed (live sources drop frames)

@@ -21,6 +21,13 @@ COCO8_ALL = [os.path.join(COCO8, "images", split, name)
              for name in sorted(os.listdir(os.path.join(COCO8, "images", split)))]
 
 
+def pytest_configure(config):
+    """Engines and references of the suite live in a temporary state folder, not in ~."""
+    import tempfile
+    if "EDGE_STATE_DIR" not in os.environ:
+        os.environ["EDGE_STATE_DIR"] = tempfile.mkdtemp(prefix="edge-test-state-")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

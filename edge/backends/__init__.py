@@ -12,7 +12,7 @@ from edge.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 _BACKENDS = {}
-_MODULES = {"ort": "edge.backends.ort"}
+_MODULES = {"ort": "edge.backends.ort", "trt": "edge.backends.trt"}
 
 
 def register(cls):
@@ -24,42 +24,87 @@ def register(cls):
 class Engine:
     """A loaded graph. `bind(frame, extra)` prepares a slot once; `infer(binding)` runs it.
 
-    Outputs are written into preallocated numpy arrays owned by the binding, so a slot's
-    results stay valid until the slot is inferred again.
+    `inputs` and `outputs` list (name, shape, numpy dtype); the frame is inputs[0]. Outputs
+    are written into preallocated numpy arrays owned by the binding (`binding.outputs`), so a
+    slot's results stay valid until the slot is inferred again; `binding.image` is the frame
+    array the binding reads.
     """
 
+    inputs = ()
+    outputs = ()
+
     def bind(self, frame, extra=None):
-        """A binding of the slot's image (and optional fixed inputs) to output buffers."""
+        """A binding of the slot's image (and fixed inputs by name in `extra`) to outputs."""
+        raise NotImplementedError
+
+    def rebind_frame(self, binding, frame):
+        """Point a binding at the slot's image again after the slot was reallocated."""
         raise NotImplementedError
 
     def infer(self, binding):
         """Run the graph on a binding; its `outputs` hold the results afterwards."""
         raise NotImplementedError
 
+    def close(self):
+        """Free what the engine holds (device memory); safe to call twice."""
+
 
 class Backend:
-    """Creates engines from rewritten ONNX graphs."""
+    """Builds artefacts from rewritten ONNX graphs (in a child process) and loads them.
+
+    A backend's artefact (a TensorRT engine, an optimised ONNX model) is cached under a key
+    made of the rewritten model's bytes, `fingerprint()` and the build options: see
+    edge.backends.cache and edge.backends.build.
+    """
 
     name = None
+    suffix = ".bin"          # file suffix of the built artefact
+    frame_dtype = "uint8"    # dtype the rewritten graph takes frames in (TensorRT < 8.5: float32)
 
     @classmethod
     def available(cls):
         """None when usable here, else the reason it is not."""
         return None
 
-    def load(self, model, label):
-        """An Engine for an onnx.ModelProto; `label` names it in messages."""
+    def fingerprint(self):
+        """Everything about this backend and device that invalidates a built artefact."""
+        return {"backend": self.name}
+
+    def build_options(self, card):
+        """Options passed to `build` in the child (precision, workspace, ...): part of the key."""
+        return {"precision": card.precision}
+
+    @classmethod
+    def build(cls, onnx_path, out_path, options, progress):
+        """Build the artefact from the ONNX file into out_path; runs in the build child.
+
+        `progress(phase, fraction)` reports phases ("parse", "build", "serialize") and, where
+        the backend can tell, the fraction done (0..1) or None.
+        """
         raise NotImplementedError
+
+    def load(self, path, label):
+        """An Engine from a built artefact; ModelError (or EngineError) when it is unusable."""
+        raise NotImplementedError
+
+    def allocate(self, shape, dtype):
+        """A frame or output buffer the engine can read without a copy where possible."""
+        import numpy as np
+        return np.zeros(shape, dtype)
 
     def describe(self):
         """Versions and device, for health and logs."""
-        return {"backend": self.name}
+        return dict(self.fingerprint())
 
 
 def _cls(name):
     import importlib
     if name not in _BACKENDS and name in _MODULES:
-        importlib.import_module(_MODULES[name])
+        try:
+            importlib.import_module(_MODULES[name])
+        except ImportError as e:
+            logger.debug("backend %s cannot be imported: %s", name, e)
+            return None
     return _BACKENDS.get(name)
 
 

@@ -45,11 +45,12 @@ class LoftrCoarse:
                 self.name, len(net_inputs)))
         ref_w, ref_h = geometry.reference_size
         ref_geometry = graph.Geometry(card, ref_w, ref_h)
-        reference = graph.preprocess(g, card, ref_geometry, REFERENCE_INPUT)
+        reference = graph.preprocess(g, card, ref_geometry, REFERENCE_INPUT,
+                                     geometry.frame_dtype)
         g.rename_output(reference, net_inputs[0].name)
         g.rename_output(network_input, net_inputs[1].name)
-        return [graph.frame_input(geometry.frame_w, geometry.frame_h),
-                graph.frame_input(ref_w, ref_h, REFERENCE_INPUT)]
+        return [graph.frame_input(geometry),
+                graph.frame_input(geometry, ref_w, ref_h, REFERENCE_INPUT)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
         columns, rows = cells(*card.input_size)

@@ -29,7 +29,7 @@ class YoloFamily:
             raise ValueError("a {} model has one image input, this one has {}".format(
                 self.name, len(net_inputs)))
         g.rename_output(network_input, net_inputs[0].name)
-        return [graph.frame_input(geometry.frame_w, geometry.frame_h)]
+        return [graph.frame_input(geometry)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
         boxes, scores = self.decode(g, card, [i.name for i in raw_infos])

@@ -25,12 +25,12 @@ def register(cls):
     return cls
 
 
-def create(card, backend, model_dir, mirror=None, **options):
+def create(card, engines, model_dir, mirror=None, **options):
     """The task for a card, with its model fetched and checked."""
     from edge.tasks import detect, match  # noqa: F401  (registers)
     cls = _TASKS[card.task]
     path = models.ensure(card, model_dir, mirror)
-    return cls(card, backend, models.load_onnx(path, card), **options)
+    return cls(card, engines, models.load_onnx(path, card), **options)
 
 
 class Task:
@@ -39,9 +39,9 @@ class Task:
     name = None
     topic = None
 
-    def __init__(self, card, backend, model):
+    def __init__(self, card, engines, model):
         self.card = card
-        self.backend = backend
+        self.maker = engines   # EngineMaker: cache, build child, backend
         self.model = model           # the original onnx.ModelProto
         self.engines = collections.OrderedDict()   # (width, height) -> Engine, LRU
         self.seq = 0
@@ -60,12 +60,15 @@ class Task:
             self.engines.move_to_end(key)
         else:
             started = time.monotonic()
-            rewritten = graph.rewrite(self.model, self.card, width, height, reference_size)
-            engine = self.backend.load(rewritten, "{} for {}x{} frames".format(
-                self.card.name, width, height))
+            rewritten = graph.rewrite(self.model, self.card, width, height, reference_size,
+                                      self.maker.frame_dtype)
+            label = "{}-{}x{}".format(self.card.name, width, height)
+            if reference_size:
+                label += "-ref{}x{}".format(*reference_size)
+            engine = self.maker.make(rewritten, self.card, label)
             self.engines[key] = engine
             while len(self.engines) > MAX_ENGINES:
-                self.engines.popitem(last=False)
+                self.engines.popitem(last=False)[1].close()
             logger.info("engine %s for %dx%d frames ready in %.1f s", self.card.name, width,
                         height, time.monotonic() - started)
         return engine

@@ -43,8 +43,8 @@ class DetectTask(Task):
     name = "detect"
     topic = "detections"
 
-    def __init__(self, card, backend, model, device="edge"):
-        super().__init__(card, backend, model)
+    def __init__(self, card, engines, model, device="edge"):
+        super().__init__(card, engines, model)
         self.device = device
         self.score = card.thresholds["score"]
         self.iou = card.thresholds["iou"]

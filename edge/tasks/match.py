@@ -72,9 +72,9 @@ class MatchTask(Task):
     name = "match"
     topic = "matches"
 
-    def __init__(self, card, backend, model, device="edge", store=None, max_hz=1.0, every=0,
+    def __init__(self, card, engines, model, device="edge", store=None, max_hz=1.0, every=0,
                  top_k=500, max_references=4):
-        super().__init__(card, backend, model)
+        super().__init__(card, engines, model)
         self.device = device
         self.store = store                   # ReferenceStore
         self.max_hz = max_hz                 # 0: every frame (unless `every` is set)

@@ -1,0 +1,262 @@
+"""Building engines in a child process, under a memory budget, into the engine cache.
+
+The builder (TensorRT's above all) needs far more memory than running the engine does, and
+on a Jetson Nano 2GB it can push the system into the OOM killer. So the build runs in a
+child process (`python -m edge.backends.buildjob`): its memory goes back to the system when
+it ends, and if it crashes or is killed, the daemon only reports it. The budget is enforced
+twice: the child limits its own address space (RLIMIT_AS) where the backend allows it (CUDA
+reserves huge virtual ranges, so TensorRT builds cannot), and the parent watches the child's
+resident memory plus swap and kills it when it goes over. Before starting, the budget is
+checked against the memory and swap available.
+
+Progress (phase, fraction, elapsed) is kept in `STATES` for health and reported to
+listeners (the systemd notifier extends its start timeout while a build runs).
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from edge.backends.cache import make_key
+from edge.errors import EdgeError
+
+logger = logging.getLogger(__name__)
+
+STATES = {}          # label -> BuildState, for health
+_listeners = []      # callables(state) told about every progress event
+
+
+class BuildError(EdgeError):
+    """An engine could not be built (parser error, out of memory, crash)."""
+
+    exit_code = 70   # EX_SOFTWARE
+
+
+def add_listener(callback):
+    """Call `callback(state)` on every build progress event (from the building thread)."""
+    _listeners.append(callback)
+
+
+class BuildState:
+    """What a build is doing, for health and progress display."""
+
+    def __init__(self, label):
+        self.label = label
+        self.state = "building"        # building | ready | failed
+        self.phase = "starting"
+        self.progress = None           # 0..1 when the backend can tell
+        self.started = time.time()
+        self.elapsed = 0.0
+        self.error = None
+        self.peak_mb = 0.0
+
+    def as_dict(self):
+        return {"state": self.state, "phase": self.phase, "progress": self.progress,
+                "elapsed_s": round(self.elapsed, 1), "error": self.error,
+                "peak_mb": round(self.peak_mb, 1)}
+
+    def update(self, **changes):
+        for key, value in changes.items():
+            setattr(self, key, value)
+        self.elapsed = time.time() - self.started
+        for listener in list(_listeners):
+            try:
+                listener(self)
+            except Exception:   # a listener must never break a build
+                logger.exception("build progress listener failed")
+
+
+def memory_available():
+    """Bytes of memory the system can still give: MemAvailable + SwapFree (None if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        kib = int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])
+        return kib * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def advice(label, budget):
+    """What to do when a build does not fit (Jetson Nano 2GB first)."""
+    return ("add swap (a 4 GB swap file on a Nano 2GB: sudo fallocate -l 4G /var/swapfile && "
+            "sudo chmod 600 /var/swapfile && sudo mkswap /var/swapfile && sudo swapon "
+            "/var/swapfile), lower engine.workspace_mb, raise engine.budget_mb (now {:.0f}) if "
+            "the memory is there, or use a smaller input size in the card".format(
+                budget / 2 ** 20))
+
+
+def check_budget(label, budget):
+    """BuildError with advice when less memory + swap is available than the budget."""
+    available = memory_available()
+    if available is not None and available < budget:
+        raise BuildError("engine {}: the build may need up to {:.0f} MiB but only {:.0f} MiB of "
+                         "memory + swap is available; {}".format(
+                             label, budget / 2 ** 20, available / 2 ** 20, advice(label, budget)))
+
+
+def _child_memory(pid):
+    """Resident + swapped bytes of a process (0 when gone)."""
+    try:
+        with open("/proc/{}/status".format(pid)) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        kib = sum(int(fields[k].split()[0]) for k in ("VmRSS", "VmSwap") if k in fields)
+        return kib * 1024
+    except (OSError, ValueError):
+        return 0
+
+
+def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None):
+    """The cached artefact for a rewritten model, building it in a child when needed."""
+    model_bytes = model.SerializeToString()
+    fingerprint = backend.fingerprint()
+    options = backend.build_options(card)
+    key, material = make_key(model_bytes, fingerprint, options)
+    path, _ = cache.paths(label, fingerprint, options, key, backend.suffix)
+    if cache.lookup(path, key):
+        return path
+    state = BuildState(label)
+    STATES[label] = state
+    try:
+        run_child(backend, model_bytes, path, options, budget, state, timeout, progress)
+        state.update(phase="storing")
+        cache.store(path, path + ".build", key, material)
+        state.update(state="ready", phase="done", progress=1.0)
+        logger.info("engine %s built in %.1f s (peak %.0f MiB)", label, state.elapsed,
+                    state.peak_mb)
+        return path
+    except BuildError as e:
+        state.update(state="failed", error=str(e))
+        raise
+    finally:
+        for leftover in (path + ".build", path + ".onnx"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def run_child(backend, model_bytes, path, options, budget, state, timeout=None, progress=None):
+    """Run one build in `python -m edge.backends.buildjob`; BuildError on any failure."""
+    label = state.label
+    check_budget(label, budget)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    onnx_path = path + ".onnx"
+    with open(onnx_path, "wb") as f:
+        f.write(model_bytes)
+    events_r, events_w = os.pipe()
+    spec = {"backend": backend.name, "module": type(backend).__module__, "onnx": onnx_path,
+            "out": path + ".build", "options": options, "events_fd": events_w,
+            "rlimit_as": budget if getattr(backend, "limit_address_space", True) else None}
+    log_path = path + ".log"
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen([sys.executable, "-m", "edge.backends.buildjob"],
+                                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                 pass_fds=(events_w,), close_fds=True)
+    os.close(events_w)
+    child.stdin.write(json.dumps(spec).encode())
+    child.stdin.close()
+    killed = []
+    events = []
+
+    def watch():
+        # Kill the child when it goes over the budget or the timeout: the daemon stays alive.
+        while child.poll() is None:
+            used = _child_memory(child.pid)
+            state.peak_mb = max(state.peak_mb, used / 2 ** 20)
+            if used > budget:
+                killed.append("used {:.0f} MiB, over its budget of {:.0f} MiB".format(
+                    used / 2 ** 20, budget / 2 ** 20))
+                child.send_signal(signal.SIGKILL)
+            elif timeout and time.time() - state.started > timeout:
+                killed.append("ran longer than {:.0f} s".format(timeout))
+                child.send_signal(signal.SIGKILL)
+            time.sleep(0.1)
+    watcher = threading.Thread(target=watch, name="build-watch", daemon=True)
+    watcher.start()
+    with os.fdopen(events_r, "r") as stream:
+        for line in stream:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            events.append(event)
+            if event.get("event") == "progress":
+                state.update(phase=event.get("phase"), progress=event.get("fraction"))
+                if progress is not None:
+                    progress(state)
+    rc = child.wait()
+    watcher.join()
+    errors = [e for e in events if e.get("event") == "error"]
+    if rc == 0 and not errors and os.path.exists(path + ".build"):
+        os.unlink(log_path)
+        return
+    tail = _tail(log_path)
+    # Under RLIMIT_AS a library may die before Python can report it (OpenBLAS at import).
+    out_of_memory = bool(spec["rlimit_as"] and re.search(r"memory|bad_alloc", tail, re.I))
+    if killed:
+        reason = "the build process {}".format(killed[0])
+    elif errors and errors[-1].get("kind") == "memory":
+        reason = "the build ran out of memory ({})".format(errors[-1].get("message"))
+    elif errors:
+        reason = errors[-1].get("message")
+    elif out_of_memory:
+        reason = "the build ran out of memory under its limit of {:.0f} MiB ({})".format(
+            budget / 2 ** 20, tail[:120])
+    elif rc < 0:
+        reason = "the build process was killed by signal {} (the OOM killer?)".format(-rc)
+    else:
+        reason = "the build process failed with exit status {}{}".format(
+            rc, ": " + tail if tail else "")
+    memoryish = (killed or rc < 0 or out_of_memory or
+                 (errors and errors[-1].get("kind") == "memory"))
+    if memoryish:
+        os.unlink(log_path)     # the reason is the memory, not what the library printed
+        raise BuildError("engine {}: {}; {}".format(label, reason, advice(label, budget)))
+    raise BuildError("engine {}: {}; the build's output is in {}".format(label, reason,
+                                                                          log_path))
+
+
+class EngineMaker:
+    """Engines for tasks: cached artefact, else a build in the child, then the backend loads it."""
+
+    def __init__(self, backend, cache, budget, timeout=None):
+        self.backend = backend
+        self.cache = cache
+        self.budget = budget
+        self.timeout = timeout
+
+    @property
+    def frame_dtype(self):
+        return self.backend.frame_dtype
+
+    def allocate(self, shape, dtype):
+        return self.backend.allocate(shape, dtype)
+
+    def make(self, model, card, label):
+        """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
+        from edge.errors import ModelError
+        path = ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout)
+        try:
+            return self.backend.load(path, label)
+        except ModelError as e:
+            logger.warning("%s; rebuilding it", e)
+            self.cache.remove(path)
+            path = ensure(self.backend, model, card, label, self.cache, self.budget,
+                          self.timeout)
+            return self.backend.load(path, label)
+
+
+def _tail(path, limit=300):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+            return lines[-1] if lines else ""
+    except OSError:
+        return ""

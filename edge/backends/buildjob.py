@@ -1,0 +1,50 @@
+"""The engine build child: `python -m edge.backends.buildjob` with a JSON spec on stdin.
+
+Runs one backend's `build` and reports progress as JSON lines on the file descriptor the
+parent passed (`events_fd`), so that library output on stdout/stderr cannot mix with them.
+The parent (edge.backends.build) enforces the memory budget and turns failures into errors.
+"""
+
+import importlib
+import json
+import os
+import sys
+
+
+def main():
+    spec = json.loads(sys.stdin.read())
+    events = os.fdopen(spec["events_fd"], "w", buffering=1)
+
+    def emit(**event):
+        events.write(json.dumps(event) + "\n")
+
+    if spec.get("rlimit_as"):
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (spec["rlimit_as"], spec["rlimit_as"]))
+
+    def progress(phase, fraction=None):
+        emit(event="progress", phase=phase, fraction=fraction)
+
+    try:
+        progress("loading")
+        importlib.import_module(spec["module"])
+        from edge import backends
+        cls = backends._cls(spec["backend"])
+        cls.build(spec["onnx"], spec["out"], spec["options"], progress)
+        emit(event="done")
+        return 0
+    except MemoryError as e:
+        emit(event="error", kind="memory", message=str(e) or "MemoryError")
+        return 3
+    except Exception as e:  # reported to the parent as one line; the daemon stays up
+        text = str(e).strip().splitlines()
+        message = "{}: {}".format(type(e).__name__, text[0] if text else "")
+        if "memory" in message.lower() or "bad_alloc" in message:
+            emit(event="error", kind="memory", message=message)
+            return 3
+        emit(event="error", kind="build", message=message)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The engine cache: built artefacts (TensorRT engines, optimised ONNX models) by key.
+
+The key hashes everything that invalidates an artefact: the rewritten model's bytes, the
+backend's fingerprint (TensorRT version, GPU name and compute capability, L4T release, ...)
+and the build options (precision, workspace); input shapes are in the model bytes. Files:
+
+    {folder}/{card}-{W}x{H}[-ref{W}x{H}]-{backend}-{precision}-{key12}{suffix}
+    {folder}/...{suffix}.json      side file: key, key material, size and sha256 of the file
+
+Writes are atomic (temporary file, fsync, rename; the side file last), so a killed build or a
+full disk leaves either the previous artefact or none, never a torn one. `lookup` checks the
+side file and the artefact's size and sha256 and removes what does not match: the caller
+then rebuilds instead of crashing on a stale or corrupt engine.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1      # bump when the layout of artefacts or side files changes
+
+
+def make_key(model_bytes, fingerprint, options):
+    """(key hex, key material dict) for a rewritten model on a backend with build options."""
+    material = {"format": FORMAT, "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+                "backend": fingerprint, "options": options}
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest(), material
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(text))
+
+
+def file_name(label, fingerprint, options, key, suffix):
+    """A name a person can read: what, for which frames, where, how, and the key prefix."""
+    return "{}-{}-{}-{}{}".format(_slug(label), _slug(fingerprint.get("backend", "x")),
+                                  _slug(options.get("precision", "")), key[:12], suffix)
+
+
+def _sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path, data):
+    """Write bytes to path via a temporary file, fsync and rename; nothing torn on a crash."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = "{}.tmp.{}".format(path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder):
+    """Make a rename durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class EngineCache:
+    """Artefacts of one backend under a folder, looked up by key."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def paths(self, label, fingerprint, options, key, suffix):
+        path = os.path.join(self.folder, file_name(label, fingerprint, options, key, suffix))
+        return path, path + ".json"
+
+    def lookup(self, path, key):
+        """True when the artefact at path is complete and built for `key`; else cleans up."""
+        side = path + ".json"
+        if not os.path.exists(path) and not os.path.exists(side):
+            return False
+        reason = None
+        try:
+            with open(side, "r", encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta.get("key") != key:
+                reason = "built for another key"
+            elif os.path.getsize(path) != meta.get("size"):
+                reason = "size {} instead of {} (truncated)".format(os.path.getsize(path),
+                                                                    meta.get("size"))
+            elif _sha256_file(path) != meta.get("sha256"):
+                reason = "sha256 mismatch (corrupt)"
+        except (OSError, ValueError) as e:
+            reason = "unreadable ({})".format(getattr(e, "strerror", None) or e)
+        if reason is None:
+            return True
+        logger.warning("cached engine %s is stale or damaged: %s; rebuilding it", path, reason)
+        self.remove(path)
+        return False
+
+    def store(self, path, built_file, key, material):
+        """Move a freshly built file into place, then write its side file (both atomic)."""
+        os.makedirs(self.folder, exist_ok=True)
+        with open(built_file, "rb") as f:
+            os.fsync(f.fileno())
+        meta = {"key": key, "size": os.path.getsize(built_file),
+                "sha256": _sha256_file(built_file), "material": material}
+        # The side file goes last: without it (or with an old one) the artefact is not trusted.
+        side = path + ".json"
+        if os.path.exists(side):
+            os.unlink(side)
+        os.replace(built_file, path)
+        fsync_dir(self.folder)
+        atomic_write(side, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    def remove(self, path):
+        for p in (path + ".json", path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass

@@ -1,0 +1,216 @@
+"""Engine cache and build child, on the CPU: keys, staleness, atomic writes, memory budget."""
+
+import glob
+import json
+import os
+import signal
+import threading
+import time
+
+import onnx
+import pytest
+
+from edge import cards, graph
+from edge.backends import build as building
+from edge.backends.build import BuildError, EngineMaker
+from edge.backends.cache import EngineCache, make_key
+from edge.backends.ort import OrtBackend
+from edge.frames import Frame
+from tests import build_backends
+from tests.conftest import MODELS
+
+GiB = 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def rewritten():
+    card = cards.load("yolox-nano")
+    model = graph.rewrite(onnx.load(os.path.join(MODELS, "yolox_nano.onnx")), card, 320, 240)
+    return card, model
+
+
+def maker(tmp_path, backend=None, budget=2 * GiB):
+    return EngineMaker(backend or OrtBackend(), EngineCache(str(tmp_path / "engines")), budget)
+
+
+def artefacts(tmp_path):
+    return sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "engines" / "*")))
+
+
+def test_key_changes_with_everything_that_invalidates_an_engine(rewritten):
+    card, model = rewritten
+    data = model.SerializeToString()
+    fp = {"backend": "trt", "tensorrt": "8.2.1.8", "device": "NVIDIA Tegra X1",
+          "compute_capability": "5.3", "l4t": "R32.7.1"}
+    opts = {"precision": "fp16", "workspace_mb": 256}
+    key = make_key(data, fp, opts)[0]
+    assert key == make_key(data, dict(fp), dict(opts))[0]
+    other_shape = graph.rewrite(onnx.load(os.path.join(MODELS, "yolox_nano.onnx")), card, 640,
+                                480).SerializeToString()
+    changes = [make_key(other_shape, fp, opts), make_key(data + b" ", fp, opts),
+               make_key(data, dict(fp, tensorrt="8.2.1.9"), opts),
+               make_key(data, dict(fp, device="Orin"), opts),
+               make_key(data, dict(fp, compute_capability="8.7"), opts),
+               make_key(data, dict(fp, l4t="R32.6.1"), opts),
+               make_key(data, fp, dict(opts, precision="fp32")),
+               make_key(data, fp, dict(opts, workspace_mb=128))]
+    assert len({k for k, _ in changes} | {key}) == len(changes) + 1
+
+
+def test_build_caches_a_readable_artefact_and_reuses_it(tmp_path, rewritten):
+    card, model = rewritten
+    m = maker(tmp_path)
+    engine = m.make(model, card, "yolox-nano-320x240")
+    files = artefacts(tmp_path)
+    assert len(files) == 2 and files[0].startswith("yolox-nano-320x240-ort-fp32-")
+    assert files[1] == files[0] + ".json"
+    meta = json.load(open(str(tmp_path / "engines" / files[1])))
+    assert meta["material"]["backend"]["backend"] == "ort" and meta["size"] > 100000
+    frame = Frame(0, (240, 320, 3))
+    binding = engine.bind(frame)
+    engine.infer(binding)
+    assert binding.outputs["detections"].shape == (200, 6)
+    mtime = os.path.getmtime(str(tmp_path / "engines" / files[0]))
+    building.STATES.clear()
+    m.make(model, card, "yolox-nano-320x240")
+    assert building.STATES == {}, "a cached engine must load without a build"
+    assert os.path.getmtime(str(tmp_path / "engines" / files[0])) == mtime
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "no-side-file", "stale-key",
+                                    "garbage-side-file"])
+def test_damaged_or_stale_engine_is_rebuilt_not_loaded(tmp_path, rewritten, damage, caplog):
+    card, model = rewritten
+    m = maker(tmp_path)
+    m.make(model, card, "yolox-nano-320x240")
+    path = str(tmp_path / "engines" / artefacts(tmp_path)[0])
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "corrupt":
+        with open(path, "r+b") as f:
+            f.seek(5000)
+            f.write(b"\0garbage\0")
+    elif damage == "no-side-file":
+        os.unlink(path + ".json")
+    elif damage == "stale-key":
+        meta = json.load(open(path + ".json"))
+        meta["key"] = "0" * 64
+        json.dump(meta, open(path + ".json", "w"))
+    else:
+        open(path + ".json", "w").write("{not json")
+    building.STATES.clear()
+    engine = m.make(model, card, "yolox-nano-320x240")
+    assert building.STATES["yolox-nano-320x240"].state == "ready", "it was rebuilt"
+    assert "rebuilding" in caplog.text
+    engine.infer(engine.bind(Frame(0, (240, 320, 3))))
+    assert len(artefacts(tmp_path)) == 2
+
+
+def test_engine_that_will_not_load_is_rebuilt_once(tmp_path, rewritten):
+    """A file with a valid side file that the backend cannot load (another version's plan)."""
+    card, model = rewritten
+    m = maker(tmp_path)
+    m.make(model, card, "yolox-nano-320x240")
+    path = str(tmp_path / "engines" / artefacts(tmp_path)[0])
+    with open(path + ".build", "wb") as f:
+        f.write(b"not an onnx model at all")
+    key = json.load(open(path + ".json"))["key"]
+    m.cache.store(path, path + ".build", key, {})
+    engine = m.make(model, card, "yolox-nano-320x240")
+    engine.infer(engine.bind(Frame(0, (240, 320, 3))))
+
+
+def test_killed_build_leaves_no_artefact_and_next_build_works(tmp_path, rewritten):
+    card, model = rewritten
+    slow = maker(tmp_path, build_backends.SlowBackend())
+    errors = []
+
+    def run():
+        try:
+            slow.make(model, card, "slow-320x240")
+        except BuildError as e:
+            errors.append(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        state = building.STATES.get("slow-320x240")
+        if state is not None and state.phase == "build" and (state.progress or 0) > 0.1:
+            break
+        time.sleep(0.05)
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    children = [p for p in pids if _cmdline(p).endswith("edge.backends.buildjob")]
+    assert children, "the build runs in a child process"
+    os.kill(children[0], signal.SIGKILL)
+    thread.join(30)
+    assert errors and "killed by signal 9" in str(errors[0])
+    assert artefacts(tmp_path) == [], "nothing torn or half-written is left"
+    engine = maker(tmp_path).make(model, card, "slow-320x240")   # the real backend, same label
+    engine.infer(engine.bind(Frame(0, (240, 320, 3))))
+
+
+def _cmdline(pid):
+    try:
+        return open("/proc/{}/cmdline".format(pid), "rb").read().replace(b"\0", b" ").decode(
+            ).strip()
+    except OSError:
+        return ""
+
+
+def test_budget_larger_than_memory_and_swap_is_refused_with_advice(tmp_path, rewritten):
+    card, model = rewritten
+    with pytest.raises(BuildError) as info:
+        maker(tmp_path, budget=1 << 50).make(model, card, "yolox-nano-320x240")
+    message = str(info.value)
+    assert "memory + swap is available" in message and "swap file" in message
+    assert "workspace_mb" in message and "smaller input" in message
+    assert info.value.exit_code == 70
+    assert artefacts(tmp_path) == []
+
+
+def test_build_over_budget_is_killed_and_reported_daemon_survives(tmp_path, rewritten):
+    card, model = rewritten
+    hungry = maker(tmp_path, build_backends.HungryBackend(), budget=400 * 2 ** 20)
+    with pytest.raises(BuildError) as info:
+        hungry.make(model, card, "hungry-320x240")
+    message = str(info.value)
+    assert "over its budget of 400 MiB" in message and "add swap" in message
+    assert building.STATES["hungry-320x240"].state == "failed"
+    assert building.STATES["hungry-320x240"].peak_mb > 300
+    assert artefacts(tmp_path) == []
+
+
+def test_address_space_limit_stops_a_build_that_needs_more(tmp_path, rewritten):
+    """RLIMIT_AS in the child: ONNX Runtime cannot even load in 64 MiB of address space."""
+    card, model = rewritten
+    with pytest.raises(BuildError) as info:
+        maker(tmp_path, budget=64 * 2 ** 20).make(model, card, "tiny-320x240")
+    print(info.value)
+    assert "out of memory" in str(info.value) and "add swap" in str(info.value)
+    assert artefacts(tmp_path) == []
+
+
+def test_edge_build_shows_progress_then_reuses_the_cache(tmp_path, model_dir):
+    from tests.conftest import run_edge
+    args = ["build", "yolox-nano", "--size", "320x240", "--state-dir", str(tmp_path),
+            "--model-dir", model_dir]
+    rc, out, err = run_edge(*args)
+    assert rc == 0, err
+    assert "yolox-nano: engine for 320x240 frames ready" in out
+    assert "building yolox-nano-320x240: optimize" in err and "ready after" in err
+    assert len(artefacts(tmp_path)) == 2
+    rc, out, err = run_edge(*args)
+    assert rc == 0 and "building" not in err, "the second run loads the cached engine"
+
+
+def test_edge_run_with_a_budget_that_cannot_fit_exits_70(tmp_path, model_dir):
+    from tests.conftest import run_edge
+    config = tmp_path / "edge.yaml"
+    config.write_text("engine: {budget_mb: 1048576}\n")    # 1 TiB
+    rc, out, err = run_edge("run", "-c", str(config), "--detector", "yolox-nano", "--source",
+                            "test://?frames=2", "--state-dir", str(tmp_path), "--model-dir",
+                            model_dir, "--jsonl", str(tmp_path / "o.jsonl"))
+    assert rc == 70, err
+    errors = [l for l in err.splitlines() if l.startswith("edge: error:")]
+    assert len(errors) == 1 and "swap" in errors[0] and "Traceback" not in err
