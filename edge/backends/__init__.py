@@ -60,6 +60,9 @@ class Backend:
     name = None
     suffix = ".bin"          # file suffix of the built artefact
     frame_dtype = "uint8"    # dtype the rewritten graph takes frames in (TensorRT < 8.5: float32)
+    # The build child may cap its own address space (RLIMIT_AS); CUDA reserves far more
+    # virtual memory than it uses, so GPU backends rely on the parent's RSS + swap watch.
+    limit_address_space = True
 
     @classmethod
     def available(cls):
@@ -84,7 +87,7 @@ class Backend:
         raise NotImplementedError
 
     def load(self, path, label):
-        """An Engine from a built artefact; ModelError (or EngineError) when it is unusable."""
+        """An Engine from a built artefact; ModelError when the file is unusable (rebuilt)."""
         raise NotImplementedError
 
     def allocate(self, shape, dtype):

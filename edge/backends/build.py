@@ -151,7 +151,7 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
     events_r, events_w = os.pipe()
     spec = {"backend": backend.name, "module": type(backend).__module__, "onnx": onnx_path,
             "out": path + ".build", "options": options, "events_fd": events_w,
-            "rlimit_as": budget if getattr(backend, "limit_address_space", True) else None}
+            "rlimit_as": budget if backend.limit_address_space else None}
     log_path = path + ".log"
     with open(log_path, "wb") as log:
         child = subprocess.Popen([sys.executable, "-m", "edge.backends.buildjob"],

@@ -1,0 +1,666 @@
+"""TensorRT backend: the rewritten graph built into an engine and run on the GPU.
+
+Supported: TensorRT 8.2 (JetPack 4.6.1/4.6.2, the Jetson Nano's last), 8.4, 8.5, 8.6 (JetPack 5
+and 6.0) and 10.x (JetPack 6.1+, desktops). What differs between them is kept in three plain
+functions (`check_version`, `api_for`, `frame_dtype_for`) that CI tests without a GPU.
+
+`tensorrt` and `pycuda` are imported inside functions only: edge.backends imports this module
+to ask `available()`, which must answer on machines that have neither.
+
+CUDA context: TensorRT uses the CUDA runtime, and the runtime uses the device's primary
+context. pycuda retains that same context (no pycuda.autoinit, which would create a second one
+bound to the importing thread) and every call that touches CUDA, from whichever thread
+(capture allocates frames, the infer thread runs engines), pushes it and pops it once.
+
+Memory: on an integrated GPU (Jetson) frames and outputs live in mapped pinned host memory, so
+TensorRT reads the bytes the camera wrote and writes where the CPU reads, without a copy. On a
+discrete GPU they live in pinned host memory and each inference copies them over on the
+engine's stream.
+
+Nothing in this module has run on a GPU yet: see docs/tensorrt.md for what was checked
+against which documentation and what is UNCONFIRMED.
+"""
+
+import logging
+import os
+import re
+import threading
+import weakref
+
+import numpy as np
+
+from edge.backends import Backend, Engine, register
+from edge.backends.cache import atomic_write
+from edge.errors import ConfigError, EdgeError, ModelError
+
+logger = logging.getLogger(__name__)
+
+OLDEST = (8, 2)       # JetPack 4.6.1/4.6.2: the newest a Jetson Nano can run, the oldest checked
+NEWEST = (11, 0)      # exclusive: TensorRT 11 removed BuilderFlag.FP16
+TENSOR_API = (8, 5)   # num_io_tensors / set_tensor_address / execute_async_v3 appear
+UINT8_INPUTS = (8, 5)  # the ONNX parser imports UINT8 network inputs from 8.5 on
+MEMORY_POOLS = (8, 4)  # config.set_memory_pool_limit replaces max_workspace_size
+NO_EXPLICIT_BATCH_FLAG = (10, 0)   # networks are always explicit batch; the flag is ignored
+FP16_QUERY_DEPRECATED = (10, 5)    # builder.platform_has_fast_fp16 deprecated
+
+L4T_RELEASE = "/etc/nv_tegra_release"
+
+
+def parse_version(version_string):
+    """(major, minor, patch) of a TensorRT version string such as "8.2.1.8"; None if unreadable."""
+    match = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", str(version_string))
+    if not match:
+        return None
+    return tuple(int(part or 0) for part in match.groups())
+
+
+def check_version(version_string):
+    """None when this TensorRT version is supported, else the reason it is not (one line)."""
+    version = parse_version(version_string)
+    if version is None:
+        return "TensorRT version {!r} is not understood".format(version_string)
+    if version[:2] < OLDEST:
+        return "TensorRT {} is older than 8.2: upgrade to JetPack 4.6.1+".format(version_string)
+    if version[:2] >= NEWEST:
+        return ("TensorRT {} removed the FP16 builder flag (strongly typed networks only): "
+                "install TensorRT 10.x or use --backend ort".format(version_string))
+    return None
+
+
+def _known(version_string):
+    version = parse_version(version_string)
+    if version is None:
+        raise ValueError("TensorRT version {!r} is not understood".format(version_string))
+    return version
+
+
+def api_for(version_string):
+    """The execution API: bindings (8.2-8.4, execute_async_v2) or tensors (8.5+, _v3)."""
+    return "bindings" if _known(version_string)[:2] < TENSOR_API else "tensors"
+
+
+def frame_dtype_for(version_string):
+    """The frame dtype of the rewritten graph: float32 before 8.5 (no UINT8 there), else uint8."""
+    return "float32" if _known(version_string)[:2] < UINT8_INPUTS else "uint8"
+
+
+def timing_cache_path(out_path, version_string):
+    """Where the timing cache for engines built into out_path's folder lives."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    return os.path.join(folder, "timing-{}.cache".format(version_string))
+
+
+def l4t_release(path=L4T_RELEASE):
+    """First line of /etc/nv_tegra_release (the Jetson's L4T release), or None elsewhere."""
+    try:
+        with open(path) as f:
+            line = f.readline().strip()
+    except (IOError, OSError):
+        return None
+    return line or None
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
+
+
+# -- TensorRT logging -----------------------------------------------------------------------
+
+_TRT_LOGGER = None
+
+
+def _trt_logger(trt):
+    """The process's one TensorRT logger, forwarding to Python logging.
+
+    TensorRT 8.0's documentation says the logger is a process-wide singleton that every
+    Builder and Runtime must share, so builds and loads in one process use this object.
+    """
+    global _TRT_LOGGER
+    if _TRT_LOGGER is not None:
+        return _TRT_LOGGER
+
+    class TrtLog(trt.ILogger):
+        """Routes TensorRT messages to the `edge.backends.trt` logger; remembers the last error."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)   # required for Python subclasses (TensorRT API docs)
+            self.last_error = None
+
+        def log(self, severity, msg):
+            # Called from TensorRT's threads; it must never raise into C++.
+            try:
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    self.last_error = _one_line(msg)
+                    logger.error("TensorRT: %s", msg)
+                elif severity == trt.ILogger.WARNING:
+                    logger.warning("TensorRT: %s", msg)
+                elif severity == trt.ILogger.INFO:
+                    logger.debug("TensorRT: %s", msg)
+            except Exception:  # noqa: BLE001 (a logging failure must not abort a build)
+                pass
+
+    _TRT_LOGGER = TrtLog()
+    return _TRT_LOGGER
+
+
+# -- CUDA context ---------------------------------------------------------------------------
+
+class CudaContext:
+    """The device's primary context, made current around a block: one pop for each push.
+
+    TensorRT runs on the CUDA runtime, which uses the primary context; retaining it here
+    means TensorRT and pycuda share one context and the same device pointers.
+    """
+
+    def __init__(self, cuda, device):
+        self._cuda = cuda
+        self.context = device.retain_primary_context()   # pycuda 2020.1+; not made current
+
+    def __enter__(self):
+        self.context.push()
+        return self
+
+    def __exit__(self, *exc_info):
+        # Reached only when push() succeeded, so pushes and pops stay paired.
+        self._cuda.Context.pop()
+        return False
+
+
+# -- Build (runs in the build child) ----------------------------------------------------------
+
+def _progress_monitor(trt, progress):
+    """An IProgressMonitor (TensorRT 9+/10.x) reporting the outermost phase's fraction done."""
+
+    class BuildProgress(trt.IProgressMonitor):
+        """Reports `progress("build", fraction)` as TensorRT completes optimizer steps."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            # TensorRT calls these from several internal threads (API docs): guard the state.
+            self._lock = threading.Lock()
+            self._top = None           # (phase name, step count) of the outermost phase
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            try:
+                if parent_phase is None and num_steps > 0:
+                    with self._lock:
+                        self._top = (phase_name, num_steps)
+                    progress("build", 0.0)
+            except Exception:  # noqa: BLE001 (never raise into TensorRT)
+                logger.debug("progress report failed", exc_info=True)
+
+        def step_complete(self, phase_name, step):
+            try:
+                with self._lock:
+                    top = self._top
+                if top is not None and phase_name == top[0]:
+                    progress("build", min(1.0, (step + 1) / float(top[1])))
+            except Exception:  # noqa: BLE001
+                logger.debug("progress report failed", exc_info=True)
+            return True                # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return BuildProgress()
+
+
+def _fast_fp16(builder, version):
+    """Whether to set the FP16 flag: the builder's answer where asking it is not deprecated."""
+    # 10.5 deprecated platform_has_fast_fp16 ("query data type support from CUDA directly").
+    # The FP16 flag only allows FP16 kernels: TensorRT keeps FP32 ones where they are faster.
+    if version[:2] >= FP16_QUERY_DEPRECATED or not hasattr(builder, "platform_has_fast_fp16"):
+        return True
+    return bool(builder.platform_has_fast_fp16)
+
+
+def _attach_timing_cache(config, path):
+    """Load the timing cache at path into the builder config, or start an empty one."""
+    cache = None
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                cache = config.create_timing_cache(f.read())
+            # The cache header holds the device's properties: a mismatch is refused (False)
+            # rather than mixing timings from another GPU or TensorRT into this build.
+            if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+                logger.warning("timing cache %s does not match this device; starting a new one",
+                               path)
+                cache = None
+        except Exception as e:  # noqa: BLE001 (a corrupt cache only costs build time)
+            logger.warning("timing cache %s cannot be used (%s); starting a new one", path,
+                           _one_line(e))
+            cache = None
+    if cache is None:
+        # "If an empty cache is provided, a new cache will be created" (8.2 docstring).
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config, path):
+    try:
+        atomic_write(path, config.get_timing_cache().serialize())
+    except Exception as e:  # noqa: BLE001 (the engine is built; the cache is an optimisation)
+        logger.warning("timing cache %s could not be saved: %s", path, _one_line(e))
+
+
+# -- Memory ---------------------------------------------------------------------------------
+
+class TrtBinding:
+    """One frame slot bound to an engine: device addresses for every input and output.
+
+    `outputs` are the arrays the decoders read (mapped on a Jetson: TensorRT writes there).
+    """
+
+    __slots__ = ("image", "outputs", "addresses", "pointers", "staging", "uploads",
+                 "downloads", "fixed", "frame_device", "owned")
+
+    def __init__(self):
+        self.image = None          # the frame array this binding reads (the slot's image)
+        self.outputs = {}          # name -> numpy array written by every inference
+        self.addresses = {}        # tensor name -> device address bound for it
+        self.pointers = []         # device addresses in binding-index order (TensorRT < 8.5)
+        self.staging = None        # float32 copy of the frame for TensorRT < 8.5, else None
+        self.uploads = []          # (device allocation, host array, pinned) copied in per run
+        self.downloads = []        # (host array, device allocation) copied out per run
+        self.fixed = []            # host arrays of fixed inputs, alive while TensorRT reads them
+        self.frame_device = None   # device buffer for a frame that is not mapped
+        self.owned = []            # device allocations freed when the engine closes
+
+
+class TrtEngine(Engine):
+    """A deserialized engine with one execution context and one stream."""
+
+    def __init__(self, backend, engine, label):
+        from edge.graph import FRAME_INPUT
+        trt, cuda = backend.trt, backend.cuda
+        self.backend = backend
+        self.label = label
+        self.api = backend.api
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            # Not a ModelError: rebuilding the engine would not give the GPU more memory.
+            raise EdgeError("{}: TensorRT could not create an execution context (GPU memory "
+                            "exhausted?); close other GPU programs or use a smaller model"
+                            .format(label))
+        self.stream = cuda.Stream()
+        self._lock = threading.Lock()      # one execution context: one inference at a time
+        self._bindings = []
+        self._closed = False
+
+        tensors = self._io_tensors(trt, engine)
+        self.order = [name for name, _, _, _ in tensors]          # binding-index order
+        inputs = [(n, s, d) for n, s, d, is_input in tensors if is_input]
+        self.outputs = [(n, s, d) for n, s, d, is_input in tensors if not is_input]
+        frame = [t for t in inputs if t[0] == FRAME_INPUT]
+        if not frame:
+            raise ModelError("{}: the engine has no {!r} input; delete it so that it is rebuilt "
+                             "from the rewritten graph".format(label, FRAME_INPUT))
+        self.inputs = frame + [t for t in inputs if t[0] != FRAME_INPUT]
+        for name, shape, _ in self.inputs + self.outputs:
+            if any(d < 0 for d in shape):
+                raise ModelError("{}: tensor {!r} has a dynamic shape {}; edge builds static "
+                                 "engines, delete this one so that it is rebuilt"
+                                 .format(label, name, shape))
+
+    def _io_tensors(self, trt, engine):
+        """[(name, shape, numpy dtype, is_input)] in the engine's binding order."""
+        tensors = []
+        if self.api == "bindings":
+            # TensorRT 8.2-8.4: index-based bindings (deprecated in 8.5, removed in 10.0).
+            for i in range(engine.num_bindings):
+                tensors.append((engine.get_binding_name(i), tuple(engine.get_binding_shape(i)),
+                                np.dtype(trt.nptype(engine.get_binding_dtype(i))),
+                                bool(engine.binding_is_input(i))))
+        else:
+            # TensorRT 8.5+: name-based I/O tensors, the only API in 10.x.
+            for i in range(engine.num_io_tensors):
+                name = engine.get_tensor_name(i)
+                tensors.append((name, tuple(engine.get_tensor_shape(name)),
+                                np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
+                                engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT))
+        return tensors
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("{}: engine used after close()".format(self.label))
+
+    def bind(self, frame, extra=None):
+        self._check_open()
+        with self.backend.context:
+            binding = self._bind(frame, extra or {})
+        self._bindings.append(binding)
+        return binding
+
+    def _bind(self, frame, extra):
+        backend, cuda = self.backend, self.backend.cuda
+        binding = TrtBinding()
+        for name, shape, dtype in self.inputs[1:]:
+            if name not in extra:
+                raise ValueError("{}: input {!r} needs a fixed array".format(self.label, name))
+            source = np.asarray(extra[name])
+            if source.shape != shape:
+                raise ValueError("{}: input {!r} is {}, the engine was built for {}".format(
+                    self.label, name, source.shape, shape))
+            # Copied once: the reference image is fixed for the binding's life (uint8 -> float32
+            # on TensorRT < 8.5, whose graphs take float inputs).
+            host = backend._allocate(shape, dtype)
+            np.copyto(host, source, casting="unsafe")
+            binding.fixed.append(host)
+            address = backend.mapped_pointer(host)
+            if address is None:
+                device = cuda.mem_alloc(host.nbytes)
+                binding.owned.append(device)
+                cuda.memcpy_htod_async(device, host, self.stream)
+                address = int(device)
+            binding.addresses[name] = address
+        for name, shape, dtype in self.outputs:
+            # Nano (cc 5.3) is not I/O coherent: mapped memory is uncached for the CPU, so the
+            # graph reduces its outputs (top-k boxes, mutual matches) before they land here.
+            host = backend._allocate(shape, dtype)
+            binding.outputs[name] = host
+            address = backend.mapped_pointer(host)
+            if address is None:
+                device = cuda.mem_alloc(host.nbytes)
+                binding.owned.append(device)
+                binding.downloads.append((host, device))
+                address = int(device)
+            binding.addresses[name] = address
+        name, shape, dtype = self.inputs[0]
+        if dtype != np.uint8:
+            # The documented exception (TensorRT < 8.5 has no UINT8): infer casts the frame on
+            # the host into this preallocated float32 buffer, which TensorRT then reads.
+            binding.staging = backend._allocate(shape, dtype)
+        self._point_frame(binding, frame)
+        return binding
+
+    def _point_frame(self, binding, frame):
+        """Bind the slot's image: its own mapped address when it has one, else a device copy."""
+        backend, cuda = self.backend, self.backend.cuda
+        name, shape, _ = self.inputs[0]
+        image = frame.image
+        if image.shape != shape:
+            raise ValueError("{}: frame is {}, the engine was built for {}".format(
+                self.label, image.shape, shape))
+        binding.image = image
+        source = binding.staging if binding.staging is not None else image
+        address = backend.mapped_pointer(source)
+        binding.uploads = []
+        if address is None:
+            # Discrete GPU, or a frame not allocated by this backend: one copy per inference.
+            if binding.frame_device is None:
+                binding.frame_device = cuda.mem_alloc(source.nbytes)
+                binding.owned.append(binding.frame_device)
+            binding.uploads = [(binding.frame_device, source, backend.is_pinned(source))]
+            address = int(binding.frame_device)
+        binding.addresses[name] = address
+        binding.pointers = [binding.addresses[n] for n in self.order]
+
+    def rebind_frame(self, binding, frame):
+        self._check_open()
+        with self.backend.context:
+            self._point_frame(binding, frame)
+
+    def infer(self, binding):
+        self._check_open()
+        cuda = self.backend.cuda
+        with self._lock, self.backend.context:
+            if binding.staging is not None:
+                np.copyto(binding.staging, binding.image, casting="unsafe")
+            for device, host, pinned in binding.uploads:
+                if pinned:
+                    cuda.memcpy_htod_async(device, host, self.stream)
+                else:
+                    # Pageable memory cannot be copied asynchronously (pycuda docs); this copy
+                    # runs on the legacy default stream, which orders it before our stream.
+                    cuda.memcpy_htod(device, host)
+            if self.api == "bindings":
+                # TensorRT 8.2-8.4: device pointers in binding-index order.
+                ok = self.context.execute_async_v2(binding.pointers, self.stream.handle)
+            else:
+                # TensorRT 8.5+/10.x: addresses by name. Set on every run because the slots'
+                # bindings share this one execution context.
+                for name in self.order:
+                    self.context.set_tensor_address(name, binding.addresses[name])
+                ok = self.context.execute_async_v3(self.stream.handle)
+            if not ok:
+                raise RuntimeError("{}: TensorRT could not enqueue the inference ({})".format(
+                    self.label, _trt_logger(self.backend.trt).last_error or "see the log"))
+            for host, device in binding.downloads:
+                cuda.memcpy_dtoh_async(host, device, self.stream)
+            # The CPU reads the outputs (and capture may rewrite the frame) only after this.
+            self.stream.synchronize()
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock, self.backend.context:
+            for binding in self._bindings:
+                for device in binding.owned:
+                    device.free()
+                binding.owned = []
+                binding.uploads = []
+                binding.downloads = []
+            self._bindings = []
+            # Destroyed here, with the context current: the execution context before the engine.
+            self.context = None
+            self.engine = None
+            self.stream = None
+
+
+@register
+class TrtBackend(Backend):
+    """TensorRT on the local NVIDIA GPU (Jetson or desktop), engines cached as `.engine` files."""
+
+    name = "trt"
+    suffix = ".engine"
+    # CUDA reserves far more virtual address space than it uses, so the build child cannot run
+    # under RLIMIT_AS (edge.backends.build); the parent's resident-memory watch still applies.
+    limit_address_space = False
+
+    def __init__(self, threads=0, workspace_mb=256, **_):
+        import pycuda.driver as cuda
+        import tensorrt as trt
+        self.trt = trt
+        self.cuda = cuda
+        self.version = trt.__version__
+        reason = check_version(self.version)
+        if reason:
+            raise ConfigError("backend 'trt': " + reason)
+        self.threads = threads        # unused: TensorRT schedules its own work on the GPU
+        self.workspace_mb = int(workspace_mb)
+        self.api = api_for(self.version)
+        self.frame_dtype = frame_dtype_for(self.version)
+        cuda.init()
+        self.device = cuda.Device(0)
+        self.context = CudaContext(cuda, self.device)
+        attribute = cuda.device_attribute
+        self.integrated = bool(self.device.get_attribute(attribute.INTEGRATED))
+        # Zero copy only where the GPU shares the host's memory (Jetson); on a discrete GPU a
+        # mapped buffer would be read over PCIe on every access.
+        self.zero_copy = self.integrated and bool(
+            self.device.get_attribute(attribute.CAN_MAP_HOST_MEMORY))
+        self._runtime = None
+        self._pinned = {}                  # data address -> (weakref to array, device address)
+        self._pinned_lock = threading.RLock()   # RLock: weakref callbacks may run inside it
+        self._warned_unmapped = False
+
+    @classmethod
+    def available(cls):
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            return "tensorrt is not installed ({})".format(e)
+        except Exception as e:  # noqa: BLE001 (a broken install raises OSError and others)
+            return "tensorrt cannot be imported ({})".format(_one_line(e))
+        reason = check_version(getattr(trt, "__version__", "unknown"))
+        if reason:
+            return reason
+        try:
+            import pycuda.driver as cuda
+        except ImportError as e:
+            return "pycuda is not installed ({}); install the `gpu` extra".format(e)
+        except Exception as e:  # noqa: BLE001
+            return "pycuda cannot be imported ({})".format(_one_line(e))
+        try:
+            cuda.init()
+            count = cuda.Device.count()
+        except Exception as e:  # noqa: BLE001 (no driver, no device node, ...)
+            return "CUDA cannot be initialised ({})".format(_one_line(e))
+        if count < 1:
+            return "no CUDA device found"
+        return None
+
+    def fingerprint(self):
+        major, minor = self.device.compute_capability()
+        return {"backend": self.name, "tensorrt": self.version, "device": self.device.name(),
+                "compute_capability": "{}.{}".format(major, minor), "l4t": l4t_release(),
+                "workspace_mb": self.workspace_mb}
+
+    def build_options(self, card):
+        return {"precision": card.precision, "workspace_mb": self.workspace_mb}
+
+    def describe(self):
+        info = dict(self.fingerprint())
+        info.update({"zero_copy": self.zero_copy, "frame_dtype": self.frame_dtype})
+        return info
+
+    @classmethod
+    def build(cls, onnx_path, out_path, options, progress):
+        # Runs in the build child: TensorRT creates its own CUDA context there.
+        import tensorrt as trt
+        version_string = trt.__version__
+        reason = check_version(version_string)
+        if reason:
+            raise RuntimeError(reason)
+        version = parse_version(version_string)
+        log = _trt_logger(trt)
+        log.last_error = None
+
+        progress("parse", None)
+        builder = trt.Builder(log)
+        flags = 0
+        if version[:2] < NO_EXPLICIT_BATCH_FLAG:
+            # 8.x: the ONNX parser refuses implicit-batch networks. 10.x: deprecated, ignored.
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, log)
+        with open(onnx_path, "rb") as f:
+            model = f.read()
+        if not parser.parse(model):
+            # ParserError.__str__: "In node N (function): CODE: description"
+            errors = [_one_line(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise RuntimeError("TensorRT {} cannot parse {}: {}".format(
+                version_string, os.path.basename(onnx_path),
+                "; ".join(errors) or log.last_error or "no reason given"))
+
+        config = builder.create_builder_config()
+        workspace = int(options.get("workspace_mb", 256)) << 20
+        if version[:2] >= MEMORY_POOLS and hasattr(config, "set_memory_pool_limit"):
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        else:
+            # 8.2/8.3: the workspace defaults to 0 ("no temporary memory"), so always set it.
+            config.max_workspace_size = workspace
+        if options.get("precision") == "fp16":
+            if _fast_fp16(builder, version):
+                config.set_flag(trt.BuilderFlag.FP16)
+            else:
+                logger.warning("%s: this GPU has no fast FP16; building an FP32 engine",
+                               os.path.basename(onnx_path))
+
+        cache_path = timing_cache_path(out_path, version_string)
+        _attach_timing_cache(config, cache_path)
+
+        if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
+            # TensorRT 10.x (and 9.x): step-level progress. The config keeps the monitor alive.
+            config.progress_monitor = _progress_monitor(trt, progress)
+        else:
+            progress("build", None)   # 8.x: no progress interface, the phase is all we know
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError("TensorRT {} could not build {}: {}".format(
+                version_string, os.path.basename(onnx_path),
+                log.last_error or "no reason given (out of memory? lower workspace_mb)"))
+
+        progress("serialize", None)
+        _save_timing_cache(config, cache_path)
+        atomic_write(out_path, serialized)
+
+    def load(self, path, label):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (IOError, OSError) as e:
+            raise ModelError("{}: engine file {} cannot be read ({}); it will be rebuilt".format(
+                label, path, e.strerror or e))
+        with self.context:
+            if self._runtime is None:
+                # The runtime must outlive every engine it deserialized: kept for the process.
+                self._runtime = self.trt.Runtime(_trt_logger(self.trt))
+            try:
+                engine = self._runtime.deserialize_cuda_engine(data)
+            except Exception as e:  # noqa: BLE001 (some versions raise instead of None)
+                logger.debug("deserialize_cuda_engine raised: %s", e)
+                engine = None
+            if engine is None:
+                raise ModelError("{}: engine file {} could not be deserialized (built by another "
+                                 "TensorRT version or corrupt); it will be rebuilt".format(
+                                     label, path))
+            return TrtEngine(self, engine, label)
+
+    # Frames and outputs ------------------------------------------------------------------
+
+    def allocate(self, shape, dtype):
+        with self.context:
+            return self._allocate(shape, dtype)
+
+    def _allocate(self, shape, dtype):
+        """A zeroed pinned array, mapped into the GPU on a Jetson; the caller pushed the context."""
+        cuda = self.cuda
+        address = None
+        if self.zero_copy:
+            array = cuda.pagelocked_empty(shape, dtype, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+            try:
+                # cuMemHostGetDevicePointer: where the GPU sees these same bytes.
+                address = int(array.base.get_device_pointer())
+            except cuda.Error as e:
+                # UNCONFIRMED whether the primary context always allows mapping; fall back to a
+                # copy per inference rather than fail.
+                if not self._warned_unmapped:
+                    logger.warning("mapped memory unavailable (%s): frames will be copied to the "
+                                   "GPU", _one_line(e))
+                    self._warned_unmapped = True
+        else:
+            array = cuda.pagelocked_empty(shape, dtype)
+        array.fill(0)
+        key = array.__array_interface__["data"][0]
+
+        def forget(ref, key=key):
+            with self._pinned_lock:
+                entry = self._pinned.get(key)
+                if entry is not None and entry[0] is ref:
+                    del self._pinned[key]
+
+        with self._pinned_lock:
+            self._pinned[key] = (weakref.ref(array, forget), address)
+        return array
+
+    def _entry(self, array):
+        key = array.__array_interface__["data"][0]
+        with self._pinned_lock:
+            entry = self._pinned.get(key)
+        if entry is None or entry[0]() is not array:
+            return None
+        return entry
+
+    def mapped_pointer(self, array):
+        """The device address of an array from `allocate` that the GPU reads in place, else None."""
+        entry = self._entry(array)
+        return None if entry is None else entry[1]
+
+    def is_pinned(self, array):
+        """Whether the array is pinned host memory from `allocate` (async copies allowed)."""
+        return self._entry(array) is not None

@@ -1,0 +1,241 @@
+"""The TensorRT backend on a real GPU: FP16 engines from the rewritten graphs against ONNX Runtime.
+
+Skipped (not failed) where tensorrt, pycuda or a CUDA device is missing. Engines are built with
+`TrtBackend.build` in this process (the daemon builds in a child process; the calls are the
+same), from the same rewritten graph ONNX Runtime runs, so a difference is TensorRT's FP16
+arithmetic or a binding bug, not preprocessing.
+"""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorrt")
+pytest.importorskip("pycuda.driver")
+
+from edge import cards, graph, models  # noqa: E402
+from edge.backends.trt import TrtBackend, timing_cache_path  # noqa: E402
+from edge.errors import ModelError  # noqa: E402
+from edge.frames import Frame  # noqa: E402
+from tests.conftest import COCO8_VAL, SHARED  # noqa: E402
+
+_REASON = TrtBackend.available()
+if _REASON is not None:
+    pytest.skip("TensorRT backend not usable here: " + _REASON, allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
+BOX_PX = 4.0          # FP16 vs FP32: same boxes within a few source pixels
+SCORE = 0.02          # and scores within this
+MATCH_AGREEMENT = 0.8  # share of ONNX Runtime's mutual pairs TensorRT finds too
+
+
+def read_image(path):
+    cv2 = pytest.importorskip("cv2")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    assert image is not None, path
+    return image
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return TrtBackend(workspace_mb=256)
+
+
+@pytest.fixture(scope="module")
+def engines(backend, model_dir, tmp_path_factory):
+    """Builds (once per card and size) and loads TensorRT engines; closes them at the end."""
+    import onnx
+    folder = tmp_path_factory.mktemp("engines")
+    built = {}
+
+    def get(card_name, width, height, reference_size=None):
+        key = (card_name, width, height, reference_size)
+        if key not in built:
+            card = cards.load(card_name)
+            model = models.load_onnx(models.ensure(card, model_dir, fetch_missing=False), card)
+            rewritten = graph.rewrite(model, card, width, height, reference_size,
+                                      frame_dtype=backend.frame_dtype)
+            stem = "{}-{}x{}".format(card_name, width, height)
+            onnx_path = str(folder / (stem + ".onnx"))
+            onnx.save(rewritten, onnx_path)
+            out_path = str(folder / (stem + backend.suffix))
+            phases = []
+            TrtBackend.build(onnx_path, out_path, backend.build_options(card),
+                             lambda phase, fraction: phases.append((phase, fraction)))
+            seen = [phase for phase, _ in phases]
+            assert seen[0] == "parse" and "build" in seen and seen[-1] == "serialize"
+            assert all(f is None or 0.0 <= f <= 1.0 for _, f in phases)
+            assert os.path.isfile(out_path)
+            built[key] = (card, model, backend.load(out_path, stem))
+        return built[key]
+
+    yield get
+    for _, _, engine in built.values():
+        engine.close()
+
+
+def ort_outputs(card, model, folder, image, reference=None):
+    """ONNX Runtime on the uint8 rewritten graph: the reference TensorRT must match."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from edge.backends.ort import OrtBackend
+    height, width = image.shape[:2]
+    size = None if reference is None else (reference.shape[1], reference.shape[0])
+    path = str(folder / "{}-{}x{}-uint8.onnx".format(card.name, width, height))
+    onnx.save(graph.rewrite(model, card, width, height, size), path)
+    engine = OrtBackend().load(path, card.name)
+    frame = Frame(0, image.shape)
+    frame.image[...] = image
+    extra = None if reference is None else {engine.inputs[1][0]: reference}
+    binding = engine.bind(frame, extra)
+    engine.infer(binding)
+    return {name: array.copy() for name, array in binding.outputs.items()}
+
+
+def trt_binding(backend, engine, image, reference=None):
+    """A frame slot allocated by the backend (mapped on a Jetson), bound and inferred."""
+    frame = Frame(0, image.shape, backend.allocate)
+    frame.image[...] = image
+    extra = None if reference is None else {engine.inputs[1][0]: reference}
+    binding = engine.bind(frame, extra)
+    engine.infer(binding)
+    return frame, binding
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(COCO8_VAL)))
+def test_yolox_nano_fp16_matches_onnx_runtime(backend, engines, tmp_path, name):
+    from edge.tasks.detect import select
+    image = read_image(os.path.join(COCO8_VAL, name))
+    card, model, engine = engines("yolox-nano", image.shape[1], image.shape[0])
+    expected = ort_outputs(card, model, tmp_path, image)["detections"]
+    _, binding = trt_binding(backend, engine, image)
+    got = binding.outputs["detections"]
+    assert got.shape == expected.shape and got.dtype == np.float32
+    iou = card.thresholds["iou"]
+    # Compare confident ONNX Runtime boxes against TensorRT's with a lower floor, so that a
+    # box just above the card's threshold on one side and just below on the other is no failure.
+    reference = select(expected, card.thresholds["score"] + 0.1, iou)[:10]
+    candidates = select(got, card.thresholds["score"] - 0.1, iou)
+    for row in reference:
+        same_class = candidates[candidates[:, 5] == row[5]]
+        assert same_class.shape[0], "class {} missing in {}".format(int(row[5]), name)
+        distance = np.abs(same_class[:, :4] - row[:4]).max(axis=1)
+        best = same_class[int(np.argmin(distance))]
+        assert distance.min() <= BOX_PX, (name, row, best)
+        assert abs(best[4] - row[4]) <= SCORE, (name, row, best)
+
+
+def test_coarse_loftr_fp16_matches_onnx_runtime(backend, engines, tmp_path):
+    reference = read_image(os.path.join(PAIR, "motorcycle_left.png"))
+    image = read_image(os.path.join(PAIR, "motorcycle_right.png"))
+    size = (reference.shape[1], reference.shape[0])
+    card, model, engine = engines("coarse-loftr", image.shape[1], image.shape[0], size)
+    assert [n for n, _, _ in engine.inputs] == ["frame", "reference"]
+    expected = ort_outputs(card, model, tmp_path, image, reference)["matches"]
+    _, binding = trt_binding(backend, engine, image, reference)
+    got = binding.outputs["matches"]
+    assert got.shape == expected.shape
+    mutual = expected[:, 1] > 0
+    assert mutual.sum() >= 100
+    agree = mutual & (got[:, 1] > 0) & (got[:, 0] == expected[:, 0])
+    assert agree.sum() / float(mutual.sum()) >= MATCH_AGREEMENT
+    scores = np.abs(got[agree, 1] - expected[agree, 1])
+    assert np.median(scores) <= SCORE
+
+
+def test_zero_copy_on_an_integrated_gpu(backend, engines):
+    if not backend.zero_copy:
+        pytest.skip("discrete GPU: frames are copied to device memory on the engine's stream")
+    image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    _, _, engine = engines("yolox-nano", image.shape[1], image.shape[0])
+    frame, binding = trt_binding(backend, engine, image)
+    with backend.context:
+        own = int(frame.image.base.get_device_pointer())
+        staging = (None if binding.staging is None
+                   else int(binding.staging.base.get_device_pointer()))
+        outputs = {n: int(a.base.get_device_pointer()) for n, a in binding.outputs.items()}
+    if backend.frame_dtype == "uint8":
+        # TensorRT reads the very bytes the capture wrote: the frame's own mapped address.
+        assert binding.addresses["frame"] == own
+    else:
+        # TensorRT < 8.5: the one documented host cast, into a mapped float32 buffer.
+        assert binding.addresses["frame"] == staging
+    for name, address in outputs.items():
+        assert binding.addresses[name] == address    # TensorRT writes where the CPU reads
+    assert binding.uploads == [] and binding.downloads == []
+
+
+def test_frames_not_from_the_backend_are_copied(backend, engines):
+    image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    _, _, engine = engines("yolox-nano", image.shape[1], image.shape[0])
+    _, mapped = trt_binding(backend, engine, image)
+    plain = Frame(1, image.shape)                    # ordinary numpy memory
+    plain.image[...] = image
+    binding = engine.bind(plain)
+    engine.infer(binding)
+    # Copied to the GPU on every run, unless TensorRT < 8.5 on a Jetson, where the host cast
+    # into the mapped float32 buffer already is that copy.
+    cast_into_mapped = backend.zero_copy and backend.frame_dtype != "uint8"
+    assert len(binding.uploads) == (0 if cast_into_mapped else 1)
+    np.testing.assert_array_equal(binding.outputs["detections"], mapped.outputs["detections"])
+
+
+def test_infer_from_another_thread_and_rebind(backend, engines):
+    image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    _, _, engine = engines("yolox-nano", image.shape[1], image.shape[0])
+    frame, binding = trt_binding(backend, engine, image)
+    expected = binding.outputs["detections"].copy()
+    errors = []
+
+    def run():
+        try:
+            for _ in range(3):      # an unbalanced push/pop would fail by the second run
+                engine.infer(binding)
+        except Exception as e:  # noqa: BLE001 (reported to the test thread)
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(120)
+    assert not errors, errors
+    np.testing.assert_array_equal(binding.outputs["detections"], expected)
+    # The slot reallocated at the same size (as capture does): the binding follows it.
+    frame.ensure_shape(1, 1)
+    frame.ensure_shape(image.shape[0], image.shape[1])
+    frame.image[...] = image
+    engine.rebind_frame(binding, frame)
+    engine.infer(binding)
+    np.testing.assert_array_equal(binding.outputs["detections"], expected)
+
+
+def test_timing_cache_is_kept_for_the_next_build(backend, engines, tmp_path_factory):
+    image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    engines("yolox-nano", image.shape[1], image.shape[0])
+    folder = tmp_path_factory.getbasetemp()
+    caches = [os.path.join(root, f) for root, _, files in os.walk(str(folder)) for f in files
+              if f == os.path.basename(timing_cache_path("x", backend.version))]
+    assert caches and os.path.getsize(caches[0]) > 0
+
+
+def test_corrupt_engine_is_a_model_error_that_says_rebuild(backend, tmp_path):
+    path = str(tmp_path / "broken.engine")
+    with open(path, "wb") as f:
+        f.write(b"not an engine" * 100)
+    with pytest.raises(ModelError) as info:
+        backend.load(path, "yolox-nano for 640x480 frames")
+    assert "could not be deserialized" in str(info.value)
+    assert "it will be rebuilt" in str(info.value)
+
+
+def test_fingerprint_names_the_device(backend):
+    fingerprint = backend.fingerprint()
+    assert fingerprint["backend"] == "trt"
+    assert fingerprint["tensorrt"] == backend.version
+    assert fingerprint["device"]
+    major, minor = fingerprint["compute_capability"].split(".")
+    assert int(major) >= 5 and int(minor) >= 0
+    assert fingerprint["workspace_mb"] == 256

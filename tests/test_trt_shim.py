@@ -1,0 +1,140 @@
+"""The TensorRT backend where no GPU is: version rules, the reasons users see, lazy imports.
+
+These run in CI. The engine itself is tested in tests/gpu/test_trt.py, which skips here.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge import backends
+from edge.backends import trt
+from edge.errors import ConfigError
+from tests.conftest import ROOT
+
+# Real version strings: JetPack 4.6.1 (Nano), JetPack 5.0.2, JetPack 5.1, JetPack 6.0,
+# JetPack 6.1, the first TensorRT 11, and JetPack 4.4's TensorRT 7.
+SUPPORTED = [
+    ("8.2.1.8", "bindings", "float32"),
+    ("8.4.3.1", "bindings", "float32"),
+    ("8.5.2.2", "tensors", "uint8"),
+    ("8.6.1", "tensors", "uint8"),
+    ("10.3.0", "tensors", "uint8"),
+]
+
+
+@pytest.mark.parametrize("version, api, frame_dtype", SUPPORTED)
+def test_supported_versions(version, api, frame_dtype):
+    assert trt.check_version(version) is None
+    assert trt.api_for(version) == api
+    assert trt.frame_dtype_for(version) == frame_dtype
+
+
+def test_tensorrt_7_asks_for_a_newer_jetpack():
+    reason = trt.check_version("7.1.3")
+    assert reason == "TensorRT 7.1.3 is older than 8.2: upgrade to JetPack 4.6.1+"
+
+
+def test_tensorrt_11_says_what_was_removed_and_what_to_do():
+    reason = trt.check_version("11.0.0")
+    assert "TensorRT 11.0.0" in reason
+    assert "FP16 builder flag" in reason and "strong" in reason
+    assert "TensorRT 10.x" in reason and "--backend ort" in reason
+    assert "\n" not in reason
+
+
+def test_unreadable_version():
+    assert "not understood" in trt.check_version("unknown")
+    with pytest.raises(ValueError):
+        trt.api_for("unknown")
+
+
+def test_registered_as_trt_with_engine_files():
+    assert backends._cls("trt") is trt.TrtBackend
+    assert trt.TrtBackend.name == "trt" and trt.TrtBackend.suffix == ".engine"
+
+
+@pytest.fixture
+def without_tensorrt(monkeypatch):
+    """This machine as CI sees it, even where a tensorrt package happens to be installed."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+def test_select_trt_says_why(without_tensorrt):
+    with pytest.raises(ConfigError) as info:
+        backends.select("trt")
+    message = str(info.value)
+    assert "tensorrt is not installed" in message
+    assert "\n" not in message
+
+
+def test_auto_falls_back_to_onnx_runtime(without_tensorrt):
+    pytest.importorskip("onnxruntime")
+    assert backends.select("auto").name == "ort"
+
+
+def test_module_imports_without_tensorrt_or_pycuda():
+    code = ("import sys\n"
+            "for name in ('tensorrt', 'pycuda', 'pycuda.driver'):\n"
+            "    sys.modules[name] = None\n"
+            "import edge.backends.trt as t\n"
+            "print(t.TrtBackend.available())\n")
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().startswith("tensorrt is not installed")
+
+
+def test_timing_cache_lives_beside_the_engine(tmp_path):
+    out = str(tmp_path / "yolox-nano-abc.engine")
+    assert trt.timing_cache_path(out, "8.2.1.8") == str(tmp_path / "timing-8.2.1.8.cache")
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = str(tmp_path / "a.engine")
+    trt.atomic_write(path, b"old")
+    trt.atomic_write(path, memoryview(b"new bytes"))   # engines arrive as buffers
+    with open(path, "rb") as f:
+        assert f.read() == b"new bytes"
+    assert os.listdir(str(tmp_path)) == ["a.engine"]    # no temporary file left behind
+
+
+def test_l4t_release_is_the_first_line(tmp_path):
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref\n"
+                       "# KERNEL_VARIANT: oot\n")
+    assert trt.l4t_release(str(release)) == (
+        "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref")
+    assert trt.l4t_release(str(tmp_path / "missing")) is None
+
+
+def test_float32_frames_compute_what_uint8_frames_do(model_dir, tmp_path):
+    """TensorRT < 8.5 gets float32 frames cast on the host: the graph must give the same result."""
+    ort = pytest.importorskip("onnxruntime")
+    cv2 = pytest.importorskip("cv2")
+    import onnx
+    from edge import cards, graph, models
+    from edge.frames import Frame
+    from tests.conftest import COCO8_VAL
+    assert ort is not None
+    card = cards.load("yolox-nano")
+    model = models.load_onnx(models.ensure(card, model_dir, fetch_missing=False), card)
+    image = cv2.imread(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    height, width = image.shape[:2]
+    backend = backends.select("ort")
+    results = {}
+    for dtype in ("uint8", "float32"):
+        path = str(tmp_path / "{}.onnx".format(dtype))
+        onnx.save(graph.rewrite(model, card, width, height, frame_dtype=dtype), path)
+        engine = backend.load(path, dtype)
+        assert engine.inputs[0][2] == np.dtype(dtype)
+        frame = Frame(0, image.shape, lambda shape, _, dtype=dtype: np.zeros(shape, dtype))
+        np.copyto(frame.image, image, casting="unsafe")   # what TrtEngine.infer does on 8.2
+        binding = engine.bind(frame)
+        engine.infer(binding)
+        results[dtype] = binding.outputs["detections"].copy()
+    assert results["uint8"][0, 4] > 0.3            # the image has a confident detection
+    np.testing.assert_allclose(results["float32"], results["uint8"], atol=1e-3)
