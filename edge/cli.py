@@ -23,7 +23,7 @@ def _run(args):
     if args.debug:
         cfg["log_level"] = "debug"
     logging.getLogger().setLevel(cfg["log_level"].upper())
-    return daemon.run(cfg)
+    return daemon.run(cfg, args.config, overrides)
 
 
 def _models_list(args):
@@ -150,6 +150,23 @@ class _ProgressPrinter:
         self.stream.flush()
 
 
+def _health(args):
+    """`edge health`: fresh reports from devices over MQTT; exit 0 healthy, 1 unhealthy, 2 silent."""
+    import json
+    from edge import remote
+    from edge.errors import ConfigError
+    if not args.devices and not args.all:
+        raise ConfigError("edge health: name devices (edge health cam1 cam2) or pass --all")
+    results, code = remote.check(args.mqtt, args.devices, prefix=args.prefix,
+                                 timeout=args.timeout, all_devices=args.all)
+    if args.json:
+        print(json.dumps(results, indent=1, sort_keys=True))
+    else:
+        print(remote.table(results) if results else "no device found under {}/+/status".format(
+            args.prefix))
+    return code
+
+
 def parser():
     """The argument parser (also used by the documentation)."""
     top = argparse.ArgumentParser(prog="edge", description="Jetson vision sensor over MQTT.")
@@ -187,6 +204,16 @@ def parser():
     bld.add_argument("--mirror", help="local folder to fetch models from")
     bld.add_argument("--state-dir", help="folder for references and engines")
     bld.set_defaults(func=_build)
+
+    hl = sub.add_parser("health", help="ask devices for a fresh health report over MQTT")
+    hl.add_argument("devices", nargs="*", metavar="DEVICE")
+    hl.add_argument("--mqtt", default="mqtt://localhost:1883", help="broker URL")
+    hl.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
+    hl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
+    hl.add_argument("--all", action="store_true",
+                    help="every device whose retained status is not offline")
+    hl.add_argument("--json", action="store_true", help="print the reports as JSON")
+    hl.set_defaults(func=_health)
 
     models = sub.add_parser("models", help="list or fetch model files")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")

@@ -1,12 +1,17 @@
-"""`edge run`: assemble source, tasks, publisher and MQTT link from a config and run them."""
+"""`edge run`: the daemon. Source, tasks, publisher, MQTT link, health and commands.
+
+The MQTT link, publisher, health and command threads live for the whole process; the
+pipeline (source + tasks) is rebuilt on reload (SIGHUP or the `reload` command) from the
+config file, with engines whose key did not change loaded from the cache.
+"""
 
 import logging
 import signal
 import threading
+import time
 
-
-from edge import backends, cards, mqtt, references, sources, tasks
-from edge.errors import ConfigError, UnavailableError
+from edge import backends, cards, config as configuration, mqtt, references, sources, tasks
+from edge.errors import ConfigError, EdgeError, UnavailableError
 from edge.pipeline import Pipeline
 from edge.publisher import JsonlSink, Publisher
 
@@ -24,7 +29,16 @@ def engine_maker(config):
                        config["engine"]["build_timeout"])
 
 
-def build_tasks(config, maker):
+def reference_store(config):
+    """The device's references, with `reference:` / --reference stored first."""
+    store = references.ReferenceStore(config["state_dir"])
+    if config["reference"]:
+        name = references.name_from_path(config["reference"])
+        store.put_file(name, config["reference"])
+    return store
+
+
+def build_tasks(config, maker, store):
     """The configured tasks, models fetched and checked."""
     built = []
     for key, task in (("detector", "detect"), ("matcher", "match")):
@@ -36,93 +50,250 @@ def build_tasks(config, maker):
                 key, card.name, card.task, "detector" if card.task == "detect" else "matcher"))
         options = {"device": config["device_id"]}
         if task == "match":
-            options.update(config["match"], store=reference_store(config))
+            options.update(config["match"], store=store)
         built.append(tasks.create(card, maker, config["model_dir"],
                                   mirror=config["model_mirror"], **options))
     return built
 
 
-def reference_store(config):
-    """The device's references, with `reference:` / --reference stored first."""
-    store = references.ReferenceStore(config["state_dir"])
-    if config["reference"]:
-        name = references.name_from_path(config["reference"])
-        store.put_file(name, config["reference"])
-    return store
-
-
-def run(config, stop_event=None):
-    """Run the pipeline until the source ends or a signal stops it; returns 0 or raises."""
-    source = sources.open_source(config["source"])
-    maker = engine_maker(config)
-    link = None
-    if config["mqtt"]["url"]:
-        settings = mqtt.parse_url(config["mqtt"]["url"], config["mqtt"]["qos"],
-                                  config["mqtt"]["keepalive"])
-        link = mqtt.MqttLink(settings, config["device_id"], config["mqtt"]["prefix"],
-                             queue_limit=config["mqtt"]["queue"])
-    built = build_tasks(config, maker)
-    jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
-    qos = settings["qos"] if link else 0
-    publisher = Publisher(link, jsonl, qos=qos, limit=config["mqtt"]["queue"])
-    pipeline = Pipeline(source, built, publisher, pool_size=config["pipeline"]["pool"],
-                        max_frames=config["max_frames"], allocate=maker.allocate)
-    pipeline.open()
-    stop_event = stop_event or threading.Event()
-    restore = _handle_signals(stop_event)
-    reason = "finished"
+def _system_status():
+    """edge.system's report, sampled CPU included; None where the module is not usable."""
     try:
-        if link:
-            link.start()
-            link.set_status("online")
-        publisher.start()
-        pipeline.start()
-        logger.info("running %s on %s with %s", ", ".join(t.card.name for t in built),
-                    config["source"], maker.backend.describe())
-        while pipeline.alive():
-            if stop_event.wait(0.1):
-                reason = "stopped"
-                logger.info("stopping: finishing frames in flight")
-                pipeline.stop()
+        from edge import system
+    except ImportError:
+        return None, None
+    sampler = system.CpuSampler()
+    client = system.open_jtop()
+
+    def status():
+        report = system.system_status(jtop_client=client)
+        if report.get("source") != "jtop":
+            report["cpu_percent"] = sampler.sample()
+        return report
+    return status, lambda: system.close_jtop(client)
+
+
+class Daemon:
+    """One `edge run`: long-lived MQTT link, publisher, health and commands; a pipeline."""
+
+    def __init__(self, config, config_path=None, overrides=None):
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.device = config["device_id"]
+        self.started = time.time()
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.link = None
+        self.publisher = None
+        self.jsonl = None
+        self.pipeline = None
+        self.tasks = []
+        self.store = None
+        self.maker = None
+        self.health = None
+        self.commands = None
+        self.source_display = mqtt.redact(config["source"])   # no camera passwords in health
+        self.generations = 0
+
+    # -- the operations commands and signals use --------------------------------------
+
+    def next_frame(self, timeout=5.0):
+        """A copy of the next captured frame and its index (snapshots, references)."""
+        pipeline = self.pipeline
+        return pipeline.tap(timeout) if pipeline is not None else None
+
+    def request_reload(self):
+        """Re-read the config file and rebuild the pipeline (from the main loop)."""
+        self.reload_event.set()
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def _open_outputs(self):
+        config = self.config
+        qos = 0
+        if config["mqtt"]["url"]:
+            settings = mqtt.parse_url(config["mqtt"]["url"], config["mqtt"]["qos"],
+                                      config["mqtt"]["keepalive"])
+            self.link = mqtt.MqttLink(settings, self.device, config["mqtt"]["prefix"],
+                                      queue_limit=config["mqtt"]["queue"])
+            qos = settings["qos"]
+        self.jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
+        self.publisher = Publisher(self.link, self.jsonl, qos=qos, limit=config["mqtt"]["queue"])
+
+    def _build_pipeline(self, config):
+        """A new pipeline for the config; raises (and leaves the old one) when it is bad."""
+        source = sources.open_source(config["source"])
+        maker = engine_maker(config)
+        store = reference_store(config) if config["matcher"] else None
+        built = build_tasks(config, maker, store)
+        pipeline = Pipeline(source, built, self.publisher, pool_size=config["pipeline"]["pool"],
+                            max_frames=config["max_frames"], allocate=maker.allocate)
+        pipeline.open()
+        return pipeline, built, store, maker
+
+    def _start_services(self):
+        from edge.commands import Commands
+        from edge.health import Health
+        config = self.config
+        status, close = _system_status()
+        self._close_system = close or (lambda: None)
+        self.health = Health(self, config["health"]["interval"], config["health"],
+                             system_status=status,
+                             versions=_versions(self.maker.backend.describe()))
+        if self.link is not None:
+            self.commands = Commands(self, **config["commands"])
+            self.link.on_command = self.commands.submit
+            self.commands.start()
+            self.link.start()
+        self.publisher.start()
+
+    def run(self):
+        """Run until the source ends or a signal stops it; 0, or raises the run's error."""
+        self._open_outputs()
+        self.pipeline, self.tasks, self.store, self.maker = self._build_pipeline(self.config)
+        self._close_system = lambda: None
+        restore = _handle_signals(self.stop_event, self.reload_event)
+        reason = "finished"
+        try:
+            self._start_services()
+            start = True
+            while True:
+                if start:
+                    self._start_pipeline()
+                ended = self._wait()
+                if ended == "reload":
+                    start = self._reload()
+                    continue
+                reason = ended
                 break
-        pipeline.join()
-        undelivered = publisher.flush(config["mqtt"]["flush_timeout"])
-        error = pipeline.error()
+            self.pipeline.join()
+            return self._finish()
+        except EdgeError as e:
+            reason = "error: {}".format(e)
+            raise
+        finally:
+            restore()
+            self._shutdown(reason)
+
+    def _start_pipeline(self):
+        self.generations += 1
+        self.source_display = mqtt.redact(self.config["source"])
+        self.pipeline.start()
+        if self.link is not None:
+            self.link.set_status("online")
+        if self.health.is_alive():
+            self.health.wake.set()      # report the new pipeline now
+        else:
+            self.health.start()
+        logger.info("running %s on %s with %s", ", ".join(t.card.name for t in self.tasks),
+                    self.config["source"], self.maker.backend.describe())
+
+    def _wait(self):
+        """'finished' (source ended or error), 'stopped' (signal) or 'reload'."""
+        while self.pipeline.alive():
+            if self.stop_event.wait(0.1):
+                logger.info("stopping: finishing frames in flight")
+                self.pipeline.stop()
+                return "stopped"
+            if self.reload_event.is_set():
+                return "reload"
+        return "finished"
+
+    def _reload(self):
+        """Rebuild the pipeline from the config file; True when there is a new one to start.
+
+        A config that does not load leaves the running pipeline alone. The source must be
+        closed before the new one opens it (a camera opens once), so a config that loads but
+        cannot be built brings the previous configuration back.
+        """
+        self.reload_event.clear()
+        logger.info("reloading %s", self.config_path or "the configuration")
+        try:
+            config = configuration.load(self.config_path, self.overrides)
+        except EdgeError as e:
+            logger.error("reload failed, keeping the running configuration: %s", e)
+            return False
+        for key in ("mqtt", "device_id", "jsonl", "health", "commands"):
+            if config[key] != self.config[key]:
+                logger.warning("reload: %s changed; it takes effect after a restart", key)
+                config[key] = self.config[key]
+        self.pipeline.stop()
+        self.pipeline.join()
+        try:
+            new = self._build_pipeline(config)
+        except EdgeError as e:
+            logger.error("reload failed, back to the previous configuration: %s", e)
+            config, new = self.config, self._build_pipeline(self.config)
+        self.config = config
+        self.pipeline, self.tasks, self.store, self.maker = new
+        return True
+
+    def _finish(self):
+        config = self.config
+        undelivered = self.publisher.flush(config["mqtt"]["flush_timeout"])
+        error = self.pipeline.error()
         if error is not None:
-            reason = "error: {}".format(error)
             raise error
-        if undelivered and link:
+        if undelivered and self.link:
             raise UnavailableError(
                 "mqtt {}: {} of {} messages not delivered within {:.0f} s ({}); check the "
                 "broker URL (--mqtt) and that the broker runs".format(
-                    link.settings["display"], undelivered, publisher.accepted,
-                    config["mqtt"]["flush_timeout"], link.probe_error()))
-        logger.info("done: %d frames, %d messages, %d dropped", pipeline.delivered,
-                    publisher.accepted, publisher.dropped)
+                    self.link.settings["display"], undelivered, self.publisher.accepted,
+                    config["mqtt"]["flush_timeout"], self.link.probe_error()))
+        logger.info("done: %d frames, %d messages, %d dropped", self.pipeline.delivered,
+                    self.publisher.accepted, self.publisher.dropped)
         return 0
-    finally:
-        restore()
-        if link:
-            link.stop(reason if len(reason) < 200 else reason[:200])
-        if jsonl:
-            jsonl.close()
+
+    def _shutdown(self, reason):
+        if self.pipeline is not None and self.pipeline.alive():
+            self.pipeline.stop()
+            self.pipeline.join()
+        if self.health is not None:
+            self.health.stop()
+        if self.commands is not None:
+            self.commands.stop()
+        if self.publisher is not None and self.publisher.is_alive():
+            self.publisher.flush(min(2.0, self.config["mqtt"]["flush_timeout"]))
+        if self.link is not None:
+            self.link.stop(reason[:200])
+        if self.jsonl is not None:
+            self.jsonl.close()
+        self._close_system()
 
 
-def _handle_signals(stop_event):
-    """SIGTERM and SIGINT set the stop event (main thread only); returns an undo."""
+def _versions(backend):
+    """Versions for health: edge.system's full set where it is available."""
+    import platform
+    from edge import __version__
+    try:
+        from edge import system
+    except ImportError:
+        return {"edge": __version__, "python": platform.python_version(), "backend": backend}
+    return system.versions(backend)
+
+
+def run(config, config_path=None, overrides=None):
+    """Run the daemon for a loaded config; returns the exit status or raises an EdgeError."""
+    return Daemon(config, config_path, overrides).run()
+
+
+def _handle_signals(stop_event, reload_event):
+    """SIGTERM/SIGINT set the stop event, SIGHUP the reload event (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {}
 
-    def handler(signum, _frame):
+    def stop(signum, _frame):
         stop_event.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    def reload(signum, _frame):
+        reload_event.set()
+
+    for sig, handler in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
         previous[sig] = signal.signal(sig, handler)
 
     def restore():
         for sig, old in previous.items():
             signal.signal(sig, old)
     return restore
-
-

@@ -49,3 +49,18 @@ def matches(reference, frame, pairs, homography=None, inliers=None):
         warped = cv2.perspectiveTransform(corners, np.float64(homography).reshape(3, 3))
         cv2.polylines(canvas, [np.int32(warped + [shift, 0])], True, (255, 200, 0), 2)
     return canvas
+
+
+def match_overlay(image, message):
+    """The frame side of a `matches` message: matched points and the reference's outline."""
+    for row in message["matches"]:
+        cv2.circle(image, (int(row[2]), int(row[3])), 3, (0, 220, 0), -1)
+    if message.get("homography"):
+        ref = message["reference"]
+        corners = np.float32([[0, 0], [ref["width"], 0], [ref["width"], ref["height"]],
+                              [0, ref["height"]]]).reshape(-1, 1, 2)
+        warped = cv2.perspectiveTransform(corners, np.float64(message["homography"]).reshape(3, 3))
+        cv2.polylines(image, [np.int32(warped)], True, (255, 200, 0), 2)
+        cv2.putText(image, ref["name"], tuple(int(v) for v in warped[0, 0]),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 200, 0), 2, cv2.LINE_AA)
+    return image

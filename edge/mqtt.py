@@ -22,7 +22,7 @@ def parse_url(url, qos=0, keepalive=30):
     """Broker settings from `mqtt[s]://[user[:password]@]host[:port][?qos=0|1&keepalive=S]`."""
     def bad(reason):
         return ConfigError("mqtt url {!r}: {}; expected mqtt://[user[:password]@]host[:port]"
-                           "[?qos=0|1&keepalive=S] or mqtts://...".format(_redact(url), reason))
+                           "[?qos=0|1&keepalive=S] or mqtts://...".format(redact(url), reason))
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -51,10 +51,10 @@ def parse_url(url, qos=0, keepalive=30):
             "tls": parts.scheme == "mqtts", "qos": qos, "keepalive": keepalive,
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,
-            "display": _redact(url)}
+            "display": redact(url)}
 
 
-def _redact(url):
+def redact(url):
     """The URL without its password, for logs and messages."""
     try:
         parts = urlsplit(url)
@@ -114,7 +114,9 @@ class MqttLink:
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
         self.client = client
+        self.on_command = None      # callable(name, payload bytes), set by the daemon
 
     def topic(self, suffix):
         return "{}/{}/{}".format(self.prefix, self.device, suffix)
@@ -154,8 +156,19 @@ class MqttLink:
             logger.info("mqtt connected to %s", self.settings["display"])
             self.connected.set()
             self.set_status(self.state, self.reason)
+            if self.on_command is not None:
+                # Subscribed on every connect: a clean session forgets subscriptions.
+                client.subscribe(self.topic("cmd/+"), qos=1)
         except Exception:  # never let an exception end paho's network thread
             logger.exception("mqtt on_connect failed")
+
+    def _on_message(self, client, userdata, message):
+        try:
+            prefix = self.topic("cmd/")
+            if self.on_command is not None and message.topic.startswith(prefix):
+                self.on_command(message.topic[len(prefix):], message.payload)
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("mqtt on_message failed")
 
     def _on_disconnect(self, client, userdata, *args):
         try:

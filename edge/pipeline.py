@@ -41,6 +41,9 @@ class TaskRunner(threading.Thread):
                 if self.error is None and not self._done():
                     for message in self.task.process(frame):
                         self.publisher.put(self.task.topic, message)
+                        self.task.stats.record(message["latency_ms"]["total"],
+                                               message["latency_ms"]["infer"])
+                        self.task.last_message = message
                     if self._done():
                         self.stop_event.set()
             except EdgeError as e:
@@ -77,11 +80,14 @@ class Pipeline:
                                on_exit=self._close_handoffs)
         self.delivered = 0
         self.started = None
+        self._taps = []          # one-shot requests for a copy of the next frame
 
     def _deliver(self, frame):
         """Hand a filled slot to every task due on it; False once the run should end."""
         if self.stop_event.is_set():
             return False
+        if self._taps:
+            self._serve_taps(frame)
         now = time.monotonic()
         due = [(t, h) for t, h in zip(self.tasks, self.handoffs) if t.due(frame, now)]
         frame.refs = len(due)
@@ -93,6 +99,26 @@ class Pipeline:
                 self.pool.release(frame)
         self.delivered += 1
         return True
+
+    def tap(self, timeout=5.0):
+        """(copy of the next captured frame, its index), or None when none came in time.
+
+        The copy is made only on request (snapshots, set_reference), never per frame.
+        """
+        request = {"event": threading.Event(), "image": None, "index": None}
+        self._taps.append(request)
+        if not request["event"].wait(timeout):
+            if request in self._taps:
+                self._taps.remove(request)
+            return None
+        return request["image"], request["index"]
+
+    def _serve_taps(self, frame):
+        taps, self._taps = self._taps, []
+        for request in taps:
+            request["image"] = frame.image.copy()
+            request["index"] = frame.index
+            request["event"].set()
 
     def _close_handoffs(self):
         for handoff in self.handoffs:

@@ -53,14 +53,18 @@ class Publisher(threading.Thread):
         self.dropped = 0            # messages dropped because the queue was full
         self.sent = 0               # handed to paho (MQTT) or written (JSONL only)
         self.accepted = 0
-        self._queue = collections.deque()     # (topic, message dict)
-        self._outbox = collections.deque()    # (topic, payload) waiting for the broker
+        self._queue = collections.deque()     # (topic, message, retain, qos, to_jsonl)
+        self._outbox = collections.deque()    # (topic, payload, retain, qos) for the broker
         self._inflight = collections.deque()  # paho MessageInfo not yet published
         self._cond = threading.Condition()
         self._closing = False
 
-    def put(self, topic, message):
-        """Queue a message for every sink; never blocks, drops the oldest when full."""
+    def put(self, topic, message, retain=False, qos=None, jsonl=True):
+        """Queue a message (a dict, or bytes sent as they are); never blocks.
+
+        When the queue is full the oldest message is dropped and counted. `jsonl=False`
+        keeps it out of the JSONL file (health, replies: the file holds results only).
+        """
         with self._cond:
             if len(self._queue) + len(self._outbox) >= self.limit:
                 if self._outbox:
@@ -68,7 +72,8 @@ class Publisher(threading.Thread):
                 else:
                     self._queue.popleft()
                 self.dropped += 1
-            self._queue.append((topic, message))
+            self._queue.append((topic, message, retain, self.qos if qos is None else qos,
+                                jsonl))
             self.accepted += 1
             self._cond.notify()
 
@@ -84,13 +89,14 @@ class Publisher(threading.Thread):
                 batch = list(self._queue)
                 self._queue.clear()
                 closing = self._closing
-            for topic, message in batch:
-                payload = json.dumps(message, separators=(",", ":")).encode()
-                if self.jsonl is not None:
+            for topic, message, retain, qos, to_jsonl in batch:
+                payload = message if isinstance(message, bytes) else json.dumps(
+                    message, separators=(",", ":")).encode()
+                if self.jsonl is not None and to_jsonl:
                     self.jsonl.write(payload)
                 if self.link is not None:
                     with self._cond:
-                        self._outbox.append((topic, payload))
+                        self._outbox.append((topic, payload, retain, qos))
                 else:
                     self.sent += 1
             if batch and self.jsonl is not None:
@@ -109,8 +115,9 @@ class Publisher(threading.Thread):
             with self._cond:
                 if not self._outbox:
                     return
-                topic, payload = self._outbox[0]
-            info = self.link.publish(self.link.topic(topic), payload, self.qos)
+                topic, payload, retain, qos = self._outbox[0]
+            full = topic if "/" in topic else self.link.topic(topic)
+            info = self.link.publish(full, payload, qos, retain)
             if info.rc != _QUEUED:
                 return     # paho's own queue is full or the link just dropped: retry later
             with self._cond:

@@ -9,6 +9,7 @@ import logging
 import time
 
 from edge import graph, models
+from edge.stats import TaskStats
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ class Task:
         self.seq = 0
         self.frames = 0
         self.infer_ms = 0.0
+        self.stats = TaskStats()
+        self.last_message = None     # the newest message, for snapshots
+
+    def engine_labels(self):
+        """Labels of the engines this task holds (they are ready)."""
+        return [self._label(*key) for key in self.engines]
+
+    def _label(self, width, height, reference_size):
+        label = "{}-{}x{}".format(self.card.name, width, height)
+        if reference_size:
+            label += "-ref{}x{}".format(*reference_size)
+        return label
 
     def due(self, frame, now):
         """Whether this task runs on this frame (detection: every frame)."""
@@ -62,9 +75,7 @@ class Task:
             started = time.monotonic()
             rewritten = graph.rewrite(self.model, self.card, width, height, reference_size,
                                       self.maker.frame_dtype)
-            label = "{}-{}x{}".format(self.card.name, width, height)
-            if reference_size:
-                label += "-ref{}x{}".format(*reference_size)
+            label = self._label(width, height, reference_size)
             engine = self.maker.make(rewritten, self.card, label)
             self.engines[key] = engine
             while len(self.engines) > MAX_ENGINES:

@@ -1,0 +1,251 @@
+"""The command channel: requests on `{prefix}/{device}/cmd/{name}`, replies as DESIGN.md says.
+
+paho's callback only hands the raw request to a bounded queue; the "commands" thread parses,
+checks, rate-limits and runs it, and every request gets exactly one reply, an error reply for
+anything malformed. A handler never names files or URLs: references and snapshots come from
+frames and stay under the state folder.
+"""
+
+import base64
+import collections
+import json
+import logging
+import re
+import threading
+import time
+
+from edge.errors import EdgeError
+
+logger = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_TOPIC_LEVEL = re.compile(r"^[^#+\x00]*$")
+QUEUE_LIMIT = 32
+
+
+class CommandError(Exception):
+    """A request that gets an error reply: `code` is machine-readable, the message for people."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def _string(args, key, required=True):
+    value = args.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise CommandError("bad_request", "argument {!r} must be a string".format(key))
+    return value
+
+
+def _int(args, key, default, low, high):
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CommandError("bad_request", "argument {!r} must be an integer from {} to {}".format(
+            key, low, high))
+    return value
+
+
+def _bool(args, key, default):
+    value = args.get(key, default)
+    if not isinstance(value, bool):
+        raise CommandError("bad_request", "argument {!r} must be true or false".format(key))
+    return value
+
+
+class RateLimit:
+    """A token bucket: `rate` requests per second on average, bursts up to `burst`."""
+
+    def __init__(self, rate, burst):
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    def allow(self, now=None):
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Commands(threading.Thread):
+    """Runs command requests for one daemon (`app`) and publishes the replies."""
+
+    def __init__(self, app, rate=5.0, burst=10, max_bytes=65536, snapshot_bytes=262144):
+        super().__init__(name="commands", daemon=True)
+        self.app = app
+        self.max_bytes = max_bytes
+        self.snapshot_bytes = snapshot_bytes
+        self.limit = RateLimit(rate, burst)
+        self.dropped = 0
+        self.handled = 0
+        self._queue = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.handlers = {
+            "ping": self.ping, "health": self.health, "snapshot": self.snapshot,
+            "set_reference": self.set_reference, "list_references": self.list_references,
+            "delete_reference": self.delete_reference, "reload": self.reload,
+        }
+
+    def submit(self, name, payload, reply_topic=None):
+        """Queue a raw request (called from paho's thread: must not block or raise)."""
+        with self._cond:
+            if len(self._queue) >= QUEUE_LIMIT:
+                self.dropped += 1
+                return
+            self._queue.append((name, payload, reply_topic))
+            self._cond.notify()
+
+    def run(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait(0.5)
+                if self._stop:
+                    return
+                name, payload, reply_topic = self._queue.popleft()
+            try:
+                topic, reply = self.handle(name, payload, reply_topic)
+                self.app.publisher.put(topic, reply, qos=1, jsonl=False)
+            except Exception:   # the command thread outlives every request
+                logger.exception("command %s failed", name)
+
+    def stop(self):
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def reply_topic(self, request_id):
+        return self.app.link.topic("reply/{}".format(request_id or "unknown"))
+
+    def handle(self, name, payload, reply_topic=None, now=None):
+        """(topic, reply dict) for one raw request; never raises for bad input."""
+        self.handled += 1
+        request_id, topic = None, reply_topic or self.reply_topic(None)
+        try:
+            if len(payload) > self.max_bytes:
+                raise CommandError("too_large", "request of {} bytes; the limit is {}".format(
+                    len(payload), self.max_bytes))
+            try:
+                args = json.loads(payload.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                raise CommandError("bad_json", "the request is not UTF-8 JSON")
+            if not isinstance(args, dict):
+                raise CommandError("bad_request", "the request must be a JSON object")
+            raw_id = args.get("id")
+            if isinstance(raw_id, str) and _ID.match(raw_id):
+                request_id = raw_id
+            if reply_topic is None:
+                topic = self.reply_topic(request_id)
+                if "reply_to" in args:
+                    topic = self._checked_reply_to(args["reply_to"])
+            if request_id is None:
+                raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
+            if not self.limit.allow(now):
+                raise CommandError("rate_limited", "too many commands; retry in a second")
+            handler = self.handlers.get(name)
+            if handler is None:
+                raise CommandError("unknown_command", "unknown command {!r}; known: {}".format(
+                    name[:64], ", ".join(sorted(self.handlers))))
+            result = handler(args, request_id)
+            return topic, {"v": 1, "id": request_id, "ok": True, "result": result}
+        except CommandError as e:
+            error = {"code": e.code, "message": str(e)}
+        except EdgeError as e:
+            error = {"code": "failed", "message": str(e)}
+        except Exception as e:   # a bug in a handler: say so, keep running
+            logger.exception("command %s failed", name[:64])
+            error = {"code": "internal", "message": "{}: {}".format(type(e).__name__, e)[:300]}
+        return topic, {"v": 1, "id": request_id, "ok": False, "error": error}
+
+    def _checked_reply_to(self, value):
+        if not isinstance(value, str) or not 0 < len(value) <= 256 or \
+                not _TOPIC_LEVEL.match(value) or value.startswith("$"):
+            raise CommandError("bad_request", "`reply_to` must be an MQTT topic without "
+                                              "wildcards, at most 256 characters")
+        return value
+
+    # Handlers: (args, request id) -> result dict; CommandError for a bad request.
+
+    def ping(self, args, request_id):
+        return {"pong": True, "ts": round(time.time(), 3),
+                "uptime_s": round(time.time() - self.app.started, 1)}
+
+    def health(self, args, request_id):
+        return self.app.health.report()
+
+    def snapshot(self, args, request_id):
+        import cv2
+        from edge import draw
+        max_bytes = _int(args, "max_bytes", self.snapshot_bytes, 1024, 4 * 2 ** 20)
+        binary = _bool(args, "binary", False)
+        tapped = self.app.next_frame()
+        if tapped is None:
+            raise CommandError("unavailable", "no frame arrived within 5 s")
+        image, index = tapped
+        for task in self.app.tasks:
+            message = task.last_message
+            if message is None:
+                continue
+            if "detections" in message:
+                draw.detections(image, message["detections"])
+            elif "matches" in message:
+                draw.match_overlay(image, message)
+        data = None
+        for quality in (90, 80, 70, 55, 40, 25):
+            ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            data = encoded.tobytes()
+            if ok and len(data) <= max_bytes:
+                break
+            scale = (max_bytes / float(len(data))) ** 0.5
+            if quality <= 40 and scale < 1:
+                image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        if len(data) > max_bytes:
+            raise CommandError("too_large", "the snapshot does not fit in {} bytes".format(
+                max_bytes))
+        result = {"frame": {"index": index, "width": image.shape[1], "height": image.shape[0]},
+                  "format": "jpeg", "bytes": len(data)}
+        if binary:
+            topic = self.app.link.topic("snapshot/{}".format(request_id))
+            self.app.publisher.put(topic, data, qos=1, jsonl=False)
+            result["topic"] = topic
+        else:
+            result["data"] = base64.b64encode(data).decode("ascii")
+        return result
+
+    def set_reference(self, args, request_id):
+        from edge.references import NAME
+        name = _string(args, "name")
+        if not NAME.match(name):
+            raise CommandError("bad_request", "`name` must be 1-64 letters, digits, _ or -")
+        store = self.app.store
+        if store is None:
+            raise CommandError("unavailable", "no matcher is configured on this device")
+        tapped = self.app.next_frame()
+        if tapped is None:
+            raise CommandError("unavailable", "no frame arrived within 5 s")
+        return store.put(name, tapped[0])
+
+    def list_references(self, args, request_id):
+        store = self.app.store
+        return {"references": store.describe() if store is not None else []}
+
+    def delete_reference(self, args, request_id):
+        from edge.references import NAME
+        name = _string(args, "name")
+        if not NAME.match(name):
+            raise CommandError("bad_request", "`name` must be 1-64 letters, digits, _ or -")
+        if self.app.store is None or not self.app.store.delete(name):
+            raise CommandError("not_found", "no reference named {!r}".format(name))
+        return {"deleted": name}
+
+    def reload(self, args, request_id):
+        self.app.request_reload()
+        return {"reloading": True}

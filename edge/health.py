@@ -1,0 +1,162 @@
+"""The health report: every part's state, the system's figures, and a verdict with reasons.
+
+`Health.report()` builds the retained `health` payload; the "health" thread publishes it
+every `health.interval` seconds and whenever the verdict changes, and keeps the `status`
+topic at `online` or `degraded` to match.
+"""
+
+import logging
+import platform
+import threading
+import time
+
+from edge import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def verdict(report, limits):
+    """(healthy, reasons) for a report under the configured limits."""
+    reasons = []
+    source = report["source"]
+    if source["state"] in ("reconnecting", "failed"):
+        reasons.append("camera {}: {}".format(source["state"], source.get("error") or "no frames"))
+    for name, task in report["tasks"].items():
+        if task.get("error"):
+            reasons.append("task {} failed: {}".format(name, task["error"]))
+        elif limits.get("min_fps") and name == "detect" and task["fps"] is not None and \
+                report["uptime_s"] > 30 and task["fps"] < limits["min_fps"]:
+            reasons.append("task {} at {:.1f} fps, below {:.1f}".format(
+                name, task["fps"], limits["min_fps"]))
+    for label, engine in report["engines"].items():
+        if engine["state"] == "failed":
+            reasons.append("engine {} failed: {}".format(label, engine.get("error")))
+    mqtt = report["mqtt"]
+    if mqtt and mqtt.get("dropped_recent"):
+        reasons.append("publish queue dropping ({} messages in the last interval)".format(
+            mqtt["dropped_recent"]))
+    system = report["system"] or {}
+    for name, celsius in sorted((system.get("temperatures") or {}).items()):
+        if celsius is not None and celsius >= limits["temperature_c"]:
+            reasons.append("temperature {} {:.0f} C >= {:.0f} C".format(
+                name, celsius, limits["temperature_c"]))
+    memory = system.get("memory") or {}
+    if memory.get("used_percent") is not None and \
+            memory["used_percent"] >= limits["memory_percent"]:
+        reasons.append("memory {:.0f}% used >= {:.0f}%".format(memory["used_percent"],
+                                                               limits["memory_percent"]))
+    if system.get("throttled"):
+        reasons.append("throttled")
+    return not reasons, reasons
+
+
+class Health(threading.Thread):
+    """Builds and publishes health reports for one running daemon."""
+
+    def __init__(self, app, interval, limits, system_status=None, versions=None):
+        super().__init__(name="health", daemon=True)
+        self.app = app
+        self.interval = interval
+        self.limits = limits
+        self.system_status = system_status     # callable -> system dict, or None
+        self.versions = versions or {"edge": __version__, "python": platform.python_version()}
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.healthy = None
+        self._dropped_seen = 0
+
+    def report(self):
+        """The health payload (DESIGN.md, `health` topic)."""
+        app = self.app
+        now = time.time()
+        pipeline = app.pipeline
+        capture = pipeline.capture if pipeline else None
+        source = {"uri": app.source_display, "state": capture.state if capture else "stopped",
+                  "frames": capture.frames if capture else 0,
+                  "reopens": capture.reopens if capture else 0,
+                  "dropped": sum(h.dropped for h in pipeline.handoffs) if pipeline else 0,
+                  "skipped": getattr(pipeline.source, "skipped", 0) if pipeline else 0,
+                  "error": capture.last_error if capture else None}
+        tasks = {}
+        for runner in (pipeline.runners if pipeline else []):
+            summary = runner.task.stats.summary()
+            summary.update({"model": runner.task.card.name, "queue": len(runner.handoff),
+                            "dropped": runner.handoff.dropped,
+                            "error": str(runner.error) if runner.error else None})
+            tasks[runner.task.name] = summary
+        from edge.backends import build
+        engines = {label: state.as_dict() for label, state in sorted(build.STATES.items())}
+        for task in app.tasks:
+            for engine_label in task.engine_labels():
+                engines.setdefault(engine_label, {"state": "ready"})
+        publisher = app.publisher
+        dropped = publisher.dropped if publisher else 0
+        mqtt = None
+        if publisher is not None:
+            mqtt = {"connected": bool(app.link and app.link.connected.is_set()),
+                    "queue": publisher.depth, "sent": publisher.sent, "dropped": dropped,
+                    "dropped_recent": dropped - self._dropped_seen,
+                    "connects": app.link.connects if app.link else 0}
+        system = None
+        if self.system_status is not None:
+            try:
+                system = self.system_status()
+            except Exception:   # a broken sensor must not take health down
+                logger.exception("system status failed")
+        report = {"v": 1, "device": app.device, "ts": round(now, 3),
+                  "uptime_s": round(now - app.started, 1), "state": None,
+                  "versions": self.versions, "source": source, "tasks": tasks,
+                  "engines": engines, "mqtt": mqtt, "system": system}
+        healthy, reasons = verdict(report, self.limits)
+        report["verdict"] = {"healthy": healthy, "reasons": reasons}
+        report["state"] = "online" if healthy else "degraded"
+        return report
+
+    def publish(self):
+        """Publish a fresh report now; returns it."""
+        report = self.report()
+        self._dropped_seen = self.app.publisher.dropped if self.app.publisher else 0
+        healthy = report["verdict"]["healthy"]
+        if healthy != self.healthy:
+            if self.healthy is not None or not healthy:
+                logger.warning("health: %s", "; ".join(report["verdict"]["reasons"])
+                               ) if not healthy else logger.info("health: healthy again")
+            self.healthy = healthy
+            if self.app.link is not None:
+                self.app.link.set_status(report["state"],
+                                         None if healthy else report["verdict"]["reasons"][0])
+        if self.app.publisher is not None:
+            self.app.publisher.put("health", report, retain=True, qos=1, jsonl=False)
+        return report
+
+    def run(self):
+        while not self.stop_event.is_set():
+            try:
+                report = self.publish()
+                logger.info("health: %s", summary_line(report))
+            except Exception:   # health must outlive any one bad report
+                logger.exception("health report failed")
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    def stop(self):
+        self.stop_event.set()
+        self.wake.set()
+
+
+def summary_line(report):
+    """One line for logs and systemd STATUS: fps per task, states."""
+    parts = []
+    for name, task in sorted(report["tasks"].items()):
+        fps = task["fps"]
+        parts.append("{} {} fps".format(name, "-" if fps is None else "{:.1f}".format(fps)))
+    parts.append("source {}".format(report["source"]["state"]))
+    building = [l for l, e in report["engines"].items() if e["state"] == "building"]
+    if building:
+        parts.append("building " + ", ".join(building))
+    if report["mqtt"]:
+        parts.append("mqtt {} (queue {})".format(
+            "up" if report["mqtt"]["connected"] else "down", report["mqtt"]["queue"]))
+    if not report["verdict"]["healthy"]:
+        parts.append("DEGRADED: " + "; ".join(report["verdict"]["reasons"]))
+    return ", ".join(parts)
