@@ -10,7 +10,8 @@ import signal
 import threading
 import time
 
-from edge import backends, cards, config as configuration, mqtt, references, sources, tasks
+from edge import backends, cards, config as configuration, mqtt, references, sources, systemd
+from edge import tasks
 from edge.errors import ConfigError, EdgeError, UnavailableError
 from edge.pipeline import Pipeline
 from edge.publisher import JsonlSink, Publisher
@@ -95,6 +96,12 @@ class Daemon:
         self.commands = None
         self.source_display = mqtt.redact(config["source"])   # no camera passwords in health
         self.generations = 0
+        # systemd: the build child must not inherit NOTIFY_SOCKET (it would pose as us)
+        self.ready = False
+        self.build_beats = 0     # build progress events: the watchdog's food while building
+        self._pipeline_started = 0.0
+        self.notifier = systemd.Notifier.from_environ(unset_environment=True)
+        self.watchdog = systemd.Watchdog(self.notifier, self.progress)
 
     # -- the operations commands and signals use --------------------------------------
 
@@ -106,6 +113,37 @@ class Daemon:
     def request_reload(self):
         """Re-read the config file and rebuild the pipeline (from the main loop)."""
         self.reload_event.set()
+
+    def progress(self):
+        """Work done so far: frames the tasks processed, frames no task was due on, build
+        progress. The watchdog is fed only while this grows, so a hung inference thread,
+        a camera that delivers nothing, or a stuck build gets the service restarted."""
+        pipeline = self.pipeline
+        frames = sum(t.frames for t in self.tasks) + (pipeline.idle if pipeline else 0)
+        return frames + self.build_beats
+
+    def _on_build(self, state):
+        self.build_beats += 1
+
+    def _tick_systemd(self):
+        """Called from the main loop every 0.1 s: READY once working, extensions, watchdog."""
+        from edge.backends import build
+        if not self.ready:
+            building = any(s.state == "building" for s in build.STATES.values())
+            working = any(t.frames for t in self.tasks)
+            if building:
+                # First boot on a Nano: the engine build takes minutes; keep the start job
+                # alive while it makes progress (TimeoutStartSec= alone would kill it).
+                self.watchdog.extend_while_building(60)
+            elif working or time.monotonic() - self._pipeline_started > 5.0:
+                self.ready = True
+                self.notifier.ready("running {} on {}".format(
+                    ", ".join(t.card.name for t in self.tasks), self.source_display))
+        self.watchdog.tick()
+
+    def _on_report(self, report):
+        from edge.health import summary_line
+        self.notifier.status(summary_line(report))
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -140,7 +178,10 @@ class Daemon:
         self._close_system = close or (lambda: None)
         self.health = Health(self, config["health"]["interval"], config["health"],
                              system_status=status,
-                             versions=_versions(self.maker.backend.describe()))
+                             versions=_versions(self.maker.backend.describe()),
+                             on_report=self._on_report)
+        from edge.backends import build
+        build.add_listener(self._on_build)
         if self.link is not None:
             self.commands = Commands(self, **config["commands"])
             self.link.on_command = self.commands.submit
@@ -179,6 +220,7 @@ class Daemon:
     def _start_pipeline(self):
         self.generations += 1
         self.source_display = mqtt.redact(self.config["source"])
+        self._pipeline_started = time.monotonic()
         self.pipeline.start()
         if self.link is not None:
             self.link.set_status("online")
@@ -194,10 +236,12 @@ class Daemon:
         while self.pipeline.alive():
             if self.stop_event.wait(0.1):
                 logger.info("stopping: finishing frames in flight")
+                self.notifier.stopping("stopping: finishing frames in flight")
                 self.pipeline.stop()
                 return "stopped"
             if self.reload_event.is_set():
                 return "reload"
+            self._tick_systemd()
         return "finished"
 
     def _reload(self):
@@ -209,6 +253,8 @@ class Daemon:
         """
         self.reload_event.clear()
         logger.info("reloading %s", self.config_path or "the configuration")
+        self.notifier.reloading("reloading")
+        self.ready = False        # READY=1 again once the new pipeline works
         try:
             config = configuration.load(self.config_path, self.overrides)
         except EdgeError as e:
@@ -260,6 +306,7 @@ class Daemon:
         if self.jsonl is not None:
             self.jsonl.close()
         self._close_system()
+        self.notifier.close()
 
 
 def _versions(backend):

@@ -53,7 +53,8 @@ def verdict(report, limits):
 class Health(threading.Thread):
     """Builds and publishes health reports for one running daemon."""
 
-    def __init__(self, app, interval, limits, system_status=None, versions=None):
+    def __init__(self, app, interval, limits, system_status=None, versions=None,
+                 on_report=None):
         super().__init__(name="health", daemon=True)
         self.app = app
         self.interval = interval
@@ -63,6 +64,7 @@ class Health(threading.Thread):
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.healthy = None
+        self.on_report = on_report      # callable(report): the systemd STATUS= line
         self._dropped_seen = 0
 
     def report(self):
@@ -134,6 +136,8 @@ class Health(threading.Thread):
             try:
                 report = self.publish()
                 logger.info("health: %s", summary_line(report))
+                if self.on_report is not None:
+                    self.on_report(report)
             except Exception:   # health must outlive any one bad report
                 logger.exception("health report failed")
             self.wake.wait(self.interval)

@@ -6,6 +6,7 @@ back to the pool when the last task that was handed it is done.
 """
 
 import logging
+import os
 import threading
 import time
 
@@ -16,12 +17,19 @@ from edge.frames import FramePool, Handoff
 logger = logging.getLogger(__name__)
 
 
+def _int_env(name):
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
 class TaskRunner(threading.Thread):
     """Runs one task on the frames of its hand-off until the hand-off closes."""
 
     def __init__(self, task, handoff, pool, publisher, stop_event, limit=None):
         super().__init__(name=task.name, daemon=True)
         self.limit = limit        # stop the run after this many frames (--max-frames)
+        # Fault injection for the watchdog tests: hang like a stuck inference after N frames.
+        self.stall_after = _int_env("EDGE_FAULT_STALL_AFTER_FRAMES")
         self.task = task
         self.handoff = handoff
         self.pool = pool
@@ -38,6 +46,9 @@ class TaskRunner(threading.Thread):
                     return
                 continue
             try:
+                if self.stall_after is not None and self.task.frames >= self.stall_after:
+                    logger.warning("fault injection: task %s stalls", self.task.name)
+                    self.stop_event.wait()
                 if self.error is None and not self._done():
                     for message in self.task.process(frame):
                         self.publisher.put(self.task.topic, message)
@@ -79,6 +90,7 @@ class Pipeline:
         self.capture = Capture(source, self.pool, self._deliver, self.stop_event,
                                on_exit=self._close_handoffs)
         self.delivered = 0
+        self.idle = 0            # frames no task was due on (a matcher waiting for its rate)
         self.started = None
         self._taps = []          # one-shot requests for a copy of the next frame
 
@@ -93,6 +105,7 @@ class Pipeline:
         frame.refs = len(due)
         if not due:
             self.pool.release(frame)     # no task wants this frame: straight back
+            self.idle += 1
             return True
         for _, handoff in due:
             if not handoff.put(frame, self.stop_event):

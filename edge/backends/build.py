@@ -165,6 +165,7 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
 
     def watch():
         # Kill the child when it goes over the budget or the timeout: the daemon stays alive.
+        beat = 0
         while child.poll() is None:
             used = _child_memory(child.pid)
             state.peak_mb = max(state.peak_mb, used / 2 ** 20)
@@ -175,6 +176,9 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
             elif timeout and time.time() - state.started > timeout:
                 killed.append("ran longer than {:.0f} s".format(timeout))
                 child.send_signal(signal.SIGKILL)
+            beat += 1
+            if beat % 10 == 0:
+                state.update()      # a heartbeat each second: elapsed time, systemd watchdog
             time.sleep(0.1)
     watcher = threading.Thread(target=watch, name="build-watch", daemon=True)
     watcher.start()
