@@ -28,6 +28,7 @@ class TaskRunner(threading.Thread):
     def __init__(self, task, handoff, pool, publisher, stop_event, limit=None):
         super().__init__(name=task.name, daemon=True)
         self.limit = limit        # stop the run after this many frames (--max-frames)
+        self.on_failure = None    # called when this task fails (the pipeline decides)
         # Fault injection for the watchdog tests: hang like a stuck inference after N frames.
         self.stall_after = _int_env("EDGE_FAULT_STALL_AFTER_FRAMES")
         self.task = task
@@ -58,14 +59,21 @@ class TaskRunner(threading.Thread):
                     if self._done():
                         self.stop_event.set()
             except EdgeError as e:
-                self.error = e
-                self.stop_event.set()
+                logger.error("task %s failed: %s", self.task.name, e)
+                self._fail(e)
             except Exception as e:  # a bug: keep it visible, stop the run with a clear exit
                 logger.exception("task %s failed on frame %d", self.task.name, frame.index)
-                self.error = e
-                self.stop_event.set()
+                self._fail(e)
             finally:
                 self.pool.release(frame)
+
+    def _fail(self, error):
+        """Keep the error for health and the exit status; the run stops only when every
+        task has failed: one failing task (an engine that cannot build) leaves the others
+        working, and the frames handed to it go straight back to the pool."""
+        self.error = error
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _done(self):
         return self.limit is not None and self.task.frames >= self.limit
@@ -87,6 +95,8 @@ class Pipeline:
         self.runners = [TaskRunner(t, h, self.pool, publisher, self.stop_event,
                                    limit=max_frames if i == 0 else None)
                         for i, (t, h) in enumerate(zip(tasks, self.handoffs))]
+        for runner in self.runners:
+            runner.on_failure = self._task_failed
         self.capture = Capture(source, self.pool, self._deliver, self.stop_event,
                                on_exit=self._close_handoffs)
         self.delivered = 0
@@ -101,7 +111,8 @@ class Pipeline:
         if self._taps:
             self._serve_taps(frame)
         now = time.monotonic()
-        due = [(t, h) for t, h in zip(self.tasks, self.handoffs) if t.due(frame, now)]
+        due = [(r.task, r.handoff) for r in self.runners
+               if r.error is None and r.task.due(frame, now)]
         frame.refs = len(due)
         if not due:
             self.pool.release(frame)     # no task wants this frame: straight back
@@ -132,6 +143,10 @@ class Pipeline:
             request["image"] = frame.image.copy()
             request["index"] = frame.index
             request["event"].set()
+
+    def _task_failed(self):
+        if all(r.error is not None for r in self.runners):
+            self.stop_event.set()
 
     def _close_handoffs(self):
         for handoff in self.handoffs:

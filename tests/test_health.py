@@ -1,0 +1,186 @@
+"""Status, health and the command channel with a real broker and a real `edge run` process."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, SHARED, run_edge
+
+LEFT = os.path.join(SHARED, "data", "middlebury-motorcycle", "motorcycle_left.png")
+
+
+class Device:
+    """`edge run` on a live test pattern, in the background."""
+
+    def __init__(self, broker, tmp_path, model_dir, device="cam1", config="", matcher=False):
+        cfg = tmp_path / "edge-{}.yaml".format(device)
+        cfg.write_text("health: {interval: 1}\n" + config)
+        args = [sys.executable, "-m", "edge", "run", "-c", str(cfg), "--source",
+                "test://?width=320&height=240&fps=10", "--detector", "yolox-nano",
+                "--model-dir", model_dir, "--mqtt", broker.url + "?keepalive=5",
+                "--device-id", device, "--state-dir", str(tmp_path / "state")]
+        if matcher:
+            args += ["--matcher", "coarse-loftr"]
+        self.log = open(str(tmp_path / "{}.log".format(device)), "wb")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.device = device
+        self.log_path = str(tmp_path / "{}.log".format(device))
+
+    def text(self):
+        return open(self.log_path).read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def device(broker, subscriber, tmp_path, model_dir):
+    started = []
+
+    def start(**kwargs):
+        sub = subscriber("edge/#")
+        dev = Device(broker, tmp_path, model_dir, **kwargs)
+        started.append(dev)
+        assert sub.wait_for(lambda s: any(m["state"] == "online" for m in s.json("status")
+                                          if m["device"] == dev.device), 30), dev.text()
+        return dev, sub
+    yield start
+    for dev in started:
+        dev.stop()
+
+
+def command(sub, device, name, payload, timeout=10):
+    """Send a command (dict or raw bytes) and return the reply for its id."""
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    before = len(sub.messages)
+    sub.client.publish("edge/{}/cmd/{}".format(device, name), raw, qos=1)
+
+    def replies(s):
+        with s.lock:
+            return [json.loads(p) for t, p, _ in s.messages[before:] if "/reply/" in t]
+    assert sub.wait_for(lambda s: replies(s), timeout), "no reply to {}".format(name)
+    return replies(sub)[0]
+
+
+def test_status_lifecycle_and_retained_health(device, broker, subscriber):
+    dev, sub = device()
+    assert sub.wait_for(lambda s: len(s.json("health")) >= 2, 15)
+    report = sub.json("health")[-1]
+    assert report["device"] == "cam1" and report["verdict"]["healthy"]
+    assert report["tasks"]["detect"]["frames"] > 0 and report["source"]["state"] == "open"
+    assert report["versions"]["edge"] and report["mqtt"]["connected"]
+    assert dev.stop() == 0
+    states = [m["state"] for m in sub.json("status")]
+    assert states[-1] == "offline" and "online" in states
+    assert sub.json("status")[-1]["reason"] == "stopped"
+    late = subscriber("edge/cam1/#")       # retained: a newcomer sees status and health
+    assert late.wait_for(lambda s: s.json("status") and s.json("health"), 5)
+    assert all(r for _, _, r in late.messages)
+    assert late.json("status")[-1]["state"] == "offline"
+
+
+def test_kill_9_turns_status_offline_through_the_last_will(device):
+    dev, sub = device()
+    dev.proc.send_signal(signal.SIGKILL)
+    dev.proc.wait()
+    assert sub.wait_for(lambda s: s.json("status")[-1]["state"] == "offline", 15)
+    assert sub.json("status")[-1]["reason"] == "connection lost"
+
+
+def test_each_command_and_each_kind_of_bad_command(device, subscriber, tmp_path):
+    dev, sub = device(matcher=True)
+    robot = subscriber("robots/#")
+    pong = command(sub, "cam1", "ping", {"id": "p1"})
+    assert pong["ok"] and pong["id"] == "p1" and pong["result"]["pong"] is True
+    health = command(sub, "cam1", "health", {"id": "h1"})
+    assert health["ok"] and health["result"]["device"] == "cam1"
+    snap = command(sub, "cam1", "snapshot", {"id": "s1", "max_bytes": 60000})
+    assert snap["ok"] and snap["result"]["bytes"] <= 60000
+    jpeg = base64.b64decode(snap["result"]["data"])
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape[1] == snap["result"]["frame"]["width"]
+    binary = command(sub, "cam1", "snapshot", {"id": "s2", "binary": True})
+    assert binary["ok"] and sub.wait_for(
+        lambda s: any(t == binary["result"]["topic"] for t, _, _ in s.messages), 5)
+    ref = command(sub, "cam1", "set_reference", {"id": "r1", "name": "dock"})
+    assert ref["ok"] and ref["result"] == {"name": "dock", "width": 320, "height": 240}
+    assert os.path.exists(str(tmp_path / "state" / "references" / "dock.png"))
+    listed = command(sub, "cam1", "list_references", {"id": "l1"})
+    assert [r["name"] for r in listed["result"]["references"]] == ["dock"]
+    assert sub.wait_for(lambda s: s.json("matches"), 10), "the matcher starts on the new reference"
+    gone = command(sub, "cam1", "delete_reference", {"id": "d1", "name": "dock"})
+    assert gone["ok"]
+    missing = command(sub, "cam1", "delete_reference", {"id": "d2", "name": "dock"})
+    assert missing["error"]["code"] == "not_found"
+    sub.client.publish("edge/cam1/cmd/ping", json.dumps(
+        {"id": "c1", "reply_to": "robots/r2/answers"}), qos=1)
+    assert robot.wait_for(lambda s: any(t == "robots/r2/answers" and json.loads(p)["id"] == "c1"
+                                        for t, p, _ in s.messages), 10), "reply_to is honoured"
+    bad = {
+        "unknown_command": ("selfdestruct", {"id": "x1"}),
+        "bad_json": ("ping", b"{not json"),
+        "bad_request": ("ping", {"id": 5}),
+        "too_large": ("ping", b"{\"id\": \"big\", \"pad\": \"" + b"x" * 70000 + b"\"}"),
+    }
+    for code, (name, payload) in bad.items():
+        reply = command(sub, "cam1", name, payload)
+        assert reply["ok"] is False and reply["error"]["code"] == code, (code, reply)
+    for args in ({"id": "t1", "name": 7}, {"id": "t2", "name": "../../etc/passwd"},
+                 {"id": "t3"}):
+        reply = command(sub, "cam1", "set_reference", args)
+        assert reply["error"]["code"] == "bad_request", reply
+    reply = command(sub, "cam1", "snapshot", {"id": "t4", "max_bytes": "lots"})
+    assert reply["error"]["code"] == "bad_request"
+    assert dev.proc.poll() is None, "bad commands never crash the daemon"
+    assert not os.path.exists(str(tmp_path / "state" / "references" / "passwd.png"))
+
+
+def test_commands_are_rate_limited(device):
+    dev, sub = device(config="commands: {rate: 1, burst: 3}\n")
+    for i in range(8):
+        sub.client.publish("edge/cam1/cmd/ping", json.dumps({"id": "q{}".format(i)}), qos=1)
+    assert sub.wait_for(lambda s: len([t for t, _, _ in s.messages if "/reply/q" in t]) == 8, 10)
+    codes = [json.loads(p).get("error", {}).get("code") for t, p, _ in sub.messages
+             if "/reply/q" in t]
+    assert codes.count("rate_limited") >= 4 and codes.count(None) >= 3
+
+
+def test_reload_command_rebuilds_the_pipeline(device):
+    dev, sub = device()
+    reply = command(sub, "cam1", "reload", {"id": "rl"})
+    assert reply["ok"]
+    assert sub.wait_for(lambda s: "reloading" in dev.text() and
+                        dev.text().count("running yolox-nano") >= 2, 20), dev.text()
+    before = len(sub.json("detections"))
+    assert sub.wait_for(lambda s: len(s.json("detections")) > before + 5, 10)
+
+
+def test_edge_health_exit_codes(device, broker):
+    device(device="good")
+    device(device="bad", config="health: {interval: 1, memory_percent: 0}\n")
+    rc, out, err = run_edge("health", "good", "--mqtt", broker.url, "--timeout", "5")
+    assert rc == 0, out + err
+    assert "good" in out and "healthy" in out
+    rc, out, err = run_edge("health", "good", "bad", "--mqtt", broker.url, "--timeout", "5")
+    assert rc == 1, out + err
+    assert "memory" in out
+    rc, out, err = run_edge("health", "good", "ghost", "--mqtt", broker.url, "--timeout", "2")
+    assert rc == 2 and "no answer" in out
+    rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "5")
+    results = json.loads(out)
+    assert sorted(results) == ["bad", "good"] and rc == 1
