@@ -157,8 +157,12 @@ def _health(args):
     from edge.errors import ConfigError
     if not args.devices and not args.all:
         raise ConfigError("edge health: name devices (edge health cam1 cam2) or pass --all")
+    credentials = {"username": args.username, "password_file": args.password_file,
+                   "ca_file": args.ca_file, "cert_file": args.cert_file,
+                   "key_file": args.key_file}
     results, code = remote.check(args.mqtt, args.devices, prefix=args.prefix,
-                                 timeout=args.timeout, all_devices=args.all)
+                                 timeout=args.timeout, all_devices=args.all,
+                                 credentials=credentials)
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
     else:
@@ -213,6 +217,11 @@ def parser():
     hl.add_argument("--all", action="store_true",
                     help="every device whose retained status is not offline")
     hl.add_argument("--json", action="store_true", help="print the reports as JSON")
+    hl.add_argument("--username", help="broker user name")
+    hl.add_argument("--password-file", help="file holding the password (or EDGE_MQTT_PASSWORD)")
+    hl.add_argument("--ca-file", help="CA certificate for mqtts://")
+    hl.add_argument("--cert-file", help="client certificate")
+    hl.add_argument("--key-file", help="client certificate's key")
     hl.set_defaults(func=_health)
 
     models = sub.add_parser("models", help="list or fetch model files")

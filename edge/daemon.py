@@ -151,8 +151,10 @@ class Daemon:
         config = self.config
         qos = 0
         if config["mqtt"]["url"]:
-            settings = mqtt.parse_url(config["mqtt"]["url"], config["mqtt"]["qos"],
-                                      config["mqtt"]["keepalive"])
+            m = config["mqtt"]
+            settings = mqtt.with_credentials(
+                mqtt.parse_url(m["url"], m["qos"], m["keepalive"]), m["username"],
+                m["password_file"], m["ca_file"], m["cert_file"], m["key_file"])
             self.link = mqtt.MqttLink(settings, self.device, config["mqtt"]["prefix"],
                                       queue_limit=config["mqtt"]["queue"])
             qos = settings["qos"]

@@ -6,6 +6,7 @@ exception escaping a callback ends that thread and every later reconnect with it
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -52,6 +53,52 @@ def parse_url(url, qos=0, keepalive=30):
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None,
             "display": redact(url)}
+
+
+PASSWORD_ENV = "EDGE_MQTT_PASSWORD"
+
+
+def with_credentials(settings, username=None, password_file=None, ca_file=None,
+                     cert_file=None, key_file=None, where="mqtt"):
+    """Settings completed with credentials and TLS files; ConfigError for a missing file.
+
+    The password comes from the URL, else `password_file` (first line), else the
+    EDGE_MQTT_PASSWORD environment variable: never from a command line (visible to every
+    user in `ps`). It is kept only in these settings: never logged, never in health.
+    """
+    settings = dict(settings)
+    if username:
+        settings["username"] = username
+    if settings["password"] is None and password_file:
+        try:
+            with open(password_file, "r", encoding="utf-8") as f:
+                settings["password"] = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError("{}.password_file {}: cannot read it ({}); create it readable "
+                              "by the edge user only (chmod 600)".format(
+                                  where, password_file, e.strerror))
+    if settings["password"] is None and os.environ.get(PASSWORD_ENV):
+        settings["password"] = os.environ[PASSWORD_ENV]
+    for key, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        if path and not os.path.isfile(path):
+            raise ConfigError("{}.{} {}: file not found".format(where, key, path))
+        settings[key] = path
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("{}: cert_file and key_file go together (client certificate and its "
+                          "key)".format(where))
+    if (ca_file or cert_file) and not settings["tls"]:
+        raise ConfigError("{}: TLS files are set but the URL is mqtt://; use mqtts://".format(
+            where))
+    return settings
+
+
+def secure(client, settings):
+    """Apply user name, password and TLS from settings to a paho client."""
+    if settings.get("username"):
+        client.username_pw_set(settings["username"], settings.get("password"))
+    if settings.get("tls"):
+        client.tls_set(ca_certs=settings.get("ca_file"), certfile=settings.get("cert_file"),
+                       keyfile=settings.get("key_file"))
 
 
 def redact(url):
@@ -105,10 +152,7 @@ class MqttLink:
         self.reason = None
         client = make_client("edge-{}-{}".format(device, int(time.time() * 1000) % 100000))
         client.max_queued_messages_set(queue_limit)
-        if settings["username"]:
-            client.username_pw_set(settings["username"], settings["password"])
-        if settings["tls"]:
-            client.tls_set()
+        secure(client, settings)
         client.will_set(self.topic("status"), status_payload(
             device, "offline", self.since, "connection lost"), qos=1, retain=True)
         client.reconnect_delay_set(1, 30)
@@ -174,7 +218,8 @@ class MqttLink:
         try:
             self.connected.clear()
             rc = _reason_code(args[-2] if len(args) >= 2 else args[-1]) if args else 0
-            if rc != 0:
+            if rc != 0 and not (self.last_error or "").startswith("broker refused"):
+                # a refused CONNACK says more than the disconnect that follows it
                 self.last_error = "connection lost (code {})".format(rc)
                 logger.warning("mqtt %s: %s; reconnecting", self.settings["display"],
                                self.last_error)

@@ -28,10 +28,7 @@ class Asker:
         self.subscribed = threading.Event()
         self.lock = threading.Lock()
         client = mqtt.make_client("edge-health-{}".format(self.session))
-        if settings["username"]:
-            client.username_pw_set(settings["username"], settings["password"])
-        if settings["tls"]:
-            client.tls_set()
+        mqtt.secure(client, settings)
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *args: self.subscribed.set()
         client.on_message = self._on_message
@@ -92,9 +89,12 @@ class Asker:
         self.client.disconnect()
 
 
-def check(url, devices, prefix="edge", timeout=5.0, all_devices=False):
-    """{device: result} with result {"answered", "healthy", "reasons", "report"}; exit status."""
-    settings = mqtt.parse_url(url)
+def check(url, devices, prefix="edge", timeout=5.0, all_devices=False, credentials=None):
+    """{device: result} with result {"answered", "healthy", "reasons", "report"}; exit status.
+
+    `credentials`: keyword arguments of edge.mqtt.with_credentials (user, TLS files).
+    """
+    settings = mqtt.with_credentials(mqtt.parse_url(url), **(credentials or {}))
     asker = Asker(settings, prefix)
     asker.start(timeout)
     try:
