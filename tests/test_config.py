@@ -47,7 +47,9 @@ def test_defaults_with_a_detector(monkeypatch, tmp_path):
     assert cfg["model_mirror"] is None and cfg["jsonl"] is None and cfg["max_frames"] is None
     assert cfg["log_level"] == "info"
     assert cfg["mqtt"] == {"url": None, "prefix": "edge", "qos": 0, "keepalive": 30,
-                           "queue": 1000, "flush_timeout": 10.0}
+                           "queue": 1000, "flush_timeout": 10.0, "username": None,
+                           "password_file": None, "ca_file": None, "cert_file": None,
+                           "key_file": None}
     assert cfg["pipeline"] == {"pool": 6, "threads": 0}
     # the device id defaults to the host name, made safe for MQTT topics
     assert re.match(r"^[A-Za-z0-9_.-]+$", cfg["device_id"])
