@@ -80,6 +80,11 @@ mqtt:
   keepalive: 60
   queue: 50
   flush_timeout: 2.5
+  username: cam-1
+  password_file: /etc/edge/mqtt-password
+  ca_file: /etc/edge/ca.crt
+  cert_file: /etc/edge/cam-1.crt
+  key_file: /etc/edge/cam-1.key
 pipeline:
   pool: 8
   threads: 2
@@ -98,7 +103,10 @@ def test_a_file_with_every_section(tmp_path):
     assert cfg["jsonl"] == "/var/log/edge.jsonl"
     assert cfg["log_level"] == "warning"
     assert cfg["mqtt"] == {"url": "mqtt://broker.local:1884", "prefix": "site/a", "qos": 1,
-                           "keepalive": 60, "queue": 50, "flush_timeout": 2.5}
+                           "keepalive": 60, "queue": 50, "flush_timeout": 2.5,
+                           "username": "cam-1", "password_file": "/etc/edge/mqtt-password",
+                           "ca_file": "/etc/edge/ca.crt", "cert_file": "/etc/edge/cam-1.crt",
+                           "key_file": "/etc/edge/cam-1.key"}
     assert cfg["pipeline"] == {"pool": 8, "threads": 2}
 
 
