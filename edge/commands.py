@@ -18,8 +18,8 @@ from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_TOPIC_LEVEL = re.compile(r"^[^#+\x00]*$")
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+_TOPIC_LEVEL = re.compile(r"^[^#+\x00\n\r]*\Z")
 QUEUE_LIMIT = 32
 
 

@@ -133,7 +133,9 @@ def load(path=None, overrides=None, require_task=True):
     config = validate.check(raw, SPEC, where)
     if config["device_id"] is None:
         host = socket.gethostname().split(".")[0]
-        config["device_id"] = re.sub(r"[^A-Za-z0-9_.-]", "-", host) or "edge"
+        # the host name made safe for topics, and to the pattern a configured id must follow
+        config["device_id"] = (re.sub(r"[^A-Za-z0-9_.-]", "-", host).lstrip("_.-") or
+                               "edge")[:64]
     if config["model_dir"] is None:
         from edge import models
         config["model_dir"] = models.default_model_dir()

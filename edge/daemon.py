@@ -212,7 +212,7 @@ class Daemon:
                 break
             self.pipeline.join()
             return self._finish()
-        except EdgeError as e:
+        except Exception as e:   # EdgeError or a bug: the last status says which
             reason = "error: {}".format(e)
             raise
         finally:

@@ -78,7 +78,8 @@ class Health(threading.Thread):
                   "reopens": capture.reopens if capture else 0,
                   "dropped": sum(h.dropped for h in pipeline.handoffs) if pipeline else 0,
                   "skipped": getattr(pipeline.source, "skipped", 0) if pipeline else 0,
-                  "error": capture.last_error if capture else None}
+                  "error": (capture.last_error or (str(capture.error) if capture.error
+                                                   else None)) if capture else None}
         tasks = {}
         for runner in (pipeline.runners if pipeline else []):
             summary = runner.task.stats.summary()
@@ -87,14 +88,22 @@ class Health(threading.Thread):
                             "error": str(runner.error) if runner.error else None})
             tasks[runner.task.name] = summary
         from edge.backends import build
-        engines = {label: state.as_dict() for label, state in sorted(build.STATES.items())}
+        # The engines the tasks hold now (loaded from the cache or built in this run), plus
+        # builds running or failed; engines dropped since (a reload, an LRU eviction) are not.
+        engines = {}
         for task in app.tasks:
             for engine_label in task.engine_labels():
-                engines.setdefault(engine_label, {"state": "ready"})
+                known = build.STATES.get(engine_label)
+                engines[engine_label] = known.as_dict() if known is not None else {
+                    "state": "ready", "phase": "loaded", "progress": 1.0, "elapsed_s": 0.0,
+                    "error": None, "peak_mb": 0.0}
+        for label, state in sorted(build.STATES.items()):
+            if state.state != "ready":
+                engines.setdefault(label, state.as_dict())
         publisher = app.publisher
         dropped = publisher.dropped if publisher else 0
         mqtt = None
-        if publisher is not None:
+        if publisher is not None and app.link is not None:
             mqtt = {"connected": bool(app.link and app.link.connected.is_set()),
                     "queue": publisher.depth, "sent": publisher.sent, "dropped": dropped,
                     "dropped_recent": dropped - self._dropped_seen,

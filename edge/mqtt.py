@@ -134,7 +134,8 @@ def status_payload(device, state, since, reason=None):
     """The `status` message (retained; also the last will)."""
     from edge import __version__
     return json.dumps({"v": 1, "device": device, "state": state, "since": round(since, 3),
-                       "reason": reason, "version": __version__}).encode()
+                       "reason": reason, "version": __version__},
+                      separators=(",", ":")).encode()
 
 
 class MqttLink:

@@ -1,0 +1,179 @@
+"""tools/install-jetson: shellcheck-clean, and its --dry-run plans the right commands and
+changes nothing (on this machine, which is not a Jetson, and on a simulated JetPack 4.6)."""
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "install-jetson")
+TOUCHED = ("/etc/edge", "/opt/edge", "/etc/systemd/system/edge.service", "/usr/local/bin/edge",
+           "/var/lib/edge", "/var/cache/edge")
+
+
+def run(*args, env=None):
+    environ = dict(os.environ)
+    environ.update(env or {})
+    return subprocess.run([SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=30, env=environ)
+
+
+def commands(stdout):
+    """The planned commands: the lines a dry run prints with "+ "."""
+    return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.fixture
+def untouched():
+    """Fails the test if the script created or removed any installed path."""
+    before = {path: os.path.lexists(path) for path in TOUCHED}
+    yield
+    after = {path: os.path.lexists(path) for path in TOUCHED}
+    assert after == before
+
+
+@pytest.fixture
+def jetson(tmp_path):
+    """Files of a Jetson Nano 4GB on JetPack 4.6.1 (L4T R32.7.1), read instead of /proc, /etc."""
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson Nano Developer Kit\0")
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, "
+                       "EABI: aarch64, DATE: Sat Feb 19 17:05:08 UTC 2022\n")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        4059116 kB\nMemFree:          123456 kB\n"
+                       "SwapTotal:       2029552 kB\nSwapFree:        2029552 kB\n")
+    return {"EDGE_INSTALL_DT_MODEL": str(model), "EDGE_INSTALL_TEGRA_RELEASE": str(release),
+            "EDGE_INSTALL_MEMINFO": str(meminfo)}
+
+
+def python36():
+    """A working Python 3.6 (JetPack 4.6's), or None."""
+    candidates = [shutil.which("python3.6")] + sorted(
+        glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3.6")))
+    for path in candidates:
+        if path and subprocess.run([path, "-c", "pass"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL).returncode == 0:
+            return path
+    return None
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_clean():
+    result = subprocess.run(["shellcheck", SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def test_help():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "--dry-run" in result.stdout and "--uninstall" in result.stdout
+
+
+def test_unknown_option_is_a_usage_error():
+    result = run("--frobnicate")
+    assert result.returncode == 2
+    assert "unknown option --frobnicate" in result.stderr
+
+
+def test_refuses_a_machine_that_is_not_a_jetson(untouched):
+    result = run("--dry-run")
+    assert result.returncode != 0
+    assert "not a Jetson" in result.stderr
+    assert "--force" in result.stderr
+    assert commands(result.stdout) == []
+
+
+def test_refuses_an_unsupported_l4t(jetson, tmp_path, untouched):
+    release = tmp_path / "old_release"
+    release.write_text("# R32 (release), REVISION: 4.4, GCID: 23942405, BOARD: t210ref\n")
+    result = run("--dry-run", env=dict(jetson, EDGE_INSTALL_TEGRA_RELEASE=str(release)))
+    assert result.returncode != 0
+    assert "L4T R32.4.4" in result.stderr and "not supported" in result.stderr
+
+
+def test_dry_run_plans_the_install_and_changes_nothing(untouched):
+    result = run("--dry-run", "--force")
+    assert result.returncode == 0, result.stderr
+    planned = commands(result.stdout)
+    text = "\n".join(planned)
+    assert "apt-get update" in planned
+    assert any(c.startswith("env DEBIAN_FRONTEND=noninteractive apt-get install") and
+               "python3-venv" in c and "protobuf-compiler" in c for c in planned)
+    assert "mosquitto" not in text                       # only with --with-mosquitto
+    if subprocess.run(["id", "-u", "edge"], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        assert any(c.startswith("useradd --system") and c.endswith(" edge") for c in planned)
+    assert "-m venv --system-site-packages /opt/edge/venv" in text
+    assert "opencv" not in text                          # never pip-install OpenCV on a Jetson
+    assert "pip install --no-deps --upgrade {}".format(ROOT) in text
+    assert "install -m 0644 {}/systemd/edge.service /etc/systemd/system/edge.service".format(
+        ROOT) in text
+    assert "ln -sfn /opt/edge/venv/bin/edge /usr/local/bin/edge" in planned
+    assert "systemctl enable edge.service" in planned
+    assert "systemctl restart --no-block edge.service" in planned
+    assert "Time per step" in result.stdout
+
+
+def test_dry_run_options(untouched):
+    result = run("--dry-run", "--force", "--no-start", "--with-mosquitto", "--no-jtop")
+    assert result.returncode == 0, result.stderr
+    planned = commands(result.stdout)
+    assert any("mosquitto" in c for c in planned)
+    assert not any("jetson-stats" in c for c in planned)
+    assert not any(c.startswith("systemctl restart") for c in planned)
+    assert "systemctl enable edge.service" in planned
+
+
+def test_dry_run_on_jetpack_46_pins_python36_versions(jetson, untouched):
+    python = python36()
+    if python is None:
+        pytest.skip("no python3.6 to stand in for JetPack 4.6's system Python")
+    result = run("--dry-run", "--add-swap", env=dict(jetson, PYTHON=python))
+    assert result.returncode == 0, result.stderr
+    assert "L4T: R32.7.1" in result.stderr
+    text = result.stdout
+    for pin in ("numpy==1.19.4", "onnx==1.11.0", "pycuda==2022.1", "pip<22"):
+        assert "\n{}\n".format(pin) in text, pin
+    assert "jetson-stats\\<5" in text
+    # 3.9 GiB of RAM and 1.9 GiB of zram swap: --add-swap adds a 4 GiB swap file.
+    for command in ("fallocate -l 4G /var/swapfile", "mkswap /var/swapfile",
+                    "swapon /var/swapfile"):
+        assert command in commands(text)
+    assert "/var/swapfile\\ none\\ swap\\ sw\\ 0\\ 0 >> /etc/fstab" in text
+
+
+def test_low_memory_without_add_swap_prints_the_commands(jetson, untouched):
+    result = run("--dry-run", env=jetson)
+    assert result.returncode == 0, result.stderr
+    assert "sudo fallocate -l 4G /var/swapfile" in result.stderr
+    assert "/var/swapfile none swap sw 0 0" in result.stderr
+    assert not any("swapfile" in c for c in commands(result.stdout))
+
+
+def test_uninstall_keep_data(untouched):
+    result = run("--uninstall", "--dry-run", "--force", "--keep-data")
+    assert result.returncode == 0, result.stderr
+    planned = commands(result.stdout)
+    assert "systemctl disable --now edge.service" in planned
+    assert "rm -f /etc/systemd/system/edge.service" in planned
+    assert "rm -f /usr/local/bin/edge" in planned
+    assert any(c.startswith("rm -rf /opt/edge") for c in planned)
+    assert "userdel edge" in planned
+    assert not any("/var/lib/edge" in c or "/var/cache/edge" in c or "/etc/edge" in c
+                   for c in planned)
+
+
+def test_uninstall_purge(untouched):
+    result = run("--uninstall", "--dry-run", "--force", "--purge")
+    assert result.returncode == 0, result.stderr
+    assert "rm -rf /var/lib/edge /var/cache/edge /etc/edge" in commands(result.stdout)
+
+
+def test_data_options_need_uninstall():
+    result = run("--dry-run", "--force", "--purge")
+    assert result.returncode == 2

@@ -1,0 +1,560 @@
+"""The MQTT API document (edge/schemas/asyncapi.yaml) against the code that builds the payloads.
+
+Every payload checked here is made by edge itself: `edge run` processes for detections and
+matches, edge.mqtt.status_payload, edge.health.Health over recorded Jetson trees, and
+edge.commands.Commands.handle for replies. One test runs a device against a real broker and
+validates every message it publishes, snapshot bytes included.
+"""
+
+import base64
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import cv2
+import jsonschema
+import numpy as np
+import pytest
+
+import edge
+from edge import mqtt, schemas, system
+from edge.backends import select
+from edge.commands import Commands
+from edge.health import Health
+from edge.publisher import Publisher
+from edge.references import ReferenceStore
+from tests.conftest import COCO8_VAL, ROOT, SHARED, Subscriber, run_edge
+
+DOC = schemas.document()
+COMPONENTS = DOC["components"]["schemas"]
+PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
+NANO = os.path.join(ROOT, "tests", "data", "sysfs", "nano-jp46")
+ORIN = os.path.join(ROOT, "tests", "data", "sysfs", "orin-jp6")
+ERROR_CODES = COMPONENTS["ErrorCode"]["enum"]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def walk(node, path=()):
+    """(path, node) for every dict and list in a document."""
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            for item in walk(value, path + (key,)):
+                yield item
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            for item in walk(value, path + (i,)):
+                yield item
+
+
+def pointer(ref):
+    """The node a local `#/a/b` reference points at; KeyError when it does not resolve."""
+    assert ref.startswith("#/"), ref
+    node = DOC
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def resolved(node):
+    while isinstance(node, dict) and "$ref" in node:
+        node = pointer(node["$ref"])
+    return node
+
+
+# -- the document --------------------------------------------------------------------------
+
+# Fixed fields of the AsyncAPI 2.6.0 objects (spec, and its JSON Schema asyncapi/spec-json-schemas
+# schemas/2.6.0.json, where every one of these objects has additionalProperties: false and
+# allows `x-` extensions).
+FIELDS = {
+    "document": {"asyncapi", "id", "info", "servers", "defaultContentType", "channels",
+                 "components", "tags", "externalDocs"},
+    "info": {"title", "version", "description", "termsOfService", "contact", "license"},
+    "server": {"url", "description", "protocol", "protocolVersion", "variables", "security",
+               "bindings", "tags"},
+    "serverVariable": {"enum", "default", "description", "examples"},
+    "channel": {"$ref", "parameters", "description", "servers", "publish", "subscribe",
+                "deprecated", "bindings"},
+    "operation": {"traits", "summary", "description", "security", "tags", "externalDocs",
+                  "operationId", "bindings", "message"},
+    "parameter": {"description", "schema", "location"},
+    "message": {"schemaFormat", "contentType", "headers", "messageId", "payload",
+                "correlationId", "tags", "summary", "name", "title", "description",
+                "externalDocs", "deprecated", "examples", "bindings", "traits"},
+    "example": {"name", "summary", "headers", "payload"},
+    "components": {"schemas", "servers", "channels", "serverVariables", "messages",
+                   "securitySchemes", "parameters", "correlationIds", "operationTraits",
+                   "messageTraits", "serverBindings", "channelBindings", "operationBindings",
+                   "messageBindings"},
+}
+
+
+def fixed_fields_only(kind, node):
+    unknown = {k for k in node if not k.startswith("x-")} - FIELDS[kind]
+    assert not unknown, (kind, unknown)
+
+
+def test_document_has_the_asyncapi_2_6_structure():
+    assert DOC["asyncapi"] == "2.6.0"
+    assert {"asyncapi", "info", "channels"} <= set(DOC)
+    fixed_fields_only("document", DOC)
+    fixed_fields_only("info", DOC["info"])
+    fixed_fields_only("components", DOC["components"])
+    assert DOC["info"]["title"] == "edge" and DOC["info"]["description"]
+    assert isinstance(DOC["info"]["version"], str)
+    for name, server in DOC["servers"].items():
+        fixed_fields_only("server", server)
+        assert server["protocol"] in ("mqtt", "secure-mqtt"), name
+        assert isinstance(server["protocolVersion"], str)
+        for variable in re.findall(r"{(\w+)}", server["url"]):
+            fixed_fields_only("serverVariable", server["variables"][variable])
+            assert isinstance(server["variables"][variable]["default"], str), (name, variable)
+    assert {s["protocol"] for s in DOC["servers"].values()} == {"mqtt", "secure-mqtt"}
+    for parameter in DOC["components"]["parameters"].values():
+        fixed_fields_only("parameter", parameter)
+    operation_ids = []
+    for topic, channel in DOC["channels"].items():
+        fixed_fields_only("channel", channel)
+        assert topic.startswith("{prefix}/{device_id}/"), topic
+        assert set(re.findall(r"{(\w+)}", topic)) == set(channel["parameters"]), topic
+        operations = [k for k in ("publish", "subscribe") if k in channel]
+        assert len(operations) == 1 and channel["description"], topic
+        operation = channel[operations[0]]
+        fixed_fields_only("operation", operation)
+        operation_ids.append(operation["operationId"])
+        assert operation["summary"], topic
+        assert operation["bindings"]["mqtt"]["qos"] in (0, 1)
+        message = operation["message"]
+        assert set(message) in ({"$ref"}, {"oneOf"}), topic
+        for branch in message.get("oneOf", [message]):
+            assert "payload" in resolved(branch), (topic, branch)
+    assert len(set(operation_ids)) == len(operation_ids)
+    for name, message in DOC["components"]["messages"].items():
+        fixed_fields_only("message", message)
+        assert set(message["payload"]) == {"$ref"}, name
+        for example in message.get("examples", []):
+            fixed_fields_only("example", example)
+
+
+def test_every_ref_resolves():
+    refs = [node["$ref"] for _, node in walk(DOC) if isinstance(node, dict) and "$ref" in node]
+    assert len(refs) > 50
+    for ref in refs:
+        pointer(ref)        # KeyError names the broken one
+
+
+def test_version_is_the_package_version():
+    assert DOC["info"]["version"] == edge.__version__
+
+
+def test_every_schema_is_a_valid_draft_7_schema():
+    for name in list(COMPONENTS) + list(schemas.KINDS):
+        standalone = schemas.schema(name)
+        jsonschema.Draft7Validator.check_schema(standalone)
+        assert "#/components/" not in json.dumps(standalone), name
+
+
+def test_every_field_is_described():
+    """The README is rendered from the descriptions: every property and schema has one."""
+    missing = []
+    for path, node in walk(COMPONENTS):
+        if not isinstance(node, dict):
+            continue
+        for key, child in (node.get("properties") or {}).items():
+            if not resolved(child).get("description") and not child.get("description"):
+                missing.append("/".join(map(str, path + ("properties", key))))
+        if "x-enumDescriptions" in node:
+            assert list(node["x-enumDescriptions"]) == node["enum"], path
+    for name, component in COMPONENTS.items():
+        if not component.get("description"):
+            missing.append(name)
+    assert not missing, missing
+
+
+def test_every_payload_carries_v_1():
+    for name in ("Status", "Detections", "Matches", "Health", "ReplyOk", "ReplyError"):
+        assert COMPONENTS[name]["properties"]["v"] == {"$ref": "#/components/schemas/ApiVersion"}
+        assert "v" in COMPONENTS[name]["required"]
+    assert COMPONENTS["ApiVersion"]["const"] == 1
+
+
+def test_commands_match_the_handlers_and_their_results():
+    channel = DOC["channels"]["{prefix}/{device_id}/cmd/{command}"]
+    messages = [pointer(m["$ref"]) for m in channel["publish"]["message"]["oneOf"]]
+    handlers = Commands(None).handlers
+    assert [m["name"] for m in messages] == list(handlers)
+    assert channel["parameters"]["command"]["$ref"] == "#/components/parameters/command"
+    assert DOC["components"]["parameters"]["command"]["schema"]["enum"] == list(handlers)
+    results = [m["x-result"] for m in messages]
+    assert results == COMPONENTS["ReplyOk"]["properties"]["result"]["oneOf"]
+    general = channel["publish"]["x-errors"]
+    specific = [code for message in messages for code in message["x-errors"]]
+    assert set(general) | set(specific) == set(ERROR_CODES)
+    for message in messages:
+        assert set(message["x-errors"]) <= set(ERROR_CODES), message["name"]
+        request = resolved(message["payload"])
+        assert request["required"][0] == "id"
+        assert set(request["properties"]) >= {"id", "reply_to"}
+
+
+def test_error_codes_are_the_ones_the_code_raises():
+    with open(os.path.join(ROOT, "edge", "commands.py")) as f:
+        source = f.read()
+    raised = set(re.findall(r'CommandError\(\s*"(\w+)"', source))
+    raised |= set(re.findall(r'"code": "(\w+)"', source))
+    assert raised == set(ERROR_CODES)
+
+
+def test_examples_in_the_document_validate():
+    checked = 0
+    for name, message in DOC["components"]["messages"].items():
+        component = message["payload"]["$ref"].rsplit("/", 1)[1]
+        for example in message.get("examples", []):
+            schemas.validate(component, example["payload"])
+            checked += 1
+    assert checked >= 10
+
+
+def test_package_data_ships_the_document():
+    with open(os.path.join(ROOT, "setup.cfg")) as f:
+        patterns = re.search(r"^edge = (.*)$", f.read(), re.M).group(1).split(", ")
+    relative = os.path.relpath(schemas.PATH, os.path.join(ROOT, "edge"))
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
+
+
+def test_validate_imports_jsonschema_only_when_called():
+    code = ("import sys, edge.schemas as s; s.schema('health'); s.kind_of_topic('edge/a/status');"
+            "assert 'jsonschema' not in sys.modules; print('ok')")
+    out = subprocess.check_output([sys.executable, "-c", code], cwd=ROOT)
+    assert out.strip() == b"ok"
+
+
+def test_readme_is_rendered_from_the_document():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "render_api.py"),
+                           "--check"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+# -- topics --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("topic, prefix, kind", [
+    ("edge/cam1/status", "edge", "status"),
+    ("edge/cam1/detections", "edge", "detections"),
+    ("edge/cam1/matches", "edge", "matches"),
+    ("edge/cam1/health", "edge", "health"),
+    ("edge/cam1/cmd/ping", "edge", "command"),
+    ("edge/cam1/cmd/selfdestruct", "edge", "command"),
+    ("edge/cam1/reply/p1", "edge", "reply"),
+    ("edge/cam1/reply/unknown", "edge", "reply"),
+    ("edge/cam1/snapshot/s2", "edge", "snapshot"),
+    ("edge/_health/1f2e3d4c5b6a/cam1", "edge", "reply"),
+    ("site/a/cam1/detections", "site/a", "detections"),
+    ("edge/cam1/detections", "site/a", None),
+    ("edge/cam1/other", "edge", None),
+    ("edge/cam1/cmd", "edge", None),
+    ("edge/cam1/cmd/ping/extra", "edge", None),
+    ("edge//status", "edge", None),
+    ("edgex/cam1/status", "edge", None),
+    ("robots/r2/answers", "edge", None),
+])
+def test_kind_of_topic(topic, prefix, kind):
+    assert schemas.kind_of_topic(topic, prefix) == kind
+
+
+# -- payloads made by edge -----------------------------------------------------------------
+
+@pytest.mark.parametrize("state, reason", [("starting", None), ("online", None),
+                                           ("degraded", "task detect failed: boom"),
+                                           ("offline", "finished"), ("offline", "stopped"),
+                                           ("offline", "connection lost")])
+def test_status_payloads_validate(state, reason):
+    schemas.validate("status", json.loads(mqtt.status_payload("cam1", state, time.time(), reason)))
+
+
+def test_detections_from_edge_run_validate(tmp_path, model_dir):
+    jsonl = str(tmp_path / "out.jsonl")
+    rc, _, err = run_edge("run", "--source", COCO8_VAL, "--detector", "yolox-nano",
+                          "--jsonl", jsonl, "--model-dir", model_dir,
+                          "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    messages = read_jsonl(jsonl)
+    assert len(messages) == 4 and any(m["detections"] for m in messages)
+    for message in messages:
+        schemas.validate("detections", message)
+
+
+def test_matches_from_edge_run_validate(tmp_path, model_dir):
+    jsonl = str(tmp_path / "out.jsonl")
+    rc, _, err = run_edge("run", "--matcher", "coarse-loftr",
+                          "--reference", os.path.join(PAIR, "motorcycle_left.png"),
+                          "--source", os.path.join(PAIR, "motorcycle_right.png"),
+                          "--jsonl", jsonl, "--model-dir", model_dir,
+                          "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    messages = read_jsonl(jsonl)
+    assert len(messages) == 1 and messages[0]["homography"] is not None
+    schemas.validate("matches", messages[0])
+
+
+class App:
+    """The attributes of a daemon that Commands and Health read, with no pipeline running.
+
+    Commands and Health are the real ones; the broker and pipeline paths are covered by the
+    live test below and by test_health.py.
+    """
+
+    def __init__(self, store=None, frame=None):
+        self.device = "cam1"
+        self.started = time.time() - 12.5
+        self.link = mqtt.MqttLink(mqtt.parse_url("mqtt://127.0.0.1:1"), "cam1")  # never started
+        self.publisher = Publisher(self.link)                                   # never started
+        self.store = store
+        self.pipeline = None
+        self.source_display = "test://"
+        self.tasks = []
+        self.frame = frame
+        self.reloads = 0
+
+    def next_frame(self, timeout=5.0):
+        return None if self.frame is None else (self.frame.copy(), 41)
+
+    def request_reload(self):
+        self.reloads += 1
+
+
+LIMITS = {"temperature_c": 85.0, "memory_percent": 95.0, "min_fps": 0.0}
+
+
+@pytest.mark.parametrize("system_status, root", [
+    (None, "/"),                                          # health without edge.system
+    (system.system_status, "/"),                          # this machine (psutil)
+    (lambda: system.from_sysfs(NANO), NANO),              # recorded Jetson Nano, JetPack 4.6
+    (lambda: system.from_sysfs(ORIN), ORIN),              # recorded Orin Nano, JetPack 6
+    (lambda: system.empty_status("sysfs"), "/"),          # every figure unknown
+])
+def test_health_reports_validate(system_status, root):
+    backend = select("ort").describe()
+    health = Health(App(), 10.0, LIMITS, system_status=system_status,
+                    versions=system.versions(backend, root=root))
+    report = health.report()
+    schemas.validate("health", report)
+    schemas.validate("health", json.loads(json.dumps(report)))      # as it goes over the wire
+    hot = dict(LIMITS, temperature_c=20.0, memory_percent=1.0)
+    degraded = Health(App(), 10.0, hot, system_status=system_status).report()
+    schemas.validate("health", degraded)
+
+
+def test_health_accepts_platform_keys_where_documented():
+    report = Health(App(), 10.0, LIMITS, system_status=lambda: system.from_sysfs(NANO),
+                    versions=system.versions({"backend": "trt", "tensorrt": "8.2.1",
+                                              "dla_cores": 0}, root=NANO)).report()
+    report["system"]["memory"]["emc_percent"] = 12.0
+    report["system"]["fan"]["profile"] = "quiet"
+    schemas.validate("health", report)
+    report["system"]["gpu_percent"] = 3.0
+    with pytest.raises(ValueError, match=r"at system: .*'gpu_percent' was unexpected"):
+        schemas.validate("health", report)
+
+
+def ask(commands, name, request, reply_to=None, now=None):
+    """(topic, reply) for one request, the reply checked against the API."""
+    raw = request if isinstance(request, bytes) else json.dumps(request).encode()
+    topic, reply = commands.handle(name, raw, reply_to, now=now)
+    schemas.validate("reply", reply)
+    schemas.validate("reply", json.loads(json.dumps(reply)))
+    return topic, reply
+
+
+REQUESTS = {"ping": "PingRequest", "health": "HealthRequest", "snapshot": "SnapshotRequest",
+            "set_reference": "SetReferenceRequest", "list_references": "ListReferencesRequest",
+            "delete_reference": "DeleteReferenceRequest", "reload": "ReloadRequest"}
+
+
+def test_replies_of_every_command_validate(tmp_path):
+    image = np.random.RandomState(1).randint(0, 255, (240, 320, 3), np.uint8)
+    store = ReferenceStore(str(tmp_path))
+    app = App(store=store, frame=image)
+    app.health = Health(app, 10.0, LIMITS, system_status=system.system_status)
+    commands = Commands(app)
+    for name, request in [("ping", {"id": "p1"}), ("health", {"id": "h1"}),
+                          ("snapshot", {"id": "s1", "max_bytes": 60000}),
+                          ("snapshot", {"id": "s2", "binary": True}),
+                          ("set_reference", {"id": "r1", "name": "dock"}),
+                          ("list_references", {"id": "l1"}),
+                          ("delete_reference", {"id": "d1", "name": "dock"}),
+                          ("reload", {"id": "rl1"})]:
+        schemas.validate("command", request)
+        schemas.validate(REQUESTS[name], request)
+        topic, reply = ask(commands, name, request)
+        assert reply["ok"], reply
+        assert topic == "edge/cam1/reply/" + request["id"]
+        assert schemas.kind_of_topic(topic) == "reply"
+        if name == "snapshot" and "data" in reply["result"]:
+            schemas.validate("snapshot", base64.b64decode(reply["result"]["data"]))
+        if name == "snapshot" and "topic" in reply["result"]:
+            assert schemas.kind_of_topic(reply["result"]["topic"]) == "snapshot"
+    assert app.reloads == 1
+    topic, reply = ask(commands, "ping", {"id": "c1", "reply_to": "robots/r2/answers"})
+    assert topic == "robots/r2/answers" and reply["ok"]
+
+
+def test_error_replies_validate_for_every_code(tmp_path):
+    app = App()     # no matcher (store None), no frames, no health reporter
+    commands = Commands(app, max_bytes=256)
+    cases = [
+        ("bad_json", "ping", b"{not json"),
+        ("bad_json", "ping", b"\xff\xfe"),
+        ("bad_request", "ping", b"[]"),
+        ("bad_request", "ping", {"id": 5}),
+        ("bad_request", "ping", {"id": "has space"}),
+        ("bad_request", "ping", {"id": "x1", "reply_to": "robots/#"}),
+        ("bad_request", "set_reference", {"id": "x2", "name": "../../etc/passwd"}),
+        ("bad_request", "delete_reference", {"id": "x3"}),
+        ("bad_request", "snapshot", {"id": "x4", "max_bytes": "lots"}),
+        ("unknown_command", "selfdestruct", {"id": "x5"}),
+        ("too_large", "ping", {"id": "x6", "pad": "x" * 300}),
+        ("not_found", "delete_reference", {"id": "x7", "name": "dock"}),
+        ("unavailable", "set_reference", {"id": "x8", "name": "dock"}),
+        ("unavailable", "snapshot", {"id": "x9"}),
+        # a bug in a handler: health on a daemon whose health reporter is missing
+        ("internal", "health", {"id": "x10"}),
+    ]
+    seen = set()
+    for code, name, request in cases:
+        topic, reply = ask(commands, name, request)
+        assert reply["ok"] is False and reply["error"]["code"] == code, (request, reply)
+        if reply["id"] is None:
+            assert topic == "edge/cam1/reply/unknown"
+        seen.add(code)
+    # failed: the command ran and could not do it (a frame too small to be a reference)
+    small = App(store=ReferenceStore(str(tmp_path)), frame=np.zeros((8, 8, 3), np.uint8))
+    _, reply = ask(Commands(small), "set_reference", {"id": "f1", "name": "dock"})
+    assert reply["error"]["code"] == "failed"
+    seen.add("failed")
+    # rate_limited: a burst of one at a fixed instant
+    limited = Commands(App(), rate=0.1, burst=1)
+    now = time.monotonic()
+    assert ask(limited, "ping", {"id": "q1"}, now=now)[1]["ok"]
+    _, reply = ask(limited, "ping", {"id": "q2"}, now=now)
+    assert reply["error"]["code"] == "rate_limited"
+    seen.add("rate_limited")
+    assert seen == set(ERROR_CODES)
+
+
+def test_the_health_client_request_validates():
+    from edge.remote import Asker
+    asker = Asker(mqtt.parse_url("mqtt://127.0.0.1:1"), "edge")
+    sent = []
+    asker.client.publish = lambda topic, payload, qos=0: sent.append((topic, payload))
+    asker.ask(["cam1", "cam2"])
+    for topic, payload in sent:
+        assert schemas.kind_of_topic(topic) == "command" and topic.endswith("/cmd/health")
+        request = json.loads(payload)
+        schemas.validate("HealthRequest", request)
+        assert schemas.kind_of_topic(request["reply_to"]) == "reply"
+
+
+# -- broken payloads -----------------------------------------------------------------------
+
+DETECTIONS = DOC["components"]["messages"]["Detections"]["examples"][0]["payload"]
+
+
+def broken(change):
+    message = json.loads(json.dumps(DETECTIONS))
+    change(message)
+    return message
+
+
+@pytest.mark.parametrize("kind, payload, where, reason", [
+    ("detections", broken(lambda m: m.pop("v")), "(the payload)", "'v' is a required property"),
+    ("detections", broken(lambda m: m.update(v=2)), "v", "1 was expected"),
+    ("detections", broken(lambda m: m["detections"][0].update(box="12,40,200,470")),
+     "detections[0].box", "is not of type 'array'"),
+    ("detections", broken(lambda m: m["detections"][0]["box"].__setitem__(1, "40")),
+     "detections[0].box[1]", "is not of type 'number'"),
+    ("detections", broken(lambda m: m["detections"][0]["box"].pop()),
+     "detections[0].box", "is too short"),
+    ("detections", broken(lambda m: m["detections"][0].update(color="red")),
+     "detections[0]", "'color' was unexpected"),
+    ("detections", broken(lambda m: m["frame"].update(width=-1)), "frame.width",
+     "less than the minimum"),
+    ("status", {"v": 1, "device": "cam1", "state": "asleep", "since": 1.0, "reason": None,
+                "version": "0.1.0"}, "state", "is not one of"),
+    ("reply", {"v": 1, "id": "p1", "ok": True, "error": {"code": "failed", "message": "x"}},
+     "(the payload)", "'result' is a required property|'error' was unexpected"),
+    ("reply", {"v": 1, "id": None, "ok": False, "error": {"code": "oops", "message": "x"}},
+     "error.code", "is not one of"),
+    ("reply", {"v": 1, "id": "p1", "ok": True, "result": {"pong": "yes", "ts": 1.0,
+                                                          "uptime_s": 2.0}},
+     "result.pong", "is not of type 'boolean'"),
+    ("command", {"id": "a/b"}, "id", "does not match"),
+])
+def test_broken_payloads_are_refused_with_path_and_reason(kind, payload, where, reason):
+    with pytest.raises(ValueError) as info:
+        schemas.validate(kind, payload)
+    message = str(info.value)
+    assert message.startswith("{} payload: at {}: ".format(kind, where)), message
+    assert re.search(reason, message), message
+
+
+def test_snapshot_kind_wants_jpeg_bytes():
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))
+    schemas.validate("snapshot", jpeg.tobytes())
+    with pytest.raises(ValueError, match="not JPEG"):
+        schemas.validate("snapshot", b"\x89PNG\r\n")
+
+
+def test_unknown_kind_is_a_key_error():
+    with pytest.raises(KeyError, match="no schema 'telemetry'"):
+        schemas.validate("telemetry", {})
+
+
+# -- a live device -------------------------------------------------------------------------
+
+def test_every_message_of_a_live_device_validates(broker, tmp_path, model_dir):
+    """`edge run` with both tasks against a real broker: status, detections, matches,
+    health, replies to every command and a binary snapshot all validate."""
+    sub = Subscriber(broker.port, "#")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "--source", "test://?width=320&height=240&fps=10",
+         "--detector", "yolox-nano", "--matcher", "coarse-loftr", "--model-dir", model_dir,
+         "--mqtt", broker.url, "--device-id", "cam1", "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert sub.wait_for(lambda s: s.json("health") and s.json("detections"), 60)
+        requests = [("set_reference", {"id": "r1", "name": "dock"}), ("ping", {"id": "p1"}),
+                    ("list_references", {"id": "l1"}), ("health", {"id": "h1"}),
+                    ("snapshot", {"id": "s1", "max_bytes": 30000}),
+                    ("snapshot", {"id": "s2", "binary": True}),
+                    ("delete_reference", {"id": "d1", "name": "nothing"}),
+                    ("ping", {"id": "c1", "reply_to": "robots/r2/answers"})]
+        for name, request in requests:
+            sub.client.publish("edge/cam1/cmd/" + name, json.dumps(request), qos=1)
+        assert sub.wait_for(lambda s: len([t for t, _, _ in s.messages if "/reply/" in t or
+                                           t == "robots/r2/answers"]) == len(requests), 30)
+        assert sub.wait_for(lambda s: s.json("matches"), 20)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        time.sleep(0.5)
+        sub.close()
+    kinds = {}
+    for topic, payload, _ in sub.messages:
+        kind = "reply" if topic == "robots/r2/answers" else schemas.kind_of_topic(topic)
+        assert kind is not None, topic
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "snapshot":
+            schemas.validate(kind, payload)
+        else:
+            schemas.validate(kind, json.loads(payload.decode("utf-8")))
+    assert set(kinds) == {"status", "detections", "matches", "health", "command", "reply",
+                          "snapshot"}, kinds
