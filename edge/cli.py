@@ -171,6 +171,39 @@ def _health(args):
     return code
 
 
+def _bench(args):
+    """`edge bench`: raw, pipeline and peer throughput, latency, allocation; --json, --plot."""
+    import json
+    from edge import bench, config
+    overrides = {"backend": args.backend, "model_dir": args.model_dir,
+                 "model_mirror": args.mirror, "state_dir": args.state_dir}
+    cfg = config.load(args.config, overrides, require_task=False)
+    width, height = _frame_size(args.size, None)
+    images = args.images
+    if images is None and os.path.isdir(os.path.expanduser(args.source)):
+        images = args.source
+    results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
+                          args.seconds, args.mqtt, args.matcher, args.reference, images)
+    print(bench.table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+    if args.plot:
+        bench.plot(results, args.plot)
+    return EXIT_OK
+
+
+def _doctor(args):
+    """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
+    from edge import cards, config, doctor
+    overrides = {"backend": args.backend, "model_dir": args.model_dir,
+                 "model_mirror": args.mirror, "state_dir": args.state_dir}
+    cfg = config.load(args.config, overrides, require_task=False)
+    names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c] or \
+        sorted(cards.available())
+    return doctor.doctor(cfg, names, write_reference=args.write_reference)
+
+
 def parser():
     """The argument parser (also used by the documentation)."""
     top = argparse.ArgumentParser(prog="edge", description="Jetson vision sensor over MQTT.")
@@ -223,6 +256,37 @@ def parser():
     hl.add_argument("--cert-file", help="client certificate")
     hl.add_argument("--key-file", help="client certificate's key")
     hl.set_defaults(func=_health)
+
+    bn = sub.add_parser("bench", help="throughput and latency: raw engine, pipeline, peer loop")
+    bn.add_argument("--source", required=True, help="frames to replay (folder, video, test://)")
+    bn.add_argument("--detector", default="yolox-nano", help="detection card")
+    bn.add_argument("--size", default="640x480", help="frame size WxH the frames are resized to")
+    bn.add_argument("--frames", type=int, default=300, help="frames per pipeline run")
+    bn.add_argument("--seconds", type=float, default=5.0, help="length of the raw loops")
+    bn.add_argument("--mqtt", help="broker URL (default: a local mosquitto on a free port)")
+    bn.add_argument("--images", help="image folder for the decode-per-frame run")
+    bn.add_argument("--matcher", help="also run this matcher at 1 Hz beside detection")
+    bn.add_argument("--reference", help="reference image for --matcher")
+    bn.add_argument("--json", help="write the figures here")
+    bn.add_argument("--plot", help="draw throughput and latency into this PNG")
+    bn.add_argument("-c", "--config", help="YAML config file")
+    bn.add_argument("--backend", choices=("auto", "trt", "ort"))
+    bn.add_argument("--model-dir", help="folder of model files")
+    bn.add_argument("--mirror", help="local folder to fetch models from")
+    bn.add_argument("--state-dir", help="folder for engines")
+    bn.set_defaults(func=_bench)
+
+    dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
+    dr.add_argument("cards", nargs="*", metavar="CARD",
+                    help="cards (default: the configured ones, else all)")
+    dr.add_argument("-c", "--config", help="YAML config file")
+    dr.add_argument("--backend", choices=("auto", "trt", "ort"))
+    dr.add_argument("--model-dir", help="folder of model files")
+    dr.add_argument("--mirror", help="local folder to fetch models from")
+    dr.add_argument("--state-dir", help="folder for engines")
+    dr.add_argument("--write-reference", action="store_true",
+                    help="store this run's outputs as the reference (maintainers)")
+    dr.set_defaults(func=_doctor)
 
     models = sub.add_parser("models", help="list or fetch model files")
     models_sub = models.add_subparsers(dest="action", metavar="ACTION")
