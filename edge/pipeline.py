@@ -51,11 +51,17 @@ class TaskRunner(threading.Thread):
                     logger.warning("fault injection: task %s stalls", self.task.name)
                     self.stop_event.wait()
                 if self.error is None and not self._done():
-                    for message in self.task.process(frame):
+                    started = time.time()
+                    messages = self.task.process(frame)
+                    for message in messages:
                         self.publisher.put(self.task.topic, message)
-                        self.task.stats.record(message["latency_ms"]["total"],
-                                               message["latency_ms"]["infer"])
                         self.task.last_message = message
+                    if messages:
+                        done = time.time()
+                        infer = self.task.infer_ms
+                        self.task.stats.record((done - frame.ts) * 1000.0,
+                                               (started - frame.ts) * 1000.0, infer,
+                                               (done - started) * 1000.0 - infer)
                     if self._done():
                         self.stop_event.set()
             except EdgeError as e:

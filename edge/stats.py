@@ -1,4 +1,4 @@
-"""Rolling per-task figures for health: fps, latency percentiles, counts.
+"""Rolling per-stage timings for health and benchmarks: fps, latency percentiles, counts.
 
 Samples go into preallocated numpy ring buffers, so recording a frame allocates nothing.
 """
@@ -9,34 +9,35 @@ import time
 import numpy as np
 
 WINDOW = 256          # latest frames the percentiles are taken over
+STAGES = ("total", "queue", "infer", "post")   # ms: capture->published, capture->infer start,
+#                                                 the engine run, decode + message building
 
 
 class TaskStats:
-    """Frames, fps over the window, latency (capture to publish) and inference percentiles."""
+    """Frames, fps over the last 10 s, and per-stage latency percentiles over the window."""
 
-    def __init__(self, window=WINDOW):
-        self.total_ms = np.zeros(window, np.float64)
-        self.infer_ms = np.zeros(window, np.float64)
+    def __init__(self, window=WINDOW, stages=STAGES):
+        self.stages = stages
+        self.samples = np.zeros((len(stages), window), np.float64)
         self.when = np.zeros(window, np.float64)     # monotonic seconds of each sample
         self.count = 0
-        self.errors = 0
         self._lock = threading.Lock()
 
-    def record(self, total_ms, infer_ms, now=None):
-        """Add one processed frame."""
+    def record(self, *values, **kwargs):
+        """Add one processed frame: one value (ms) per stage, in `stages` order."""
+        now = kwargs.get("now")
         with self._lock:
-            i = self.count % self.total_ms.shape[0]
-            self.total_ms[i] = total_ms
-            self.infer_ms[i] = infer_ms
+            i = self.count % self.when.shape[0]
+            for row, value in enumerate(values):
+                self.samples[row, i] = value
             self.when[i] = time.monotonic() if now is None else now
             self.count += 1
 
     def summary(self, now=None):
-        """{frames, fps, latency_ms {p50, p95}, infer_ms {p50, p95}}; None where no data."""
+        """{frames, fps, latency_ms {p50, p95}, infer_ms {p50, p95}, stages_ms {...}}."""
         with self._lock:
-            n = min(self.count, self.total_ms.shape[0])
-            total = self.total_ms[:n].copy()
-            infer = self.infer_ms[:n].copy()
+            n = min(self.count, self.when.shape[0])
+            samples = self.samples[:, :n].copy()
             when = self.when[:n].copy()
         now = time.monotonic() if now is None else now
         fps = None
@@ -44,8 +45,13 @@ class TaskStats:
             recent = when[when >= now - 10.0]      # the last 10 s of frames
             span = now - recent.min() if recent.size else 0.0
             fps = round(recent.size / span, 2) if recent.size >= 2 and span > 0 else 0.0
-        return {"frames": self.count, "fps": fps,
-                "latency_ms": _percentiles(total), "infer_ms": _percentiles(infer)}
+        stages = {name: _percentiles(samples[i]) for i, name in enumerate(self.stages)}
+        out = {"frames": self.count, "fps": fps, "stages_ms": stages}
+        if "total" in stages:
+            out["latency_ms"] = stages["total"]
+        if "infer" in stages:
+            out["infer_ms"] = stages["infer"]
+        return out
 
 
 def _percentiles(values):

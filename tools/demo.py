@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 from edge import draw, fetch  # noqa: E402
+from edge.bench import start_local_broker  # noqa: E402
 from edge.mqtt import make_client  # noqa: E402
 
 
@@ -37,28 +37,6 @@ def fetch_images(folder, mirror, section="images"):
         fetch.fetch(item["url"], item["sha256"], os.path.join(folder, item["file"]),
                     mirror=mirror, what="demo image")
     return [item["file"] for item in manifest]
-
-
-def start_broker(workdir):
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(binary):
-        return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = os.path.join(workdir, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write("listener {} 127.0.0.1\nallow_anonymous true\n".format(port))
-    proc = subprocess.Popen([binary, "-c", conf], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, "mqtt://127.0.0.1:{}".format(port)
-        except OSError:
-            time.sleep(0.05)
-    proc.terminate()
-    return None, None
 
 
 def subscribe(url, topic):
@@ -120,7 +98,7 @@ def main():
     broker, url = None, args.mqtt
     workdir = tempfile.mkdtemp(prefix="edge-demo-")
     if url is None:
-        broker, url = start_broker(workdir)
+        broker, url = start_local_broker(workdir)
         if url is None:
             print("demo: mosquitto is not installed: running with the JSONL sink only "
                   "(install it with: sudo apt-get install mosquitto)")

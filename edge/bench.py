@@ -1,0 +1,444 @@
+"""`edge bench`: what the pipeline costs beyond inference, measured in one run.
+
+For one detection card and one set of frames (decoded once, replayed from memory, so
+capture costs what a hardware camera's DMA does):
+- raw_fps: the engine exactly as the pipeline runs it (rewritten graph, fused
+  preprocessing) in a loop on frames in memory; beside it raw_model_fps, the original model
+  on tensors already preprocessed, to show what the fused preprocessing costs;
+- pipeline_fps: the real pipeline (capture thread, task thread, publisher) from the replayed
+  source to a real broker, with per-stage latency percentiles and the capture-to-received
+  latency seen by a subscriber; and the same over the image folder (JPEG decode per frame);
+- peer_fps: the loop a user would write by hand (read frame -> OpenCV letterbox in numpy ->
+  session.run on the original model -> numpy decode + NMS -> publish), on the same frames;
+- alloc_per_frame_bytes: Python allocations of the hot path per frame (tracemalloc);
+- with --matcher, detection's throughput while matching runs at its rate beside it.
+Prints a table; --json writes the figures, --plot draws them.
+"""
+
+import json
+import logging
+import os
+import resource
+import statistics
+import threading
+import time
+
+import numpy as np
+
+from edge import cards, graph, models, mqtt, sources
+from edge.frames import Frame
+from edge.sources import Source
+
+logger = logging.getLogger(__name__)
+
+
+class ReplaySource(Source):
+    """Frames decoded once and replayed from memory: finite, never drops, costs a copy."""
+
+    live = False
+
+    def __init__(self, frames, count):
+        super().__init__("replay://", "", {})
+        self.frames = frames
+        self.count = count
+        self.index = 0
+
+    def read_into(self, frame):
+        if self.index >= self.count:
+            return False
+        image = self.frames[self.index % len(self.frames)]
+        np.copyto(frame.ensure_shape(image.shape[0], image.shape[1]), image)
+        frame.index = self.index
+        frame.ts = time.time()
+        frame.name = None
+        self.index += 1
+        return True
+
+
+def load_frames(source_uri, width, height, limit=64):
+    """Up to `limit` frames of the source, resized to width x height (one engine size)."""
+    import cv2
+    source = sources.open_source(source_uri)
+    source.open()
+    frames = []
+    slot = Frame(0, (height, width, 3))
+    try:
+        while len(frames) < limit and source.read_into(slot):
+            frames.append(cv2.resize(slot.image, (width, height), interpolation=cv2.INTER_AREA))
+    finally:
+        source.close()
+    if not frames:
+        from edge.errors import SourceError
+        raise SourceError("bench: source {} gave no frame".format(source_uri))
+    return frames
+
+
+def raw_fps(engine, frames, seconds):
+    """Frames per second of the engine alone, slots bound once as the pipeline does."""
+    slots = []
+    for i, image in enumerate(frames[:8]):
+        slot = Frame(i, image.shape)
+        np.copyto(slot.image, image)
+        slots.append((slot, engine.bind(slot)))
+    for slot, binding in slots[:2]:
+        engine.infer(binding)                        # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine.infer(slots[done % len(slots)][1])
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def letterbox(image, size, pad=114):
+    """The usual hand-written YOLOX letterbox: resize, pad top-left, CHW float32."""
+    import cv2
+    w, h = size
+    r = min(w / image.shape[1], h / image.shape[0])
+    resized = cv2.resize(image, (int(image.shape[1] * r), int(image.shape[0] * r)),
+                         interpolation=cv2.INTER_LINEAR)
+    canvas = np.full((h, w, 3), pad, np.uint8)
+    canvas[:resized.shape[0], :resized.shape[1]] = resized
+    return canvas.transpose(2, 0, 1)[None].astype(np.float32), r
+
+
+def peer_loop(card, model_path, frames, count, publish):
+    """The single-threaded loop people write by hand; returns frames per second."""
+    import cv2
+    import onnxruntime
+    from edge.families.yolox import grid
+    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    cells, strides = grid(*card.input_size)
+    score_t, iou_t = card.thresholds["score"], card.thresholds["iou"]
+    session.run(None, {name: letterbox(frames[0], card.input_size)[0]})
+    started = time.perf_counter()
+    for i in range(count):
+        image = frames[i % len(frames)]
+        blob, r = letterbox(image, card.input_size)
+        out = session.run(None, {name: blob})[0][0]
+        xy = (out[:, :2] + cells) * strides
+        wh = np.exp(out[:, 2:4]) * strides
+        boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1) / r
+        scores = out[:, 4:5] * out[:, 5:]
+        cls = scores.argmax(1)
+        best = scores.max(1)
+        keep = best > score_t
+        dets = []
+        if keep.any():
+            b = boxes[keep]
+            idx = cv2.dnn.NMSBoxesBatched(
+                [[float(x1), float(y1), float(x2 - x1), float(y2 - y1)] for x1, y1, x2, y2 in b],
+                best[keep].tolist(), cls[keep].tolist(), score_t, iou_t)
+            for k in np.array(idx).reshape(-1):
+                dets.append({"label": card.label(int(cls[keep][k])),
+                             "score": float(best[keep][k]),
+                             "box": [float(v) for v in b[k]]})
+        publish(json.dumps({"frame": i, "detections": dets}))
+    return count / (time.perf_counter() - started)
+
+
+def alloc_per_frame(task, frames, count=50):
+    """Peak Python bytes allocated while processing one frame, median over `count` frames.
+
+    tracemalloc restarts per frame (that resets its peak on Python 3.6 too); numpy's buffers
+    are traced, so a per-frame array shows up at its full size.
+    """
+    import tracemalloc
+    slot = Frame(0, frames[0].shape)
+    np.copyto(slot.image, frames[0])
+    for _ in range(3):
+        task.process(slot)
+    peaks = []
+    for i in range(count):
+        slot.index = i
+        slot.ts = time.time()
+        tracemalloc.start()
+        messages = task.process(slot)
+        json.dumps(messages[0], separators=(",", ":"))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    return int(statistics.median(peaks))
+
+
+class Receiver:
+    """A subscriber on the bench broker: when each result message arrived."""
+
+    def __init__(self, settings, topic):
+        self.arrivals = []
+        self.ready = threading.Event()
+        self.client = mqtt.make_client("edge-bench-{}".format(os.getpid()))
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, 0)
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_message = self._on_message
+        self.client.connect(settings["host"], settings["port"], 30)
+        self.client.loop_start()
+        self.ready.wait(5)
+
+    def _on_message(self, client, userdata, message):
+        try:
+            ts = json.loads(message.payload)["frame"]["ts"]
+        except (ValueError, KeyError, TypeError):
+            return
+        self.arrivals.append((time.time(), ts))
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def start_local_broker(workdir):
+    """A Mosquitto on a free loopback port for demos and benchmarks: (process, url) or
+    (None, None) when mosquitto is not installed."""
+    import shutil
+    import socket
+    import subprocess
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(binary):
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = os.path.join(workdir, "mosquitto.conf")
+    with open(conf, "w") as f:
+        f.write("listener {} 127.0.0.1\nallow_anonymous true\n".format(port))
+    proc = subprocess.Popen([binary, "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, "mqtt://127.0.0.1:{}".format(port)
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    return None, None
+
+
+def run_pipeline(source, task_list, link, qos, count_task=0):
+    """Run a real pipeline to its end; (frames per second of task 0, stats summary)."""
+    from edge.pipeline import Pipeline
+    from edge.publisher import Publisher
+    publisher = Publisher(link, None, qos=qos, limit=100000)
+    pipeline = Pipeline(source, task_list, publisher, pool_size=6)
+    for task in task_list:
+        task.frames = 0
+        from edge.stats import TaskStats
+        task.stats = TaskStats()
+    pipeline.open()
+    publisher.start()
+    started = time.perf_counter()
+    pipeline.start()
+    pipeline.wait()
+    elapsed = time.perf_counter() - started
+    pipeline.join()
+    undelivered = publisher.flush(30)
+    if undelivered:
+        logger.warning("bench: %d messages not delivered", undelivered)
+    error = pipeline.error()
+    if error is not None:
+        raise error
+    counted = task_list[count_task]
+    return counted.frames / elapsed, counted.stats.summary()
+
+
+def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
+          matcher=None, reference=None, images_uri=None):
+    """All the figures of the benchmark as a dict."""
+    import tempfile
+    from edge import daemon, tasks
+    from edge.references import ReferenceStore
+    maker = daemon.engine_maker(cfg)
+    card = cards.load(detector)
+    detect = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                          device="bench")
+    frames = load_frames(source_uri, width, height)
+    results = {"card": card.name, "backend": maker.backend.describe(),
+               "frame_size": [width, height], "frames": frames_count,
+               "cpu_count": os.cpu_count()}
+    engine = detect.engine_for(width, height)
+    results["raw_fps"] = raw_fps(engine, frames, seconds)
+    model_path = models.model_path(card, cfg["model_dir"])
+    results["raw_model_fps"] = _raw_model_fps(card, model_path, frames[0], seconds)
+
+    workdir = tempfile.mkdtemp(prefix="edge-bench-")
+    broker = None
+    if mqtt_url is None:
+        broker, mqtt_url = start_local_broker(workdir)
+        if mqtt_url is None:
+            from edge.errors import UnavailableError
+            raise UnavailableError("bench: mosquitto is not installed and no --mqtt URL was "
+                                   "given; install mosquitto or pass --mqtt")
+    settings = mqtt.parse_url(mqtt_url)
+    link = mqtt.MqttLink(settings, "bench", "edge", queue_limit=100000)
+    link.start()
+    link.connected.wait(10)
+    receiver = Receiver(settings, "edge/bench/detections")
+    try:
+        fps, summary = run_pipeline(ReplaySource(frames, frames_count), [detect], link,
+                                    settings["qos"])
+        results["pipeline_fps"] = fps
+        results["stages_ms"] = summary["stages_ms"]
+        time.sleep(0.5)
+        received = np.array([(arrived - ts) * 1000.0 for arrived, ts in receiver.arrivals])
+        results["received"] = len(received)
+        results["capture_to_received_ms"] = _percentiles(received)
+        infer_p50 = summary["stages_ms"]["infer"]["p50"]
+        results["added_latency_p50_ms"] = round(summary["stages_ms"]["total"]["p50"] -
+                                                infer_p50, 2)
+        if images_uri:
+            if "://" not in images_uri:
+                images_uri = "images://" + os.path.abspath(os.path.expanduser(images_uri))
+            source = sources.open_source(images_uri + ("&" if "?" in images_uri else "?") +
+                                         "loop=1")
+            detect_images = tasks.create(card, maker, cfg["model_dir"],
+                                         mirror=cfg["model_mirror"], device="bench")
+            detect_images.engine_for(width, height)
+            limited = _Limited(source, frames_count)
+            results["pipeline_images_fps"] = run_pipeline(limited, [detect_images], link,
+                                                          settings["qos"])[0]
+        peer_client = mqtt.make_client("edge-bench-peer-{}".format(os.getpid()))
+        peer_client.connect(settings["host"], settings["port"], 30)
+        peer_client.loop_start()
+        topic = "edge/bench-peer/detections"
+        results["peer_fps"] = peer_loop(card, model_path, frames, frames_count,
+                                        lambda payload: peer_client.publish(topic, payload))
+        peer_client.loop_stop()
+        peer_client.disconnect()
+        results["alloc_per_frame_bytes"] = alloc_per_frame(detect, frames)
+        if matcher:
+            store = ReferenceStore(workdir)
+            store.put_file("bench", reference)
+            match_card = cards.load(matcher)
+            match = tasks.create(match_card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                                 device="bench", store=store, max_hz=1.0)
+            match.engine_for(width, height, (store.get("bench").shape[1],
+                                             store.get("bench").shape[0]))
+            solo = results["pipeline_fps"]
+            both, _ = run_pipeline(ReplaySource(frames, frames_count), [detect, match], link,
+                                   settings["qos"])
+            results["with_matcher"] = {"detect_fps": both, "solo_detect_fps": solo,
+                                       "ratio": both / solo, "match_runs": match.frames}
+    finally:
+        receiver.close()
+        link.stop("bench finished")
+        if broker is not None:
+            broker.terminate()
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                                   1)
+    results["pipeline_over_raw"] = results["pipeline_fps"] / results["raw_fps"]
+    results["pipeline_over_peer"] = results["pipeline_fps"] / results["peer_fps"]
+    return results
+
+
+class _Limited(Source):
+    """The first `count` frames of another source (an image folder looping)."""
+
+    def __init__(self, inner, count):
+        super().__init__(inner.uri, inner.location, inner.params)
+        self.inner = inner
+        self.live = False
+        self.count = count
+        self.done = 0
+
+    def open(self):
+        self.inner.open()
+
+    def read_into(self, frame):
+        if self.done >= self.count or not self.inner.read_into(frame):
+            return False
+        self.done += 1
+        return True
+
+    def close(self):
+        self.inner.close()
+
+
+def _raw_model_fps(card, model_path, image, seconds):
+    """The original model on an already preprocessed tensor (ONNX Runtime, CPU)."""
+    import onnxruntime
+    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    pre = onnxruntime.InferenceSession(
+        graph.preprocess_model(card, image.shape[1], image.shape[0]).SerializeToString(),
+        providers=["CPUExecutionProvider"])
+    tensor = pre.run(None, {"frame": image})[0]
+    feed = {session.get_inputs()[0].name: tensor}
+    session.run(None, feed)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        session.run(None, feed)
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def _percentiles(values):
+    if len(values) == 0:
+        return {"p50": None, "p95": None}
+    return {"p50": round(float(np.percentile(values, 50)), 2),
+            "p95": round(float(np.percentile(values, 95)), 2)}
+
+
+def table(r):
+    """The figures as a few readable lines."""
+    lines = [
+        "edge bench: {} on {} ({}), {}x{} frames, {} CPUs".format(
+            r["card"], r["backend"].get("backend"), r["backend"].get("device", ""),
+            r["frame_size"][0], r["frame_size"][1], r["cpu_count"]),
+        "  raw_fps        {:8.1f}  rewritten graph, fused preprocessing, frames in memory".format(
+            r["raw_fps"]),
+        "  raw_model_fps  {:8.1f}  original model on preprocessed tensors (ONNX Runtime)".format(
+            r["raw_model_fps"]),
+        "  pipeline_fps   {:8.1f}  capture -> infer -> publish to a real broker, replayed "
+        "frames".format(r["pipeline_fps"]),
+    ]
+    if "pipeline_images_fps" in r:
+        lines.append("  images_fps     {:8.1f}  the same from the image folder (JPEG decode per "
+                     "frame)".format(r["pipeline_images_fps"]))
+    lines += [
+        "  peer_fps       {:8.1f}  hand-written single-threaded loop".format(r["peer_fps"]),
+        "  pipeline/raw   {:8.3f}   pipeline/peer {:.3f}".format(r["pipeline_over_raw"],
+                                                               r["pipeline_over_peer"]),
+        "  latency ms     " + "  ".join("{} p50 {} p95 {}".format(k, v["p50"], v["p95"])
+                                        for k, v in r["stages_ms"].items()),
+        "  added latency p50 {} ms (capture to publish minus inference); received p50 {} "
+        "p95 {} ms".format(r["added_latency_p50_ms"], r["capture_to_received_ms"]["p50"],
+                           r["capture_to_received_ms"]["p95"]),
+        "  alloc per frame {} bytes (peak, tracemalloc)   peak RSS {} MB".format(
+            r["alloc_per_frame_bytes"], r["peak_rss_mb"]),
+    ]
+    if "with_matcher" in r:
+        m = r["with_matcher"]
+        lines.append("  with matcher at 1 Hz: detect {:.1f} fps = {:.3f} of solo {:.1f} ({} "
+                     "matches)".format(m["detect_fps"], m["ratio"], m["solo_detect_fps"],
+                                       m["match_runs"]))
+    return "\n".join(lines)
+
+
+def plot(r, path):
+    """A PNG with throughput bars and latency percentiles, drawn with OpenCV."""
+    import cv2
+    canvas = np.full((420, 760, 3), 255, np.uint8)
+    bars = [("raw", r["raw_fps"]), ("raw model", r["raw_model_fps"]),
+            ("pipeline", r["pipeline_fps"]), ("peer", r["peer_fps"])]
+    if "pipeline_images_fps" in r:
+        bars.insert(3, ("images", r["pipeline_images_fps"]))
+    top = max(v for _, v in bars) or 1.0
+    cv2.putText(canvas, "throughput (fps)", (20, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2)
+    for i, (name, value) in enumerate(bars):
+        x = 30 + i * 70
+        h = int(300 * value / top)
+        cv2.rectangle(canvas, (x, 370 - h), (x + 45, 370), (200, 120, 40), -1)
+        cv2.putText(canvas, "{:.0f}".format(value), (x, 362 - h), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 0), 1)
+        cv2.putText(canvas, name, (x - 5, 392), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.putText(canvas, "latency p50 / p95 (ms)", (420, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
+                (0, 0, 0), 2)
+    stages = list(r["stages_ms"].items())
+    worst = max((v["p95"] or 0) for _, v in stages) or 1.0
+    for i, (name, v) in enumerate(stages):
+        y = 70 + i * 70
+        for j, (key, colour) in enumerate((("p50", (40, 160, 40)), ("p95", (40, 40, 200)))):
+            w = int(250 * (v[key] or 0) / worst)
+            cv2.rectangle(canvas, (480, y + j * 22), (480 + w, y + j * 22 + 18), colour, -1)
+            cv2.putText(canvas, "{} {}".format(key, v[key]), (485 + w, y + j * 22 + 14),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+        cv2.putText(canvas, name, (420, y + 25), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    cv2.imwrite(path, canvas)
