@@ -14,6 +14,7 @@ import sys
 import time
 
 from edge.errors import ModelError, SinkError, UnavailableError
+from edge.files import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def fetch(url, sha256, dest, mirror=None, what="file", progress=None):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as e:
         raise SinkError("{} {}: cannot write ({}); free space or choose another model_dir"
                         .format(what, dest, e.strerror or e))
@@ -142,16 +143,3 @@ class Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -11,6 +11,7 @@ import re
 import threading
 
 from edge.errors import ConfigError, SourceError
+from edge.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +96,7 @@ class ReferenceStore:
         if not ok:
             raise SourceError("reference {!r}: cannot encode as PNG".format(name))
         os.makedirs(self.folder, exist_ok=True)
-        tmp = "{}.tmp.{}".format(path, os.getpid())
-        try:
-            with open(tmp, "wb") as f:
-                f.write(encoded.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, encoded.tobytes())
         with self._lock:
             self._cache[name] = image.copy()
             self._names = self._scan()

@@ -19,6 +19,8 @@ import logging
 import os
 import re
 
+from edge.files import atomic_write, fsync_dir
+
 logger = logging.getLogger(__name__)
 
 FORMAT = 1      # bump when the layout of artefacts or side files changes
@@ -48,36 +50,6 @@ def _sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path, data):
-    """Write bytes to path via a temporary file, fsync and rename; nothing torn on a crash."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = "{}.tmp.{}".format(path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync_dir(folder)
-
-
-def fsync_dir(folder):
-    """Make a rename durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class EngineCache:

@@ -30,7 +30,7 @@ import weakref
 import numpy as np
 
 from edge.backends import Backend, Engine, register
-from edge.backends.cache import atomic_write
+from edge.files import atomic_write
 from edge.errors import ConfigError, EdgeError, ModelError
 
 logger = logging.getLogger(__name__)
