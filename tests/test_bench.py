@@ -1,0 +1,29 @@
+"""edge bench runs end to end (short) and reports every figure the performance issue names.
+
+Only that the figures exist and are sane: speed targets are read from the printed figures,
+never asserted as timings here.
+"""
+
+import json
+
+from tests.conftest import COCO8_VAL, SHARED, run_edge
+
+
+def test_bench_reports_all_figures(tmp_path, model_dir):
+    out_json = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    rc, out, err = run_edge("bench", "--source", COCO8_VAL, "--frames", "30", "--seconds",
+                            "0.5", "--model-dir", model_dir, "--state-dir", str(tmp_path),
+                            "--json", str(out_json), "--plot", str(plot), "--matcher",
+                            "coarse-loftr", "--reference",
+                            SHARED + "/data/middlebury-motorcycle/motorcycle_left.png",
+                            timeout=300)
+    assert rc == 0, err[-3000:]
+    r = json.loads(out_json.read_text())
+    for key in ("raw_fps", "raw_model_fps", "pipeline_fps", "pipeline_images_fps", "peer_fps",
+                "alloc_per_frame_bytes", "added_latency_p50_ms", "peak_rss_mb"):
+        assert r[key] > 0, key
+    assert r["received"] > 0 and r["capture_to_received_ms"]["p50"] > 0
+    assert set(r["latency_run"]["stages_ms"]) == {"total", "queue", "infer", "post"}
+    assert r["with_matcher"]["match_runs"] >= 1 and r["with_matcher"]["detect_fps"] > 0
+    assert "pipeline/raw" in out and plot.stat().st_size > 1000
