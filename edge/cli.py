@@ -304,9 +304,8 @@ def parser():
 def main(argv=None):
     """Entry point of the console script; returns the exit status."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    from edge import logs
+    logs.setup(logging.DEBUG if args.debug else logging.INFO)
     if not getattr(args, "func", None):
         parser().print_help()
         return EXIT_OK if args.command is None else 2
