@@ -37,7 +37,6 @@ class TaskRunner(threading.Thread):
         self.publisher = publisher
         self.stop_event = stop_event
         self.error = None
-        self.latency_ms = []      # recent capture-to-publish latencies, bounded
 
     def run(self):
         while True:
@@ -67,7 +66,7 @@ class TaskRunner(threading.Thread):
             except EdgeError as e:
                 logger.error("task %s failed: %s", self.task.name, e)
                 self._fail(e)
-            except Exception as e:  # a bug: keep it visible, stop the run with a clear exit
+            except Exception as e:  # a bug: logged with its traceback, the task stops
                 logger.exception("task %s failed on frame %d", self.task.name, frame.index)
                 self._fail(e)
             finally:
