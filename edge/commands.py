@@ -14,6 +14,7 @@ import re
 import threading
 import time
 
+from edge import mqtt
 from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
@@ -94,13 +95,17 @@ class Commands(threading.Thread):
             "delete_reference": self.delete_reference, "reload": self.reload,
         }
 
-    def submit(self, name, payload, reply_topic=None):
-        """Queue a raw request (called from paho's thread: must not block or raise)."""
+    def submit(self, name, payload, reply_topic=None, correlation=None):
+        """Queue a raw request (called from paho's thread: must not block or raise).
+
+        `reply_topic` and `correlation` are an MQTT 5 request's response topic and
+        correlation data: the reply goes there and carries the same correlation data.
+        """
         with self._cond:
             if len(self._queue) >= QUEUE_LIMIT:
                 self.dropped += 1
                 return
-            self._queue.append((name, payload, reply_topic))
+            self._queue.append((name, payload, reply_topic, correlation))
             self._cond.notify()
 
     def run(self):
@@ -110,10 +115,13 @@ class Commands(threading.Thread):
                     self._cond.wait(0.5)
                 if self._stop:
                     return
-                name, payload, reply_topic = self._queue.popleft()
+                name, payload, reply_topic, correlation = self._queue.popleft()
             try:
+                if reply_topic is not None:
+                    reply_topic = self._checked_reply_to(reply_topic, fallback=True)
                 topic, reply = self.handle(name, payload, reply_topic)
-                self.app.publisher.put(topic, reply, qos=1, jsonl=False)
+                self.app.publisher.put(topic, reply, qos=1, jsonl=False,
+                                       properties=mqtt.reply_properties(correlation))
             except Exception:   # the command thread outlives every request
                 logger.exception("command %s failed", name)
 
@@ -165,9 +173,11 @@ class Commands(threading.Thread):
             error = {"code": "internal", "message": "{}: {}".format(type(e).__name__, e)[:300]}
         return topic, {"v": 1, "id": request_id, "ok": False, "error": error}
 
-    def _checked_reply_to(self, value):
+    def _checked_reply_to(self, value, fallback=False):
         if not isinstance(value, str) or not 0 < len(value) <= 256 or \
                 not _TOPIC_LEVEL.match(value) or value.startswith("$"):
+            if fallback:
+                return None     # a bad MQTT 5 response topic: reply on the default topic
             raise CommandError("bad_request", "`reply_to` must be an MQTT topic without "
                                               "wildcards, at most 256 characters")
         return value

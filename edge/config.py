@@ -58,6 +58,8 @@ SPEC = {
         "key_file": Field(str, default=None, nullable=True, help="client certificate's key"),
         "qos": Field(int, default=0, choices=(0, 1)),
         "keepalive": Field(int, default=30, min=5, max=3600),
+        "protocol": Field(str, default="3.1.1", choices=("3.1.1", "5"),
+                          help="5: commands honour response topic and correlation data"),
         "queue": Field(int, default=1000, min=1, max=1000000,
                        help="messages held while the broker is slow or away"),
         "flush_timeout": Field(float, default=10.0, min=0.0, max=600.0,

@@ -156,7 +156,8 @@ class Daemon:
                 mqtt.parse_url(m["url"], m["qos"], m["keepalive"]), m["username"],
                 m["password_file"], m["ca_file"], m["cert_file"], m["key_file"])
             self.link = mqtt.MqttLink(settings, self.device, config["mqtt"]["prefix"],
-                                      queue_limit=config["mqtt"]["queue"])
+                                      queue_limit=config["mqtt"]["queue"],
+                                      protocol=config["mqtt"]["protocol"])
             qos = settings["qos"]
         self.jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
         self.publisher = Publisher(self.link, self.jsonl, qos=qos, limit=config["mqtt"]["queue"])
@@ -231,7 +232,7 @@ class Daemon:
         else:
             self.health.start()
         logger.info("running %s on %s with %s", ", ".join(t.card.name for t in self.tasks),
-                    self.config["source"], self.maker.backend.describe())
+                    self.source_display, self.maker.backend.describe())
 
     def _wait(self):
         """'finished' (source ended or error), 'stopped' (signal) or 'reload'."""

@@ -112,13 +112,32 @@ def redact(url):
     return url
 
 
-def make_client(client_id):
-    """A paho Client for MQTT 3.1.1 under paho-mqtt 1.x or 2.x."""
+def make_client(client_id, protocol="3.1.1"):
+    """A paho Client for MQTT 3.1.1 (or 5) under paho-mqtt 1.x or 2.x.
+
+    MQTT 5 takes no clean_session (it has clean start, which paho sets on the first
+    connect); mosquitto 1.4 (Ubuntu 18.04) speaks only 3.1.1, hence the default.
+    """
     import paho.mqtt.client as paho
+    options = {"client_id": client_id}
+    if protocol == "5":
+        options["protocol"] = paho.MQTTv5
+    else:
+        options.update(clean_session=True, protocol=paho.MQTTv311)
     if hasattr(paho, "CallbackAPIVersion"):   # paho-mqtt >= 2.0
-        return paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                           clean_session=True, protocol=paho.MQTTv311)
-    return paho.Client(client_id=client_id, clean_session=True, protocol=paho.MQTTv311)
+        return paho.Client(paho.CallbackAPIVersion.VERSION2, **options)
+    return paho.Client(**options)
+
+
+def reply_properties(correlation):
+    """MQTT 5 PUBLISH properties carrying a request's correlation data (None if none)."""
+    if correlation is None:
+        return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.CorrelationData = correlation
+    return properties
 
 
 def _reason_code(rc):
@@ -141,7 +160,7 @@ def status_payload(device, state, since, reason=None):
 class MqttLink:
     """A connection to the broker kept up in the background, with status and last will."""
 
-    def __init__(self, settings, device, prefix="edge", queue_limit=1000):
+    def __init__(self, settings, device, prefix="edge", queue_limit=1000, protocol="3.1.1"):
         self.settings = settings
         self.device = device
         self.prefix = prefix
@@ -151,7 +170,9 @@ class MqttLink:
         self.state = "starting"
         self.since = time.time()
         self.reason = None
-        client = make_client("edge-{}-{}".format(device, int(time.time() * 1000) % 100000))
+        self.protocol = protocol
+        client = make_client("edge-{}-{}".format(device, int(time.time() * 1000) % 100000),
+                             protocol)
         client.max_queued_messages_set(queue_limit)
         secure(client, settings)
         client.will_set(self.topic("status"), status_payload(
@@ -161,7 +182,9 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self.client = client
-        self.on_command = None      # callable(name, payload bytes), set by the daemon
+        # callable(name, payload bytes, response topic, correlation data), set by the daemon;
+        # the last two come from MQTT 5 requests, else None
+        self.on_command = None
 
     def topic(self, suffix):
         return "{}/{}/{}".format(self.prefix, self.device, suffix)
@@ -184,8 +207,11 @@ class MqttLink:
         return self.client.publish(self.topic("status"), status_payload(
             self.device, self.state, self.since, self.reason), qos=1, retain=True)
 
-    def publish(self, topic, payload, qos, retain=False):
+    def publish(self, topic, payload, qos, retain=False, properties=None):
         """paho's MessageInfo; its rc says whether paho took the message."""
+        if properties is not None and self.protocol == "5":
+            return self.client.publish(topic, payload, qos=qos, retain=retain,
+                                       properties=properties)
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def _on_connect(self, client, userdata, flags, rc, properties=None):
@@ -211,7 +237,10 @@ class MqttLink:
         try:
             prefix = self.topic("cmd/")
             if self.on_command is not None and message.topic.startswith(prefix):
-                self.on_command(message.topic[len(prefix):], message.payload)
+                props = getattr(message, "properties", None)
+                self.on_command(message.topic[len(prefix):], message.payload,
+                                getattr(props, "ResponseTopic", None) or None,
+                                getattr(props, "CorrelationData", None))
         except Exception:   # never let an exception end paho's network thread
             logger.exception("mqtt on_message failed")
 

@@ -4,6 +4,17 @@
 One thread ("publish") serialises each message once, appends it to the JSONL file, and hands
 it to MQTT when connected. While the broker is away, messages wait in the same bounded queue
 (oldest dropped first, counted) and leave in order after the reconnect.
+
+Delivery: QoS 1 messages are at least once. paho keeps a QoS 1 message it took until the
+broker acknowledges it and sends it again (flagged DUP) after a reconnect, so a broker that
+goes away between receiving a message and acknowledging it gets it twice. Order holds across
+a reconnect: no new message is handed to paho until the ones it is re-sending from the
+previous connection are acknowledged (paho would otherwise send new ones first: our
+on_connect runs before its re-send loop). QoS 0 messages are at most once.
+
+Memory: at most `limit` messages wait (oldest dropped first), and paho holds at most
+`window` more that it was handed and the broker has not acknowledged yet (those can no longer
+be dropped), so paho's own queue never grows beyond that either.
 """
 
 import collections
@@ -16,7 +27,13 @@ from edge.errors import SinkError
 
 logger = logging.getLogger(__name__)
 
-_QUEUED = 0        # paho's rc for a message it accepted
+# paho's return codes (the same in paho-mqtt 1.x and 2.x)
+_OK = 0
+_NO_CONN = 4           # not connected: paho keeps a QoS > 0 message and sends it on reconnect
+_QUEUE_SIZE = 15       # paho's own queue is full: it did not take the message
+
+WINDOW = 20            # messages handed to paho at once (paho's default max_inflight_messages)
+RESEND_WAIT_S = 30.0   # longest wait for paho's re-sends before new messages go out anyway
 
 
 class JsonlSink:
@@ -38,7 +55,10 @@ class JsonlSink:
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:     # the last buffered lines could not be written (disk full)
+            logger.error("jsonl %s: cannot write (%s)", self.path, e.strerror or e)
 
 
 class Publisher(threading.Thread):
@@ -50,97 +70,210 @@ class Publisher(threading.Thread):
         self.jsonl = jsonl          # JsonlSink or None
         self.qos = qos
         self.limit = limit
+        self.window = max(1, min(WINDOW, limit // 4))
         self.dropped = 0            # messages dropped because the queue was full
+        self.failed = 0             # messages that could not be serialised or published (bugs)
         self.sent = 0               # handed to paho (MQTT) or written (JSONL only)
         self.accepted = 0
-        self._queue = collections.deque()     # (topic, message, retain, qos, to_jsonl)
-        self._outbox = collections.deque()    # (topic, payload, retain, qos) for the broker
-        self._inflight = collections.deque()  # paho MessageInfo not yet published
+        self.error = None           # SinkError once the JSONL file could not be written
+        # (topic, message, retain, qos, to_jsonl, properties)
+        self._queue = collections.deque()
+        self._outbox = collections.deque()    # (topic, payload, retain, qos, properties)
+        self._inflight = collections.deque()  # (paho MessageInfo, qos, connection number)
         self._cond = threading.Condition()
-        self._closing = False
+        self._stopping = False
+        self._processing = 0        # messages taken from the queue, not yet in the outbox
+        self._doomed = 0            # of those, how many (the oldest) were dropped meanwhile
+        self._resend_since = None   # monotonic time a re-send from an old connection began
 
-    def put(self, topic, message, retain=False, qos=None, jsonl=True):
+    def put(self, topic, message, retain=False, qos=None, jsonl=True, properties=None):
         """Queue a message (a dict, or bytes sent as they are); never blocks.
 
         When the queue is full the oldest message is dropped and counted. `jsonl=False`
         keeps it out of the JSONL file (health, replies: the file holds results only).
+        `properties`: MQTT 5 PUBLISH properties (a reply's correlation data), or None.
         """
         with self._cond:
-            if len(self._queue) + len(self._outbox) >= self.limit:
-                if self._outbox:
-                    self._outbox.popleft()
-                else:
-                    self._queue.popleft()
-                self.dropped += 1
+            self._trim(self.limit - 1)
             self._queue.append((topic, message, retain, self.qos if qos is None else qos,
-                                jsonl))
+                                jsonl, properties))
             self.accepted += 1
             self._cond.notify()
 
+    def _trim(self, keep):
+        """Drop the oldest messages until at most `keep` are held (call with the lock).
+
+        By age: the outbox, then the batch the thread is serialising (its oldest are marked
+        and left out when it joins the outbox; the JSONL file still gets them), then the
+        queue. Without MQTT only the queue is for the sinks' sake: drop there."""
+        while self._waiting() > keep:
+            if self._outbox:
+                self._outbox.popleft()
+            elif self.link is not None and self._processing > self._doomed:
+                self._doomed += 1
+            elif self._queue:
+                self._queue.popleft()
+            else:
+                return
+            self.dropped += 1
+
+    def _waiting(self):
+        return len(self._queue) + self._processing - self._doomed + len(self._outbox)
+
+    def _held(self):
+        return self._waiting() + len(self._inflight)
+
     @property
     def depth(self):
-        return len(self._queue) + len(self._outbox)
+        """Messages held: waiting, and handed to paho but not yet delivered."""
+        with self._cond:
+            return self._held()
 
     def run(self):
         while True:
             with self._cond:
-                if not self._queue and not self._closing:
-                    self._cond.wait(0.05)
+                if not self._queue and not self._stopping:
+                    # Poll faster while a backlog drains: acknowledgements free the window.
+                    draining = self._outbox and self.link is not None and \
+                        self.link.connected.is_set()
+                    self._cond.wait(0.005 if draining else 0.05)
                 batch = list(self._queue)
                 self._queue.clear()
-                closing = self._closing
-            for topic, message, retain, qos, to_jsonl in batch:
+                self._processing = len(batch)    # still counted while being serialised
+                stopping = self._stopping
+            try:
+                if batch:
+                    self._write(batch)
+                self._send()
+            except Exception:   # the thread must outlive any one message: log, go on
+                logger.exception("publisher failed; going on")
+                with self._cond:
+                    self._processing = self._doomed = 0
+                time.sleep(0.1)
+            if stopping:
+                return
+
+    def _write(self, batch):
+        """Serialise once, append results to the JSONL file, queue for the broker."""
+        payloads = []
+        for topic, message, retain, qos, to_jsonl, properties in batch:
+            try:
                 payload = message if isinstance(message, bytes) else json.dumps(
                     message, separators=(",", ":")).encode()
-                if self.jsonl is not None and to_jsonl:
-                    self.jsonl.write(payload)
-                if self.link is not None:
-                    with self._cond:
-                        self._outbox.append((topic, payload, retain, qos))
-                else:
-                    self.sent += 1
-            if batch and self.jsonl is not None:
+            except (TypeError, ValueError):     # a bug in a task: lose one message, not all
+                logger.exception("cannot serialise a message for %s", topic)
+                self.failed += 1
+                continue
+            if self.jsonl is not None and to_jsonl:
+                self._write_jsonl(payload)
+            payloads.append((topic, payload, retain, qos, properties))
+        if self.jsonl is not None and self.error is None:
+            try:
                 self.jsonl.flush()
-            self._send()
-            if closing and not self._queue:
-                return
+            except OSError as e:
+                self._jsonl_failed(e)
+        with self._cond:
+            doomed, self._doomed, self._processing = self._doomed, 0, 0
+            if self.link is not None:
+                self._outbox.extend(payloads[doomed:])
+            else:
+                self.sent += len(payloads)
+
+    def _write_jsonl(self, payload):
+        if self.error is not None:
+            return
+        try:
+            self.jsonl.write(payload)
+        except OSError as e:
+            self._jsonl_failed(e)
+
+    def _jsonl_failed(self, error):
+        # Once: a full disk would otherwise log a line per frame. MQTT goes on.
+        self.error = SinkError("jsonl {}: cannot write ({}); free space or choose another "
+                               "path".format(self.jsonl.path, error.strerror or error))
+        logger.error("%s; results still go to MQTT", self.error)
+
+    def _settle(self, connection):
+        """Forget what paho delivered; True while paho re-sends an old connection's messages."""
+        resending = False
+        kept = collections.deque()
+        for entry in self._inflight:
+            info, qos, number = entry
+            if info.is_published():
+                continue
+            if number != connection:
+                if qos == 0:
+                    continue     # lost with the connection: QoS 0 is at most once
+                resending = True
+            kept.append(entry)
+        with self._cond:
+            self._inflight = kept
+        if not resending:
+            self._resend_since = None
+            return False
+        now = time.monotonic()
+        if self._resend_since is None:
+            self._resend_since = now
+        elif now - self._resend_since > RESEND_WAIT_S:
+            logger.warning("mqtt: %d messages of the previous connection still not "
+                           "acknowledged after %.0f s; sending new ones", len(kept),
+                           RESEND_WAIT_S)
+            with self._cond:
+                self._inflight = collections.deque(
+                    (i, q, connection) for i, q, _ in kept)
+            self._resend_since = None
+            return False
+        return True
 
     def _send(self):
         """Hand queued payloads to paho while connected, keeping their order."""
         if self.link is None:
             return
-        while self._inflight and self._inflight[0].is_published():
-            self._inflight.popleft()
+        connection = self.link.connects
+        if self._settle(connection):
+            return
         while self.link.connected.is_set():
             with self._cond:
-                if not self._outbox:
+                if not self._outbox or len(self._inflight) >= self.window:
                     return
-                topic, payload, retain, qos = self._outbox[0]
-            full = topic if "/" in topic else self.link.topic(topic)
-            info = self.link.publish(full, payload, qos, retain)
-            if info.rc != _QUEUED:
-                return     # paho's own queue is full or the link just dropped: retry later
-            with self._cond:
-                if self._outbox and self._outbox[0][1] is payload:
+                topic, payload, retain, qos, properties = self._outbox[0]
+                full = topic if "/" in topic else self.link.topic(topic)
+                try:
+                    if properties is None:
+                        info = self.link.publish(full, payload, qos, retain)
+                    else:
+                        info = self.link.publish(full, payload, qos, retain, properties)
+                except (ValueError, TypeError) as e:   # a topic paho refuses: drop that one
                     self._outbox.popleft()
-            self._inflight.append(info)
-            self.sent += 1
+                    self.failed += 1
+                    logger.error("mqtt: cannot publish on %r: %s", full[:100], e)
+                    continue
+                taken = info.rc == _OK or (qos > 0 and info.rc == _NO_CONN)
+                if not taken:
+                    return     # paho's queue is full or the link just dropped: retry later
+                self._outbox.popleft()
+                self._inflight.append((info, qos, connection))
+                self.sent += 1
 
     def flush(self, timeout):
-        """Stop accepting, write everything out; the number of messages not delivered."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        self.join(timeout)
+        """Deliver what is held within `timeout` s, then stop the thread; the number of
+        messages not delivered (QoS 1: acknowledged, QoS 0: written to the socket)."""
         deadline = time.monotonic() + timeout
-        if self.link is not None:
-            while time.monotonic() < deadline:
-                self._send()
-                while self._inflight and self._inflight[0].is_published():
-                    self._inflight.popleft()
-                if not self._outbox and not self._inflight:
-                    break
+        if self.is_alive():
+            while time.monotonic() < deadline and self.is_alive():
+                with self._cond:
+                    if not self._held():
+                        break
                 time.sleep(0.02)
-        if self.jsonl is not None:
-            self.jsonl.flush()
-        return len(self._queue) + len(self._outbox) + len(self._inflight)
+            with self._cond:
+                self._stopping = True
+                self._cond.notify()
+            self.join(5.0)
+        if self.link is not None:
+            self._settle(self.link.connects)
+        if self.jsonl is not None and self.error is None:
+            try:
+                self.jsonl.flush()
+            except OSError as e:
+                self._jsonl_failed(e)
+        return self.depth

@@ -47,7 +47,7 @@ def test_defaults_with_a_detector(monkeypatch, tmp_path):
     assert cfg["model_mirror"] is None and cfg["jsonl"] is None and cfg["max_frames"] is None
     assert cfg["log_level"] == "info"
     assert cfg["mqtt"] == {"url": None, "prefix": "edge", "qos": 0, "keepalive": 30,
-                           "queue": 1000, "flush_timeout": 10.0, "username": None,
+                           "queue": 1000, "flush_timeout": 10.0, "protocol": "3.1.1", "username": None,
                            "password_file": None, "ca_file": None, "cert_file": None,
                            "key_file": None}
     assert cfg["pipeline"] == {"pool": 6, "threads": 0}
@@ -103,7 +103,7 @@ def test_a_file_with_every_section(tmp_path):
     assert cfg["jsonl"] == "/var/log/edge.jsonl"
     assert cfg["log_level"] == "warning"
     assert cfg["mqtt"] == {"url": "mqtt://broker.local:1884", "prefix": "site/a", "qos": 1,
-                           "keepalive": 60, "queue": 50, "flush_timeout": 2.5,
+                           "keepalive": 60, "queue": 50, "flush_timeout": 2.5, "protocol": "3.1.1",
                            "username": "cam-1", "password_file": "/etc/edge/mqtt-password",
                            "ca_file": "/etc/edge/ca.crt", "cert_file": "/etc/edge/cam-1.crt",
                            "key_file": "/etc/edge/cam-1.key"}

@@ -89,7 +89,7 @@ def test_coco8_detections_over_mqtt_match_reference(broker, subscriber, model_di
     with open(jsonl) as f:
         assert [json.loads(line) for line in f] == messages
     statuses = sub.json("status")
-    assert statuses[0]["state"] == "online" and statuses[-1]["state"] == "offline"
+    assert "online" in [m["state"] for m in statuses] and statuses[-1]["state"] == "offline"
     assert statuses[-1]["reason"] == "finished"
 
     session = ort.InferenceSession(os.path.join(model_dir, "yolox_nano.onnx"),

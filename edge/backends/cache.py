@@ -52,11 +52,40 @@ def _sha256_file(path):
     return digest.hexdigest()
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # alive, but another user's
+        return True
+    return True
+
+
 class EngineCache:
     """Artefacts of one backend under a folder, looked up by key."""
 
     def __init__(self, folder):
         self.folder = folder
+        self._cleaned = False
+
+    def clean_leftovers(self):
+        """Remove temporary files (`*.tmp.<pid>`) of processes that died while writing them
+        (SIGKILL, power cut); they were never trusted, only taking space."""
+        self._cleaned = True
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in names:
+            match = re.search(r"\.tmp\.(\d+)$", name)
+            if match and int(match.group(1)) != os.getpid() and \
+                    not _pid_alive(int(match.group(1))):
+                try:
+                    os.unlink(os.path.join(self.folder, name))
+                    logger.info("removed %s, left by a process that was killed", name)
+                except OSError:
+                    pass
 
     def paths(self, label, fingerprint, options, key, suffix):
         path = os.path.join(self.folder, file_name(label, fingerprint, options, key, suffix))
@@ -64,6 +93,8 @@ class EngineCache:
 
     def lookup(self, path, key):
         """True when the artefact at path is complete and built for `key`; else cleans up."""
+        if not self._cleaned:
+            self.clean_leftovers()
         side = path + ".json"
         if not os.path.exists(path) and not os.path.exists(side):
             return False
@@ -87,19 +118,30 @@ class EngineCache:
         return False
 
     def store(self, path, built_file, key, material):
-        """Move a freshly built file into place, then write its side file (both atomic)."""
-        os.makedirs(self.folder, exist_ok=True)
-        with open(built_file, "rb") as f:
-            os.fsync(f.fileno())
-        meta = {"key": key, "size": os.path.getsize(built_file),
-                "sha256": _sha256_file(built_file), "material": material}
-        # The side file goes last: without it (or with an old one) the artefact is not trusted.
-        side = path + ".json"
-        if os.path.exists(side):
-            os.unlink(side)
-        os.replace(built_file, path)
-        fsync_dir(self.folder)
-        atomic_write(side, json.dumps(meta, indent=1, sort_keys=True).encode())
+        """Move a freshly built file into place, then write its side file (both atomic).
+
+        A write that fails (a full disk) leaves neither: BuildError naming the folder.
+        """
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            with open(built_file, "rb") as f:
+                os.fsync(f.fileno())
+            meta = {"key": key, "size": os.path.getsize(built_file),
+                    "sha256": _sha256_file(built_file), "material": material}
+            # The side file goes last: without it (or with an old one) the artefact is not
+            # trusted.
+            side = path + ".json"
+            if os.path.exists(side):
+                os.unlink(side)
+            os.replace(built_file, path)
+            fsync_dir(self.folder)
+            atomic_write(side, json.dumps(meta, indent=1, sort_keys=True).encode())
+        except OSError as e:
+            from edge.backends.build import BuildError   # build imports this module
+            self.remove(path)
+            raise BuildError("engine {}: cannot store it in {} ({}); free space there or set "
+                             "engine.dir to another folder".format(
+                                 os.path.basename(path), self.folder, e.strerror or e))
 
     def remove(self, path):
         for p in (path + ".json", path):

@@ -4,7 +4,7 @@ A plain path to one image file is a folder of one.
 
 `images:///data/shots` or a plain folder path; `?loop=1` starts over after the last image.
 A folder is finite: the pipeline never drops its frames. Files that cannot be decoded are
-skipped with one warning each and counted in `skipped`.
+skipped with one warning each (once per file when looping) and counted in `skipped`.
 """
 
 import logging
@@ -36,6 +36,7 @@ class ImageFolderSource(Source):
         self.folder = location
         self.paths = []
         self.skipped = 0
+        self._bad = set()          # paths that did not decode (looping folders log them once)
         self._next = 0
         self._index = 0
         self._delivered_this_pass = 0
@@ -81,8 +82,9 @@ class ImageFolderSource(Source):
                 self._delivered_this_pass = 0
             path = self.paths[self._next]
             self._next += 1
-            image = _decode(path)
+            image = _decode(path, warn=path not in self._bad)
             if image is None:
+                self._bad.add(path)      # named once in the log, counted every pass
                 self.skipped += 1
                 continue
             # cv2.imread allocates; the slot keeps its buffer unless the size changes.
@@ -95,17 +97,30 @@ class ImageFolderSource(Source):
             return True
 
 
-def _decode(path):
+def _decode(path, warn=True):
     # (H, W, 3) uint8 BGR, or None after one warning: IMREAD_COLOR turns grey, 16-bit and
     # 4-channel images into 8-bit BGR.
+    log = logger.warning if warn else logger.debug
     try:
-        if os.path.getsize(path) == 0:
-            logger.warning("skipped image %s: the file is empty", path)
-            return None
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
-        logger.warning("skipped image %s: cannot be read (%s)", path, exc.strerror)
+        log("skipped image %s: cannot be read (%s)", path, exc.strerror)
+        return None
+    if not data:
+        log("skipped image %s: the file is empty", path)
+        return None
+    if _truncated_jpeg(data):
+        log("skipped image %s: truncated JPEG (the image data has no end marker)", path)
         return None
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        logger.warning("skipped image %s: cannot be decoded (corrupt or not an image)", path)
+        log("skipped image %s: cannot be decoded (corrupt or not an image)", path)
     return image
+
+
+def _truncated_jpeg(data):
+    # libjpeg decodes a JPEG cut short without an error, filling the missing part with grey.
+    # A complete one has its end-of-image marker (FF D9) after its last start-of-scan (FF DA);
+    # the scan data itself cannot hold either (every FF in it is followed by 00 or an RSTn).
+    return data[:3] == b"\xff\xd8\xff" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")

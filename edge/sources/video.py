@@ -1,4 +1,4 @@
-"""Sources read through OpenCV's VideoCapture: file://, v4l2://, rtsp:// and csi://.
+"""Sources read through OpenCV's VideoCapture: file://, v4l2://, rtsp://, http(s):// and csi://.
 
 Each kind only says how to open its capture; reading is shared. OpenCV decodes straight into
 the slot's buffer when the buffer already has the stream's size, so steady state allocates
@@ -183,6 +183,37 @@ class RtspSource(VideoCaptureSource):
             raise SourceError("stream {} cannot be opened; check the address, credentials and "
                               "that the camera is reachable (ffplay URL)".format(self.uri))
         return cap
+
+
+@register("http")
+class HttpSource(VideoCaptureSource):
+    """A network camera's HTTP stream through FFmpeg: MJPEG (multipart/x-mixed-replace), as
+    most IP cameras serve it, or any stream FFmpeg reads from a URL. Live: a stream that
+    stops is reopened with backoff. Query parameters belong to the camera's URL."""
+
+    def __init__(self, uri, location, params):
+        super().__init__(uri, location, params)
+        self.url = uri
+
+    def _capture(self):
+        cap = _open_capture(self.url, cv2.CAP_FFMPEG, _timeouts())
+        if cap is None:
+            raise SourceError("stream {} cannot be opened; check the address, credentials and "
+                              "that the camera serves it (ffplay URL)".format(_redact(self.uri)))
+        return cap
+
+
+@register("https")
+class HttpsSource(HttpSource):
+    """The same over TLS."""
+
+
+def _redact(url):
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(":" + parts.password + "@", ":***@", 1)
+    return url
 
 
 def _without_params(url, names):
