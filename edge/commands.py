@@ -49,6 +49,15 @@ def _int(args, key, default, low, high):
     return value
 
 
+def _encodable(topic):
+    """Whether the topic is valid UTF-8 (JSON may carry lone surrogates; MQTT cannot)."""
+    try:
+        topic.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _bool(args, key, default):
     value = args.get(key, default)
     if not isinstance(value, bool):
@@ -175,10 +184,11 @@ class Commands(threading.Thread):
 
     def _checked_reply_to(self, value, fallback=False):
         if not isinstance(value, str) or not 0 < len(value) <= 256 or \
-                not _TOPIC_LEVEL.match(value) or value.startswith("$"):
+                not _TOPIC_LEVEL.match(value) or value.startswith("$") or \
+                not _encodable(value):
             if fallback:
                 return None     # a bad MQTT 5 response topic: reply on the default topic
-            raise CommandError("bad_request", "`reply_to` must be an MQTT topic without "
+            raise CommandError("bad_request", "`reply_to` must be a UTF-8 MQTT topic without "
                                               "wildcards, at most 256 characters")
         return value
 

@@ -15,7 +15,7 @@ from edge.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")   # \Z: `$` also matches before "\n"
 MAX_SIDE = 4096        # larger references are refused: the graph is specialised to their size
 
 

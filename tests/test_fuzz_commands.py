@@ -156,25 +156,6 @@ command_names = mostly(st.sampled_from(COMMANDS), st.text(max_size=20) | st.samp
 
 # --- the checks ----------------------------------------------------------------------------
 
-def known_newline_bug(stored):
-    """edge/references.py NAME ends with `$`, which also matches before a trailing newline,
-    so `set_reference` stores "dock\\n.png" (inside the folder). Tracked by the strict xfail
-    test below; remove this allowance when that test passes."""
-    return stored.endswith("\n") and REFERENCE_NAME.match(stored[:-1]) is not None
-
-
-def known_surrogate_bug(topic):
-    """edge/commands.py _checked_reply_to accepts a `reply_to` holding a lone surrogate
-    ("\\ud800" in the JSON): no MQTT topic can hold it, so the reply cannot be sent (the
-    publisher drops it with an error line). Tracked by the strict xfail test below; remove
-    this allowance when that test passes."""
-    try:
-        topic.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
-
-
 def check(h, name, payload, topic, reply):
     assert isinstance(reply, dict) and reply["v"] == 1 and isinstance(reply["ok"], bool)
     assert reply["id"] is None or REQUEST_ID.match(reply["id"]), reply
@@ -186,11 +167,10 @@ def check(h, name, payload, topic, reply):
     wire = json.loads(json.dumps(reply))
     schemas.validate("reply", wire)
     assert isinstance(topic, str) and topic
-    if not known_surrogate_bug(topic):
-        topic.encode("utf-8")                 # a topic paho can send
+    topic.encode("utf-8")                     # a topic paho can send
     assert "#" not in topic and "+" not in topic and not topic.startswith("$")
     for stored in h.app.store.names():
-        assert REFERENCE_NAME.match(stored) or known_newline_bug(stored), stored
+        assert REFERENCE_NAME.match(stored), stored
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -236,8 +216,6 @@ def test_valid_requests_still_work_after_the_fuzzing(harness):
     assert topic == "edge/fuzz/reply/a3"
 
 
-@pytest.mark.xfail(strict=True, reason="edge/references.py NAME = ...{0,63}$ accepts a trailing "
-                   "newline; use \\Z (or fullmatch) as edge/commands.py _ID does")
 def test_reference_name_with_a_trailing_newline_is_refused(tmp_path):
     h = Harness(str(tmp_path))
     topic, reply = h.handle("set_reference", b'{"id": "n1", "name": "dock\\n"}')
@@ -245,8 +223,6 @@ def test_reference_name_with_a_trailing_newline_is_refused(tmp_path):
     assert h.app.store.names() == []
 
 
-@pytest.mark.xfail(strict=True, reason="edge/commands.py _checked_reply_to accepts a reply_to "
-                   "that is not valid UTF-8 (a lone surrogate); refuse it as bad_request")
 def test_reply_to_that_is_no_valid_topic_is_refused(tmp_path):
     h = Harness(str(tmp_path))
     topic, reply = h.handle("ping", b'{"id": "s1", "reply_to": "robot/\\ud800"}')
