@@ -1,7 +1,9 @@
 """Backends for the build tests: they run in the real build child, with real memory and time.
 
 `SlowBackend` writes its artefact in pieces with pauses (so a test can kill it mid-write);
-`HungryBackend` keeps allocating memory (so a test sees the budget enforced).
+`HungryBackend` keeps allocating memory (so a test sees the budget enforced);
+`QuietBackend` works for a long time without a word, as TensorRT 8.2's builder does (it has
+no progress monitor), so nothing but the kernel tells it that its parent died.
 """
 
 import time
@@ -36,3 +38,12 @@ class HungryBackend(OrtBackend):
             hog.append(bytearray(8 * 2 ** 20))   # 8 MiB, touched: counts as resident
             time.sleep(0.005)
         progress("build", 1.0)
+
+
+@register
+class QuietBackend(OrtBackend):
+    name = "test-quiet"
+
+    @classmethod
+    def build(cls, onnx_path, out_path, options, progress):
+        time.sleep(60)

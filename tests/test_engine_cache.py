@@ -214,3 +214,65 @@ def test_edge_run_with_a_budget_that_cannot_fit_exits_70(tmp_path, model_dir):
     assert rc == 70, err
     errors = [l for l in err.splitlines() if l.startswith("edge: error:")]
     assert len(errors) == 1 and "swap" in errors[0] and "Traceback" not in err
+
+
+DAEMON_BUILDING = """
+import os, sys
+import onnx
+from edge import cards, graph
+from edge.backends.build import EngineMaker
+from edge.backends.cache import EngineCache
+from tests import build_backends
+card = cards.load("yolox-nano")
+model = graph.rewrite(onnx.load(sys.argv[1]), card, 320, 240)
+EngineMaker(build_backends.QuietBackend(), EngineCache(sys.argv[2]), 2 ** 31).make(
+    model, card, "orphan-320x240")
+"""
+
+
+def test_build_child_dies_with_the_daemon(tmp_path):
+    """SIGKILL of the daemon (the OOM killer, kill -9) takes its build child with it, so no
+    orphaned build keeps the memory the restarted daemon needs."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON_BUILDING,
+                               os.path.join(MODELS, "yolox_nano.onnx"),
+                               str(tmp_path / "engines")], cwd=root)
+    children = []
+    try:
+        deadline = time.time() + 30
+        while not children and time.time() < deadline and daemon.poll() is None:
+            children = [p for p in (int(p) for p in os.listdir("/proc") if p.isdigit())
+                        if _cmdline(p).endswith("edge.backends.buildjob") and
+                        _parent(p) == daemon.pid]
+            time.sleep(0.05)
+        assert children, "the build child started"
+        daemon.kill()
+        daemon.wait(10)
+        deadline = time.time() + 5
+        while time.time() < deadline and _alive(children[0]):
+            time.sleep(0.05)
+        assert not _alive(children[0]), "the build child outlived its daemon"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid):
+    try:
+        return int(open("/proc/{}/stat".format(pid)).read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid):
+    """Running and not a zombie waiting for its (new) parent to reap it."""
+    try:
+        state = open("/proc/{}/stat".format(pid)).read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from edge.backends.cache import make_key
+from edge.backends.cache import make_key, unwritable
 from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
@@ -144,16 +144,21 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
     """Run one build in `python -m edge.backends.buildjob`; BuildError on any failure."""
     label = state.label
     check_budget(label, budget)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     onnx_path = path + ".onnx"
-    with open(onnx_path, "wb") as f:
-        f.write(model_bytes)
+    log_path = path + ".log"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(onnx_path, "wb") as f:
+            f.write(model_bytes)
+        log = open(log_path, "wb")
+    except OSError as e:     # a full or read-only engine folder: one line that names it
+        raise unwritable(label, os.path.dirname(path), e)
     events_r, events_w = os.pipe()
     spec = {"backend": backend.name, "module": type(backend).__module__, "onnx": onnx_path,
             "out": path + ".build", "options": options, "events_fd": events_w,
-            "rlimit_as": budget if backend.limit_address_space else None}
-    log_path = path + ".log"
-    with open(log_path, "wb") as log:
+            "rlimit_as": budget if backend.limit_address_space else None,
+            "parent": os.getpid()}
+    with log:
         child = subprocess.Popen([sys.executable, "-m", "edge.backends.buildjob"],
                                  stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                  pass_fds=(events_w,), close_fds=True)

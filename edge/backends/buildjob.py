@@ -8,11 +8,28 @@ The parent (edge.backends.build) enforces the memory budget and turns failures i
 import importlib
 import json
 import os
+import signal
 import sys
+
+PR_SET_PDEATHSIG = 1    # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid):
+    """Have the kernel SIGKILL this process when the daemon dies (Linux): an orphaned build
+    would go on holding the memory the daemon's restart needs."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):     # not Linux: the parent's watch still kills it
+        return
+    if os.getppid() != parent_pid:        # the parent was gone before prctl took effect
+        os._exit(1)
 
 
 def main():
     spec = json.loads(sys.stdin.read())
+    if spec.get("parent"):
+        die_with_parent(spec["parent"])
     events = os.fdopen(spec["events_fd"], "w", buffering=1)
 
     def emit(**event):

@@ -62,6 +62,14 @@ def _pid_alive(pid):
     return True
 
 
+def unwritable(name, folder, error):
+    """The BuildError for an engine folder that cannot be written (a full disk, permissions)."""
+    from edge.backends.build import BuildError   # build imports this module
+    return BuildError("engine {}: cannot write it in {} ({}); free space there or set "
+                      "engine.dir to another folder".format(name, folder,
+                                                            error.strerror or error))
+
+
 class EngineCache:
     """Artefacts of one backend under a folder, looked up by key."""
 
@@ -137,11 +145,8 @@ class EngineCache:
             fsync_dir(self.folder)
             atomic_write(side, json.dumps(meta, indent=1, sort_keys=True).encode())
         except OSError as e:
-            from edge.backends.build import BuildError   # build imports this module
             self.remove(path)
-            raise BuildError("engine {}: cannot store it in {} ({}); free space there or set "
-                             "engine.dir to another folder".format(
-                                 os.path.basename(path), self.folder, e.strerror or e))
+            raise unwritable(os.path.basename(path), self.folder, e)
 
     def remove(self, path):
         for p in (path + ".json", path):
