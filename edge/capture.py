@@ -64,7 +64,7 @@ class Capture(threading.Thread):
             self.error = exc
             self.state = "failed"
             if not isinstance(exc, SourceError):   # a SourceError is reported by the pipeline
-                logger.exception("capture from %s failed", self.source.uri)
+                logger.exception("capture from %s failed", self.source.display)
         finally:
             self.source.close()
             if self.on_exit is not None:
@@ -90,7 +90,7 @@ class Capture(threading.Thread):
                 self.pool.release(frame)
                 self.finished = True
                 self.state = "finished"
-                logger.info("source %s ended after %d frames", self.source.uri, self.frames)
+                logger.info("source %s ended after %d frames", self.source.display, self.frames)
                 return
             self._backoff = self.backoff_min
             if not self.deliver(frame):
@@ -107,7 +107,7 @@ class Capture(threading.Thread):
         self.source.close()
         while True:
             logger.warning("source %s failed (%s); reopening in %.1f s",
-                           self.source.uri, exc, self._backoff)
+                           self.source.display, exc, self._backoff)
             if self.stop_event.wait(self._backoff):
                 return
             self._backoff = min(self._backoff * 2, self.backoff_max)
@@ -120,5 +120,5 @@ class Capture(threading.Thread):
                 continue
             self.reopens += 1
             self.state = "open"
-            logger.info("source %s reopened", self.source.uri)
+            logger.info("source %s reopened", self.source.display)
             return

@@ -113,7 +113,7 @@ def _frame_size(size, source_uri):
         frame = Frame(0, (2, 2, 3))
         if not source.read_into(frame):
             raise ConfigError("source {} gave no frame to learn the size from; pass --size "
-                              "WxH".format(source_uri))
+                              "WxH".format(source.display))
         return frame.width, frame.height
     finally:
         source.close()

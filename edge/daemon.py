@@ -15,6 +15,7 @@ from edge import tasks
 from edge.errors import ConfigError, EdgeError, UnavailableError
 from edge.pipeline import Pipeline
 from edge.publisher import JsonlSink, Publisher
+from edge.urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Daemon:
         self.maker = None
         self.health = None
         self.commands = None
-        self.source_display = mqtt.redact(config["source"])   # no camera passwords in health
+        self.source_display = redact(config["source"])   # no camera passwords in health
         self.generations = 0
         # systemd: the build child must not inherit NOTIFY_SOCKET (it would pose as us)
         self.ready = False
@@ -222,7 +223,7 @@ class Daemon:
 
     def _start_pipeline(self):
         self.generations += 1
-        self.source_display = mqtt.redact(self.config["source"])
+        self.source_display = redact(self.config["source"])
         self._pipeline_started = time.monotonic()
         self.pipeline.start()
         if self.link is not None:
@@ -280,6 +281,7 @@ class Daemon:
 
     def _finish(self):
         config = self.config
+        self._stop_health()
         undelivered = self.publisher.flush(config["mqtt"]["flush_timeout"])
         error = self.pipeline.error()
         if error is not None:
@@ -298,8 +300,7 @@ class Daemon:
         if self.pipeline is not None and self.pipeline.alive():
             self.pipeline.stop()
             self.pipeline.join()
-        if self.health is not None:
-            self.health.stop()
+        self._stop_health()
         if self.commands is not None:
             self.commands.stop()
         if self.publisher is not None and self.publisher.is_alive():
@@ -310,6 +311,20 @@ class Daemon:
             self.jsonl.close()
         self._close_system()
         self.notifier.close()
+
+
+    def _stop_health(self):
+        """Stop the health thread and queue the final figures as the retained report, so an
+        operator sees how the run ended (source finished, frames, drops) rather than the
+        figures of its last interval. Once: a stopped health thread is left alone."""
+        if self.health is None or not self.health.is_alive():
+            return
+        self.health.stop()
+        self.health.join(2.0)
+        try:
+            self.health.publish()
+        except Exception:   # a report must never stand in the way of the shutdown
+            logger.exception("final health report failed")
 
 
 def _versions(backend):

@@ -13,6 +13,7 @@ import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from edge.errors import ConfigError
+from edge.urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,6 @@ def secure(client, settings):
     if settings.get("tls"):
         client.tls_set(ca_certs=settings.get("ca_file"), certfile=settings.get("cert_file"),
                        keyfile=settings.get("key_file"))
-
-
-def redact(url):
-    """The URL without its password, for logs and messages."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            return url.replace(":" + parts.password + "@", ":***@", 1)
-    except ValueError:
-        pass
-    return url
 
 
 def make_client(client_id, protocol="3.1.1"):

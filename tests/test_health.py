@@ -94,6 +94,22 @@ def test_status_lifecycle_and_retained_health(device, broker, subscriber):
     assert late.json("status")[-1]["state"] == "offline"
 
 
+def test_last_retained_health_tells_how_the_run_ended(broker, subscriber, tmp_path, model_dir):
+    """A finite run with a long health interval: the retained report is the final one."""
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("health: {interval: 3600}\n")
+    rc, out, err = run_edge("run", "-c", str(cfg), "--source", "test://?width=320&height=240&"
+                            "frames=12&fps=0", "--detector", "yolox-nano", "--model-dir",
+                            model_dir, "--mqtt", broker.url, "--device-id", "done1",
+                            "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    late = subscriber("edge/done1/health")
+    assert late.wait_for(lambda s: s.json("health"), 5)
+    report = late.json("health")[-1]
+    assert report["source"]["state"] == "finished" and report["source"]["frames"] == 12
+    assert report["tasks"]["detect"]["frames"] == 12
+
+
 def test_kill_9_turns_status_offline_through_the_last_will(device):
     dev, sub = device()
     dev.proc.send_signal(signal.SIGKILL)

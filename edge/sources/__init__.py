@@ -9,6 +9,7 @@ edge.capture.
 import os
 
 from edge.errors import ConfigError
+from edge.urls import redact
 
 _KINDS = {}
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -36,6 +37,7 @@ class Source:
 
     def __init__(self, uri, location, params):
         self.uri = uri
+        self.display = redact(uri)   # for logs and messages: no camera password
         self.location = location   # the part after scheme:// (path, host, device)
         self.params = params       # query parameters, str -> str
 
@@ -50,7 +52,7 @@ class Source:
         """Release the device or file; safe to call twice."""
 
     def __repr__(self):
-        return "<{} {}>".format(type(self).__name__, self.uri)
+        return "<{} {}>".format(type(self).__name__, self.display)
 
 
 def kinds():
@@ -92,5 +94,5 @@ def open_source(uri):
     cls = _KINDS.get(scheme)
     if cls is None:
         raise ConfigError("source {!r}: unknown kind {!r}; use one of {}".format(
-            uri, scheme, ", ".join(s + "://" for s in sorted(_KINDS))))
+            redact(uri), scheme, ", ".join(s + "://" for s in sorted(_KINDS))))
     return cls(uri, location, params)

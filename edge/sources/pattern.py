@@ -23,7 +23,7 @@ def check_params(source, allowed):
     unknown = sorted(set(source.params) - set(allowed))
     if unknown:
         raise ConfigError("source {!r}: unknown parameter {!r}; use {}".format(
-            source.uri, unknown[0], ", ".join(sorted(allowed)) or "none"))
+            source.display, unknown[0], ", ".join(sorted(allowed)) or "none"))
 
 
 def int_param(source, name, default, low, high):
@@ -37,7 +37,7 @@ def int_param(source, name, default, low, high):
         value = None
     if value is None or not low <= value <= high:
         raise ConfigError("source {!r}: {}={!r} is not valid; use an integer {}..{}".format(
-            source.uri, name, raw, low, high))
+            source.display, name, raw, low, high))
     return value
 
 

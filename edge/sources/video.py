@@ -45,13 +45,13 @@ class VideoCaptureSource(Source):
         width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         self._size = (height, width) if width > 0 and height > 0 else None
-        logger.info("opened %s (%s)", self.uri,
+        logger.info("opened %s (%s)", self.display,
                     "{}x{}".format(width, height) if self._size else "size unknown")
 
     def read_into(self, frame):
         """Decode the next frame into `frame`; False at the end of a file."""
         if self._cap is None:
-            raise SourceError("source {} is not open".format(self.uri))
+            raise SourceError("source {} is not open".format(self.display))
         if self._size is not None:
             frame.ensure_shape(*self._size)
         ok, image = self._cap.read(frame.image)
@@ -72,7 +72,7 @@ class VideoCaptureSource(Source):
 
     def _read_failed(self):
         # Live kinds: a camera or stream that stops delivering is an error to reopen from.
-        raise SourceError("{} stopped delivering frames".format(self.uri))
+        raise SourceError("{} stopped delivering frames".format(self.display))
 
     def close(self):
         """Release the capture; safe to call twice."""
@@ -181,7 +181,7 @@ class RtspSource(VideoCaptureSource):
         cap = _open_capture(self.url, cv2.CAP_FFMPEG, _timeouts())
         if cap is None:
             raise SourceError("stream {} cannot be opened; check the address, credentials and "
-                              "that the camera is reachable (ffplay URL)".format(self.uri))
+                              "that the camera is reachable (ffplay URL)".format(self.display))
         return cap
 
 
@@ -199,21 +199,13 @@ class HttpSource(VideoCaptureSource):
         cap = _open_capture(self.url, cv2.CAP_FFMPEG, _timeouts())
         if cap is None:
             raise SourceError("stream {} cannot be opened; check the address, credentials and "
-                              "that the camera serves it (ffplay URL)".format(_redact(self.uri)))
+                              "that the camera serves it (ffplay URL)".format(self.display))
         return cap
 
 
 @register("https")
 class HttpsSource(HttpSource):
     """The same over TLS."""
-
-
-def _redact(url):
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(":" + parts.password + "@", ":***@", 1)
-    return url
 
 
 def _without_params(url, names):
