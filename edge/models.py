@@ -44,4 +44,29 @@ def load_onnx(path, card):
         raise ModelError("model {} ({}): not a valid ONNX file: {}; delete it and run `edge "
                          "models fetch {}`".format(path, card.name, str(e).splitlines()[0][:200],
                                                     card.name))
+    check_inputs(model, card, path)
     return model
+
+
+def check_inputs(model, card, path):
+    """ConfigError when the card's input size or colour disagrees with the model's fixed
+    input shape (N, C, H, W), which would otherwise fail at the first inference."""
+    from edge.errors import ConfigError
+    width, height = card.input_size
+    channels = 1 if card.input["color"] == "gray" else 3
+    for tensor in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in tensor.type.tensor_type.shape.dim]
+        if len(dims) != 4:
+            continue
+        if dims[2] not in (None, height) or dims[3] not in (None, width):
+            raise ConfigError("card {}: input.size: [{}, {}] but model {} takes {}x{} (width x "
+                              "height) at input {!r}; set input.size to [{}, {}]".format(
+                                  card.path, width, height, os.path.basename(path), dims[3],
+                                  dims[2], tensor.name, dims[3], dims[2]))
+        if dims[1] not in (None, channels):
+            raise ConfigError("card {}: input.color: {} gives {} channel(s) but model {} takes "
+                              "{} at input {!r}; use {}".format(
+                                  card.path, card.input["color"], channels,
+                                  os.path.basename(path), dims[1], tensor.name,
+                                  "gray" if dims[1] == 1 else "bgr or rgb"))

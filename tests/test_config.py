@@ -350,3 +350,26 @@ def test_a_card_named_on_the_edge_cards_path(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         cards.load("nosuch")
     assert "my-detector" in str(info.value)
+
+
+@pytest.mark.parametrize("edit, base, key, expect", [
+    (_set("input", "size", [320, 320]), YOLOX_CARD, "input.size",
+     ["[320, 320]", "yolox_nano.onnx takes 416x416", "set input.size to [416, 416]"]),
+    (_set("input", "color", "gray"), YOLOX_CARD, "input.color",
+     ["gray gives 1 channel", "takes 3", "use bgr or rgb"]),
+    (_set("input", "size", [320, 240]), LOFTR_CARD, "input.size",
+     ["coarse_loftr_teacher.onnx takes 640x480", "set input.size to [640, 480]"]),
+])
+def test_a_card_that_disagrees_with_its_model_is_one_config_error(tmp_path, model_dir, edit,
+                                                                  base, key, expect):
+    """The model's fixed input shape is checked when it loads, not at the first frame."""
+    path = card_file(tmp_path, edit, base=base)
+    flag = "--detector" if base == YOLOX_CARD else "--matcher"
+    rc, _, err = run_edge("run", flag, path, "--source", COCO8_VAL, "--model-dir", model_dir,
+                          "--state-dir", str(tmp_path / "state"), "--jsonl",
+                          str(tmp_path / "o.jsonl"))
+    lines = [line for line in err.splitlines() if line.startswith("edge: error:")]
+    assert rc == EXIT_CONFIG and len(lines) == 1 and "Traceback" not in err, err
+    assert "card {}: {}:".format(path, key) in lines[0], lines[0]
+    for part in expect:
+        assert part in lines[0], lines[0]
