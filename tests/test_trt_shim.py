@@ -3,9 +3,12 @@
 These run in CI. The engine itself is tested in tests/gpu/test_trt.py, which skips here.
 """
 
+import enum
 import os
 import subprocess
 import sys
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -76,6 +79,21 @@ def test_auto_falls_back_to_onnx_runtime(without_tensorrt):
     assert backends.select("auto").name == "ort"
 
 
+def test_pycuda_without_primary_contexts_is_refused(monkeypatch):
+    """pycuda 2019.x (allowed by the `gpu` extra) has no Device.retain_primary_context."""
+    driver = types.ModuleType("pycuda.driver")
+    driver.Device = type("Device", (), {})
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver, pycuda.VERSION_TEXT = driver, "2019.1.2"
+    tensorrt = types.ModuleType("tensorrt")
+    tensorrt.__version__ = "8.2.1.8"
+    for name, module in (("tensorrt", tensorrt), ("pycuda", pycuda), ("pycuda.driver", driver)):
+        monkeypatch.setitem(sys.modules, name, module)
+    reason = trt.TrtBackend.available()
+    assert reason.startswith("pycuda 2019.1.2 cannot retain the primary CUDA context")
+    assert "upgrade pycuda" in reason and "\n" not in reason
+
+
 def test_module_imports_without_tensorrt_or_pycuda():
     code = ("import sys\n"
             "for name in ('tensorrt', 'pycuda', 'pycuda.driver'):\n"
@@ -86,6 +104,106 @@ def test_module_imports_without_tensorrt_or_pycuda():
                           stderr=subprocess.PIPE, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().startswith("tensorrt is not installed")
+
+
+class DataType82(enum.Enum):
+    """TensorRT 8.2's DataType members (pyFoundationalTypes.cpp): no UINT8 yet."""
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+
+
+class DataType10(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+    UINT8 = 5
+    BF16 = 7
+    INT64 = 8
+
+
+def test_numpy_dtypes_without_trt_nptype():
+    """trt.nptype raises on TensorRT < 8.6 with numpy >= 1.24 (np.bool): the backend maps itself."""
+    old = types.SimpleNamespace(DataType=DataType82)
+    new = types.SimpleNamespace(DataType=DataType10)
+    assert trt.numpy_dtype(old, DataType82.FLOAT) == np.float32
+    assert trt.numpy_dtype(old, DataType82.HALF) == np.float16
+    assert trt.numpy_dtype(new, DataType10.UINT8) == np.uint8
+    assert trt.numpy_dtype(new, DataType10.INT64) == np.int64
+    assert trt.numpy_dtype(new, DataType10.BF16) is None
+
+
+class FakeContext:
+    """CudaContext's protocol; remembers whether it is pushed in the calling thread."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def current(self):
+        return getattr(self._local, "depth", 0) > 0
+
+    def __enter__(self):
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc_info):
+        self._local.depth -= 1
+        return False
+
+
+class FakeAllocation:
+    """pycuda's PagelockedHostAllocation: the base of the array pagelocked_empty returns."""
+
+    def __init__(self, shape, dtype, context, freed):
+        self._data = np.empty(shape, dtype)
+        self.__array_interface__ = self._data.__array_interface__
+        self._context = context
+        self._freed = freed
+
+    def get_device_pointer(self):
+        return self._data.ctypes.data
+
+    def free(self):
+        self._freed.append(self._context.current())
+
+
+def fake_backend():
+    context, freed = FakeContext(), []
+
+    def pagelocked_empty(shape, dtype, mem_flags=0):
+        return np.asarray(FakeAllocation(shape, dtype, context, freed))
+
+    backend = trt.TrtBackend.__new__(trt.TrtBackend)
+    backend.cuda = types.SimpleNamespace(pagelocked_empty=pagelocked_empty, Error=RuntimeError,
+                                         host_alloc_flags=types.SimpleNamespace(DEVICEMAP=2))
+    backend.context = context
+    backend.zero_copy = True
+    backend._init_pinned()
+    return backend, freed
+
+
+def test_pinned_memory_dropped_in_another_thread_is_freed_with_the_context_current():
+    """pycuda skips the free of a pinned array that dies outside its context's thread."""
+    backend, freed = fake_backend()
+    slot = {}
+
+    def run(work):
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join(10)
+
+    run(lambda: slot.update(image=backend.allocate((4, 6, 3), np.uint8)))
+    assert backend.mapped_pointer(slot["image"]) is not None
+    slot["view"] = slot["image"][1:3]         # a view keeps the array, and so its memory
+    run(lambda: slot.pop("image"))
+    assert freed == []
+    run(slot.clear)
+    assert freed == [True]
+    assert backend._pinned == {}
 
 
 def test_timing_cache_lives_beside_the_engine(tmp_path):

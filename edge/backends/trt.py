@@ -104,6 +104,30 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
+# TensorRT DataType member -> numpy dtype, for the I/O types an engine built here can have.
+# Not trt.nptype: before 8.6 it reads np.bool, which numpy 1.24 removed, so it raises
+# AttributeError for every type (NVIDIA/TensorRT#2557, #2701 on 8.5.3.1; fixed in 8.6).
+NUMPY_DTYPES = (("FLOAT", "float32"), ("HALF", "float16"), ("INT8", "int8"), ("INT32", "int32"),
+                ("INT64", "int64"), ("BOOL", "bool"), ("UINT8", "uint8"))
+
+
+def numpy_dtype(trt, data_type):
+    """The numpy dtype of a TensorRT DataType, or None (BF16, FP8, ... have none)."""
+    for member, dtype in NUMPY_DTYPES:
+        # getattr: 8.2 has no UINT8, 8.x no INT64.
+        if data_type == getattr(trt.DataType, member, None):
+            return np.dtype(dtype)
+    return None
+
+
+def _pycuda_version():
+    try:
+        import pycuda
+        return pycuda.VERSION_TEXT
+    except (ImportError, AttributeError):
+        return "(unknown version)"
+
+
 # -- TensorRT logging -----------------------------------------------------------------------
 
 _TRT_LOGGER = None
@@ -311,17 +335,26 @@ class TrtEngine(Engine):
         if self.api == "bindings":
             # TensorRT 8.2-8.4: index-based bindings (deprecated in 8.5, removed in 10.0).
             for i in range(engine.num_bindings):
-                tensors.append((engine.get_binding_name(i), tuple(engine.get_binding_shape(i)),
-                                np.dtype(trt.nptype(engine.get_binding_dtype(i))),
+                name = engine.get_binding_name(i)
+                tensors.append((name, tuple(engine.get_binding_shape(i)),
+                                self._dtype(trt, name, engine.get_binding_dtype(i)),
                                 bool(engine.binding_is_input(i))))
         else:
             # TensorRT 8.5+: name-based I/O tensors, the only API in 10.x.
             for i in range(engine.num_io_tensors):
                 name = engine.get_tensor_name(i)
                 tensors.append((name, tuple(engine.get_tensor_shape(name)),
-                                np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
+                                self._dtype(trt, name, engine.get_tensor_dtype(name)),
                                 engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT))
         return tensors
+
+    def _dtype(self, trt, name, data_type):
+        dtype = numpy_dtype(trt, data_type)
+        if dtype is None:
+            raise ModelError("{}: tensor {!r} has TensorRT type {}, which numpy cannot hold; "
+                             "delete the engine so that it is rebuilt from the rewritten graph"
+                             .format(self.label, name, data_type))
+        return dtype
 
     def _check_open(self):
         if self._closed:
@@ -484,6 +517,9 @@ class TrtBackend(Backend):
         self.zero_copy = self.integrated and bool(
             self.device.get_attribute(attribute.CAN_MAP_HOST_MEMORY))
         self._runtime = None
+        self._init_pinned()
+
+    def _init_pinned(self):
         self._pinned = {}                  # data address -> (weakref to array, device address)
         self._pinned_lock = threading.RLock()   # RLock: weakref callbacks may run inside it
         self._warned_unmapped = False
@@ -505,6 +541,11 @@ class TrtBackend(Backend):
             return "pycuda is not installed ({}); install the `gpu` extra".format(e)
         except Exception as e:  # noqa: BLE001
             return "pycuda cannot be imported ({})".format(_one_line(e))
+        if not hasattr(cuda.Device, "retain_primary_context"):
+            # Missing from pycuda 2019.x (inducer/pycuda#102, still open in November 2019),
+            # which the `gpu` extra allows; without it TensorRT and pycuda share no context.
+            return ("pycuda {} cannot retain the primary CUDA context; upgrade pycuda (2022.1 "
+                    "is the last for Python 3.6)".format(_pycuda_version()))
         try:
             cuda.init()
             count = cuda.Device.count()
@@ -573,6 +614,9 @@ class TrtBackend(Backend):
 
         cache_path = timing_cache_path(out_path, version_string)
         _attach_timing_cache(config, cache_path)
+        # A refused cache is reported through the logger as an error ("A failure will be
+        # reported", set_timing_cache docstring); it must not be blamed for a failed build.
+        log.last_error = None
 
         if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
             # TensorRT 10.x (and 9.x): step-level progress. The config keeps the monitor alive.
@@ -638,15 +682,31 @@ class TrtBackend(Backend):
         array.fill(0)
         key = array.__array_interface__["data"][0]
 
-        def forget(ref, key=key):
+        def forget(ref, key=key, allocation=array.base):
             with self._pinned_lock:
                 entry = self._pinned.get(key)
                 if entry is not None and entry[0] is ref:
                     del self._pinned[key]
+            self._free_pinned(allocation)
 
         with self._pinned_lock:
             self._pinned[key] = (weakref.ref(array, forget), address)
         return array
+
+    def _free_pinned(self, allocation):
+        """Free an array's pinned memory when the array dies, with the context current.
+
+        pycuda frees a PagelockedHostAllocation only where its context is current or in the
+        thread that retained that context; anywhere else it skips cuMemFreeHost without a word
+        (cuda.hpp: scoped_context_activation, CUDAPP_CATCH_CLEANUP_ON_DEAD_CONTEXT). Frames die
+        in the capture thread (a resized slot), bindings' outputs wherever the last reference
+        goes: without this each of those would leak its pinned memory.
+        """
+        try:
+            with self.context:
+                allocation.free()
+        except Exception as e:  # noqa: BLE001 (a finalizer must not raise; CUDA may be gone)
+            logger.debug("pinned memory not freed: %s", _one_line(e))
 
     def _entry(self, array):
         key = array.__array_interface__["data"][0]

@@ -212,6 +212,22 @@ def test_infer_from_another_thread_and_rebind(backend, engines):
     np.testing.assert_array_equal(binding.outputs["detections"], expected)
 
 
+def test_pinned_memory_dropped_in_another_thread_is_freed(backend):
+    """pycuda alone skips the free of pinned memory dropped outside its context's thread."""
+    slot = {}
+
+    def run(work):
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join(60)
+
+    run(lambda: slot.update(image=backend.allocate((480, 640, 3), np.uint8)))
+    slot["allocation"] = slot["image"].base
+    run(lambda: slot.pop("image"))            # as capture drops a resized frame
+    with backend.context, pytest.raises(backend.cuda.Error):
+        slot["allocation"].free()             # already freed: pycuda refuses a second free
+
+
 def test_timing_cache_is_kept_for_the_next_build(backend, engines, tmp_path_factory):
     image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
     engines("yolox-nano", image.shape[1], image.shape[0])
