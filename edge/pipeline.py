@@ -1,10 +1,13 @@
-"""The pipeline: capture thread -> one thread per task -> publisher, sharing one frame pool.
+"""The pipeline: capture thread -> one thread per task -> decode thread -> publisher.
 
-Threads: "capture" fills slots; each task's thread ("detect", "match") infers the slots it is
-handed and puts the message on the publisher's queue; "publish" writes the sinks. A slot goes
-back to the pool when the last task that was handed it is done.
+Threads: "capture" fills slots; each task's thread ("detect", "match") runs its engines on
+the slots it is handed; "decode" turns the outputs into messages and puts them on the
+publisher's queue, while the task's thread already infers the next frame; "publish" writes
+the sinks. A slot goes back to the pool when the last task that was handed it has decoded
+it (the outputs it is bound to stay valid until then).
 """
 
+import collections
 import logging
 import os
 import threading
@@ -23,22 +26,31 @@ def _int_env(name):
 
 
 class TaskRunner(threading.Thread):
-    """Runs one task on the frames of its hand-off until the hand-off closes."""
+    """Runs one task's engines on the frames of its hand-off until the hand-off closes."""
 
-    def __init__(self, task, handoff, pool, publisher, stop_event, limit=None):
+    def __init__(self, task, handoff, pool, decoder, stop_event, limit=None):
         super().__init__(name=task.name, daemon=True)
         self.limit = limit        # stop the run after this many frames (--max-frames)
         self.on_failure = None    # called when this task fails (the pipeline decides)
+        self.on_exit = None       # called from this thread as it ends
         # Fault injection for the watchdog tests: hang like a stuck inference after N frames.
         self.stall_after = _int_env("EDGE_FAULT_STALL_AFTER_FRAMES")
         self.task = task
         self.handoff = handoff
         self.pool = pool
-        self.publisher = publisher
+        self.decoder = decoder
         self.stop_event = stop_event
+        self.inferred = 0
         self.error = None
 
     def run(self):
+        try:
+            self._loop()
+        finally:
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _loop(self):
         while True:
             frame = self.handoff.get(timeout=0.2)
             if frame is None:
@@ -46,42 +58,98 @@ class TaskRunner(threading.Thread):
                     return
                 continue
             try:
-                if self.stall_after is not None and self.task.frames >= self.stall_after:
+                if self.stall_after is not None and self.inferred >= self.stall_after:
                     logger.warning("fault injection: task %s stalls", self.task.name)
                     self.stop_event.wait()
                 if self.error is None and not self._done():
                     started = time.time()
-                    messages = self.task.process(frame)
-                    for message in messages:
-                        self.publisher.put(self.task.topic, message)
-                        self.task.last_message = message
-                    if messages:
-                        done = time.time()
-                        infer = self.task.infer_ms
-                        self.task.stats.record((done - frame.ts) * 1000.0,
-                                               (started - frame.ts) * 1000.0, infer,
-                                               (done - started) * 1000.0 - infer)
+                    inferred = self.task.infer_frame(frame)
+                    self.inferred += 1
+                    self.decoder.put((self, frame, started, time.time(), inferred))
+                    frame = None          # the decoder releases it
                     if self._done():
                         self.stop_event.set()
-            except EdgeError as e:
-                logger.error("task %s failed: %s", self.task.name, e)
-                self._fail(e)
-            except Exception as e:  # a bug: logged with its traceback, the task stops
-                logger.exception("task %s failed on frame %d", self.task.name, frame.index)
-                self._fail(e)
+            except Exception as e:
+                self._fail(e, frame)
             finally:
-                self.pool.release(frame)
+                if frame is not None:
+                    self.pool.release(frame)
 
-    def _fail(self, error):
+    def decode(self, frame, started, ended, inferred):
+        """Messages for an inferred frame onto the publisher's queue (decode thread).
+
+        Stages (ms): capture to published, capture to inference start, inference (with the
+        slot's binding), inference end to published (the wait for and the work of decoding).
+        """
+        if self.error is not None:
+            return
+        try:
+            messages = self.task.decode(frame, inferred)
+            for message in messages:
+                self.decoder.publisher.put(self.task.topic, message)
+                self.task.last_message = message
+            if messages:
+                done = time.time()
+                self.task.stats.record((done - frame.ts) * 1000.0, (started - frame.ts) * 1000.0,
+                                       (ended - started) * 1000.0, (done - ended) * 1000.0)
+        except Exception as e:
+            self._fail(e, frame)
+
+    def _fail(self, error, frame):
         """Keep the error for health and the exit status; the run stops only when every
         task has failed: one failing task (an engine that cannot build) leaves the others
         working, and the frames handed to it go straight back to the pool."""
+        if isinstance(error, EdgeError):
+            logger.error("task %s failed: %s", self.task.name, error)
+        else:   # a bug: logged with its traceback, the task stops
+            logger.exception("task %s failed on frame %d", self.task.name,
+                             frame.index if frame is not None else -1)
         self.error = error
         if self.on_failure is not None:
             self.on_failure()
 
     def _done(self):
-        return self.limit is not None and self.task.frames >= self.limit
+        return self.limit is not None and self.inferred >= self.limit
+
+
+class Decoder(threading.Thread):
+    """The decode thread: inferred frames -> messages -> publisher, then the slot is free.
+
+    Its queue needs no bound of its own: every item holds a pool slot.
+    """
+
+    def __init__(self, pool, publisher):
+        super().__init__(name="decode", daemon=True)
+        self.pool = pool
+        self.publisher = publisher
+        self._items = collections.deque()     # (runner, frame, started, ended, inferred)
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item):
+        """Queue (runner, frame, inference start and end in unix s, the task's result)."""
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def close(self):
+        """Decode what is queued, then end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def run(self):
+        while True:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                runner, frame, started, ended, inferred = self._items.popleft()
+            try:
+                runner.decode(frame, started, ended, inferred)
+            finally:
+                self.pool.release(frame)
 
 
 class Pipeline:
@@ -96,12 +164,16 @@ class Pipeline:
         self.pool = FramePool(pool_size, allocate=allocate)
         live = source.live
         self.handoffs = [Handoff(self.pool, depth=1 if live else 2, newest=live) for _ in tasks]
+        self.decoder = Decoder(self.pool, publisher)
         # --max-frames counts the frames the first task processed (live sources drop frames)
-        self.runners = [TaskRunner(t, h, self.pool, publisher, self.stop_event,
+        self.runners = [TaskRunner(t, h, self.pool, self.decoder, self.stop_event,
                                    limit=max_frames if i == 0 else None)
                         for i, (t, h) in enumerate(zip(tasks, self.handoffs))]
+        self._running = len(self.runners)
+        self._lock = threading.Lock()
         for runner in self.runners:
             runner.on_failure = self._task_failed
+            runner.on_exit = self._runner_ended
         self.capture = Capture(source, self.pool, self._deliver, self.stop_event,
                                on_exit=self._close_handoffs)
         self.delivered = 0
@@ -153,6 +225,13 @@ class Pipeline:
         if all(r.error is not None for r in self.runners):
             self.stop_event.set()
 
+    def _runner_ended(self):
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self.decoder.close()   # nothing more will come: decode the rest and end
+
     def _close_handoffs(self):
         for handoff in self.handoffs:
             handoff.close()
@@ -163,8 +242,11 @@ class Pipeline:
 
     def start(self):
         self.started = time.monotonic()
+        self.decoder.start()
         for runner in self.runners:
             runner.start()
+        if not self.runners:
+            self.decoder.close()
         self.capture.start()
 
     def stop(self):
@@ -172,16 +254,16 @@ class Pipeline:
         self.stop_event.set()
 
     def alive(self):
-        return self.capture.is_alive() or any(r.is_alive() for r in self.runners)
+        return self.capture.is_alive() or any(r.is_alive() for r in self.runners) or \
+            self.decoder.is_alive()
 
     def wait(self, timeout=None):
         """Wait until capture and tasks are done (or timeout); True when they are."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.alive():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        # Joins, not polling: the run's end is seen the moment its last thread ends.
+        for thread in [self.capture] + self.runners + [self.decoder]:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self.alive()
 
     def join(self, timeout=5.0):
         """After stop(): give threads `timeout` seconds, then return what is still queued."""
@@ -189,6 +271,8 @@ class Pipeline:
         self._close_handoffs()
         for runner in self.runners:
             runner.join(timeout)
+        self.decoder.close()
+        self.decoder.join(timeout)
         for handoff in self.handoffs:
             handoff.drain()
 

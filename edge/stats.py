@@ -9,8 +9,9 @@ import time
 import numpy as np
 
 WINDOW = 256          # latest frames the percentiles are taken over
-STAGES = ("total", "queue", "infer", "post")   # ms: capture->published, capture->infer start,
-#                                                 the engine run, decode + message building
+# ms: capture -> queued for publishing, capture -> inference start, the engine run, inference
+# end -> queued for publishing (waiting for the decode thread, decoding, building messages)
+STAGES = ("total", "queue", "infer", "post")
 
 
 class TaskStats:

@@ -86,8 +86,13 @@ class Backend:
         """
         raise NotImplementedError
 
-    def load(self, path, label):
-        """An Engine from a built artefact; ModelError when the file is unusable (rebuilt)."""
+    def load(self, path, label, background=False):
+        """An Engine from a built artefact; ModelError when the file is unusable (rebuilt).
+
+        `background`: the engine of a task that runs at its own rate beside the every-frame
+        one (matching beside detection); a backend may give it fewer resources so that it
+        does not slow the every-frame task down (ONNX Runtime: one thread).
+        """
         raise NotImplementedError
 
     def allocate(self, shape, dtype):

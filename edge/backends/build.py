@@ -246,18 +246,18 @@ class EngineMaker:
     def allocate(self, shape, dtype):
         return self.backend.allocate(shape, dtype)
 
-    def make(self, model, card, label):
+    def make(self, model, card, label, background=False):
         """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
         from edge.errors import ModelError
         path = ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout)
         try:
-            return self.backend.load(path, label)
+            return self.backend.load(path, label, background)
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
             path = ensure(self.backend, model, card, label, self.cache, self.budget,
                           self.timeout)
-            return self.backend.load(path, label)
+            return self.backend.load(path, label, background)
 
 
 def _tail(path, limit=300):

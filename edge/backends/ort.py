@@ -97,8 +97,10 @@ class OrtBackend(Backend):
         onnxruntime.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
         progress("done", 1.0)
 
-    def load(self, path, label):
-        options = _session_options(self.ort, self.threads)
+    def load(self, path, label, background=False):
+        # A background engine on one thread: on two cores, a matcher on both slowed detection
+        # by 12% at 1 Hz, on one by 10% (edge bench, docs in README "Performance").
+        options = _session_options(self.ort, 1 if background else self.threads)
         # Already optimised by the build; optimising again would only cost start-up time.
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:

@@ -633,7 +633,8 @@ class TrtBackend(Backend):
         _save_timing_cache(config, cache_path)
         atomic_write(out_path, serialized)
 
-    def load(self, path, label):
+    def load(self, path, label, background=False):
+        # `background` changes nothing here: the GPU serialises the engines' kernels anyway.
         try:
             with open(path, "rb") as f:
                 data = f.read()

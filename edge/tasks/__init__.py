@@ -2,6 +2,9 @@
 
 A task owns its engines (one per frame size: the rewritten graph is specialised to the size
 of the frames it reads), binds each frame slot once, and turns the outputs into a message.
+It works in two steps so that decoding one frame overlaps the inference of the next:
+`infer_frame` runs the engines (the task's thread) and `decode` builds the messages from
+the outputs bound to the slot (the pipeline's decode thread), before the slot is reused.
 """
 
 import collections
@@ -39,6 +42,7 @@ class Task:
 
     name = None
     topic = None
+    background = False   # runs at its own rate beside the every-frame task (Backend.load)
 
     def __init__(self, card, engines, model):
         self.card = card
@@ -46,8 +50,7 @@ class Task:
         self.model = model           # the original onnx.ModelProto
         self.engines = collections.OrderedDict()   # (width, height) -> Engine, LRU
         self.seq = 0
-        self.frames = 0
-        self.infer_ms = 0.0
+        self.frames = 0              # frames decoded into messages
         self.stats = TaskStats()
         self.last_message = None     # the newest message, for snapshots
 
@@ -76,7 +79,7 @@ class Task:
             rewritten = graph.rewrite(self.model, self.card, width, height, reference_size,
                                       self.maker.frame_dtype)
             label = self._label(width, height, reference_size)
-            engine = self.maker.make(rewritten, self.card, label)
+            engine = self.maker.make(rewritten, self.card, label, self.background)
             self.engines[key] = engine
             while len(self.engines) > MAX_ENGINES:
                 self.engines.popitem(last=False)[1].close()
@@ -106,12 +109,19 @@ class Task:
         """Run the engine; the inference time in milliseconds."""
         started = time.perf_counter()
         engine.infer(binding)
-        self.infer_ms = (time.perf_counter() - started) * 1000.0
-        return self.infer_ms
+        return (time.perf_counter() - started) * 1000.0
+
+    def infer_frame(self, frame):
+        """Run the engines on the frame; what `decode` needs (outputs stay in the slot)."""
+        raise NotImplementedError
+
+    def decode(self, frame, inferred):
+        """The list of messages to publish for an inferred frame; counts the frame."""
+        raise NotImplementedError
 
     def process(self, frame):
-        """Infer the frame; the list of messages to publish."""
-        raise NotImplementedError
+        """Infer and decode in the caller's thread (benchmarks, tools)."""
+        return self.decode(frame, self.infer_frame(frame))
 
 
 def envelope(device, model, seq, frame, infer_ms):

@@ -56,9 +56,12 @@ class DetectTask(Task):
                  "score": round(float(row[4]), 4),
                  "box": [round(float(v), 2) for v in row[:4]]} for row in kept]
 
-    def process(self, frame):
+    def infer_frame(self, frame):
         engine, binding = self.binding_for(frame)
-        infer_ms = self.infer(engine, binding)
+        return binding, self.infer(engine, binding)
+
+    def decode(self, frame, inferred):
+        binding, infer_ms = inferred
         self.frames += 1
         self.seq += 1
         msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)

@@ -38,7 +38,7 @@ def cell_centres(card, width, height):
     return np.stack([x, y], axis=1).astype(np.float32)
 
 
-def decode(pairs, ref_centres, cur_centres):
+def pairs_to_rows(pairs, ref_centres, cur_centres):
     """(n, 5) float32 rows x_ref, y_ref, x_cur, y_cur, score of the matches, best first."""
     score = pairs[:, 1]
     index = np.flatnonzero(score > 0)
@@ -71,6 +71,7 @@ class MatchTask(Task):
 
     name = "match"
     topic = "matches"
+    background = True
 
     def __init__(self, card, engines, model, device="edge", store=None, max_hz=1.0, every=0,
                  top_k=500, max_references=4):
@@ -105,25 +106,29 @@ class MatchTask(Task):
             self._centres[key] = cell_centres(self.card, width, height)
         return self._centres[key]
 
-    def process(self, frame):
-        messages = []
+    def infer_frame(self, frame):
+        """[(reference name, image, binding, infer ms)] for each reference matched."""
+        inferred = []
         for name in self.store.names()[:self.max_references]:
             try:
                 reference = self.store.get(name)
             except SourceError as e:
                 logger.warning("matcher: %s", e)
                 continue
-            messages.append(self.match(frame, name, reference))
+            engine, binding = self.binding_for(frame, (self.name, name), reference)
+            inferred.append((name, reference, binding, self.infer(engine, binding)))
+        return inferred
+
+    def decode(self, frame, inferred):
+        messages = [self.message(frame, *item) for item in inferred]
         if messages:
             self.frames += 1
         return messages
 
-    def match(self, frame, name, reference):
+    def message(self, frame, name, reference, binding, infer_ms):
         """The `matches` message for one reference and the frame."""
-        engine, binding = self.binding_for(frame, (self.name, name), reference)
-        infer_ms = self.infer(engine, binding)
         ref_h, ref_w = reference.shape[:2]
-        rows = decode(binding.outputs[MATCHES], self.centres(ref_w, ref_h),
+        rows = pairs_to_rows(binding.outputs[MATCHES], self.centres(ref_w, ref_h),
                       self.centres(frame.width, frame.height))
         thresholds = self.card.thresholds
         homography, inliers = verify(rows, thresholds["ransac_px"], thresholds["min_inliers"])
