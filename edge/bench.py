@@ -1,7 +1,7 @@
 """`edge bench`: what the pipeline costs beyond inference, measured in one run.
 
 For one detection card and one set of frames (decoded once, replayed from memory, so
-capture costs what a hardware camera's DMA does):
+capture costs the CPU what a hardware camera's DMA does: nothing):
 - raw_fps: the engine exactly as the pipeline runs it (rewritten graph, fused
   preprocessing) in a loop on frames in memory; beside it raw_model_fps, the original model
   on tensors already preprocessed, to show what the fused preprocessing costs;
@@ -11,7 +11,11 @@ capture costs what a hardware camera's DMA does):
 - peer_fps: the loop a user would write by hand (read frame -> OpenCV letterbox in numpy ->
   session.run on the original model -> numpy decode + NMS -> publish), on the same frames;
 - alloc_per_frame_bytes: Python allocations of the hot path per frame (tracemalloc);
-- with --matcher, detection's throughput while matching runs at its rate beside it.
+- with --matcher, detection's throughput while matching runs at its rate beside it, over
+  runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both.
+The throughput figures are measured in rounds that alternate raw, pipeline and peer runs, and
+the ratios are the medians of each round's ratios: on a shared machine the speed drifts by
+tens of percent over a minute, and alternating keeps each comparison within seconds.
 Prints a table; --json writes the figures, --plot draws them.
 """
 
@@ -33,10 +37,13 @@ logger = logging.getLogger(__name__)
 
 
 class ReplaySource(Source):
-    """Frames decoded once and replayed from memory, costing a copy (a camera's DMA).
+    """Frames decoded once and replayed from memory at the CPU cost of a camera's DMA.
 
-    Without `fps` it never drops (throughput); with `fps` it paces itself like a camera and
-    is live (newest frame wins), which is how latency is measured.
+    A slot is written once with a decoded frame; after that the slot is delivered again with
+    the frame it holds (a new index and timestamp), as a camera writes into the buffer it is
+    given without the CPU copying. Without `fps` it never drops (throughput); with `fps` it
+    paces itself like a camera and is live (newest frame wins), which is how latency is
+    measured.
     """
 
     def __init__(self, frames, count, fps=None):
@@ -47,6 +54,7 @@ class ReplaySource(Source):
         self.interval = 1.0 / fps if fps else None
         self.live = fps is not None
         self._next = None
+        self._written = {}          # slot number -> the image array written into it
 
     def read_into(self, frame):
         if self.index >= self.count:
@@ -56,8 +64,10 @@ class ReplaySource(Source):
             self._next = now if self._next is None else self._next + self.interval
             if self._next > now:
                 time.sleep(self._next - now)
-        image = self.frames[self.index % len(self.frames)]
-        np.copyto(frame.ensure_shape(image.shape[0], image.shape[1]), image)
+        if self._written.get(frame.slot) is not frame.image:
+            image = self.frames[self.index % len(self.frames)]
+            np.copyto(frame.ensure_shape(image.shape[0], image.shape[1]), image)
+            self._written[frame.slot] = frame.image
         frame.index = self.index
         frame.ts = time.time()
         frame.name = None
@@ -111,12 +121,16 @@ def letterbox(image, size, pad=114):
     return canvas.transpose(2, 0, 1)[None].astype(np.float32), r
 
 
-def peer_loop(card, model_path, frames, count, publish):
+def peer_session(model_path):
+    """The original model as a user loads it: ONNX Runtime's defaults."""
+    import onnxruntime
+    return onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+
+
+def peer_loop(card, session, frames, count, publish):
     """The single-threaded loop people write by hand; returns frames per second."""
     import cv2
-    import onnxruntime
     from edge.families.yolox import grid
-    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     cells, strides = grid(*card.input_size)
     score_t, iou_t = card.thresholds["score"], card.thresholds["iou"]
@@ -251,11 +265,10 @@ def run_pipeline(source, task_list, link, qos, count_task=0):
 
 
 def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
-          matcher=None, reference=None, images_uri=None):
+          matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0):
     """All the figures of the benchmark as a dict."""
     import tempfile
     from edge import daemon, tasks
-    from edge.references import ReferenceStore
     maker = daemon.engine_maker(cfg)
     card = cards.load(detector)
     detect = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
@@ -265,7 +278,6 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
                "frame_size": [width, height], "frames": frames_count,
                "cpu_count": os.cpu_count()}
     engine = detect.engine_for(width, height)
-    results["raw_fps"] = raw_fps(engine, frames, seconds)
     model_path = models.model_path(card, cfg["model_dir"])
     results["raw_model_fps"] = _raw_model_fps(card, model_path, frames[0], seconds)
 
@@ -278,21 +290,38 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             raise UnavailableError("bench: mosquitto is not installed and no --mqtt URL was "
                                    "given; install mosquitto or pass --mqtt")
     settings = mqtt.parse_url(mqtt_url)
+    qos = settings["qos"]
     link = mqtt.MqttLink(settings, "bench", "edge", queue_limit=100000)
     link.start()
     link.connected.wait(10)
     receiver = Receiver(settings, "edge/bench/detections")
+    peer_client = mqtt.make_client("edge-bench-peer-{}".format(os.getpid()))
+    peer_client.connect(settings["host"], settings["port"], 30)
+    peer_client.loop_start()
     try:
-        fps, summary = run_pipeline(ReplaySource(frames, frames_count), [detect], link,
-                                    settings["qos"])
-        results["pipeline_fps"] = fps
+        session = peer_session(model_path)
+
+        def publish(payload):
+            peer_client.publish("edge/bench-peer/detections", payload)
+        measured = []
+        for _ in range(max(1, rounds)):
+            raw = raw_fps(engine, frames, seconds)
+            fps, summary = run_pipeline(ReplaySource(frames, frames_count), [detect], link, qos)
+            peer = peer_loop(card, session, frames, frames_count, publish)
+            measured.append({"raw_fps": raw, "pipeline_fps": fps, "peer_fps": peer})
+        results["rounds"] = measured
+        for key in ("raw_fps", "pipeline_fps", "peer_fps"):
+            results[key] = statistics.median(r[key] for r in measured)
+        results["pipeline_over_raw"] = statistics.median(
+            r["pipeline_fps"] / r["raw_fps"] for r in measured)
+        results["pipeline_over_peer"] = statistics.median(
+            r["pipeline_fps"] / r["peer_fps"] for r in measured)
         results["stages_ms"] = summary["stages_ms"]       # frames queue up: throughput run
         # Latency as a camera sees it: frames paced at 80% of the engine's rate, newest wins.
         rate = 0.8 * results["raw_fps"]
         receiver.arrivals[:] = []
         paced = max(20, int(rate * 5))
-        _, latency = run_pipeline(ReplaySource(frames, paced, fps=rate), [detect], link,
-                                  settings["qos"])
+        _, latency = run_pipeline(ReplaySource(frames, paced, fps=rate), [detect], link, qos)
         results["latency_run"] = {"fps": round(rate, 1), "frames": paced,
                                   "stages_ms": latency["stages_ms"]}
         time.sleep(0.5)
@@ -312,39 +341,74 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             detect_images.engine_for(width, height)
             limited = _Limited(source, frames_count)
             results["pipeline_images_fps"] = run_pipeline(limited, [detect_images], link,
-                                                          settings["qos"])[0]
-        peer_client = mqtt.make_client("edge-bench-peer-{}".format(os.getpid()))
-        peer_client.connect(settings["host"], settings["port"], 30)
-        peer_client.loop_start()
-        topic = "edge/bench-peer/detections"
-        results["peer_fps"] = peer_loop(card, model_path, frames, frames_count,
-                                        lambda payload: peer_client.publish(topic, payload))
-        peer_client.loop_stop()
-        peer_client.disconnect()
+                                                          qos)[0]
         results["alloc_per_frame_bytes"] = alloc_per_frame(detect, frames)
         if matcher:
-            store = ReferenceStore(workdir)
-            store.put_file("bench", reference)
-            match_card = cards.load(matcher)
-            match = tasks.create(match_card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
-                                 device="bench", store=store, max_hz=1.0)
-            match.engine_for(width, height, (store.get("bench").shape[1],
-                                             store.get("bench").shape[0]))
-            solo = results["pipeline_fps"]
-            both, _ = run_pipeline(ReplaySource(frames, frames_count), [detect, match], link,
-                                   settings["qos"])
-            results["with_matcher"] = {"detect_fps": both, "solo_detect_fps": solo,
-                                       "ratio": both / solo, "match_runs": match.frames}
+            results["with_matcher"] = _with_matcher(cfg, maker, detect, matcher, reference,
+                                                    frames, link, qos, workdir,
+                                                    max(frames_count, int(
+                                                        results["pipeline_fps"] *
+                                                        match_seconds)))
+            results["daemon_peak_rss_mb"] = daemon_peak_rss(cfg, card.path, matcher,
+                                                            reference, width, height, workdir)
     finally:
         receiver.close()
+        peer_client.loop_stop()
+        peer_client.disconnect()
         link.stop("bench finished")
         if broker is not None:
             broker.terminate()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                                    1)
-    results["pipeline_over_raw"] = results["pipeline_fps"] / results["raw_fps"]
-    results["pipeline_over_peer"] = results["pipeline_fps"] / results["peer_fps"]
     return results
+
+
+def _with_matcher(cfg, maker, detect, matcher, reference, frames, link, qos, workdir, count):
+    """Detection's throughput with the matcher at 1 Hz beside it, against detection alone
+    before and after, over `count` frames each (long enough that 1 Hz is 1 Hz: the first
+    match runs at the first frame)."""
+    from edge import tasks
+    from edge.references import ReferenceStore
+    store = ReferenceStore(workdir)
+    store.put_file("bench", reference)
+    match = tasks.create(cards.load(matcher), maker, cfg["model_dir"],
+                         mirror=cfg["model_mirror"], device="bench", store=store, max_hz=1.0)
+    image = store.get("bench")
+    match.engine_for(frames[0].shape[1], frames[0].shape[0], (image.shape[1], image.shape[0]))
+    before, _ = run_pipeline(ReplaySource(frames, count), [detect], link, qos)
+    started = time.perf_counter()
+    both, _ = run_pipeline(ReplaySource(frames, count), [detect, match], link, qos)
+    elapsed = time.perf_counter() - started
+    after, _ = run_pipeline(ReplaySource(frames, count), [detect], link, qos)
+    solo = (before + after) / 2.0
+    return {"detect_fps": both, "solo_detect_fps": solo, "ratio": both / solo,
+            "frames": count, "match_runs": match.frames,
+            "match_hz": round(match.frames / elapsed, 3),
+            "match_infer_ms": match.stats.summary()["stages_ms"]["infer"]}
+
+
+def daemon_peak_rss(cfg, detector, matcher, reference, width, height, workdir):
+    """Peak RSS (MB) of a real `edge run` with both tasks on this backend and frame size."""
+    import subprocess
+    import sys
+    import yaml
+    config_path = os.path.join(workdir, "daemon.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump({"backend": cfg["backend"], "model_dir": cfg["model_dir"],
+                        "model_mirror": cfg["model_mirror"], "engine": cfg["engine"],
+                        "pipeline": cfg["pipeline"]}, f)
+    command = [sys.executable, "-m", "edge", "run", "-c", config_path, "--source",
+               "test://?width={}&height={}&fps=0&frames=60".format(width, height),
+               "--detector", detector, "--matcher", matcher, "--reference", reference,
+               "--state-dir", os.path.join(workdir, "daemon"), "--jsonl", os.devnull]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)      # this child's own peak, not the others'
+    proc.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    if proc.returncode != 0:
+        logger.warning("bench: edge run for the RSS figure failed: %s",
+                       proc.stderr.read().decode(errors="replace")[-300:])
+        return None
+    return round(usage.ru_maxrss / 1024.0, 1)
 
 
 class _Limited(Source):
@@ -412,8 +476,11 @@ def table(r):
                      "frame)".format(r["pipeline_images_fps"]))
     lines += [
         "  peer_fps       {:8.1f}  hand-written single-threaded loop".format(r["peer_fps"]),
-        "  pipeline/raw   {:8.3f}   pipeline/peer {:.3f}".format(r["pipeline_over_raw"],
-                                                               r["pipeline_over_peer"]),
+        "  pipeline/raw   {:8.3f}   pipeline/peer {:.3f}   (medians of {} alternating rounds; "
+        "per round: {})".format(r["pipeline_over_raw"], r["pipeline_over_peer"],
+                               len(r["rounds"]), " ".join(
+                                   "{:.2f}".format(x["pipeline_fps"] / x["raw_fps"])
+                                   for x in r["rounds"])),
         "  latency ms at {} fps: ".format(r["latency_run"]["fps"]) + "  ".join(
             "{} p50 {} p95 {}".format(k, v["p50"], v["p95"])
             for k, v in r["latency_run"]["stages_ms"].items()),
@@ -427,8 +494,11 @@ def table(r):
     if "with_matcher" in r:
         m = r["with_matcher"]
         lines.append("  with matcher at 1 Hz: detect {:.1f} fps = {:.3f} of solo {:.1f} ({} "
-                     "matches)".format(m["detect_fps"], m["ratio"], m["solo_detect_fps"],
-                                       m["match_runs"]))
+                     "matches in {} frames, {} Hz, match infer p50 {} ms)".format(
+                         m["detect_fps"], m["ratio"], m["solo_detect_fps"], m["match_runs"],
+                         m["frames"], m["match_hz"], m["match_infer_ms"]["p50"]))
+        lines.append("  edge run with both tasks: peak RSS {} MB ({})".format(
+            r.get("daemon_peak_rss_mb"), r["backend"].get("backend")))
     return "\n".join(lines)
 
 

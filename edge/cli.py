@@ -183,7 +183,8 @@ def _bench(args):
     if images is None and os.path.isdir(os.path.expanduser(args.source)):
         images = args.source
     results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
-                          args.seconds, args.mqtt, args.matcher, args.reference, images)
+                          args.seconds, args.mqtt, args.matcher, args.reference, images,
+                          args.rounds, args.match_seconds)
     print(bench.table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -261,8 +262,12 @@ def parser():
     bn.add_argument("--source", required=True, help="frames to replay (folder, video, test://)")
     bn.add_argument("--detector", default="yolox-nano", help="detection card")
     bn.add_argument("--size", default="640x480", help="frame size WxH the frames are resized to")
-    bn.add_argument("--frames", type=int, default=300, help="frames per pipeline run")
-    bn.add_argument("--seconds", type=float, default=5.0, help="length of the raw loops")
+    bn.add_argument("--frames", type=int, default=300, help="frames per pipeline and peer run")
+    bn.add_argument("--seconds", type=float, default=2.0, help="length of each raw loop")
+    bn.add_argument("--rounds", type=int, default=5,
+                    help="alternating raw/pipeline/peer rounds; ratios are their medians")
+    bn.add_argument("--match-seconds", type=float, default=10.0,
+                    help="length of the runs with and without the matcher beside detection")
     bn.add_argument("--mqtt", help="broker URL (default: a local mosquitto on a free port)")
     bn.add_argument("--images", help="image folder for the decode-per-frame run")
     bn.add_argument("--matcher", help="also run this matcher at 1 Hz beside detection")

@@ -13,7 +13,8 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
     out_json = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     rc, out, err = run_edge("bench", "--source", COCO8_VAL, "--frames", "30", "--seconds",
-                            "0.5", "--model-dir", model_dir, "--state-dir", str(tmp_path),
+                            "0.5", "--rounds", "2", "--match-seconds", "1", "--model-dir",
+                            model_dir, "--state-dir", str(tmp_path),
                             "--json", str(out_json), "--plot", str(plot), "--matcher",
                             "coarse-loftr", "--reference",
                             SHARED + "/data/middlebury-motorcycle/motorcycle_left.png",
@@ -26,4 +27,7 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
     assert r["received"] > 0 and r["capture_to_received_ms"]["p50"] > 0
     assert set(r["latency_run"]["stages_ms"]) == {"total", "queue", "infer", "post"}
     assert r["with_matcher"]["match_runs"] >= 1 and r["with_matcher"]["detect_fps"] > 0
+    assert r["with_matcher"]["match_infer_ms"]["p50"] > 0 and r["daemon_peak_rss_mb"] > 50
+    assert len(r["rounds"]) == 2 and all(x["raw_fps"] > 0 and x["pipeline_fps"] > 0 and
+                                         x["peer_fps"] > 0 for x in r["rounds"])
     assert "pipeline/raw" in out and plot.stat().st_size > 1000
