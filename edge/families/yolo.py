@@ -1,9 +1,12 @@
 """What every YOLO-style detector shares: one image input and a (K, 6) detection output.
 
-A family only turns its raw outputs into box centres and class scores (`decode`); the rest
-runs in the graph for all of them: best class, corners, undo the letterbox into frame
-pixels, clip to the frame, and keep the K best-scoring candidates (the card's `candidates`),
-so the CPU reads K x 6 floats instead of the whole raw tensor.
+A family only says where its raw outputs keep the boxes, the objectness (if any) and the
+class scores (`split`), and how a box becomes a centre and size in network pixels
+(`decode_boxes`). The rest runs in the graph for all of them: each candidate's score (best
+class, times objectness), the K best candidates (the card's `candidates`), and only for
+those K: their boxes, best class, corners, the letterbox undone into frame pixels, clipped
+to the frame. So the CPU reads K x 6 floats instead of the whole raw tensor, and the graph
+decodes K boxes instead of every anchor.
 """
 
 import numpy as np
@@ -15,14 +18,20 @@ DETECTIONS = "detections"   # (K, 6) float32: x1, y1, x2, y2, score, class; best
 
 
 class YoloFamily:
-    """Base of the detector families; subclasses implement `decode`."""
+    """Base of the detector families; subclasses implement `split` (and `decode_boxes`)."""
 
     name = None
     task = "detect"
 
-    def decode(self, g, card, raw):
-        """Node outputs (centres and sizes (1, N, 4) in network pixels, scores (1, N, C))."""
+    def split(self, g, card, raw):
+        """Node outputs (boxes (1, N, 4) as the model gives them, objectness (1, N, 1) or
+        None, class scores (1, N, C)) from the raw output names."""
         raise NotImplementedError
+
+    def decode_boxes(self, g, card, boxes, index):
+        """Centres and sizes (1, K, 4) in network pixels of the K boxes picked (1, K, 4),
+        which are the anchors `index` (K,) of the raw output; as given by default."""
+        return boxes
 
     def graph_inputs(self, g, card, geometry, net_inputs, network_input):
         if len(net_inputs) != 1:
@@ -32,10 +41,22 @@ class YoloFamily:
         return [graph.frame_input(geometry)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
-        boxes, scores = self.decode(g, card, [i.name for i in raw_infos])
-        score = g.op("ReduceMax", [scores], "score", axes=[2], keepdims=1)      # (1, N, 1)
-        cls = g.op("ArgMax", [scores], "class", axis=2, keepdims=1)             # (1, N, 1)
+        boxes, objectness, classes = self.split(g, card, [i.name for i in raw_infos])
+        # max over classes of objectness * class = objectness * max over classes (>= 0)
+        score = g.op("ReduceMax", [classes], "best_class_score", axes=[2], keepdims=1)
+        if objectness is not None:
+            score = g.op("Mul", [objectness, score], "score")                   # (1, N, 1)
+        count = self.candidate_count(_shape(raw_infos[0]))
+        k = min(card.candidates, count)
+        flat = g.op("Reshape", [score, g.const([1, count], np.int64)], "score_flat")
+        top, index = g.op("TopK", [flat, g.const([k], np.int64)], "topk", outputs=2, axis=1)
+        index = g.op("Reshape", [index, g.const([k], np.int64)], "topk_index")   # (K,)
+        top = g.op("Reshape", [top, g.const([1, k, 1], np.int64)], "top_score")  # (1, K, 1)
+        picked = g.op("Gather", [classes, index], "picked_classes", axis=1)      # (1, K, C)
+        cls = g.op("ArgMax", [picked], "class", axis=2, keepdims=1)              # (1, K, 1)
         cls = g.op("Cast", [cls], "class_float", to=TensorProto.FLOAT)
+        boxes = self.decode_boxes(g, card, g.op("Gather", [boxes, index], "picked_boxes",
+                                                axis=1), index)
         centre = g.slice(boxes, 0, 2, 2)
         half = g.op("Mul", [g.slice(boxes, 2, 4, 2), g.const(0.5)], "half_size")
         corners = g.op("Concat", [g.op("Sub", [centre, half]), g.op("Add", [centre, half])],
@@ -48,19 +69,18 @@ class YoloFamily:
         limit = np.array([geometry.frame_w, geometry.frame_h] * 2, np.float32)
         corners = g.op("Min", [g.op("Max", [corners, g.const(np.zeros(4))]), g.const(limit)],
                        "clipped")
-        rows = g.op("Concat", [corners, score, cls], "rows", axis=2)           # (1, N, 6)
-        count = self.candidate_count(_shape(raw_infos[0]))
-        k = min(card.candidates, count)
-        flat = g.op("Reshape", [score, g.const([1, count], np.int64)], "score_flat")
-        _, index = g.op("TopK", [flat, g.const([k], np.int64)], "topk", outputs=2, axis=1)
-        index = g.op("Reshape", [index, g.const([k], np.int64)], "topk_index")
-        best = g.op("Gather", [rows, index], "best", axis=1)                   # (1, K, 6)
-        out = g.rename_output(g.op("Reshape", [best, g.const([k, 6], np.int64)]), DETECTIONS)
+        rows = g.op("Concat", [corners, top, cls], "rows", axis=2)             # (1, K, 6)
+        out = g.rename_output(g.op("Reshape", [rows, g.const([k, 6], np.int64)]), DETECTIONS)
         return [helper.make_tensor_value_info(out, TensorProto.FLOAT, [k, 6])]
 
     def candidate_count(self, shape):
         """N, the number of raw candidates, from the shape of the model's output."""
         return shape[1]
+
+
+def objectness_layout(g, out):
+    """The split of a (1, N, 5 + C) output: cx, cy, w, h, objectness, C class scores."""
+    return g.slice(out, 0, 4, 2), g.slice(out, 4, 5, 2), g.slice(out, 5, 1 << 30, 2)
 
 
 def _shape(info):

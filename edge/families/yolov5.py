@@ -1,7 +1,7 @@
 """YOLOv5 (and v7-style exports): decoded boxes (1, N, 5 + C): cx, cy, w, h, objectness, classes."""
 
 from edge.families import register
-from edge.families.yolo import YoloFamily
+from edge.families.yolo import YoloFamily, objectness_layout
 
 
 @register
@@ -10,7 +10,5 @@ class Yolov5(YoloFamily):
 
     name = "yolov5"
 
-    def decode(self, g, card, raw):
-        out = raw[0]
-        scores = g.op("Mul", [g.slice(out, 4, 5, 2), g.slice(out, 5, 1 << 30, 2)], "scores")
-        return g.slice(out, 0, 4, 2), scores
+    def split(self, g, card, raw):
+        return objectness_layout(g, raw[0])

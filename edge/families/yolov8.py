@@ -10,9 +10,9 @@ class Yolov8(YoloFamily):
 
     name = "yolov8"
 
-    def decode(self, g, card, raw):
+    def split(self, g, card, raw):
         out = g.op("Transpose", [raw[0]], "channels_last", perm=[0, 2, 1])
-        return g.slice(out, 0, 4, 2), g.slice(out, 4, 1 << 30, 2)
+        return g.slice(out, 0, 4, 2), None, g.slice(out, 4, 1 << 30, 2)
 
     def candidate_count(self, shape):
         return shape[2]

@@ -3,7 +3,7 @@
 import numpy as np
 
 from edge.families import register
-from edge.families.yolo import YoloFamily
+from edge.families.yolo import YoloFamily, objectness_layout
 
 STRIDES = (8, 16, 32)
 
@@ -25,12 +25,17 @@ class Yolox(YoloFamily):
 
     name = "yolox"
 
-    def decode(self, g, card, raw):
+    def split(self, g, card, raw):
+        return objectness_layout(g, raw[0])
+
+    def decode_boxes(self, g, card, boxes, index):
         cells, strides = grid(*card.input_size)
-        out = raw[0]
-        centre = g.op("Mul", [g.op("Add", [g.slice(out, 0, 2, 2), g.const(cells[None])]),
-                              g.const(strides[None])], "centre")
-        size = g.op("Mul", [g.op("Exp", [g.slice(out, 2, 4, 2)]), g.const(strides[None])], "size")
-        boxes = g.op("Concat", [centre, size], "boxes", axis=2)
-        scores = g.op("Mul", [g.slice(out, 4, 5, 2), g.slice(out, 5, 1 << 30, 2)], "scores")
-        return boxes, scores
+        # (N, 3) cell x, cell y, stride: the picked anchors' rows, as (1, K, 3)
+        table = g.const(np.concatenate([cells, strides], axis=1), hint="anchors")
+        anchors = g.op("Unsqueeze", [g.op("Gather", [table, index], "picked_anchors", axis=0)],
+                       "anchors_batch", axes=[0])
+        stride = g.slice(anchors, 2, 3, 2)
+        centre = g.op("Mul", [g.op("Add", [g.slice(boxes, 0, 2, 2), g.slice(anchors, 0, 2, 2)]),
+                              stride], "centre")
+        size = g.op("Mul", [g.op("Exp", [g.slice(boxes, 2, 4, 2)]), stride], "size")
+        return g.op("Concat", [centre, size], "boxes", axis=2)
