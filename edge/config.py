@@ -104,7 +104,8 @@ SPEC = {
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
         "threads": Field(int, default=0, min=0, max=64,
-                         help="inference threads for ONNX Runtime; 0: one per core"),
+                         help="ONNX Runtime threads of detection; 0: one per core (the "
+                              "matcher's engine runs on one)"),
     },
 }
 

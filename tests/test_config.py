@@ -373,3 +373,39 @@ def test_a_card_that_disagrees_with_its_model_is_one_config_error(tmp_path, mode
     assert "card {}: {}:".format(path, key) in lines[0], lines[0]
     for part in expect:
         assert part in lines[0], lines[0]
+
+
+def _leaves(spec, prefix=""):
+    for key, field in spec.items():
+        if isinstance(field, dict):
+            yield from _leaves(field, prefix + key + ".")
+        else:
+            yield prefix + key, field
+
+
+def _nested(dotted, value):
+    *sections, key = dotted.split(".")
+    text = "{}: {}\n".format(key, value)
+    for section in reversed(sections):
+        text = "{}:\n".format(section) + "".join("  " + line + "\n"
+                                                  for line in text.splitlines())
+    return text
+
+
+@pytest.mark.parametrize("dotted, field", list(_leaves(config.SPEC)),
+                         ids=[k for k, _ in _leaves(config.SPEC)])
+def test_every_config_key_refuses_a_wrong_value_naming_key_and_allowed_values(tmp_path, dotted,
+                                                                            field):
+    """A value of the wrong type for every key, and one past each bound."""
+    bad = ["[1, 2]"]
+    if field.min is not None:
+        bad.append(str(field.min - 1))
+    if field.max is not None:
+        bad.append(str(field.max + 1))
+    task = None if dotted == "detector" else {"detector": "yolox-nano"}
+    for value in bad:
+        path = write(tmp_path / "edge.yaml", _nested(dotted, value))
+        message = config_error(path, task)
+        assert "{}: {}:".format(path, dotted) in message, message
+        assert field.describe() in message, message
+        assert "\n" not in message
