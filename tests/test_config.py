@@ -409,3 +409,10 @@ def test_every_config_key_refuses_a_wrong_value_naming_key_and_allowed_values(tm
         assert "{}: {}:".format(path, dotted) in message, message
         assert field.describe() in message, message
         assert "\n" not in message
+
+
+def test_a_zero_byte_card_is_refused_naming_what_is_missing(tmp_path):
+    path = str(tmp_path / "empty.yaml")
+    open(path, "w").close()
+    message = card_error(path)
+    assert "name: missing" in message and "\n" not in message
