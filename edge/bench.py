@@ -93,13 +93,19 @@ def load_frames(source_uri, width, height, limit=64):
     return frames
 
 
-def raw_fps(engine, frames, seconds):
-    """Frames per second of the engine alone, slots bound once as the pipeline does."""
+def bound_slots(engine, frames, allocate=None):
+    """Up to 8 slots holding the frames, each bound to the engine once, as the pipeline's;
+    `allocate` is the backend's (mapped memory on a Jetson: the zero-copy path)."""
     slots = []
     for i, image in enumerate(frames[:8]):
-        slot = Frame(i, image.shape)
+        slot = Frame(i, image.shape, allocate)
         np.copyto(slot.image, image)
         slots.append((slot, engine.bind(slot)))
+    return slots
+
+
+def raw_fps(engine, slots, seconds):
+    """Frames per second of the engine alone on bound slots."""
     for slot, binding in slots[:2]:
         engine.infer(binding)                        # warm-up
     done, started = 0, time.perf_counter()
@@ -242,7 +248,9 @@ def run_pipeline(source, task_list, link, qos, count_task=0):
     from edge.pipeline import Pipeline
     from edge.publisher import Publisher
     publisher = Publisher(link, None, qos=qos, limit=100000)
-    pipeline = Pipeline(source, task_list, publisher, pool_size=6)
+    # The backend's allocator, as the daemon's pipeline: mapped frame slots on a Jetson.
+    pipeline = Pipeline(source, task_list, publisher, pool_size=6,
+                        allocate=task_list[0].maker.allocate)
     for task in task_list:
         task.frames = 0
         from edge.stats import TaskStats
@@ -303,9 +311,10 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
 
         def publish(payload):
             peer_client.publish("edge/bench-peer/detections", payload)
+        slots = bound_slots(engine, frames, maker.allocate)
         measured = []
         for _ in range(max(1, rounds)):
-            raw = raw_fps(engine, frames, seconds)
+            raw = raw_fps(engine, slots, seconds)
             fps, summary = run_pipeline(ReplaySource(frames, frames_count), [detect], link, qos)
             peer = peer_loop(card, session, frames, frames_count, publish)
             measured.append({"raw_fps": raw, "pipeline_fps": fps, "peer_fps": peer})
