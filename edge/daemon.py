@@ -312,7 +312,6 @@ class Daemon:
         self._close_system()
         self.notifier.close()
 
-
     def _stop_health(self):
         """Stop the health thread and queue the final figures as the retained report, so an
         operator sees how the run ended (source finished, frames, drops) rather than the
