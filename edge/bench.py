@@ -412,11 +412,12 @@ def daemon_peak_rss(cfg, detector, matcher, reference, width, height, workdir):
                "--state-dir", os.path.join(workdir, "daemon"), "--jsonl", os.devnull]
     # VmHWM polled while it runs: wait4's ru_maxrss would include the RSS of this process,
     # which the child had between fork and exec (Linux keeps the larger of the two).
+    from edge.backends.build import process_kib
     peak_kib = 0
     with open(os.path.join(workdir, "daemon.log"), "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         while proc.poll() is None:
-            peak_kib = max(peak_kib, _status_kib(proc.pid, "VmHWM"))
+            peak_kib = max(peak_kib, process_kib(proc.pid, "VmHWM"))
             time.sleep(0.05)
     if proc.returncode != 0:
         with open(os.path.join(workdir, "daemon.log"), "rb") as log:
@@ -424,18 +425,6 @@ def daemon_peak_rss(cfg, detector, matcher, reference, width, height, workdir):
                            log.read().decode(errors="replace")[-300:])
         return None
     return round(peak_kib / 1024.0, 1)
-
-
-def _status_kib(pid, field):
-    """A kB field of /proc/PID/status (0 when the process is gone)."""
-    try:
-        with open("/proc/{}/status".format(pid)) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 class _Limited(Source):

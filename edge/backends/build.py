@@ -101,15 +101,19 @@ def check_budget(label, budget):
                              label, budget / 2 ** 20, available / 2 ** 20, advice(label, budget)))
 
 
-def _child_memory(pid):
-    """Resident + swapped bytes of a process (0 when gone)."""
+def process_kib(pid, *names):
+    """The sum of kB fields (VmRSS, VmSwap, VmHWM, ...) of /proc/PID/status; 0 when gone."""
     try:
         with open("/proc/{}/status".format(pid)) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
-        kib = sum(int(fields[k].split()[0]) for k in ("VmRSS", "VmSwap") if k in fields)
-        return kib * 1024
+        return sum(int(fields[k].split()[0]) for k in names if k in fields)
     except (OSError, ValueError):
         return 0
+
+
+def _child_memory(pid):
+    """Resident + swapped bytes of a process (0 when gone)."""
+    return process_kib(pid, "VmRSS", "VmSwap") * 1024
 
 
 def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None):
