@@ -6,9 +6,12 @@ colour order, scale/mean/std, HWC->CHW) runs as the first nodes of the graph, an
 family appends the first step of post-processing (grid decode, top-k, ...) so the CPU reads
 back little. The same graph runs under ONNX Runtime and TensorRT.
 
-Only opset-11 operators that the TensorRT 8.2 ONNX parser accepts are used: Resize with a
+Only operators that the TensorRT 8.2 ONNX parser accepts are used (edge/backends/trtcheck.py
+holds its list and checks every rewritten graph against it in the tests): Resize with a
 constant `sizes`, Pad with constant pads, Gather/Slice with constant indices, TopK with a
-constant K.
+constant K. The nodes added to a model take the form of the model's own opset (Unsqueeze's
+`axes` became an input at opset 13, ReduceMax's at 18), so a YOLOv8 export at opset 17 gets
+opset-17 nodes; `GraphBuilder` is the one place that knows those forms.
 """
 
 import numpy as np
@@ -16,7 +19,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FRAME_INPUT = "frame"
-OPSET = 11
+OPSET = 11            # of the graphs built from scratch (preprocessing or post-processing alone)
+# Opsets at which an attribute of an operator we emit became an input.
+UNSQUEEZE_AXES_INPUT = 13
+REDUCE_AXES_INPUT = 18
 
 
 class Geometry:
@@ -48,10 +54,12 @@ class Geometry:
 
 
 class GraphBuilder:
-    """Collects nodes and constants with unique names under a prefix."""
+    """Collects nodes and constants with unique names under a prefix, in the node forms of
+    `opset` (the default-domain opset of the model the nodes join)."""
 
-    def __init__(self, prefix):
+    def __init__(self, prefix, opset=OPSET):
         self.prefix = prefix
+        self.opset = opset
         self.nodes = []
         self.initializers = []
         self._count = 0
@@ -69,6 +77,19 @@ class GraphBuilder:
         names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
+
+    def unsqueeze(self, x, axes, hint="unsqueeze"):
+        """Unsqueeze with `axes` as an attribute (opset < 13) or a constant input (13+)."""
+        if self.opset >= UNSQUEEZE_AXES_INPUT:
+            return self.op("Unsqueeze", [x, self.const(axes, np.int64, "axes")], hint)
+        return self.op("Unsqueeze", [x], hint, axes=list(axes))
+
+    def reduce_max(self, x, axes, keepdims, hint="reduce_max"):
+        """ReduceMax with `axes` as an attribute (opset < 18) or a constant input (18+)."""
+        if self.opset >= REDUCE_AXES_INPUT:
+            return self.op("ReduceMax", [x, self.const(axes, np.int64, "axes")], hint,
+                           keepdims=keepdims)
+        return self.op("ReduceMax", [x], hint, axes=list(axes), keepdims=keepdims)
 
     def slice(self, x, start, end, axis):
         return self.op("Slice", [x, self.const([start], np.int64), self.const([end], np.int64),
@@ -95,7 +116,7 @@ def preprocess(g, card, geometry, frame, frame_dtype="uint8"):
     x = frame
     if frame_dtype == "uint8":
         x = g.op("Cast", [frame], "to_float", to=TensorProto.FLOAT)
-    x = g.op("Unsqueeze", [x], "batch", axes=[0])
+    x = g.unsqueeze(x, [0], "batch")
     x = g.op("Transpose", [x], "hwc_to_chw", perm=[0, 3, 1, 2])          # (1, 3, H, W)
     if (geometry.new_w, geometry.new_h) != (geometry.frame_w, geometry.frame_h):
         # Resize before the colour step: fewer pixels to convert, and both are linear.
@@ -154,7 +175,7 @@ def rewrite(model, card, frame_w, frame_h, reference_size=None, frame_dtype="uin
     geometry.frame_dtype = frame_dtype
     model = _copy(model)
     graph = model.graph
-    g = GraphBuilder("edge")
+    g = GraphBuilder("edge", model_opset(model))
     net_inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     network_input = preprocess(g, card, geometry, FRAME_INPUT, frame_dtype)
     inputs = family.graph_inputs(g, card, geometry, net_inputs, network_input)
@@ -175,6 +196,14 @@ def postprocess_model(card, frame_w, frame_h, raw_infos):
     g = GraphBuilder("post")
     outputs = family.graph_outputs(g, card, geometry, list(raw_infos))
     return _make_model(g, list(raw_infos), outputs)
+
+
+def model_opset(model):
+    """The model's default-domain ("" or "ai.onnx") opset version."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ValueError("the model imports no default ONNX opset")
 
 
 def frame_input(geometry, width=None, height=None, name=FRAME_INPUT):

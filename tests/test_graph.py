@@ -8,6 +8,7 @@ weights and the result to integers, so against that reference the graph differs 
 """
 
 import copy
+import os
 
 import cv2
 import numpy as np
@@ -15,7 +16,9 @@ import onnxruntime as ort
 import pytest
 
 from edge import cards, graph
-from tests.conftest import COCO8_ALL
+from tests.conftest import COCO8_ALL, SHARED
+
+PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
 
 
 def run(model, feeds):
@@ -141,3 +144,44 @@ def test_graph_uses_only_opset_11_operators_tensorrt_8_2_parses(model_dir):
         if node.op_type in ("Resize", "Pad", "TopK", "Slice") and node.name.startswith("") and \
                 node.output[0].startswith("edge/"):
             assert all(i in constants or i == "" for i in node.input[1:]), node
+
+
+def _rewritten_outputs(model_dir, opset):
+    """Outputs of the rewritten detector and matcher graphs, the models converted to `opset`
+    with onnx's version converter as a newer exporter would have written them."""
+    import onnx
+    from onnx import version_converter
+    results = {}
+    for card_name, file_name in (("yolox-nano", "yolox_nano.onnx"),
+                                 ("coarse-loftr", "coarse_loftr_teacher.onnx")):
+        card = cards.load(card_name)
+        model = onnx.load(os.path.join(model_dir, file_name))
+        if opset != graph.model_opset(model):
+            model = version_converter.convert_version(model, opset)
+        frame = cv2.imread(os.path.join(PAIR, "motorcycle_right.png"))
+        reference = cv2.imread(os.path.join(PAIR, "motorcycle_left.png"))
+        h, w = frame.shape[:2]
+        if card.task == "match":
+            rewritten = graph.rewrite(model, card, w, h, (w, h))
+            assert graph.model_opset(rewritten) == opset
+            results[card_name] = run(rewritten, {"frame": frame, "reference": reference})
+        else:
+            for path in COCO8_ALL[:4]:
+                image = cv2.imread(path)
+                rewritten = graph.rewrite(model, card, image.shape[1], image.shape[0])
+                results[path] = run(rewritten, {"frame": image})
+    return results
+
+
+@pytest.mark.parametrize("opset", [13, 17, 19])
+def test_models_exported_at_newer_opsets_give_identical_outputs(model_dir, opset):
+    """A default YOLOv8/YOLO11 export is opset 17-19: the nodes edge adds take that opset's
+    forms (Unsqueeze's axes an input from 13, ReduceMax's from 18), and the results are the
+    opset-11 model's, bit for bit."""
+    want = _rewritten_outputs(model_dir, 11)
+    got = _rewritten_outputs(model_dir, opset)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert (want["coarse-loftr"][:, 1] > 0).sum() > 100      # the pair really matches
+    assert max(float(v[0, 4]) for k, v in want.items() if k != "coarse-loftr") > 0.5

@@ -59,14 +59,16 @@ class LoftrCoarse:
         conf = raw_infos[0].name                                              # (1, N0, N1)
         conf = g.op("Mul", [conf, g.const(mask.reshape(1, count, 1))], "border_ref")
         conf = g.op("Mul", [conf, g.const(mask.reshape(1, 1, count))], "border_cur")
-        row_max = g.op("ReduceMax", [conf], "row_max", axes=[2], keepdims=0)   # (1, N0)
-        col_max = g.op("ReduceMax", [conf], "col_max", axes=[1], keepdims=0)   # (1, N1)
+        row_max = g.reduce_max(conf, [2], 0, "row_max")                      # (1, N0)
         best = g.op("ArgMax", [conf], "best", axis=2, keepdims=0)              # (1, N0) int64
+        back = g.op("ArgMax", [conf], "back", axis=1, keepdims=0)              # (1, N1) int64
         best = g.op("Reshape", [best, g.const([count], np.int64)], "best_flat")
-        # Mutual: the best frame cell of reference cell i has i as its best reference cell,
-        # i.e. the row maximum is also that column's maximum (the same float, compared exactly).
-        col_best = g.op("Gather", [col_max, best], "col_best", axis=1)         # (1, N0)
-        mutual = g.op("Cast", [g.op("Equal", [row_max, col_best])], "mutual",
+        # Mutual: the best reference cell of reference cell i's best frame cell is i. Compared
+        # as indices, not as the two maxima: under FP16 TensorRT picks each reduction's
+        # precision itself, and two float maxima of one value need not compare equal.
+        back_of_best = g.op("Gather", [back, best], "back_of_best", axis=1)    # (1, N0)
+        cell = g.const(np.arange(count, dtype=np.int64).reshape(1, count), np.int64, "cells")
+        mutual = g.op("Cast", [g.op("Equal", [back_of_best, cell])], "mutual",
                       to=TensorProto.FLOAT)
         above = g.op("Cast", [g.op("Greater", [row_max, g.const(
             np.float32(card.thresholds["score"]))])], "above", to=TensorProto.FLOAT)

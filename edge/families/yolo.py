@@ -43,7 +43,7 @@ class YoloFamily:
     def graph_outputs(self, g, card, geometry, raw_infos):
         boxes, objectness, classes = self.split(g, card, [i.name for i in raw_infos])
         # max over classes of objectness * class = objectness * max over classes (>= 0)
-        score = g.op("ReduceMax", [classes], "best_class_score", axes=[2], keepdims=1)
+        score = g.reduce_max(classes, [2], 1, "best_class_score")
         if objectness is not None:
             score = g.op("Mul", [objectness, score], "score")                   # (1, N, 1)
         count = self.candidate_count(_shape(raw_infos[0]))

@@ -32,8 +32,8 @@ class Yolox(YoloFamily):
         cells, strides = grid(*card.input_size)
         # (N, 3) cell x, cell y, stride: the picked anchors' rows, as (1, K, 3)
         table = g.const(np.concatenate([cells, strides], axis=1), hint="anchors")
-        anchors = g.op("Unsqueeze", [g.op("Gather", [table, index], "picked_anchors", axis=0)],
-                       "anchors_batch", axes=[0])
+        anchors = g.unsqueeze(g.op("Gather", [table, index], "picked_anchors", axis=0), [0],
+                              "anchors_batch")
         stride = g.slice(anchors, 2, 3, 2)
         centre = g.op("Mul", [g.op("Add", [g.slice(boxes, 0, 2, 2), g.slice(anchors, 0, 2, 2)]),
                               stride], "centre")
