@@ -71,6 +71,8 @@ def _build(args):
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
                           "configure detector/matcher with -c")
     width, height = _frame_size(args.size, cfg["source"])
+    if args.export_onnx:
+        return _export_onnx(cfg, names, width, height, args.export_onnx, args.tensorrt)
     maker = daemon.engine_maker(cfg)
     building.add_listener(_ProgressPrinter())
     print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
@@ -92,6 +94,69 @@ def _build(args):
             engine.infer(binding)    # one run proves the engine loads and executes
             print("{}: engine for {}x{} frames ready".format(card.name, width, height))
     return EXIT_OK
+
+
+def _export_onnx(cfg, names, width, height, folder, version):
+    """`edge build --export-onnx DIR`: each card's rewritten graph as TensorRT `version`
+    receives it (frame dtype, opset forms), checked against what its ONNX parser imports.
+    Nothing is built: the files are for polygraphy/trtexec, and for CI. Exit 1 on a problem."""
+    import onnx
+    from edge import cards, graph, models, tasks
+    from edge.backends import trt, trtcheck
+    from edge.errors import ConfigError
+    version = version or _installed_tensorrt() or "8.2"
+    reason = trt.check_version(version)
+    if reason:
+        raise ConfigError("--tensorrt {}: {}".format(version, reason))
+    dtype = trt.frame_dtype_for(version)
+    release = trt.parse_version(version)[:2]
+    os.makedirs(folder, exist_ok=True)
+    status = EXIT_OK
+    for name in names:
+        card = cards.load(name)
+        model = models.load_onnx(models.ensure(card, cfg["model_dir"], cfg["model_mirror"]), card)
+        sizes = [None] if card.task == "detect" else _reference_sizes(cfg, width, height)
+        for size in sizes:
+            label = tasks.engine_label(card.name, width, height, size)
+            path = os.path.join(folder, "{}-{}.onnx".format(label, dtype))
+            rewritten = graph.rewrite(model, card, width, height, size, dtype)
+            onnx.save(rewritten, path)
+            found = trtcheck.problems(rewritten, release)
+            print("{}: {} for TensorRT {}".format(path, "ok" if not found else "PROBLEMS",
+                                                  version))
+            for problem in found:
+                print("  " + problem)
+            status = status if not found else EXIT_FAILURE
+    return status
+
+
+def _installed_tensorrt():
+    try:
+        import tensorrt
+        return tensorrt.__version__
+    except Exception:  # noqa: BLE001 (absent or broken: export for the Nano's 8.2)
+        return None
+
+
+def _reference_sizes(cfg, width, height):
+    """(width, height) of the configured reference, else of the stored ones, else the frame's:
+    a matcher's graph is specialised to the size of its reference image."""
+    import cv2
+    from edge import references
+    from edge.errors import ConfigError
+    if cfg["reference"]:
+        image = cv2.imread(cfg["reference"], cv2.IMREAD_COLOR)
+        if image is None:
+            raise ConfigError("reference {}: not a readable image; give an image file".format(
+                cfg["reference"]))
+        return [(image.shape[1], image.shape[0])]
+    store = references.ReferenceStore(cfg["state_dir"])
+    sizes = []
+    for name in store.names():
+        image = store.get(name)
+        if (image.shape[1], image.shape[0]) not in sizes:
+            sizes.append((image.shape[1], image.shape[0]))
+    return sizes or [(width, height)]
 
 
 def _frame_size(size, source_uri):
@@ -241,6 +306,12 @@ def parser():
     bld.add_argument("--model-dir", help="folder of model files")
     bld.add_argument("--mirror", help="local folder to fetch models from")
     bld.add_argument("--state-dir", help="folder for references and engines")
+    bld.add_argument("--export-onnx", metavar="DIR",
+                     help="write each rewritten graph as TensorRT receives it into DIR, check "
+                          "it against TensorRT's ONNX parser, and build nothing")
+    bld.add_argument("--tensorrt", metavar="VERSION",
+                     help="with --export-onnx: the TensorRT version to export for (default: "
+                          "the installed one, else 8.2, the Jetson Nano's)")
     bld.set_defaults(func=_build)
 
     hl = sub.add_parser("health", help="ask devices for a fresh health report over MQTT")

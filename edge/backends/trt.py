@@ -238,6 +238,22 @@ def _fast_fp16(builder, version):
     return bool(builder.platform_has_fast_fp16)
 
 
+def _check_opset(onnx_path, version_string):
+    """RuntimeError when the graph's opset is newer than this TensorRT's parser documents:
+    past it a parser may import a node in an older form without a word (8.2's ReduceMax
+    ignores opset 18's axes input and reduces every axis), so the engine would be wrong."""
+    import onnx
+    from edge import graph
+    from edge.backends import trtcheck
+    opset = graph.model_opset(onnx.load(onnx_path, load_external_data=False))
+    limit = trtcheck.parser_opset(parse_version(version_string))
+    if limit is not None and opset > limit:
+        raise RuntimeError("{}: opset {}, but TensorRT {} imports up to opset {}; export the "
+                           "model at opset {} (e.g. `yolo export format=onnx opset={}`) or use "
+                           "--backend ort".format(os.path.basename(onnx_path), opset,
+                                                  version_string, limit, limit, limit))
+
+
 def _attach_timing_cache(config, path):
     """Load the timing cache at path into the builder config, or start an empty one."""
     cache = None
@@ -582,6 +598,7 @@ class TrtBackend(Backend):
         log.last_error = None
 
         progress("parse", None)
+        _check_opset(onnx_path, version_string)
         builder = trt.Builder(log)
         flags = 0
         if version[:2] < NO_EXPLICIT_BATCH_FLAG:

@@ -37,6 +37,14 @@ def create(card, engines, model_dir, mirror=None, **options):
     return cls(card, engines, models.load_onnx(path, card), **options)
 
 
+def engine_label(card_name, width, height, reference_size=None):
+    """The name of a card's engine for frames (and a reference) of a size: logs, files."""
+    label = "{}-{}x{}".format(card_name, width, height)
+    if reference_size:
+        label += "-ref{}x{}".format(*reference_size)
+    return label
+
+
 class Task:
     """Shared engine handling: an engine per frame size, a binding per slot."""
 
@@ -59,10 +67,7 @@ class Task:
         return [self._label(*key) for key in self.engines]
 
     def _label(self, width, height, reference_size):
-        label = "{}-{}x{}".format(self.card.name, width, height)
-        if reference_size:
-            label += "-ref{}x{}".format(*reference_size)
-        return label
+        return engine_label(self.card.name, width, height, reference_size)
 
     def due(self, frame, now):
         """Whether this task runs on this frame (detection: every frame)."""

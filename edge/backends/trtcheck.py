@@ -1,0 +1,223 @@
+"""What TensorRT's ONNX parser imports, and a check of a rewritten graph against it.
+
+Nothing here needs TensorRT: CI runs `problems()` on every graph `edge build --export-onnx`
+writes, so a graph the Nano's parser would refuse (or import wrongly) fails a test on a
+machine without a GPU. The rules come from the onnx-tensorrt sources at each release:
+
+- `OPS_82`: the operators TensorRT 8.2's parser imports and the types it imports them for,
+  from docs/operators.md at onnx-tensorrt `release/8.2-GA` (commit 85e79f6, November 2021).
+  8.2 is the oldest version edge supports and the newest a Jetson Nano runs, so its list
+  binds every graph. INT64 and DOUBLE count as INT32 and FP32: "TensorRT will attempt to
+  cast down INT64 to INT32 and DOUBLE down to FLOAT" (the same page).
+- `PARSER_OPSETS`: the newest opset each parser documents ("supports operators up to Opset
+  13" at 8.2, 17 at 8.4-8.6, "opset 9 to opset 20" at 10.0). Beyond it a parser may import
+  a node in an older form without a word: 8.2's ReduceMax reads only the `axes` attribute
+  (onnx2trt_utils.cpp, reduceTensor), so an opset-18 ReduceMax, whose axes are an input,
+  would reduce every axis.
+- Inputs: no UINT8 before 8.5 ("Unsupported ONNX data type: UINT8"); from 8.5 a UINT8
+  network input may only be cast to FLOAT or HALF (8.5 NvInfer.h, UINT8 restrictions).
+- Our own rule, for FP16 engines: no `Equal` on floating-point tensors. With the FP16 flag
+  TensorRT picks each layer's precision, so two float results that are equal in FP32 need
+  not be equal in the engine, and an equality test on them silently fails.
+"""
+
+from onnx import TensorProto, shape_inference
+
+# Operator -> types the 8.2 parser imports it for (onnx-tensorrt release/8.2-GA operators.md).
+OPS_82 = {
+    "Abs": "FP32 FP16 INT32", "Acos": "FP32 FP16", "Acosh": "FP32 FP16", "Add": "FP32 FP16 INT32",
+    "And": "BOOL", "ArgMax": "FP32 FP16", "ArgMin": "FP32 FP16", "Asin": "FP32 FP16",
+    "Asinh": "FP32 FP16", "Atan": "FP32 FP16", "Atanh": "FP32 FP16",
+    "AveragePool": "FP32 FP16 INT8 INT32", "BatchNormalization": "FP32 FP16",
+    "Cast": "FP32 FP16 INT32 INT8 BOOL", "Ceil": "FP32 FP16", "Celu": "FP32 FP16",
+    "Clip": "FP32 FP16 INT8", "Concat": "FP32 FP16 INT32 INT8 BOOL",
+    "Constant": "FP32 FP16 INT32 INT8 BOOL", "ConstantOfShape": "FP32", "Conv": "FP32 FP16 INT8",
+    "ConvTranspose": "FP32 FP16 INT8", "Cos": "FP32 FP16", "Cosh": "FP32 FP16",
+    "CumSum": "FP32 FP16", "DepthToSpace": "FP32 FP16 INT32", "DequantizeLinear": "INT8",
+    "Div": "FP32 FP16 INT32", "Dropout": "FP32 FP16", "Einsum": "FP32 FP16",
+    "Elu": "FP32 FP16 INT8", "Equal": "FP32 FP16 INT32", "Erf": "FP32 FP16", "Exp": "FP32 FP16",
+    "Expand": "FP32 FP16 INT32 BOOL", "EyeLike": "FP32 FP16 INT32 BOOL",
+    "Flatten": "FP32 FP16 INT32 BOOL", "Floor": "FP32 FP16", "GRU": "FP32 FP16",
+    "Gather": "FP32 FP16 INT8 INT32", "GatherElements": "FP32 FP16 INT8 INT32",
+    "GatherND": "FP32 FP16 INT8 INT32", "Gemm": "FP32 FP16 INT8",
+    "GlobalAveragePool": "FP32 FP16 INT8", "GlobalLpPool": "FP32 FP16 INT8",
+    "GlobalMaxPool": "FP32 FP16 INT8", "Greater": "FP32 FP16 INT32",
+    "GreaterOrEqual": "FP32 FP16 INT32", "HardSigmoid": "FP32 FP16 INT8",
+    "Identity": "FP32 FP16 INT32 INT8 BOOL", "If": "FP32 FP16 INT32 BOOL",
+    "ImageScaler": "FP32 FP16", "InstanceNormalization": "FP32 FP16", "IsNaN": "FP32 FP16 INT32",
+    "LRN": "FP32 FP16", "LSTM": "FP32 FP16", "LeakyRelu": "FP32 FP16 INT8",
+    "Less": "FP32 FP16 INT32", "LessOrEqual": "FP32 FP16 INT32", "Log": "FP32 FP16",
+    "LogSoftmax": "FP32 FP16", "Loop": "FP32 FP16 INT32 BOOL", "LpNormalization": "FP32 FP16",
+    "LpPool": "FP32 FP16 INT8", "MatMul": "FP32 FP16", "Max": "FP32 FP16 INT32",
+    "MaxPool": "FP32 FP16 INT8", "Mean": "FP32 FP16 INT32", "Min": "FP32 FP16 INT32",
+    "Mul": "FP32 FP16 INT32", "Neg": "FP32 FP16 INT32", "NonMaxSuppression": "FP32 FP16",
+    "Not": "BOOL", "Or": "BOOL", "PRelu": "FP32 FP16 INT8", "Pad": "FP32 FP16 INT8 INT32",
+    "ParametricSoftplus": "FP32 FP16 INT8", "Pow": "FP32 FP16", "QuantizeLinear": "FP32 FP16",
+    "RNN": "FP32 FP16", "RandomUniform": "FP32 FP16", "RandomUniformLike": "FP32 FP16",
+    "Range": "FP32 FP16 INT32", "ReduceL1": "FP32 FP16", "ReduceL2": "FP32 FP16",
+    "ReduceLogSum": "FP32 FP16", "ReduceLogSumExp": "FP32 FP16", "ReduceMax": "FP32 FP16",
+    "ReduceMean": "FP32 FP16", "ReduceMin": "FP32 FP16", "ReduceProd": "FP32 FP16",
+    "ReduceSum": "FP32 FP16", "ReduceSumSquare": "FP32 FP16", "Relu": "FP32 FP16 INT8",
+    "Reshape": "FP32 FP16 INT32 INT8 BOOL", "Resize": "FP32 FP16", "ReverseSequence": "FP32 FP16",
+    "Round": "FP32 FP16 INT8", "ScaledTanh": "FP32 FP16 INT8", "Scan": "FP32 FP16",
+    "Scatter": "FP32 FP16 INT8 INT32", "ScatterElements": "FP32 FP16 INT8 INT32",
+    "ScatterND": "FP32 FP16 INT8 INT32", "Selu": "FP32 FP16 INT8",
+    "Shape": "FP32 FP16 INT32 INT8 BOOL", "Sigmoid": "FP32 FP16 INT8",
+    "Sign": "FP32 FP16 INT8 INT32", "Sin": "FP32 FP16", "Sinh": "FP32 FP16",
+    "Size": "FP32 FP16 INT32 INT8 BOOL", "Slice": "FP32 FP16 INT32 INT8 BOOL",
+    "Softmax": "FP32 FP16", "Softplus": "FP32 FP16 INT8", "Softsign": "FP32 FP16 INT8",
+    "SpaceToDepth": "FP32 FP16 INT32", "Split": "FP32 FP16 INT32 BOOL", "Sqrt": "FP32 FP16",
+    "Squeeze": "FP32 FP16 INT32 INT8 BOOL", "Sub": "FP32 FP16 INT32", "Sum": "FP32 FP16 INT32",
+    "Tan": "FP32 FP16", "Tanh": "FP32 FP16 INT8", "ThresholdedRelu": "FP32 FP16 INT8",
+    "Tile": "FP32 FP16 INT32 BOOL", "TopK": "FP32 FP16", "Transpose": "FP32 FP16 INT32 INT8 BOOL",
+    "Unsqueeze": "FP32 FP16 INT32 INT8 BOOL", "Upsample": "FP32 FP16",
+    "Where": "FP32 FP16 INT32 BOOL",
+}
+
+# (major, minor) -> the newest opset the parser documents; a version takes the entry of the
+# newest release at or below it.
+PARSER_OPSETS = ((8, 2, 13), (8, 4, 17), (10, 0, 20))
+
+UINT8_INPUTS = (8, 5)
+
+# ONNX element type -> the parser's name for it (INT64/DOUBLE are cast down, see above).
+_TYPES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.DOUBLE: "FP32",
+          TensorProto.INT32: "INT32", TensorProto.INT64: "INT32", TensorProto.INT8: "INT8",
+          TensorProto.BOOL: "BOOL", TensorProto.UINT8: "UINT8"}
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+# Inputs that the 8.2 parser needs as initializers (operators.md "Restrictions" and the
+# importers): op -> input positions.
+_CONSTANT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Slice": (3,), "Squeeze": (1,),
+                    "Unsqueeze": (1,), "TopK": (1,)}
+_RESIZE_MODES = ("nearest", "linear")
+_RESIZE_COORDINATES = ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                       "asymmetric", "align_corners")
+
+
+def parser_opset(version):
+    """The newest opset TensorRT `version` ((major, minor)) documents importing."""
+    newest = None
+    for major, minor, opset in PARSER_OPSETS:
+        if tuple(version[:2]) >= (major, minor):
+            newest = opset
+    return newest
+
+
+def problems(model, version=(8, 2)):
+    """What TensorRT `version` ((major, minor)) would refuse or get wrong in `model`, one
+    line per problem; an empty list when the graph is fine."""
+    found = []
+    opset = _default_opset(model)
+    limit = parser_opset(version)
+    label = "TensorRT {}.{}".format(*version[:2])
+    if limit is not None and opset > limit:
+        found.append("opset {}: {} imports up to opset {}; export the model at opset {} or "
+                     "lower".format(opset, label, limit, limit))
+    graph = shape_inference.infer_shapes(model).graph
+    types = {}
+    for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types[info.name] = info.type.tensor_type.elem_type
+    constants = {t.name for t in graph.initializer}
+    for t in graph.initializer:
+        types[t.name] = t.data_type
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants.update(node.output)
+    found.extend(_input_problems(graph, constants, types, version, label))
+    for node in graph.node:
+        found.extend(_node_problems(node, types, constants, version))
+    return found
+
+
+def _default_opset(model):
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def _name(node):
+    return "node {} ({})".format(node.name or (node.output[0] if node.output else "?"),
+                                 node.op_type)
+
+
+def _input_problems(graph, constants, types, version, label):
+    found = []
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for info in graph.input:
+        if info.name in constants:
+            continue
+        elem = info.type.tensor_type.elem_type
+        if elem != TensorProto.UINT8:
+            if _TYPES.get(elem) is None:
+                found.append("input {}: type {} is not a TensorRT input type".format(
+                    info.name, TensorProto.DataType.Name(elem)))
+            continue
+        if tuple(version[:2]) < UINT8_INPUTS:
+            found.append("input {}: {} has no UINT8 inputs (from 8.5 on); rewrite the graph "
+                         "with float32 frames".format(info.name, label))
+            continue
+        for node in consumers.get(info.name, []):
+            to = _attribute(node, "to")
+            if node.op_type != "Cast" or to not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                found.append("input {}: a UINT8 input may only be cast to FLOAT or FLOAT16, "
+                             "not read by {}".format(info.name, _name(node)))
+    return found
+
+
+def _node_problems(node, types, constants, version):
+    if node.domain not in ("", "ai.onnx"):
+        return ["{}: domain {!r} is not imported by the ONNX parser".format(_name(node),
+                                                                            node.domain)]
+    supported = OPS_82.get(node.op_type)
+    if supported is None:
+        return ["{}: TensorRT 8.2's ONNX parser does not import {}".format(_name(node),
+                                                                         node.op_type)]
+    found = []
+    elem = types.get(node.input[0]) if node.input and node.input[0] else None
+    kind = _TYPES.get(elem)
+    if kind == "UINT8" and node.op_type == "Cast" and tuple(version[:2]) >= UINT8_INPUTS:
+        kind = "FP32"        # 8.5+: UINT8 inputs are cast (the input rule checks the target)
+    if elem and node.op_type not in ("Shape", "Size") and kind not in supported.split():
+        found.append("{}: input type {} is not imported (supported: {})".format(
+            _name(node), TensorProto.DataType.Name(elem), supported.replace(" ", ", ")))
+    if node.op_type == "Equal" and elem in _FLOATS:
+        found.append("{}: Equal compares floating-point tensors, which an FP16 engine may "
+                     "compute at different precisions; compare indices instead".format(
+                         _name(node)))
+    for position in _CONSTANT_INPUTS.get(node.op_type, ()):
+        if position < len(node.input) and node.input[position] and \
+                node.input[position] not in constants:
+            found.append("{}: input {} ({}) must be an initializer".format(
+                _name(node), position, node.input[position]))
+    if node.op_type == "Resize":
+        found.extend(_resize_problems(node, constants))
+    return found
+
+
+def _resize_problems(node, constants):
+    found = []
+    mode = _attribute(node, "mode", b"nearest")
+    coordinates = _attribute(node, "coordinate_transformation_mode", b"half_pixel")
+    if mode.decode() not in _RESIZE_MODES:
+        found.append("{}: mode {} (supported: {})".format(_name(node), mode.decode(),
+                                                          ", ".join(_RESIZE_MODES)))
+    if coordinates.decode() not in _RESIZE_COORDINATES:
+        found.append("{}: coordinate_transformation_mode {} (supported: {})".format(
+            _name(node), coordinates.decode(), ", ".join(_RESIZE_COORDINATES)))
+    sizing = [name for name in node.input[2:4] if name]
+    if sizing and not any(name in constants for name in sizing):
+        found.append("{}: scales or sizes must be an initializer".format(_name(node)))
+    return found
+
+
+def _attribute(node, name, default=None):
+    from onnx import helper
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
