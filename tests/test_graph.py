@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge import cards, graph
+from edge import cards, graph, nodes
 from tests.conftest import COCO8_ALL, SHARED
 
 PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
@@ -156,14 +156,14 @@ def _rewritten_outputs(model_dir, opset):
                                  ("coarse-loftr", "coarse_loftr_teacher.onnx")):
         card = cards.load(card_name)
         model = onnx.load(os.path.join(model_dir, file_name))
-        if opset != graph.model_opset(model):
+        if opset != nodes.model_opset(model):
             model = version_converter.convert_version(model, opset)
         frame = cv2.imread(os.path.join(PAIR, "motorcycle_right.png"))
         reference = cv2.imread(os.path.join(PAIR, "motorcycle_left.png"))
         h, w = frame.shape[:2]
         if card.task == "match":
             rewritten = graph.rewrite(model, card, w, h, (w, h))
-            assert graph.model_opset(rewritten) == opset
+            assert nodes.model_opset(rewritten) == opset
             results[card_name] = run(rewritten, {"frame": frame, "reference": reference})
         else:
             for path in COCO8_ALL[:4]:

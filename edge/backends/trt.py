@@ -243,9 +243,9 @@ def _check_opset(onnx_path, version_string):
     past it a parser may import a node in an older form without a word (8.2's ReduceMax
     ignores opset 18's axes input and reduces every axis), so the engine would be wrong."""
     import onnx
-    from edge import graph
+    from edge import nodes
     from edge.backends import trtcheck
-    opset = graph.model_opset(onnx.load(onnx_path, load_external_data=False))
+    opset = nodes.model_opset(onnx.load(onnx_path, load_external_data=False))
     limit = trtcheck.parser_opset(parse_version(version_string))
     if limit is not None and opset > limit:
         raise RuntimeError("{}: opset {}, but TensorRT {} imports up to opset {}; export the "
@@ -313,7 +313,7 @@ class TrtEngine(Engine):
     """A deserialized engine with one execution context and one stream."""
 
     def __init__(self, backend, engine, label):
-        from edge.graph import FRAME_INPUT
+        from edge.nodes import FRAME_INPUT
         trt, cuda = backend.trt, backend.cuda
         self.backend = backend
         self.label = label

@@ -1,7 +1,7 @@
 """Model families: how a model's graph is fed and what its outputs become.
 
 A family is a small module that registers a class with `register`. The class says which
-task it serves, adds the family's nodes when `edge.graph.rewrite` fuses the card into the
+task it serves, adds the family's nodes (built with edge.nodes) when `edge.graph.rewrite` fuses the card into the
 model (`graph_inputs`, `graph_outputs`), and nothing outside the family asks which it is.
 """
 

@@ -11,7 +11,7 @@ CPU reads (N0, 2) floats instead of the N0 x N1 matrix (5.8 MB at 640 x 480).
 import numpy as np
 from onnx import TensorProto, helper
 
-from edge import graph
+from edge import nodes
 from edge.families import register
 
 STRIDE = 16                    # coarse cells are 16 x 16 pixels of the network input
@@ -44,13 +44,13 @@ class LoftrCoarse:
             raise ValueError("a {} model has two image inputs, this one has {}".format(
                 self.name, len(net_inputs)))
         ref_w, ref_h = geometry.reference_size
-        ref_geometry = graph.Geometry(card, ref_w, ref_h)
-        reference = graph.preprocess(g, card, ref_geometry, REFERENCE_INPUT,
+        ref_geometry = nodes.Geometry(card, ref_w, ref_h)
+        reference = nodes.preprocess(g, card, ref_geometry, REFERENCE_INPUT,
                                      geometry.frame_dtype)
         g.rename_output(reference, net_inputs[0].name)
         g.rename_output(network_input, net_inputs[1].name)
-        return [graph.frame_input(geometry),
-                graph.frame_input(geometry, ref_w, ref_h, REFERENCE_INPUT)]
+        return [nodes.frame_input(geometry),
+                nodes.frame_input(geometry, ref_w, ref_h, REFERENCE_INPUT)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
         columns, rows = cells(*card.input_size)

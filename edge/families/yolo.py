@@ -12,7 +12,7 @@ decodes K boxes instead of every anchor.
 import numpy as np
 from onnx import TensorProto, helper
 
-from edge import graph
+from edge import nodes
 
 DETECTIONS = "detections"   # (K, 6) float32: x1, y1, x2, y2, score, class; best score first
 
@@ -38,7 +38,7 @@ class YoloFamily:
             raise ValueError("a {} model has one image input, this one has {}".format(
                 self.name, len(net_inputs)))
         g.rename_output(network_input, net_inputs[0].name)
-        return [graph.frame_input(geometry)]
+        return [nodes.frame_input(geometry)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
         boxes, objectness, classes = self.split(g, card, [i.name for i in raw_infos])

@@ -12,7 +12,7 @@ import time
 import cv2
 import numpy as np
 
-from edge import graph
+from edge import nodes
 from edge.errors import SourceError
 from edge.families.loftr import MATCHES, STRIDE
 from edge.tasks import Task, envelope, register
@@ -28,7 +28,7 @@ def cell_centres(card, width, height):
     A cell of the network input covers STRIDE x STRIDE pixels; its centre is mapped back
     through the card's resize (and letterbox padding) into the image's own pixels.
     """
-    geometry = graph.Geometry(card, width, height)
+    geometry = nodes.Geometry(card, width, height)
     columns, rows = geometry.net_w // STRIDE, geometry.net_h // STRIDE
     index = np.arange(columns * rows)
     u = (index % columns) * STRIDE + STRIDE / 2.0
