@@ -42,6 +42,50 @@ class Capture(threading.Thread):
         self.last_error = None
         self._opened = False
         self._backoff = self.backoff_min
+        self.first = None           # the frame `prime` read, handed on before any other
+
+    def prime(self):
+        """Read the first frame now, in the caller's thread, so that engines can be built
+        for its size before the pipeline runs; None when the source has none yet (a live
+        source that failed: the thread reopens it) or at all (an empty finite source).
+
+        A finite source's first frame is delivered first when the thread starts; a live
+        one's is dropped then, being as old as the engine builds took.
+        """
+        frame = self.pool.acquire(timeout=5.0)
+        if frame is None:
+            return None
+        try:
+            ok = self.source.read_into(frame)
+        except SourceError:
+            self.pool.release(frame)
+            if not self.source.live:
+                raise
+            return None
+        except BaseException:
+            self.pool.release(frame)
+            raise
+        if not ok:
+            self.pool.release(frame)
+            return None
+        self.first = frame
+        return frame
+
+    def abandon(self):
+        """Close a source that was opened (and maybe primed) but never run."""
+        if self.first is not None:
+            self.pool.release(self.first)
+            self.first = None
+        self.source.close()
+        self.state = "stopped"
+
+    def _primed(self):
+        """The frame `prime` read, if it is still to be delivered."""
+        frame, self.first = self.first, None
+        if frame is not None and self.source.live:
+            self.pool.release(frame)
+            return None
+        return frame
 
     def start_source(self):
         """Open the source now, in the caller's thread; raises SourceError if it cannot be."""
@@ -66,37 +110,46 @@ class Capture(threading.Thread):
             if not isinstance(exc, SourceError):   # a SourceError is reported by the pipeline
                 logger.exception("capture from %s failed", self.source.display)
         finally:
+            if self.first is not None:        # stopped before it started
+                self.pool.release(self.first)
+                self.first = None
             self.source.close()
             if self.on_exit is not None:
                 self.on_exit()
 
     def _loop(self):
+        frame = self._primed()
         while not self.stop_event.is_set():
-            frame = self.pool.acquire(timeout=0.2)
             if frame is None:
-                continue     # every slot is busy in the tasks; look at stop_event again
-            try:
-                ok = self.source.read_into(frame)
-            except SourceError as exc:
-                self.pool.release(frame)
-                if not self.source.live:
+                frame = self.pool.acquire(timeout=0.2)
+                if frame is None:
+                    continue     # every slot is busy in the tasks; look at stop_event again
+                try:
+                    ok = self.source.read_into(frame)
+                except SourceError as exc:
+                    self.pool.release(frame)
+                    frame = None
+                    if not self.source.live:
+                        raise
+                    self._reopen(exc)
+                    continue
+                except BaseException:
+                    self.pool.release(frame)
                     raise
-                self._reopen(exc)
-                continue
-            except BaseException:
-                self.pool.release(frame)
-                raise
-            if not ok:
-                self.pool.release(frame)
-                self.finished = True
-                self.state = "finished"
-                logger.info("source %s ended after %d frames", self.source.display, self.frames)
-                return
-            self._backoff = self.backoff_min
+                if not ok:
+                    self.pool.release(frame)
+                    self.finished = True
+                    self.state = "finished"
+                    logger.info("source %s ended after %d frames", self.source.display,
+                                self.frames)
+                    return
+                self._backoff = self.backoff_min
             if not self.deliver(frame):
-                self.pool.release(frame)
-                break
+                break            # the pipeline is stopping: released below
+            frame = None
             self.frames += 1
+        if frame is not None:         # the primed frame, or one the pipeline would not take
+            self.pool.release(frame)
         self.state = "stopped"
 
     def _reopen(self, exc):

@@ -77,7 +77,10 @@ SPEC = {
         "dir": Field(str, default=None, nullable=True,
                      help="built engines; default {state_dir}/engines"),
         "budget_mb": Field(int, default=2048, min=64, max=1 << 20,
-                           help="memory the engine build child may use (RSS + swap)"),
+                           help="memory the engine build may use (RSS + swap, or the fall in "
+                                "MemAvailable + SwapFree if larger)"),
+        "reserve_mb": Field(int, default=128, min=0, max=1 << 20,
+                            help="memory + swap a build must leave to the rest of the system"),
         "workspace_mb": Field(int, default=256, min=0, max=1 << 20,
                               help="TensorRT builder workspace"),
         "build_timeout": Field(float, default=3600.0, min=1.0,

@@ -26,9 +26,9 @@ def engine_maker(config):
     from edge.backends.cache import EngineCache
     backend = backends.select(config["backend"], threads=config["pipeline"]["threads"],
                               workspace_mb=config["engine"]["workspace_mb"])
-    return EngineMaker(backend, EngineCache(config["engine"]["dir"]),
-                       config["engine"]["budget_mb"] * 2 ** 20,
-                       config["engine"]["build_timeout"])
+    engine = config["engine"]
+    return EngineMaker(backend, EngineCache(engine["dir"]), engine["budget_mb"] * 2 ** 20,
+                       engine["build_timeout"], engine["reserve_mb"] * 2 ** 20)
 
 
 def reference_store(config):
@@ -126,13 +126,13 @@ class Daemon:
     def _on_build(self, state):
         self.build_beats += 1
 
-    def _tick_systemd(self):
+    def _tick_systemd(self, preparing=False):
         """Called from the main loop every 0.1 s: READY once working, extensions, watchdog."""
         from edge.backends import build
         if not self.ready:
             building = any(s.state == "building" for s in build.STATES.values())
             working = any(t.frames for t in self.tasks)
-            if building:
+            if building or preparing:
                 # First boot on a Nano: the engine build takes minutes; keep the start job
                 # alive while it makes progress (TimeoutStartSec= alone would kill it).
                 self.watchdog.extend_while_building(60)
@@ -204,8 +204,9 @@ class Daemon:
             self._start_services()
             start = True
             while True:
-                if start:
-                    self._start_pipeline()
+                if start and not self._start_pipeline():
+                    reason = "stopped"
+                    break
                 ended = self._wait()
                 if ended == "reload":
                     start = self._reload()
@@ -222,18 +223,44 @@ class Daemon:
             self._shutdown(reason)
 
     def _start_pipeline(self):
+        """Build the engines, then start the pipeline; False when a signal stopped us first."""
         self.generations += 1
         self.source_display = redact(self.config["source"])
+        if not self.health.is_alive():
+            self.health.start()        # reports the builds while they run
+        if not self._prepare():
+            return False
         self._pipeline_started = time.monotonic()
         self.pipeline.start()
         if self.link is not None:
             self.link.set_status("online")
-        if self.health.is_alive():
-            self.health.wake.set()      # report the new pipeline now
-        else:
-            self.health.start()
+        self.health.wake.set()          # report the running pipeline now
         logger.info("running %s on %s with %s", ", ".join(t.card.name for t in self.tasks),
                     self.source_display, self.maker.backend.describe())
+        return True
+
+    def _prepare(self):
+        """Build or load every engine the tasks need before frames flow (Pipeline.prepare),
+        in a thread, while this one keeps systemd's start job extended and watches for a
+        stop; False when a signal came first (the build child dies with us)."""
+        errors = []
+
+        def prepare():
+            try:
+                self.pipeline.prepare()
+            except Exception as e:  # a finite source that fails: the run's error
+                errors.append(e)
+        worker = threading.Thread(target=prepare, name="prepare", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            if self.stop_event.wait(0.1):
+                logger.info("stopping while engines are prepared")
+                self.notifier.stopping("stopping")
+                return False
+            self._tick_systemd(preparing=True)
+        if errors:
+            raise errors[0]
+        return True
 
     def _wait(self):
         """'finished' (source ended or error), 'stopped' (signal) or 'reload'."""

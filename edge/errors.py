@@ -9,6 +9,7 @@ EXIT_USAGE = 2          # bad command line (argparse)
 EXIT_DATAERR = 65       # a model, engine or image file is corrupt or of the wrong kind
 EXIT_NOINPUT = 66       # the source cannot be opened or read
 EXIT_UNAVAILABLE = 69   # a network service (broker, model download) cannot be reached
+EXIT_SOFTWARE = 70      # an engine could not be built
 EXIT_IOERR = 74         # a file cannot be written (JSONL sink, model folder)
 EXIT_CONFIG = 78        # the configuration is invalid: systemd must not restart in a loop
 
@@ -41,6 +42,12 @@ class UnavailableError(EdgeError):
     """A network service that cannot be reached (broker, model download)."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class BuildError(EdgeError):
+    """An engine could not be built (parser error, out of memory, crash)."""
+
+    exit_code = EXIT_SOFTWARE
 
 
 class SinkError(EdgeError):

@@ -70,7 +70,7 @@ class TaskRunner(threading.Thread):
                     if self._done():
                         self.stop_event.set()
             except Exception as e:
-                self._fail(e, frame)
+                self.fail(e, frame)
             finally:
                 if frame is not None:
                     self.pool.release(frame)
@@ -93,9 +93,9 @@ class TaskRunner(threading.Thread):
                 self.task.stats.record((done - frame.ts) * 1000.0, (started - frame.ts) * 1000.0,
                                        (ended - started) * 1000.0, (done - ended) * 1000.0)
         except Exception as e:
-            self._fail(e, frame)
+            self.fail(e, frame)
 
-    def _fail(self, error, frame):
+    def fail(self, error, frame):
         """Keep the error for health and the exit status; the run stops only when every
         task has failed: one failing task (an engine that cannot build) leaves the others
         working, and the frames handed to it go straight back to the pool."""
@@ -240,6 +240,23 @@ class Pipeline:
         """Open the source; SourceError when it cannot be."""
         self.capture.start_source()
 
+    def prepare(self):
+        """Build or load every task's engines for the source's first frame, one after another,
+        before any frame flows (builds never overlap, and a Nano's memory holds only one).
+
+        A task whose engine fails is failed alone, as if it had failed on a frame; the run
+        stops when every task has failed. Without a first frame yet (a live source that
+        failed) engines are built on the first frame instead.
+        """
+        frame = self.capture.prime()
+        if frame is None:
+            return
+        for runner in self.runners:
+            try:
+                runner.task.prepare(frame)
+            except Exception as e:
+                runner.fail(e, None)
+
     def start(self):
         self.started = time.monotonic()
         self.decoder.start()
@@ -267,6 +284,9 @@ class Pipeline:
 
     def join(self, timeout=5.0):
         """After stop(): give threads `timeout` seconds, then return what is still queued."""
+        if self.started is None:       # stopped while preparing: only the source is open
+            self.capture.abandon()
+            return
         self.capture.join(timeout)
         self._close_handoffs()
         for runner in self.runners:

@@ -47,3 +47,39 @@ class QuietBackend(OrtBackend):
     @classmethod
     def build(cls, onnx_path, out_path, options, progress):
         time.sleep(60)
+
+
+@register
+class ReportingBackend(OrtBackend):
+    """Writes what the build child sees of itself into its artefact, and when it ran: its
+    oom_score_adj, then `start end` (unix s) after sleeping `EDGE_TEST_BUILD_SECONDS`."""
+    name = "test-reporting"
+
+    @classmethod
+    def build(cls, onnx_path, out_path, options, progress):
+        import os
+        started = time.time()
+        time.sleep(float(os.environ.get("EDGE_TEST_BUILD_SECONDS", "0")))
+        with open("/proc/self/oom_score_adj") as f:
+            score = f.read().strip()
+        with open(out_path, "w") as f:
+            f.write("{} {} {}\n".format(score, started, time.time()))
+
+
+@register
+class HiddenHungryBackend(OrtBackend):
+    """Takes memory that is not in its RSS, as CUDA and nvmap allocations on a Jetson are
+    not: pages of a tmpfs file it writes (`EDGE_TEST_SHM_FILE`) and never maps."""
+    name = "test-hidden-hungry"
+    limit_address_space = False
+
+    @classmethod
+    def build(cls, onnx_path, out_path, options, progress):
+        import os
+        chunk = b"\x01" * (8 * 2 ** 20)
+        with open(os.environ["EDGE_TEST_SHM_FILE"], "wb") as f:
+            for _ in range(160):            # 1.25 GiB at most
+                f.write(chunk)
+                f.flush()
+                time.sleep(0.01)
+        progress("build", 1.0)

@@ -276,3 +276,129 @@ def _alive(pid):
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def test_the_build_child_is_the_oom_killers_first_choice(tmp_path, rewritten):
+    """oom_score_adj 1000: when memory runs out anyway, the kernel kills the build, not the
+    daemon or the desktop."""
+    card, model = rewritten
+    path = building.ensure(build_backends.ReportingBackend(), model, card, "oom-320x240",
+                           EngineCache(str(tmp_path / "engines")), 2 * GiB)
+    with open(path) as f:
+        assert f.read().split()[0] == "1000"
+
+
+CONCURRENT_BUILD = """
+import sys
+import onnx
+from edge import cards, graph
+from edge.backends import build
+from edge.backends.cache import EngineCache
+from tests import build_backends
+card = cards.load("yolox-nano")
+model = graph.rewrite(onnx.load(sys.argv[1]), card, 320, 240)
+build.ensure(build_backends.ReportingBackend(), model, card, "other-process-320x240",
+             EngineCache(sys.argv[2]), 2 ** 31)
+"""
+
+
+def test_engines_are_built_one_at_a_time(tmp_path, rewritten, monkeypatch):
+    """A detector's and a matcher's builds each fit the budget alone, not together: two task
+    threads and another process (`edge build` beside the service) build one after another."""
+    import subprocess
+    import sys
+    card, model = rewritten
+    folder = str(tmp_path / "engines")
+    monkeypatch.setenv("EDGE_TEST_BUILD_SECONDS", "1.5")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD,
+                              os.path.join(MODELS, "yolox_nano.onnx"), folder], cwd=root)
+    paths, errors = [], []
+
+    def build(label):
+        try:
+            paths.append(building.ensure(build_backends.ReportingBackend(), model, card, label,
+                                         EngineCache(folder), 2 * GiB))
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=build, args=("thread{}-320x240".format(i),))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert other.wait(60) == 0 and errors == []
+    paths += [p for p in glob.glob(os.path.join(folder, "other-process-*"))
+              if not p.endswith(".json")]
+    intervals = []
+    for path in paths:
+        with open(path) as f:
+            intervals.append(tuple(float(v) for v in f.read().split()[1:]))
+    intervals.sort()
+    assert len(intervals) == 3
+    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        assert start >= end, "two builds ran at once: {}".format(intervals)
+
+
+def test_memory_the_build_takes_outside_its_rss_counts(tmp_path, rewritten, monkeypatch):
+    """On a Jetson the builder's CUDA and nvmap memory is not in its RSS; the watch sees it
+    in the fall of MemAvailable + SwapFree (here: tmpfs pages the child writes, unmapped)."""
+    card, model = rewritten
+    shm = "/dev/shm/edge-test-{}".format(os.getpid())
+    monkeypatch.setenv("EDGE_TEST_SHM_FILE", shm)
+    try:
+        with pytest.raises(BuildError) as info:
+            maker(tmp_path, build_backends.HiddenHungryBackend(), budget=300 * 2 ** 20).make(
+                model, card, "hidden-320x240")
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)
+    assert "over its budget of 300 MiB" in str(info.value)
+    assert building.STATES["hidden-320x240"].peak_mb > 250
+    assert artefacts(tmp_path) == []
+
+
+def test_a_build_that_leaves_the_system_too_little_memory_is_stopped(tmp_path, rewritten,
+                                                                      monkeypatch):
+    card, model = rewritten
+    shm = "/dev/shm/edge-test-{}".format(os.getpid())
+    monkeypatch.setenv("EDGE_TEST_SHM_FILE", shm)
+    reserve = building.memory_available() - 200 * 2 ** 20     # 200 MiB from now on
+    hungry = EngineMaker(build_backends.HiddenHungryBackend(),
+                         EngineCache(str(tmp_path / "engines")), 2 * GiB, reserve=reserve)
+    try:
+        with pytest.raises(BuildError) as info:
+            hungry.make(model, card, "reserve-320x240")
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)
+    message = str(info.value)
+    assert "under the {:.0f} MiB kept for the rest of it (engine.reserve_mb)".format(
+        reserve / 2 ** 20) in message and "add swap" in message
+
+
+def test_every_engine_is_built_before_frames_flow(tmp_path, model_dir):
+    """The detector's and the matcher's engines are built one after the other at the start,
+    not lazily by two task threads at once on their first frames; the frame read to learn
+    the source's size is still delivered (a finite source loses nothing)."""
+    from tests.conftest import SHARED, run_edge
+    jsonl = tmp_path / "out.jsonl"
+    reference = os.path.join(SHARED, "data", "middlebury-motorcycle", "motorcycle_left.png")
+    rc, out, err = run_edge("run", "--detector", "yolox-nano", "--matcher", "coarse-loftr",
+                            "--reference", reference, "--source",
+                            "test://?width=320&height=240&frames=4", "--state-dir",
+                            str(tmp_path), "--model-dir", model_dir, "--jsonl", str(jsonl))
+    assert rc == 0, err
+    lines = err.splitlines()
+
+    def first(text):
+        return next(i for i, line in enumerate(lines) if text in line)
+    running = first("running yolox-nano, coarse-loftr on")
+    assert first("engine yolox-nano-320x240 built in") < running
+    assert first("engine coarse-loftr-320x240-ref741x500 built in") < running
+    with open(str(jsonl)) as f:
+        messages = [json.loads(line) for line in f]
+    detections = [m["frame"]["index"] for m in messages if "detections" in m]
+    assert detections == [0, 1, 2, 3]
+    assert [m["frame"]["index"] for m in messages if "matches" in m][:1] == [0]

@@ -6,13 +6,23 @@ child process (`python -m edge.backends.buildjob`): its memory goes back to the 
 it ends, and if it crashes or is killed, the daemon only reports it. The budget is enforced
 twice: the child limits its own address space (RLIMIT_AS) where the backend allows it (CUDA
 reserves huge virtual ranges, so TensorRT builds cannot), and the parent watches the child's
-resident memory plus swap and kills it when it goes over. Before starting, the budget is
-checked against the memory and swap available.
+memory and kills it when it goes over. That watch reads two figures, because on a Jetson the
+CUDA and pinned allocations of the builder (nvmap) do not show in its RSS: the child's RSS +
+swap, and how much the system's MemAvailable + SwapFree fell since the build started; the
+larger counts. It also stops the build when the system has less than `engine.reserve_mb`
+left, so the daemon and the desktop keep memory to run in, and the child asks the kernel to
+pick it first when memory runs out anyway (oom_score_adj 1000, edge.backends.buildjob).
+Before starting, the budget is checked against the memory and swap available.
+
+One engine is built at a time: a detector and a matcher each pass the budget check alone
+and together would not fit a Nano 2GB. A lock serialises the builds of this process, and a
+lock file in the engine folder those of other processes (`edge build` beside the service).
 
 Progress (phase, fraction, elapsed) is kept in `STATES` for health and reported to
 listeners (the systemd notifier extends its start timeout while a build runs).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -24,18 +34,15 @@ import threading
 import time
 
 from edge.backends.cache import make_key, unwritable
-from edge.errors import EdgeError
+from edge.errors import BuildError
 
 logger = logging.getLogger(__name__)
 
 STATES = {}          # label -> BuildState, for health
 _listeners = []      # callables(state) told about every progress event
-
-
-class BuildError(EdgeError):
-    """An engine could not be built (parser error, out of memory, crash)."""
-
-    exit_code = 70   # EX_SOFTWARE
+_BUILD_LOCK = threading.Lock()     # one build at a time in this process
+LOCK_FILE = ".build.lock"          # ... and across processes, in the engine folder
+DEFAULT_RESERVE = 128 * 2 ** 20    # memory + swap a build leaves to the rest of the system
 
 
 def add_listener(callback):
@@ -116,7 +123,41 @@ def _child_memory(pid):
     return process_kib(pid, "VmRSS", "VmSwap") * 1024
 
 
-def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None):
+@contextlib.contextmanager
+def one_build_at_a_time(folder, state):
+    """Hold the process's build lock and the engine folder's lock file for one build.
+
+    While another build holds them, the state's phase says so and heartbeats go on (systemd
+    keeps extending the start while we wait). A folder where the lock file cannot be made
+    (read-only, full) leaves only the in-process lock: the build reports that folder itself.
+    """
+    import fcntl
+    while not _BUILD_LOCK.acquire(timeout=1.0):
+        state.update(phase="waiting for another build")
+    handle = None
+    try:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            handle = open(os.path.join(folder, LOCK_FILE), "a")
+        except OSError as e:
+            logger.debug("no build lock file in %s (%s): builds of other processes may overlap",
+                         folder, e)
+        while handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                state.update(phase="waiting for another build")
+                time.sleep(0.5)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()        # closing the file releases the flock
+        _BUILD_LOCK.release()
+
+
+def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None,
+           reserve=DEFAULT_RESERVE):
     """The cached artefact for a rewritten model, building it in a child when needed."""
     model_bytes = model.SerializeToString()
     fingerprint = backend.fingerprint()
@@ -128,23 +169,37 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
     state = BuildState(label)
     STATES[label] = state
     try:
-        run_child(backend, model_bytes, path, options, budget, state, timeout, progress)
-        state.update(phase="storing")
-        cache.store(path, path + ".build", key, material)
-        state.update(state="ready", phase="done", progress=1.0)
-        logger.info("engine %s built in %.1f s (peak %.0f MiB)", label, state.elapsed,
-                    state.peak_mb)
-        return path
+        with one_build_at_a_time(cache.folder, state):
+            if cache.lookup(path, key):        # built by whoever held the lock before us
+                state.update(state="ready", phase="done", progress=1.0)
+                return path
+            state.update(phase="starting")
+            return _build(backend, model_bytes, path, key, material, options, cache, budget,
+                          state, timeout, progress, reserve)
     except BuildError as e:
         state.update(state="failed", error=str(e))
         raise
+
+
+def _build(backend, model_bytes, path, key, material, options, cache, budget, state, timeout,
+           progress, reserve):
+    try:
+        run_child(backend, model_bytes, path, options, budget, state, timeout, progress,
+                  reserve)
+        state.update(phase="storing")
+        cache.store(path, path + ".build", key, material)
+        state.update(state="ready", phase="done", progress=1.0)
+        logger.info("engine %s built in %.1f s (peak %.0f MiB)", state.label, state.elapsed,
+                    state.peak_mb)
+        return path
     finally:
         for leftover in (path + ".build", path + ".onnx"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
 
 
-def run_child(backend, model_bytes, path, options, budget, state, timeout=None, progress=None):
+def run_child(backend, model_bytes, path, options, budget, state, timeout=None, progress=None,
+              reserve=DEFAULT_RESERVE):
     """Run one build in `python -m edge.backends.buildjob`; BuildError on any failure."""
     label = state.label
     check_budget(label, budget)
@@ -157,6 +212,7 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
         log = open(log_path, "wb")
     except OSError as e:     # a full or read-only engine folder: one line that names it
         raise unwritable(label, os.path.dirname(path), e)
+    available_at_start = memory_available()
     events_r, events_w = os.pipe()
     spec = {"backend": backend.name, "module": type(backend).__module__, "onnx": onnx_path,
             "out": path + ".build", "options": options, "events_fd": events_w,
@@ -173,14 +229,25 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
     events = []
 
     def watch():
-        # Kill the child when it goes over the budget or the timeout: the daemon stays alive.
+        # Kill the child when it goes over the budget or the timeout, or leaves the system
+        # too little memory: the daemon stays alive.
         beat = 0
         while child.poll() is None:
-            used = _child_memory(child.pid)
+            available = memory_available()
+            # What the system lost since the start counts too: CUDA and nvmap allocations of
+            # the builder are not in its RSS on a Jetson.
+            fallen = 0 if None in (available, available_at_start) else \
+                available_at_start - available
+            used = max(_child_memory(child.pid), fallen)
             state.peak_mb = max(state.peak_mb, used / 2 ** 20)
             if used > budget:
                 killed.append("used {:.0f} MiB, over its budget of {:.0f} MiB".format(
                     used / 2 ** 20, budget / 2 ** 20))
+                child.send_signal(signal.SIGKILL)
+            elif available is not None and available < reserve:
+                killed.append("left the system {:.0f} MiB of memory + swap, under the {:.0f} MiB "
+                              "kept for the rest of it (engine.reserve_mb)".format(
+                                  available / 2 ** 20, reserve / 2 ** 20))
                 child.send_signal(signal.SIGKILL)
             elif timeout and time.time() - state.started > timeout:
                 killed.append("ran longer than {:.0f} s".format(timeout))
@@ -237,11 +304,12 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
 class EngineMaker:
     """Engines for tasks: cached artefact, else a build in the child, then the backend loads it."""
 
-    def __init__(self, backend, cache, budget, timeout=None):
+    def __init__(self, backend, cache, budget, timeout=None, reserve=DEFAULT_RESERVE):
         self.backend = backend
         self.cache = cache
         self.budget = budget
         self.timeout = timeout
+        self.reserve = reserve
 
     @property
     def frame_dtype(self):
@@ -253,15 +321,17 @@ class EngineMaker:
     def make(self, model, card, label, background=False):
         """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
         from edge.errors import ModelError
-        path = ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout)
+        path = self._ensure(model, card, label)
         try:
             return self.backend.load(path, label, background)
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
-            path = ensure(self.backend, model, card, label, self.cache, self.budget,
-                          self.timeout)
-            return self.backend.load(path, label, background)
+            return self.backend.load(self._ensure(model, card, label), label, background)
+
+    def _ensure(self, model, card, label):
+        return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,
+                      reserve=self.reserve)
 
 
 def _tail(path, limit=300):

@@ -26,10 +26,22 @@ def die_with_parent(parent_pid):
         os._exit(1)
 
 
+def first_to_go():
+    """Ask the kernel's OOM killer to pick this process first (oom_score_adj 1000, which any
+    process may set for itself): when memory runs out during a build, the build dies, not the
+    daemon, the desktop or sshd."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:                        # not Linux, or /proc read-only: nothing to adjust
+        pass
+
+
 def main():
     spec = json.loads(sys.stdin.read())
     if spec.get("parent"):
         die_with_parent(spec["parent"])
+    first_to_go()
     events = os.fdopen(spec["events_fd"], "w", buffering=1)
 
     def emit(**event):

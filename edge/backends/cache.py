@@ -19,6 +19,7 @@ import logging
 import os
 import re
 
+from edge.errors import BuildError
 from edge.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ def _pid_alive(pid):
 
 def unwritable(name, folder, error):
     """The BuildError for an engine folder that cannot be written (a full disk, permissions)."""
-    from edge.backends.build import BuildError   # build imports this module
     return BuildError("engine {}: cannot write it in {} ({}); free space there or set "
                       "engine.dir to another folder".format(name, folder,
                                                             error.strerror or error))

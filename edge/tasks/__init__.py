@@ -73,6 +73,10 @@ class Task:
         """Whether this task runs on this frame (detection: every frame)."""
         return True
 
+    def prepare(self, frame):
+        """Build or load the engines frames like this one need, before the pipeline runs."""
+        self.engine_for(frame.width, frame.height)
+
     def engine_for(self, width, height, reference_size=None):
         """The engine for frames of this size, rewriting and loading it on first use."""
         key = (width, height, reference_size)

@@ -100,6 +100,16 @@ class MatchTask(Task):
             return True
         return False
 
+    def prepare(self, frame):
+        """The engines for the stored references (none yet: built when one is set)."""
+        for name in self.store.names()[:self.max_references] if self.store else []:
+            try:
+                reference = self.store.get(name)
+            except SourceError as e:
+                logger.warning("matcher: %s", e)
+                continue
+            self.engine_for(frame.width, frame.height, (reference.shape[1], reference.shape[0]))
+
     def centres(self, width, height):
         key = (width, height)
         if key not in self._centres:
