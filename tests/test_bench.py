@@ -22,7 +22,7 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
     assert rc == 0, err[-3000:]
     r = json.loads(out_json.read_text())
     for key in ("raw_fps", "raw_model_fps", "pipeline_fps", "pipeline_images_fps", "peer_fps",
-                "alloc_per_frame_bytes", "added_latency_p50_ms", "peak_rss_mb"):
+                "alloc_per_frame_bytes", "added_latency_p50_ms", "peak_rss_mb", "host_cast_ms"):
         assert r[key] > 0, key
     assert r["received"] > 0 and r["capture_to_received_ms"]["p50"] > 0
     assert set(r["latency_run"]["stages_ms"]) == {"total", "queue", "infer", "post"}

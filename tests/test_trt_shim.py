@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -182,7 +183,7 @@ def fake_backend():
                                          host_alloc_flags=types.SimpleNamespace(DEVICEMAP=2))
     backend.context = context
     backend.zero_copy = True
-    backend._init_pinned()
+    backend._init_state()
     return backend, freed
 
 
@@ -256,3 +257,163 @@ def test_float32_frames_compute_what_uint8_frames_do(model_dir, tmp_path):
         results[dtype] = binding.outputs["detections"].copy()
     assert results["uint8"][0, 4] > 0.3            # the image has a confident detection
     np.testing.assert_allclose(results["float32"], results["uint8"], atol=1e-3)
+
+
+# -- TensorRT engines the shape of 8.2's and 8.5+'s bindings, run by the real TrtEngine ----
+
+class FakeTensorRT(types.SimpleNamespace):
+    """The `tensorrt` names TrtBackend.load and TrtEngine use, for one of two versions:
+    8.2 (bindings, no UINT8) or 8.5+ (named I/O tensors). Its engine reads the frame through
+    the address it was given and writes the sum of the frame's values to its output, so a
+    test sees which bytes TensorRT would have read."""
+
+    def __init__(self, version):
+        api = trt.api_for(version)
+        data_type = DataType82 if api == "bindings" else DataType10
+        runtimes = []
+
+        class ILogger:
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+            def __init__(self):
+                pass
+
+        fake = self
+
+        class Runtime:
+            def __init__(self, logger):
+                runtimes.append(self)
+                time.sleep(0.2)          # widen the window two loading threads share
+
+            def deserialize_cuda_engine(self, data):
+                return FakeEngine(fake, version)
+
+        super().__init__(__version__=version, DataType=data_type, ILogger=ILogger,
+                         Runtime=Runtime, runtimes=runtimes, api=api,
+                         TensorIOMode=types.SimpleNamespace(INPUT="input", OUTPUT="output"))
+
+
+class FakeEngine:
+    """An engine with a frame input (H, W, 3) and one (1, 1) float32 output."""
+
+    def __init__(self, fake, version):
+        self.fake = fake
+        frame_type = "FLOAT" if trt.frame_dtype_for(version) == "float32" else "UINT8"
+        self.tensors = [("frame", (6, 8, 3), getattr(fake.DataType, frame_type), True),
+                        ("total", (1, 1), fake.DataType.FLOAT, False)]
+        self.calls = []
+        if fake.api == "bindings":
+            self.num_bindings = len(self.tensors)
+        else:
+            self.num_io_tensors = len(self.tensors)
+
+    # 8.2: by index
+    def get_binding_name(self, i):
+        return self.tensors[i][0]
+
+    def get_binding_shape(self, i):
+        return self.tensors[i][1]
+
+    def get_binding_dtype(self, i):
+        return self.tensors[i][2]
+
+    def binding_is_input(self, i):
+        return self.tensors[i][3]
+
+    # 8.5+: by name
+    def get_tensor_name(self, i):
+        return self.tensors[i][0]
+
+    def _by_name(self, name):
+        return next(t for t in self.tensors if t[0] == name)
+
+    def get_tensor_shape(self, name):
+        return self._by_name(name)[1]
+
+    def get_tensor_dtype(self, name):
+        return self._by_name(name)[2]
+
+    def get_tensor_mode(self, name):
+        return self.fake.TensorIOMode.INPUT if self._by_name(name)[3] else "output"
+
+    def create_execution_context(self):
+        return FakeExecution(self)
+
+
+class FakeExecution:
+    def __init__(self, engine):
+        self.engine = engine
+        self.addresses = {}
+
+    def _run(self, addresses):
+        import ctypes
+        frame = self.engine.tensors[0]
+        ctype = ctypes.c_float if frame[2].name == "FLOAT" else ctypes.c_uint8
+        count = int(np.prod(frame[1]))
+        seen = np.ctypeslib.as_array((ctype * count).from_address(addresses["frame"]))
+        total = np.ctypeslib.as_array((ctypes.c_float * 1).from_address(addresses["total"]))
+        total[0] = float(seen.astype(np.float64).sum())
+        self.engine.calls.append(dict(addresses))
+        return True
+
+    def execute_async_v2(self, bindings, stream_handle):
+        return self._run(dict(zip([t[0] for t in self.engine.tensors], bindings)))
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream_handle):
+        return self._run(self.addresses)
+
+
+def fake_tensorrt_backend(version, monkeypatch):
+    """A TrtBackend on a Jetson (zero copy) with this TensorRT version, without a GPU."""
+    backend, _ = fake_backend()
+    backend.trt = FakeTensorRT(version)
+    backend.cuda.Stream = lambda: types.SimpleNamespace(handle=0, synchronize=lambda: None)
+    backend.version = version
+    backend.api = trt.api_for(version)
+    backend.frame_dtype = trt.frame_dtype_for(version)
+    monkeypatch.setattr(trt, "_TRT_LOGGER", None)    # the logger of the fake, for this test
+    return backend
+
+
+@pytest.mark.parametrize("version", ["8.2.1.8", "8.5.2.2"])
+def test_the_gpu_reads_frames_where_the_cpu_does_not(version, monkeypatch, tmp_path):
+    """A Nano's CPU does not cache pinned memory. On 8.2 the host casts each frame to float32,
+    so the frame stays in ordinary memory and only the float32 copy is mapped for the GPU;
+    from 8.5 the GPU reads the uint8 frame as captured, mapped, and the CPU never does."""
+    from edge.frames import Frame
+    backend = fake_tensorrt_backend(version, monkeypatch)
+    path = tmp_path / "fake.engine"
+    path.write_bytes(b"plan")
+    engine = backend.load(str(path), "fake")
+    frame = Frame(0, (6, 8, 3), backend.allocate)
+    frame.image[...] = np.arange(6 * 8 * 3).reshape(6, 8, 3) % 251
+    binding = engine.bind(frame)
+    engine.infer(binding)
+    read = engine.engine.calls[-1]["frame"]
+    if version.startswith("8.2"):
+        assert not backend.is_pinned(frame.image)            # cached: the CPU reads it
+        assert backend.mapped_pointer(binding.staging) == read
+        assert binding.staging.dtype == np.float32
+    else:
+        assert binding.staging is None
+        assert backend.mapped_pointer(frame.image) == read  # zero copy, no host work
+    assert binding.outputs["total"][0, 0] == float(frame.image.astype(np.float64).sum())
+    frame.image[0, 0, 0] += 1                                 # the next frame
+    engine.infer(binding)
+    assert binding.outputs["total"][0, 0] == float(frame.image.astype(np.float64).sum())
+
+
+def test_two_threads_loading_engines_share_one_runtime(monkeypatch, tmp_path):
+    backend = fake_tensorrt_backend("8.2.1.8", monkeypatch)
+    path = tmp_path / "fake.engine"
+    path.write_bytes(b"plan")
+    threads = [threading.Thread(target=backend.load, args=(str(path), "fake{}".format(i)))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(backend.trt.runtimes) == 1

@@ -96,7 +96,7 @@ class Backend:
         raise NotImplementedError
 
     def allocate(self, shape, dtype):
-        """A frame or output buffer the engine can read without a copy where possible."""
+        """A frame buffer, in the memory the engine reads it from best (mapped on a Jetson)."""
         import numpy as np
         return np.zeros(shape, dtype)
 

@@ -12,10 +12,12 @@ context. pycuda retains that same context (no pycuda.autoinit, which would creat
 bound to the importing thread) and every call that touches CUDA, from whichever thread
 (capture allocates frames, the infer thread runs engines), pushes it and pops it once.
 
-Memory: on an integrated GPU (Jetson) frames and outputs live in mapped pinned host memory, so
-TensorRT reads the bytes the camera wrote and writes where the CPU reads, without a copy. On a
-discrete GPU they live in pinned host memory and each inference copies them over on the
-engine's stream.
+Memory: on an integrated GPU (Jetson) what the GPU reads or writes lives in mapped pinned host
+memory, so TensorRT reads the bytes the camera wrote and writes where the CPU reads, without a
+copy. On a discrete GPU it lives in pinned host memory and each inference copies it over on
+the engine's stream. Where the CPU itself reads the frame (TensorRT < 8.5 takes no uint8, so
+the host casts each frame to float32), the frame stays in ordinary, cached memory and only the
+float32 copy is pinned: a Nano's CPU does not cache pinned memory (cc 5.3 is not I/O coherent).
 
 Nothing in this module has run on a GPU yet: see docs/tensorrt.md for what was checked
 against which documentation and what is UNCONFIRMED.
@@ -532,13 +534,14 @@ class TrtBackend(Backend):
         # mapped buffer would be read over PCIe on every access.
         self.zero_copy = self.integrated and bool(
             self.device.get_attribute(attribute.CAN_MAP_HOST_MEMORY))
-        self._runtime = None
-        self._init_pinned()
+        self._init_state()
 
-    def _init_pinned(self):
+    def _init_state(self):
         self._pinned = {}                  # data address -> (weakref to array, device address)
         self._pinned_lock = threading.RLock()   # RLock: weakref callbacks may run inside it
         self._warned_unmapped = False
+        self._runtime = None               # one trt.Runtime for every engine of the process
+        self._runtime_lock = threading.Lock()   # two task threads may load engines at once
 
     @classmethod
     def available(cls):
@@ -659,9 +662,11 @@ class TrtBackend(Backend):
             raise ModelError("{}: engine file {} cannot be read ({}); it will be rebuilt".format(
                 label, path, e.strerror or e))
         with self.context:
-            if self._runtime is None:
-                # The runtime must outlive every engine it deserialized: kept for the process.
-                self._runtime = self.trt.Runtime(_trt_logger(self.trt))
+            with self._runtime_lock:
+                if self._runtime is None:
+                    # The runtime must outlive every engine it deserialized: kept for the
+                    # process, and made once even when two threads load engines together.
+                    self._runtime = self.trt.Runtime(_trt_logger(self.trt))
             try:
                 engine = self._runtime.deserialize_cuda_engine(data)
             except Exception as e:  # noqa: BLE001 (some versions raise instead of None)
@@ -676,6 +681,10 @@ class TrtBackend(Backend):
     # Frames and outputs ------------------------------------------------------------------
 
     def allocate(self, shape, dtype):
+        """A frame: pinned (mapped on a Jetson) where the GPU reads it as it is; ordinary
+        memory where the host casts it first (TensorRT < 8.5), since the CPU reads it then."""
+        if np.dtype(dtype) != np.dtype(self.frame_dtype):
+            return np.zeros(shape, dtype)
         with self.context:
             return self._allocate(shape, dtype)
 
