@@ -147,6 +147,64 @@ def test_dry_run_on_jetpack_46_pins_python36_versions(jetson, untouched):
     assert "/var/swapfile\\ none\\ swap\\ sw\\ 0\\ 0 >> /etc/fstab" in text
 
 
+@pytest.fixture
+def cuda(tmp_path):
+    """A CUDA toolkit folder with an nvcc, as JetPack installs it in /usr/local/cuda."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 10.2'\n")
+    nvcc.chmod(0o755)
+    return {"EDGE_INSTALL_CUDA_HOME": str(tmp_path / "cuda")}
+
+
+def test_pycuda_is_built_against_the_installed_numpy(jetson, cuda, untouched):
+    """pycuda 2022.1's isolated build wants numpy 1.12.1 on Python 3.6, which has no aarch64
+    wheel and does not compile on Ubuntu 18.04: it must build without isolation, after
+    numpy, setuptools and wheel are in the venv."""
+    result = run("--dry-run", env=dict(jetson, **cuda))
+    assert result.returncode == 0, result.stderr
+    planned = commands(result.stdout)
+    pip = "/opt/edge/venv/bin/python -m pip install --constraint /opt/edge/constraints.txt"
+    numpy = next(i for i, c in enumerate(planned) if c.startswith(pip + " numpy\\>=1.13"))
+    tools = planned.index(pip + " --upgrade setuptools wheel")
+    pycuda = [i for i, c in enumerate(planned) if "pycuda" in c]
+    assert len(pycuda) == 1 and numpy < tools < pycuda[0]
+    line = planned[pycuda[0]]
+    cuda_home = cuda["EDGE_INSTALL_CUDA_HOME"]
+    assert line.startswith("env PATH={}/bin:".format(cuda_home))
+    assert "CPATH={}/include".format(cuda_home) in line and "CUDA_ROOT=" + cuda_home in line
+    assert line.endswith(pip + " --no-build-isolation pycuda\\>=2020.1")
+    assert "UNCONFIRMED" in result.stderr          # the build time is an estimate
+
+
+def test_jetpack_46_python36_pins_what_the_pycuda_build_uses(jetson, cuda, untouched):
+    python = python36()
+    if python is None:
+        pytest.skip("no python3.6 to stand in for JetPack 4.6's system Python")
+    result = run("--dry-run", env=dict(jetson, PYTHON=python, **cuda))
+    assert result.returncode == 0, result.stderr
+    for pin in ("setuptools<60", "wheel<0.38", "numpy==1.19.4", "pycuda==2022.1"):
+        assert "\n{}\n".format(pin) in result.stdout, pin
+
+
+def test_jetpack_46_r32_6_is_refused_with_the_upgrade_command(jetson, tmp_path, untouched):
+    """JetPack 4.6 (L4T R32.6.1) ships TensorRT 8.0, which the backend refuses: the service
+    would exit 78 at its first start. The installer says so and how to upgrade in place."""
+    release = tmp_path / "r32_6"
+    release.write_text("# R32 (release), REVISION: 6.1, GCID: 27863751, BOARD: t210ref, "
+                       "EABI: aarch64, DATE: Mon Jul 26 19:20:30 UTC 2021\n")
+    result = run("--dry-run", env=dict(jetson, EDGE_INSTALL_TEGRA_RELEASE=str(release)))
+    assert result.returncode != 0
+    assert commands(result.stdout) == []
+    errors = [l for l in result.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1
+    assert "L4T R32.6.1 (JetPack 4.6) ships TensorRT 8.0" in errors[0]
+    assert ("sudo sed -i 's/r32\\.6/r32.7/g' /etc/apt/sources.list.d/nvidia-l4t-apt-source.list "
+            "&& sudo apt-get update && sudo apt-get dist-upgrade") in errors[0]
+    forced = run("--dry-run", "--force", env=dict(jetson, EDGE_INSTALL_TEGRA_RELEASE=str(release)))
+    assert forced.returncode == 0 and "TensorRT 8.0" in forced.stderr
+
+
 def test_low_memory_without_add_swap_prints_the_commands(jetson, untouched):
     result = run("--dry-run", env=jetson)
     assert result.returncode == 0, result.stderr

@@ -402,3 +402,29 @@ def test_default_config_comments_every_key():
         for number, line in enumerate(f, 1):
             if re.match(r"^\s*[a-z_]+:\s*\S", line):
                 assert "#" in line, "systemd/edge.yaml:{}: no comment: {}".format(number, line)
+
+
+def test_device_allow_opens_the_gpu_of_every_l4t_release_and_no_more():
+    """DevicePolicy=closed with DeviceAllow= by char group (systemd matches each group name in
+    /proc/devices with fnmatch) and by path. The groups are what the L4T kernel sources
+    register (docs/systemd.md, "Device access"): nvgpu names its group after the GPU's
+    platform device; host1x's is "nvhost" on R32."""
+    import fnmatch
+    settings = unit_settings()
+    assert settings["DevicePolicy"] == ["closed"]
+    allowed = [value.split()[0] for value in settings["DeviceAllow"]]
+    groups = [a[len("char-"):] for a in allowed if a.startswith("char-")]
+    paths = [a for a in allowed if a.startswith("/dev/")]
+
+    def opens(group):
+        return any(fnmatch.fnmatchcase(group, pattern) for pattern in groups)
+    # The GPU's platform device on the Nano/TX1, TX2, Xavier, Orin (R35), Orin (R36).
+    for gpu in ("57000000.gpu", "17000000.gp10b", "17000000.gv11b", "17000000.ga10b",
+                "17000000.gpu"):
+        assert opens(gpu), gpu
+    assert opens("nvhost") and opens("nvhost-ctrl")
+    assert "/dev/nvmap" in paths and "/dev/nvhost-ctrl" in paths
+    assert opens("video4linux") and opens("drm") and opens("nvidia-uvm")
+    # Hardening: nothing that opens every device of a kind the daemon does not use.
+    for other in ("misc", "mem", "input", "tty", "kvm", "i2c", "spidev", "hidraw"):
+        assert not opens(other), other
