@@ -205,6 +205,18 @@ def test_jetpack_46_r32_6_is_refused_with_the_upgrade_command(jetson, tmp_path, 
     assert forced.returncode == 0 and "TensorRT 8.0" in forced.stderr
 
 
+def test_with_tests_installs_what_the_gpu_tests_need_and_no_opencv(jetson, cuda, untouched):
+    """`tools/test tests/gpu` on the device runs in the service's venv: the test extra and
+    ONNX Runtime (the reference) go there, never opencv-python (it would shadow JetPack's)."""
+    result = run("--dry-run", "--with-tests", env=dict(jetson, **cuda))
+    assert result.returncode == 0, result.stderr
+    planned = commands(result.stdout)
+    assert any("apt-get install" in c and "mosquitto" in c for c in planned)
+    pip = "/opt/edge/venv/bin/python -m pip install --constraint /opt/edge/constraints.txt"
+    assert pip + " {}\\[test\\] onnxruntime\\>=1.10".format(ROOT) in planned
+    assert "opencv" not in result.stdout
+
+
 def test_low_memory_without_add_swap_prints_the_commands(jetson, untouched):
     result = run("--dry-run", env=jetson)
     assert result.returncode == 0, result.stderr

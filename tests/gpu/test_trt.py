@@ -154,16 +154,16 @@ def test_zero_copy_on_an_integrated_gpu(backend, engines):
     _, _, engine = engines("yolox-nano", image.shape[1], image.shape[0])
     frame, binding = trt_binding(backend, engine, image)
     with backend.context:
-        own = int(frame.image.base.get_device_pointer())
-        staging = (None if binding.staging is None
-                   else int(binding.staging.base.get_device_pointer()))
         outputs = {n: int(a.base.get_device_pointer()) for n, a in binding.outputs.items()}
-    if backend.frame_dtype == "uint8":
-        # TensorRT reads the very bytes the capture wrote: the frame's own mapped address.
-        assert binding.addresses["frame"] == own
-    else:
-        # TensorRT < 8.5: the one documented host cast, into a mapped float32 buffer.
-        assert binding.addresses["frame"] == staging
+        if backend.frame_dtype == "uint8":
+            # TensorRT reads the very bytes the capture wrote: the frame's own mapped address.
+            assert binding.addresses["frame"] == int(frame.image.base.get_device_pointer())
+        else:
+            # TensorRT < 8.5: the host casts each frame, so the frame stays in cached memory
+            # (a Nano's CPU does not cache pinned memory) and only the float32 copy is mapped.
+            assert not backend.is_pinned(frame.image)
+            assert binding.addresses["frame"] == int(
+                binding.staging.base.get_device_pointer())
     for name, address in outputs.items():
         assert binding.addresses[name] == address    # TensorRT writes where the CPU reads
     assert binding.uploads == [] and binding.downloads == []
@@ -255,3 +255,69 @@ def test_fingerprint_names_the_device(backend):
     major, minor = fingerprint["compute_capability"].split(".")
     assert int(major) >= 5 and int(minor) >= 0
     assert fingerprint["workspace_mb"] == 256
+
+
+def test_a_model_at_opset_17_builds_where_the_parser_imports_it(backend, model_dir, tmp_path):
+    """Newer exports (YOLOv8/YOLO11: opset 17-19) get nodes in their opset's forms; TensorRT
+    8.2 imports up to opset 13 and is refused before its parser could import them wrongly."""
+    import onnx
+    from onnx import version_converter
+    from edge.backends import trtcheck
+    from edge.backends.trt import parse_version
+    card = cards.load("yolox-nano")
+    model = version_converter.convert_version(
+        onnx.load(models.ensure(card, model_dir, fetch_missing=False)), 17)
+    image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    height, width = image.shape[:2]
+    onnx_path = str(tmp_path / "yolox-opset17.onnx")
+    onnx.save(graph.rewrite(model, card, width, height, frame_dtype=backend.frame_dtype),
+              onnx_path)
+    out_path = str(tmp_path / "yolox-opset17.engine")
+    if trtcheck.parser_opset(parse_version(backend.version)) < 17:
+        with pytest.raises(RuntimeError) as info:
+            TrtBackend.build(onnx_path, out_path, backend.build_options(card),
+                             lambda *_: None)
+        assert "imports up to opset 13" in str(info.value)
+        return
+    TrtBackend.build(onnx_path, out_path, backend.build_options(card), lambda *_: None)
+    engine = backend.load(out_path, "opset17")
+    try:
+        _, binding = trt_binding(backend, engine, image)
+        expected = ort_outputs(card, model, tmp_path, image)["detections"]
+        top = expected[:, 4] > card.thresholds["score"] + 0.1
+        assert top.any()
+        np.testing.assert_allclose(binding.outputs["detections"][:top.sum(), 4],
+                                   expected[top, 4], atol=SCORE)
+    finally:
+        engine.close()
+
+
+def test_exported_graphs_pass_the_check_for_this_tensorrt(model_dir, tmp_path):
+    """`edge build --export-onnx` for the installed TensorRT: what CI checks for 8.2."""
+    from tests.conftest import run_edge
+    code, out, err = run_edge("build", "yolox-nano", "coarse-loftr", "--size", "640x480",
+                              "--model-dir", model_dir, "--export-onnx", str(tmp_path))
+    assert code == 0, out + err
+    assert out.count(" ok for TensorRT ") == 2
+
+
+def test_edge_run_builds_every_engine_before_frames_flow(model_dir, tmp_path):
+    """The daemon's whole device path: both engines built one after the other in the build
+    child (oom_score_adj 1000, under the memory watch), loaded, then every frame delivered."""
+    import json
+    from tests.conftest import run_edge
+    jsonl = tmp_path / "out.jsonl"
+    code, out, err = run_edge("run", "--backend", "trt", "--detector", "yolox-nano",
+                              "--matcher", "coarse-loftr", "--reference",
+                              os.path.join(PAIR, "motorcycle_left.png"), "--source",
+                              "test://?width=640&height=480&frames=5", "--state-dir",
+                              str(tmp_path), "--model-dir", model_dir, "--jsonl", str(jsonl),
+                              timeout=1800)
+    assert code == 0, err[-3000:]
+    lines = err.splitlines()
+    running = next(i for i, l in enumerate(lines) if "running yolox-nano, coarse-loftr" in l)
+    built = [i for i, l in enumerate(lines) if " built in " in l and "engine " in l]
+    assert len(built) == 2 and max(built) < running
+    with open(str(jsonl)) as f:
+        frames = [json.loads(l)["frame"]["index"] for l in f if '"detections"' in l]
+    assert frames == [0, 1, 2, 3, 4]
