@@ -132,10 +132,12 @@ class Daemon:
         if not self.ready:
             building = any(s.state == "building" for s in build.STATES.values())
             working = any(t.frames for t in self.tasks)
-            if building or preparing:
+            if building:
                 # First boot on a Nano: the engine build takes minutes; keep the start job
                 # alive while it makes progress (TimeoutStartSec= alone would kill it).
                 self.watchdog.extend_while_building(60)
+            elif preparing:
+                pass    # loading engines: READY comes once frames flow; a hang times out
             elif working or time.monotonic() - self._pipeline_started > 5.0:
                 self.ready = True
                 self.notifier.ready("running {} on {}".format(
