@@ -92,6 +92,13 @@ def test_broker_password_is_not_shown(edge_run):
     assert "s3cret" not in line and "me:***@" in line
 
 
+@pytest.mark.parametrize("url", ["mqtt://me:s3cret@[::1", "mqtt://me:s3cret@[::1]:99999",
+                                 "mqtt://me:s3cret@127.0.0.1:1883/x"])
+def test_broker_password_is_not_shown_even_when_the_url_does_not_parse(edge_run, url):
+    line = assert_user_error(edge_run("--detector", "yolox-nano", "--mqtt", url), 78)
+    assert "s3cret" not in line and "me:***@" in line, line
+
+
 def test_broker_not_reachable(edge_run, tmp_path):
     url = "mqtt://127.0.0.1:{}".format(free_port())      # nothing listens there
     config = write_config(tmp_path, "mqtt: {flush_timeout: 2}\n")
@@ -117,6 +124,15 @@ def test_missing_config_file(edge_run, tmp_path):
 def test_invalid_device_id_flag(edge_run):
     line = assert_user_error(edge_run("--detector", "yolox-nano", "--device-id", "a/b"), 78)
     assert "device_id" in line
+
+
+@pytest.mark.parametrize("key, text", [("device_id", 'device_id: "cam1\\n"\n'),
+                                       ("mqtt.prefix", 'mqtt: {prefix: "edge\\n"}\n')])
+def test_a_trailing_newline_in_a_topic_name_is_refused(edge_run, tmp_path, key, text):
+    """`$` matches before a final newline; a topic level with one never connects."""
+    config = write_config(tmp_path, "detector: yolox-nano\n" + text)
+    line = assert_user_error(edge_run("-c", config), 78)
+    assert key in line
 
 
 def test_max_frames_zero(edge_run):
