@@ -130,8 +130,8 @@ def load(path=None, overrides=None, require_task=True):
             if node.get(key) is None:
                 node[key] = {}     # a section left empty in the file
             elif not isinstance(node[key], dict):
-                raise ConfigError("{}: {}: must be a mapping (got {!r})".format(
-                    where, ".".join(keys[:depth + 1]), node[key]))
+                raise ConfigError("{}: {}: must be a mapping (got {})".format(
+                    where, ".".join(keys[:depth + 1]), validate.shown(node[key])))
             node = node[key]
         node[keys[-1]] = value
     config = validate.check(raw, SPEC, where)
