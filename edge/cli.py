@@ -303,11 +303,59 @@ def parser():
     fch.add_argument("--mirror", help="local folder to copy from (or EDGE_MODEL_MIRROR)")
     fch.add_argument("--model-dir", help="folder of model files")
     fch.set_defaults(func=_models_fetch)
+    for command in (run, bld, hl, bn, dr, models, lst, fch):
+        # also after the subcommand (`edge run ... --debug`), as the error messages say;
+        # SUPPRESS: absent there, it leaves the top-level flag's value alone
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logs and tracebacks")
     return top
+
+
+class _QuietStdout:
+    """sys.stdout that drops what a closed pipe cannot take (`edge health --json | head`):
+    the command ends with its own exit status instead of a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        # What is still buffered (and everything later) goes nowhere, quietly, also when
+        # the interpreter flushes at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv=None):
     """Entry point of the console script; returns the exit status."""
+    stdout = sys.stdout
+    quiet = sys.stdout = _QuietStdout(stdout)
+    try:
+        return _main(argv)
+    finally:
+        quiet.flush()
+        sys.stdout = stdout
+
+
+def _main(argv):
     args = parser().parse_args(argv)
     from edge import logs
     logs.setup(logging.DEBUG if args.debug else logging.INFO)

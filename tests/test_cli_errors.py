@@ -173,6 +173,36 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(model_dir):
     assert len(lines) == 1 and "'nosuch'" in lines[0]
 
 
+@pytest.mark.parametrize("where", ["run", "models"])
+def test_debug_after_the_subcommand_works_as_the_errors_say(model_dir, where):
+    args = (["run", "--model-dir", model_dir, "--source", COCO8_VAL, "--detector", "nosuch",
+             "--debug"] if where == "run" else ["models", "fetch", "nosuch", "--debug"])
+    rc, _, err = run_edge(*args)
+    assert rc == 78, err
+    assert "Traceback" in err and "ConfigError" in err and "unrecognized" not in err
+
+
+def closed_stdout(*args):
+    """`edge ARGS` writing into a pipe whose reader has gone (`edge ... | head`)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "edge"] + list(args), stdout=write_end,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err.decode()
+
+
+def test_a_closed_stdout_ends_quietly_with_the_commands_own_status(broker):
+    rc, err = closed_stdout("models", "list")
+    assert rc == 0 and err == "", err
+    rc, err = closed_stdout("health", "ghost", "--json", "--mqtt", broker.url, "--timeout", "1")
+    assert rc == 2 and "Error" not in err and "error" not in err, err
+
+
 def test_version():
     rc, out, err = run_edge("--version")
     assert rc == 0, err
