@@ -226,8 +226,8 @@ class Daemon:
         self.source_display = redact(self.config["source"])
         self._pipeline_started = time.monotonic()
         self.pipeline.start()
-        if self.link is not None:
-            self.link.set_status("online")
+        # `status` leaves `starting` with the first health report: `online` or `degraded` as
+        # its verdict says (a device never claims online before anything was checked)
         if self.health.is_alive():
             self.health.wake.set()      # report the new pipeline now
         else:

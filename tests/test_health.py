@@ -55,7 +55,9 @@ def device(broker, subscriber, tmp_path, model_dir):
         sub = subscriber("edge/#")
         dev = Device(broker, tmp_path, model_dir, **kwargs)
         started.append(dev)
-        assert sub.wait_for(lambda s: any(m["state"] == "online" for m in s.json("status")
+        # running: `online` or `degraded`, whichever its first health verdict says
+        assert sub.wait_for(lambda s: any(m["state"] in ("online", "degraded")
+                                          for m in s.json("status")
                                           if m["device"] == dev.device), 30), dev.text()
         return dev, sub
     yield start
@@ -187,7 +189,10 @@ def test_reload_command_rebuilds_the_pipeline(device):
 
 def test_edge_health_exit_codes(device, broker):
     device(device="good")
-    device(device="bad", config="health: {interval: 1, memory_percent: 0}\n")
+    _, sub = device(device="bad", config="health: {interval: 1, memory_percent: 0}\n")
+    states = [m["state"] for m in sub.json("status") if m["device"] == "bad"]
+    assert "degraded" in states and "online" not in states, \
+        "an unhealthy device goes from starting to degraded, never online: {}".format(states)
     rc, out, err = run_edge("health", "good", "--mqtt", broker.url, "--timeout", "5")
     assert rc == 0, out + err
     assert "good" in out and "healthy" in out
@@ -199,3 +204,4 @@ def test_edge_health_exit_codes(device, broker):
     rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "5")
     results = json.loads(out)
     assert sorted(results) == ["bad", "good"] and rc == 1
+
