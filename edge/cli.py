@@ -151,7 +151,8 @@ class _ProgressPrinter:
 
 
 def _health(args):
-    """`edge health`: fresh reports from devices over MQTT; exit 0 healthy, 1 unhealthy, 2 silent."""
+    """`edge health`: fresh reports from devices over MQTT; exit 0 healthy, 1 unhealthy, 2 silent
+    or offline (or no device found)."""
     import json
     from edge import remote
     from edge.errors import ConfigError
@@ -249,7 +250,7 @@ def parser():
     hl.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
     hl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
     hl.add_argument("--all", action="store_true",
-                    help="every device whose retained status is not offline")
+                    help="every device whose status the broker retains, offline ones too")
     hl.add_argument("--json", action="store_true", help="print the reports as JSON")
     hl.add_argument("--username", help="broker user name")
     hl.add_argument("--password-file", help="file holding the password (or EDGE_MQTT_PASSWORD)")

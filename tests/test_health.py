@@ -205,3 +205,91 @@ def test_edge_health_exit_codes(device, broker):
     results = json.loads(out)
     assert sorted(results) == ["bad", "good"] and rc == 1
 
+
+def test_edge_health_all_lists_offline_devices_and_fails_for_a_dead_fleet(device, broker,
+                                                                          subscriber):
+    """A crashed device's last will is `offline`: `--all` lists it and exits 2; with every
+    device dead it is not "no device found" and exit 0. Clearing the retained status (the
+    README's command for a retired device) takes it off the list."""
+    dev, sub = device(device="crashed")
+    dev.proc.send_signal(signal.SIGKILL)
+    dev.proc.wait()
+    assert sub.wait_for(lambda s: s.json("status")[-1]["state"] == "offline", 15)
+    rc, out, err = run_edge("health", "--all", "--mqtt", broker.url, "--timeout", "3")
+    assert rc == 2, out + err
+    assert "crashed" in out and "offline since" in out and "connection lost" in out, out
+    device(device="alive")
+    rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "3")
+    results = json.loads(out)
+    assert sorted(results) == ["alive", "crashed"] and rc == 2, out + err
+    assert results["alive"]["healthy"] and results["crashed"]["state"] == "offline"
+    sub.client.publish("edge/crashed/status", b"", qos=1, retain=True).wait_for_publish(5)
+    rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "3")
+    assert sorted(json.loads(out)) == ["alive"] and rc == 0, out + err
+
+
+def test_edge_health_all_with_no_device_is_not_green(broker):
+    rc, out, err = run_edge("health", "--all", "--mqtt", broker.url, "--timeout", "1")
+    assert rc == 2 and "no device found" in out, out + err
+
+
+class Rogue:
+    """A client posing as device `name`: retained status online, and `answer(request)` as the
+    reply to every health request (raw bytes)."""
+
+    def __init__(self, port, name, answer):
+        from edge.mqtt import make_client, status_payload
+        import time
+        self.client = make_client("rogue-" + name)
+        self.client.connect("127.0.0.1", port, 30)
+        topic = "edge/{}/cmd/health".format(name)
+
+        def on_message(client, userdata, msg):
+            request = json.loads(msg.payload)
+            client.publish(request["reply_to"], answer(request), qos=1)
+        self.client.on_message = on_message
+        self.client.subscribe(topic, 1)
+        self.client.loop_start()
+        self.client.publish("edge/{}/status".format(name), status_payload(
+            name, "online", time.time()), qos=1, retain=True).wait_for_publish(5)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+ROGUE_ANSWERS = {
+    "text": lambda r: b"not json at all",
+    "list": lambda r: b"[1, 2]",
+    "noverdict": lambda r: json.dumps({"v": 1, "id": r["id"], "ok": True,
+                                       "result": {"state": "online"}}).encode(),
+    "badtypes": lambda r: json.dumps({"v": 1, "id": r["id"], "ok": True, "result": {
+        "state": "online", "verdict": {"healthy": True, "reasons": []}, "tasks": [1],
+        "system": {"temperatures": "hot", "memory": 5}}}).encode(),
+    "olderror": lambda r: json.dumps({"v": 1, "id": r["id"], "ok": False,
+                                      "error": "no"}).encode(),
+}
+
+
+def test_edge_health_all_survives_malformed_reports(device, broker):
+    """Rogue or old devices answer with garbage: each is listed as such, the real device's
+    report is shown, and the exit status says unhealthy."""
+    device(device="good")
+    rogues = [Rogue(broker.port, name, answer) for name, answer in ROGUE_ANSWERS.items()]
+    try:
+        rc, out, err = run_edge("health", "--all", "--mqtt", broker.url, "--timeout", "5")
+        rc_json, out_json, _ = run_edge("health", "--all", "--json", "--mqtt", broker.url,
+                                        "--timeout", "5")
+    finally:
+        for rogue in rogues:
+            rogue.close()
+    assert rc == 1 and "internal error" not in err and "Traceback" not in err, out + err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "healthy" in lines["good"] and "detect=" in lines["good"], out
+    for name in ROGUE_ANSWERS:
+        if name == "badtypes":      # a well-formed verdict; the parts that are not show as -
+            assert lines[name].split()[2:5] == ["-", "-", "-"], lines[name]
+        else:
+            assert "malformed health reply" in lines[name], lines[name]
+    results = json.loads(out_json)
+    assert rc_json == 1 and results["good"]["healthy"] and not results["list"]["healthy"]
