@@ -226,6 +226,13 @@ class MqttLink:
     def _on_message(self, client, userdata, message):
         try:
             prefix = self.topic("cmd/")
+            if message.retain and message.topic.startswith(prefix):
+                # A retained request would run again on every connect and every restart (a
+                # retained cmd/reload is a reload loop): commands are live messages only.
+                logger.warning("mqtt: ignored a retained message on %s: commands must not be "
+                               "retained; clear it with mosquitto_pub -r -n -t %s",
+                               message.topic, message.topic)
+                return
             if self.on_command is not None and message.topic.startswith(prefix):
                 props = getattr(message, "properties", None)
                 self.on_command(message.topic[len(prefix):], message.payload,

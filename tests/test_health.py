@@ -167,6 +167,22 @@ def test_each_command_and_each_kind_of_bad_command(device, subscriber, tmp_path)
     assert not os.path.exists(str(tmp_path / "state" / "references" / "passwd.png"))
 
 
+def test_retained_commands_are_ignored(broker, subscriber, device):
+    """A retained request would run on every connect and restart (a retained `reload` is a
+    reload loop): the device ignores it and says so; live requests after it are answered."""
+    sender = subscriber("edge/cam1/reply/#")
+    for name, request_id in (("ping", "ret1"), ("reload", "ret2")):
+        sender.client.publish("edge/cam1/cmd/{}".format(name), json.dumps(
+            {"id": request_id}), qos=1, retain=True).wait_for_publish(5)
+    dev, sub = device()
+    pong = command(sub, "cam1", "ping", {"id": "live1"})
+    assert pong["ok"] and pong["id"] == "live1"
+    replied = [json.loads(p)["id"] for t, p, _ in sub.messages if "/reply/" in t]
+    assert replied == ["live1"], replied
+    assert dev.text().count("ignored a retained message on edge/cam1/cmd/") == 2, dev.text()
+    assert "reloading" not in dev.text()
+
+
 def test_commands_are_rate_limited(device):
     dev, sub = device(config="commands: {rate: 1, burst: 3}\n")
     for i in range(8):
