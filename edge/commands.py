@@ -126,8 +126,6 @@ class Commands(threading.Thread):
                     return
                 name, payload, reply_topic, correlation = self._queue.popleft()
             try:
-                if reply_topic is not None:
-                    reply_topic = self._checked_reply_to(reply_topic, fallback=True)
                 topic, reply = self.handle(name, payload, reply_topic)
                 self.app.publisher.put(topic, reply, qos=1, jsonl=False,
                                        properties=mqtt.reply_properties(correlation))
@@ -143,9 +141,15 @@ class Commands(threading.Thread):
         return self.app.link.topic("reply/{}".format(request_id or "unknown"))
 
     def handle(self, name, payload, reply_topic=None, now=None):
-        """(topic, reply dict) for one raw request; never raises for bad input."""
+        """(topic, reply dict) for one raw request; never raises for bad input.
+
+        `reply_topic`: the MQTT 5 response topic, if the request had one.
+        """
         self.handled += 1
-        request_id, topic = None, reply_topic or self.reply_topic(None)
+        response_problem = None if reply_topic is None else self._reply_to_problem(reply_topic)
+        request_id = None
+        topic = reply_topic if reply_topic is not None and response_problem is None \
+            else self.reply_topic(None)
         try:
             if len(payload) > self.max_bytes:
                 raise CommandError("too_large", "request of {} bytes; the limit is {}".format(
@@ -159,10 +163,16 @@ class Commands(threading.Thread):
             raw_id = args.get("id")
             if isinstance(raw_id, str) and _ID.match(raw_id):
                 request_id = raw_id
-            if reply_topic is None:
+            if reply_topic is None or response_problem is not None:
                 topic = self.reply_topic(request_id)
-                if "reply_to" in args:
-                    topic = self._checked_reply_to(args["reply_to"])
+            if response_problem is not None:
+                raise CommandError("bad_request", "the MQTT 5 response topic " +
+                                   response_problem)
+            if reply_topic is None and "reply_to" in args:
+                problem = self._reply_to_problem(args["reply_to"])
+                if problem is not None:
+                    raise CommandError("bad_request", "`reply_to` " + problem)
+                topic = args["reply_to"]
             if request_id is None:
                 raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
             if not self.limit.allow(now):
@@ -182,15 +192,24 @@ class Commands(threading.Thread):
             error = {"code": "internal", "message": "{}: {}".format(type(e).__name__, e)[:300]}
         return topic, {"v": 1, "id": request_id, "ok": False, "error": error}
 
-    def _checked_reply_to(self, value, fallback=False):
+    def reply_namespaces(self):
+        """The topic prefixes replies may go to: the device's own `reply/` and the one of
+        `edge health` sessions. Anything else could forge a device's results or status, or
+        make it command itself."""
+        return (self.app.link.topic("reply/"),
+                "{}/_health/".format(self.app.link.prefix))
+
+    def _reply_to_problem(self, value):
+        """None when `value` may receive a reply, else what is wrong with it."""
+        namespaces = self.reply_namespaces()
         if not isinstance(value, str) or not 0 < len(value) <= 256 or \
                 not _TOPIC_LEVEL.match(value) or value.startswith("$") or \
                 not _encodable(value):
-            if fallback:
-                return None     # a bad MQTT 5 response topic: reply on the default topic
-            raise CommandError("bad_request", "`reply_to` must be a UTF-8 MQTT topic without "
-                                              "wildcards, at most 256 characters")
-        return value
+            return "must be a UTF-8 MQTT topic without wildcards, at most 256 characters"
+        if not any(value.startswith(n) and len(value) > len(n) for n in namespaces):
+            return "must be a topic under {} (replies go nowhere else)".format(
+                " or ".join(n + "..." for n in namespaces))
+        return None
 
     # Handlers: (args, request id) -> result dict; CommandError for a bad request.
 

@@ -145,9 +145,17 @@ def test_each_command_and_each_kind_of_bad_command(device, subscriber, tmp_path)
     missing = command(sub, "cam1", "delete_reference", {"id": "d2", "name": "dock"})
     assert missing["error"]["code"] == "not_found"
     sub.client.publish("edge/cam1/cmd/ping", json.dumps(
-        {"id": "c1", "reply_to": "robots/r2/answers"}), qos=1)
-    assert robot.wait_for(lambda s: any(t == "robots/r2/answers" and json.loads(p)["id"] == "c1"
-                                        for t, p, _ in s.messages), 10), "reply_to is honoured"
+        {"id": "c1", "reply_to": "edge/cam1/reply/robot-r2/c1"}), qos=1)
+    assert sub.wait_for(lambda s: any(t == "edge/cam1/reply/robot-r2/c1" and
+                                      json.loads(p)["ok"] for t, p, _ in s.messages), 10), \
+        "reply_to under the device's reply/ is honoured"
+    for n, elsewhere in enumerate(["robots/r2/answers", "edge/cam1/detections",
+                                   "edge/cam1/status", "edge/cam1/cmd/reload",
+                                   "edge/cam2/reply/x"]):
+        reply = command(sub, "cam1", "ping", {"id": "e{}".format(n), "reply_to": elsewhere})
+        assert reply["error"]["code"] == "bad_request" and "reply/" in reply["error"]["message"]
+    assert not robot.messages and "reloading" not in dev.text(), \
+        "a reply never lands outside the reply namespaces"
     bad = {
         "unknown_command": ("selfdestruct", {"id": "x1"}),
         "bad_json": ("ping", b"{not json"),
