@@ -1,9 +1,12 @@
 """The command channel: requests on `{prefix}/{device}/cmd/{name}`, replies as DESIGN.md says.
 
 paho's callback only hands the raw request to a bounded queue; the "commands" thread parses,
-checks, rate-limits and runs it, and every request gets exactly one reply, an error reply for
-anything malformed. A handler never names files or URLs: references and snapshots come from
-frames and stay under the state folder.
+checks, rate-limits and runs it, and every request it takes gets exactly one reply, an error
+reply for anything malformed. Requests beyond the queue (a flood) are dropped without a reply
+and counted (health: `commands.dropped`). `health` requests have a queue and a rate budget of
+their own, so a flood of other commands never starves an operator's health probe. A handler
+never names files or URLs: references and snapshots come from frames and stay under the
+state folder.
 """
 
 import base64
@@ -22,6 +25,7 @@ logger = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _TOPIC_LEVEL = re.compile(r"^[^#+\x00\n\r]*\Z")
 QUEUE_LIMIT = 32
+HEALTH_QUEUE_LIMIT = 8       # health probes wait apart from every other command
 
 
 class CommandError(Exception):
@@ -93,9 +97,12 @@ class Commands(threading.Thread):
         self.max_bytes = max_bytes
         self.snapshot_bytes = snapshot_bytes
         self.limit = RateLimit(rate, burst)
-        self.dropped = 0
+        self.health_limit = RateLimit(rate, burst)     # health's own budget
+        self.dropped = 0            # requests dropped unanswered: their queue was full
+        self.rate_limited = 0       # requests answered `rate_limited`
         self.handled = 0
         self._queue = collections.deque()
+        self._health_queue = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
         self.handlers = {
@@ -110,21 +117,24 @@ class Commands(threading.Thread):
         `reply_topic` and `correlation` are an MQTT 5 request's response topic and
         correlation data: the reply goes there and carries the same correlation data.
         """
+        queue, limit = (self._health_queue, HEALTH_QUEUE_LIMIT) if name == "health" else \
+            (self._queue, QUEUE_LIMIT)
         with self._cond:
-            if len(self._queue) >= QUEUE_LIMIT:
+            if len(queue) >= limit:
                 self.dropped += 1
                 return
-            self._queue.append((name, payload, reply_topic, correlation))
+            queue.append((name, payload, reply_topic, correlation))
             self._cond.notify()
 
     def run(self):
         while True:
             with self._cond:
-                while not self._queue and not self._stop:
+                while not self._queue and not self._health_queue and not self._stop:
                     self._cond.wait(0.5)
                 if self._stop:
                     return
-                name, payload, reply_topic, correlation = self._queue.popleft()
+                queue = self._health_queue or self._queue     # health probes first
+                name, payload, reply_topic, correlation = queue.popleft()
             try:
                 topic, reply = self.handle(name, payload, reply_topic)
                 self.app.publisher.put(topic, reply, qos=1, jsonl=False,
@@ -136,6 +146,11 @@ class Commands(threading.Thread):
         with self._cond:
             self._stop = True
             self._cond.notify()
+
+    def counts(self):
+        """What health reports of the command channel."""
+        return {"handled": self.handled, "dropped": self.dropped,
+                "rate_limited": self.rate_limited}
 
     def reply_topic(self, request_id):
         return self.app.link.topic("reply/{}".format(request_id or "unknown"))
@@ -175,7 +190,8 @@ class Commands(threading.Thread):
                 topic = args["reply_to"]
             if request_id is None:
                 raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
-            if not self.limit.allow(now):
+            if not (self.health_limit if name == "health" else self.limit).allow(now):
+                self.rate_limited += 1
                 raise CommandError("rate_limited", "too many commands; retry in a second")
             handler = self.handlers.get(name)
             if handler is None:

@@ -114,10 +114,13 @@ class Health(threading.Thread):
                 system = self.system_status()
             except Exception:   # a broken sensor must not take health down
                 logger.exception("system status failed")
+        commands = getattr(app, "commands", None)
         report = {"v": 1, "device": app.device, "ts": round(now, 3),
                   "uptime_s": round(now - app.started, 1), "state": None,
                   "versions": self.versions, "source": source, "tasks": tasks,
-                  "engines": engines, "mqtt": mqtt, "system": system}
+                  "engines": engines, "mqtt": mqtt,
+                  "commands": commands.counts() if commands is not None else None,
+                  "system": system}
         healthy, reasons = verdict(report, self.limits)
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"

@@ -201,6 +201,42 @@ def test_commands_are_rate_limited(device):
     assert codes.count("rate_limited") >= 4 and codes.count(None) >= 3
 
 
+def test_a_command_flood_neither_starves_health_probes_nor_goes_uncounted(device, broker):
+    """About 1000 pings a second from one client while an operator runs `edge health`: the
+    probe has its own queue and budget, so it is answered; what the flood lost is counted."""
+    import threading
+    import time
+    from edge.mqtt import make_client
+    dev, sub = device(config="commands: {rate: 1, burst: 1}\n")
+    stop = threading.Event()
+    flooder = make_client("flooder")
+    flooder.connect("127.0.0.1", broker.port, 30)
+    flooder.loop_start()
+
+    def flood():
+        sent = 0
+        while not stop.is_set():
+            flooder.publish("edge/cam1/cmd/ping", json.dumps({"id": "f{}".format(sent)}))
+            sent += 1
+            if sent % 20 == 0:
+                time.sleep(0.02)
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        rc, out, err = run_edge("health", "cam1", "--json", "--mqtt", broker.url, "--timeout",
+                                "5")
+    finally:
+        stop.set()
+        thread.join(5)
+        flooder.loop_stop()
+        flooder.disconnect()
+    assert rc == 0, out + err
+    counts = json.loads(out)["cam1"]["report"]["commands"]
+    assert counts["dropped"] > 0 and counts["rate_limited"] > 0, counts
+    assert dev.proc.poll() is None
+
+
 def test_reload_command_rebuilds_the_pipeline(device):
     dev, sub = device()
     reply = command(sub, "cam1", "reload", {"id": "rl"})
