@@ -97,6 +97,7 @@ class Daemon:
         self.commands = None
         self.source_display = redact(config["source"])   # no camera passwords in health
         self.generations = 0
+        self.last_reload = None     # {"ts", "ok", "error"} of the latest reload, for health
         # systemd: the build child must not inherit NOTIFY_SOCKET (it would pose as us)
         self.ready = False
         self.build_beats = 0     # build progress events: the watchdog's food while building
@@ -112,8 +113,21 @@ class Daemon:
         return pipeline.tap(timeout) if pipeline is not None else None
 
     def request_reload(self):
-        """Re-read the config file and rebuild the pipeline (from the main loop)."""
+        """Check the config file now and have the main loop rebuild the pipeline from it; the
+        EdgeError of a config that does not load (the running one stays)."""
+        try:
+            configuration.load(self.config_path, self.overrides)
+        except EdgeError as e:
+            self._reloaded(e)
+            raise
         self.reload_event.set()
+
+    def _reloaded(self, error=None):
+        """Keep a reload's outcome for health (the operator who asked learns it there)."""
+        if error is not None:
+            logger.error("reload failed, keeping the running configuration: %s", error)
+        self.last_reload = {"ts": round(time.time(), 3), "ok": error is None,
+                            "error": None if error is None else str(error)}
 
     def progress(self):
         """Work done so far: frames the tasks processed, frames no task was due on, build
@@ -262,7 +276,7 @@ class Daemon:
         try:
             config = configuration.load(self.config_path, self.overrides)
         except EdgeError as e:
-            logger.error("reload failed, keeping the running configuration: %s", e)
+            self._reloaded(e)
             return False
         for key in ("mqtt", "device_id", "jsonl", "health", "commands"):
             if config[key] != self.config[key]:
@@ -272,8 +286,9 @@ class Daemon:
         self.pipeline.join()
         try:
             new = self._build_pipeline(config)
+            self._reloaded()
         except EdgeError as e:
-            logger.error("reload failed, back to the previous configuration: %s", e)
+            self._reloaded(e)
             config, new = self.config, self._build_pipeline(self.config)
         self.config = config
         self.pipeline, self.tasks, self.store, self.maker = new

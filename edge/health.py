@@ -47,6 +47,10 @@ def verdict(report, limits):
                                                                limits["memory_percent"]))
     if system.get("throttled"):
         reasons.append("throttled")
+    reload = report.get("reload")
+    if reload and not reload["ok"]:
+        reasons.append("reload failed, the previous configuration runs: {}".format(
+            reload["error"]))
     return not reasons, reasons
 
 
@@ -120,7 +124,7 @@ class Health(threading.Thread):
                   "versions": self.versions, "source": source, "tasks": tasks,
                   "engines": engines, "mqtt": mqtt,
                   "commands": commands.counts() if commands is not None else None,
-                  "system": system}
+                  "reload": getattr(app, "last_reload", None), "system": system}
         healthy, reasons = verdict(report, self.limits)
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"

@@ -247,6 +247,34 @@ def test_reload_command_rebuilds_the_pipeline(device):
     assert sub.wait_for(lambda s: len(s.json("detections")) > before + 5, 10)
 
 
+def test_a_reload_that_fails_is_refused_or_reported(device, tmp_path):
+    """A config that does not load: the reload command replies with the error and nothing
+    restarts. One that loads but cannot run (SIGHUP, a matcher card that does not exist): the
+    previous configuration keeps running. Health carries the outcome either way; a good
+    reload clears it."""
+    dev, sub = device()
+    cfg = tmp_path / "edge-cam1.yaml"
+    good = cfg.read_text()
+    cfg.write_text(good + "mqtt: {qos: 7}\n")
+    reply = command(sub, "cam1", "reload", {"id": "rl1"})
+    assert reply["error"]["code"] == "failed" and "mqtt.qos" in reply["error"]["message"]
+    health = command(sub, "cam1", "health", {"id": "h1"})["result"]
+    assert health["reload"]["ok"] is False and "mqtt.qos" in health["reload"]["error"]
+    assert not health["verdict"]["healthy"] and health["state"] == "degraded"
+    assert any("reload failed" in r for r in health["verdict"]["reasons"])
+    cfg.write_text(good + "matcher: no-such-card\n")
+    dev.proc.send_signal(signal.SIGHUP)
+    assert sub.wait_for(lambda s: "no-such-card" in (
+        (s.json("health")[-1].get("reload") or {}).get("error") or ""), 30), dev.text()
+    before = len(sub.json("detections"))
+    assert sub.wait_for(lambda s: len(s.json("detections")) > before + 5, 10), \
+        "the previous configuration keeps running"
+    cfg.write_text(good)
+    assert command(sub, "cam1", "reload", {"id": "rl2"})["ok"]
+    assert sub.wait_for(lambda s: (s.json("health")[-1].get("reload") or {}).get("ok") and
+                        s.json("health")[-1]["verdict"]["healthy"], 30), dev.text()
+
+
 def test_edge_health_exit_codes(device, broker):
     device(device="good")
     _, sub = device(device="bad", config="health: {interval: 1, memory_percent: 0}\n")
