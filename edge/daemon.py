@@ -101,6 +101,9 @@ class Daemon:
         # systemd: the build child must not inherit NOTIFY_SOCKET (it would pose as us)
         self.ready = False
         self.build_beats = 0     # build progress events: the watchdog's food while building
+        # Work of the pipelines a reload replaced: a new pipeline counts from 0, and progress
+        # must never go back (the watchdog pings only once it passes its last count).
+        self._work_before = 0
         self._pipeline_started = 0.0
         self.notifier = systemd.Notifier.from_environ(unset_environment=True)
         self.watchdog = systemd.Watchdog(self.notifier, self.progress)
@@ -133,9 +136,12 @@ class Daemon:
         """Work done so far: frames the tasks processed, frames no task was due on, build
         progress. The watchdog is fed only while this grows, so a hung inference thread,
         a camera that delivers nothing, or a stuck build gets the service restarted."""
+        return self._work_before + self._work_now() + self.build_beats
+
+    def _work_now(self):
+        """Frames the current pipeline's tasks processed or had no work on."""
         pipeline = self.pipeline
-        frames = sum(t.frames for t in self.tasks) + (pipeline.idle if pipeline else 0)
-        return frames + self.build_beats
+        return sum(t.frames for t in self.tasks) + (pipeline.idle if pipeline else 0)
 
     def _on_build(self, state):
         self.build_beats += 1
@@ -284,6 +290,7 @@ class Daemon:
                 config[key] = self.config[key]
         self.pipeline.stop()
         self.pipeline.join()
+        self._work_before += self._work_now()
         try:
             new = self._build_pipeline(config)
             self._reloaded()
