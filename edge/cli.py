@@ -219,8 +219,8 @@ def parser():
                                       "/dev/video0, rtsp://..., csi://0")
     run.add_argument("--detector", help="detection card name or path (e.g. yolox-nano)")
     run.add_argument("--matcher", help="matching card name or path (e.g. coarse-loftr)")
-    run.add_argument("--reference", help="image stored as the matcher's reference (named after "
-                                         "its file) before the run")
+    run.add_argument("--reference", help="image the matcher matches in this run (named after "
+                                         "its file; not stored)")
     run.add_argument("--state-dir", help="folder for references and engines")
     run.add_argument("--mqtt", help="broker URL mqtt://host[:port][?qos=0|1&keepalive=S]")
     run.add_argument("--jsonl", help="also append every message to this file")
@@ -237,7 +237,7 @@ def parser():
     bld.add_argument("-c", "--config", help="YAML config file")
     bld.add_argument("--size", help="frame size WxH (default: the source's first frame)")
     bld.add_argument("--source", help="source URI to learn the frame size from")
-    bld.add_argument("--reference", help="reference image for matcher engines")
+    bld.add_argument("--reference", help="reference image for matcher engines (not stored)")
     bld.add_argument("--backend", choices=("auto", "trt", "ort"))
     bld.add_argument("--model-dir", help="folder of model files")
     bld.add_argument("--mirror", help="local folder to fetch models from")

@@ -41,7 +41,7 @@ SPEC = {
                        help="references and engines; default $EDGE_STATE_DIR, $STATE_DIRECTORY "
                             "or ~/.local/state/edge"),
     "reference": Field(str, default=None, nullable=True,
-                       help="image file stored as a matcher reference at start"),
+                       help="image file matched as a reference in this run (not stored)"),
     "max_frames": Field(int, default=None, nullable=True, min=1),
     "jsonl": Field(str, default=None, nullable=True, help="also append messages to this file"),
     "log_level": Field(str, default="info", choices=("debug", "info", "warning", "error")),
@@ -72,7 +72,9 @@ SPEC = {
         "every": Field(int, default=0, min=0, help="> 0: match every N-th frame instead"),
         "top_k": Field(int, default=500, min=0, max=100000,
                        help="matches published per message, best first (count is always full)"),
-        "max_references": Field(int, default=4, min=1, max=64),
+        "max_references": Field(int, default=4, min=1, max=64,
+                                help="references held, configured + stored with set_reference "
+                                     "(more are refused)"),
     },
     "engine": {
         "dir": Field(str, default=None, nullable=True,

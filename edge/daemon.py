@@ -32,11 +32,11 @@ def engine_maker(config):
 
 
 def reference_store(config):
-    """The device's references, with `reference:` / --reference stored first."""
-    store = references.ReferenceStore(config["state_dir"])
+    """The device's references: those stored over MQTT, and `reference:` / --reference (the
+    run's own, in memory: never stored)."""
+    store = references.ReferenceStore(config["state_dir"], config["match"]["max_references"])
     if config["reference"]:
-        name = references.name_from_path(config["reference"])
-        store.put_file(name, config["reference"])
+        store.configure(config["reference"])
     return store
 
 

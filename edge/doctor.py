@@ -37,16 +37,11 @@ def run_card(card, maker, cfg, folder, runs=20):
     import cv2
     frame_name, reference_name = SAMPLES[card.task]
     image = cv2.imread(os.path.join(folder, frame_name))
-    options = {"device": "doctor"}
-    reference = None
-    if reference_name:
-        from edge.references import ReferenceStore
-        import tempfile
-        store = ReferenceStore(tempfile.mkdtemp(prefix="edge-doctor-"))
-        store.put("sample", cv2.imread(os.path.join(folder, reference_name)))
-        options["store"] = store
-        reference = store.get("sample")
-    task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"], **options)
+    # the sample reference is bound directly: nothing is stored, the device's references
+    # stay as they are
+    reference = cv2.imread(os.path.join(folder, reference_name)) if reference_name else None
+    task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                        device="doctor")
     frame = Frame(0, image.shape, maker.allocate)
     np.copyto(frame.image, image)
     engine, binding = task.binding_for(frame, None if reference is None else "doctor", reference)
