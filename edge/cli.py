@@ -70,7 +70,7 @@ def _build(args):
         from edge.errors import ConfigError
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
                           "configure detector/matcher with -c")
-    width, height = _frame_size(args.size, cfg["source"])
+    width, height = _frame_size(args.size, cfg["source"], cfg["max_image_pixels"])
     maker = daemon.engine_maker(cfg)
     building.add_listener(_ProgressPrinter())
     print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
@@ -94,7 +94,7 @@ def _build(args):
     return EXIT_OK
 
 
-def _frame_size(size, source_uri):
+def _frame_size(size, source_uri, max_pixels=None):
     """(width, height) from --size WxH, else from the first frame of the source."""
     from edge.errors import ConfigError
     if size:
@@ -107,7 +107,7 @@ def _frame_size(size, source_uri):
         raise ConfigError("--size {!r}: expected WIDTHxHEIGHT, e.g. 1280x720".format(size))
     from edge import sources
     from edge.frames import Frame
-    source = sources.open_source(source_uri)
+    source = sources.open_source(source_uri, max_pixels)
     source.open()
     try:
         frame = Frame(0, (2, 2, 3))

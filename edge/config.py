@@ -4,7 +4,7 @@ import os
 import re
 import socket
 
-from edge import validate
+from edge import imagefiles, validate
 from edge.errors import ConfigError
 from edge.validate import Field
 
@@ -43,6 +43,9 @@ SPEC = {
     "reference": Field(str, default=None, nullable=True,
                        help="image file matched as a reference in this run (not stored)"),
     "max_frames": Field(int, default=None, nullable=True, min=1),
+    "max_image_pixels": Field(int, default=imagefiles.DEFAULT_MAX_PIXELS, min=1, max=1 << 30,
+                              help="larger images (folder frames, references) are refused "
+                                   "from their header, before decoding"),
     "jsonl": Field(str, default=None, nullable=True, help="also append messages to this file"),
     "log_level": Field(str, default="info", choices=("debug", "info", "warning", "error")),
     "mqtt": {

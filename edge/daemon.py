@@ -34,7 +34,8 @@ def engine_maker(config):
 def reference_store(config):
     """The device's references: those stored over MQTT, and `reference:` / --reference (the
     run's own, in memory: never stored)."""
-    store = references.ReferenceStore(config["state_dir"], config["match"]["max_references"])
+    store = references.ReferenceStore(config["state_dir"], config["match"]["max_references"],
+                                      config["max_image_pixels"])
     if config["reference"]:
         store.configure(config["reference"])
     return store
@@ -185,7 +186,7 @@ class Daemon:
 
     def _build_pipeline(self, config):
         """A new pipeline for the config; raises (and leaves the old one) when it is bad."""
-        source = sources.open_source(config["source"])
+        source = sources.open_source(config["source"], config["max_image_pixels"])
         maker = engine_maker(config)
         store = reference_store(config) if config["matcher"] else None
         built = build_tasks(config, maker, store)

@@ -61,9 +61,11 @@ class ReferenceStore:
     """The references of one device: configured (in memory) and stored (under the state
     folder), at most `limit` in all."""
 
-    def __init__(self, state_dir, limit=64):
+    def __init__(self, state_dir, limit=64, max_pixels=None):
+        from edge import imagefiles
         self.folder = os.path.join(state_dir, "references")
         self.limit = limit
+        self.max_pixels = max_pixels or imagefiles.DEFAULT_MAX_PIXELS
         self.version = 0            # bumped on every change, so tasks reload
         self._lock = threading.Lock()
         self._configured = {}       # name -> BGR image, from the configuration
@@ -92,21 +94,24 @@ class ReferenceStore:
     def configure(self, path):
         """Add the image file at `path` as a configured reference, named after the file (in
         memory only: the run's own, not stored); its name."""
-        import cv2
         name = name_from_path(path)
-        image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-        if image is None:
-            raise SourceError("reference image {}: missing or not an image; give a PNG or JPEG "
-                              "file".format(path))
-        _check_image(image, "reference image " + path)
+        if not os.path.isfile(path):
+            raise SourceError("reference image {}: missing; give a PNG or JPEG file".format(
+                path))
+        image = _check_image(self._read(path, "reference image " + path),
+                             "reference image " + path)
         with self._lock:
             self._configured[name] = image
             self._changed()
         return name
 
+    def _read(self, path, what):
+        """A reference file's image, its size checked from the header before decoding."""
+        from edge import imagefiles
+        return imagefiles.read(path, what, self.max_pixels, MAX_SIDE)
+
     def get(self, name):
         """The BGR image of a reference; SourceError when missing or unreadable."""
-        import cv2
         with self._lock:
             if name in self._configured:
                 return self._configured[name]
@@ -115,7 +120,7 @@ class ReferenceStore:
             path = self._path(name)
             if not os.path.isfile(path):
                 raise SourceError("reference {!r}: not stored in {}".format(name, self.folder))
-            image = _check_image(cv2.imread(path, cv2.IMREAD_COLOR), "reference " + path)
+            image = _check_image(self._read(path, "reference " + path), "reference " + path)
             self._cache[name] = image
             return image
 

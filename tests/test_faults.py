@@ -257,6 +257,67 @@ def test_unreadable_images_are_skipped_counted_and_named_once(tmp_path, broker, 
         sub.close()
 
 
+def png_bomb(path, width, height):
+    """A valid grey PNG of width x height black pixels: a few hundred KB on disk, width x
+    height x 3 bytes once decoded to BGR."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    packer = zlib.compressobj(9)
+    row = b"\0" * (width + 1)                 # filter byte + a row of black
+    idat = b"".join([packer.compress(row) for _ in range(height)] + [packer.flush()])
+    with open(str(path), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+            ">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", idat) +
+            chunk(b"IEND", b""))
+
+
+def run_measured(args, timeout=120):
+    """`edge run ARGS` in a process of its own: (exit status, stderr, peak RSS in MiB)."""
+    probe = ("import resource, subprocess, sys\n"
+             "p = subprocess.run([sys.executable, '-m', 'edge', 'run'] + sys.argv[1:], "
+             "stderr=subprocess.PIPE)\n"
+             "sys.stderr.buffer.write(p.stderr)\n"
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    proc = subprocess.run([sys.executable, "-c", probe] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout, cwd=ROOT)
+    rc, kib = proc.stdout.decode().split()[-2:]
+    return int(rc), proc.stderr.decode(errors="replace"), int(kib) / 1024.0
+
+
+def test_decompression_bombs_are_refused_from_their_header(tmp_path, model_dir):
+    """A 0.4 MB PNG of 20000 x 20000 pixels (1.2 GB decoded) in an image folder is skipped,
+    counted and named from its header, never decoded; as a reference it is refused."""
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    good = sorted(os.listdir(COCO))[:2]
+    for name in good:
+        shutil.copy(os.path.join(COCO, name), str(folder / name))
+    png_bomb(folder / "bomb.png", 20000, 20000)
+    assert os.path.getsize(str(folder / "bomb.png")) < 1 << 20
+    jsonl = str(tmp_path / "out.jsonl")
+    rc, err, peak_mb = run_measured(["--source", str(folder), "--detector", "yolox-nano",
+                                     "--model-dir", model_dir, "--jsonl", jsonl, "--state-dir",
+                                     str(tmp_path / "state")])
+    assert rc == 0, err
+    assert sorted(m["frame"]["name"] for m in read_jsonl(jsonl)) == good
+    lines = [l for l in err.splitlines() if "skipped image" in l and "bomb.png" in l]
+    assert len(lines) == 1 and "20000x20000 pixels, over the limit" in lines[0] and \
+        "max_image_pixels" in lines[0], err
+    print("peak RSS with the bomb in the folder: {:.0f} MiB".format(peak_mb))
+    assert peak_mb < 800, "the bomb was decoded"
+    rc, err, peak_mb = run_measured(["--source", os.path.join(PAIR, "motorcycle_right.png"),
+                                     "--matcher", "coarse-loftr", "--reference",
+                                     str(folder / "bomb.png"), "--model-dir", model_dir,
+                                     "--state-dir", str(tmp_path / "state")])
+    lines = error_lines(err)
+    assert rc == 66 and len(lines) == 1 and "bomb.png: 20000x20000 pixels" in lines[0], err
+    assert peak_mb < 800, "the reference was decoded before it was refused"
+
+
 # --- engines and models -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
