@@ -88,6 +88,9 @@ SPEC = {
                               help="TensorRT builder workspace"),
         "build_timeout": Field(float, default=3600.0, min=1.0,
                                help="seconds before a build is given up"),
+        "cache_mb": Field(int, default=1024, min=1, max=1 << 20,
+                          help="built engines kept on disk; past it the least recently used "
+                               "are removed, never those in use"),
     },
     "health": {
         "interval": Field(float, default=10.0, min=1.0, max=3600.0,

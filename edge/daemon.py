@@ -26,9 +26,9 @@ def engine_maker(config):
     from edge.backends.cache import EngineCache
     backend = backends.select(config["backend"], threads=config["pipeline"]["threads"],
                               workspace_mb=config["engine"]["workspace_mb"])
-    return EngineMaker(backend, EngineCache(config["engine"]["dir"]),
-                       config["engine"]["budget_mb"] * 2 ** 20,
-                       config["engine"]["build_timeout"])
+    engine = config["engine"]
+    return EngineMaker(backend, EngineCache(engine["dir"], engine["cache_mb"]),
+                       engine["budget_mb"] * 2 ** 20, engine["build_timeout"])
 
 
 def reference_store(config):

@@ -96,8 +96,9 @@ def ort_reference(card, cfg, folder):
     cls = backends._cls("ort")
     if cls is None or cls.available() is not None:
         return None
-    maker = EngineMaker(cls(), EngineCache(cfg["engine"]["dir"]),
-                        cfg["engine"]["budget_mb"] * 2 ** 20, cfg["engine"]["build_timeout"])
+    engine = cfg["engine"]
+    maker = EngineMaker(cls(), EngineCache(engine["dir"], engine["cache_mb"]),
+                        engine["budget_mb"] * 2 ** 20, engine["build_timeout"])
     task, outputs, _ = run_card(card, maker, cfg, folder, runs=0)
     return summarise(card, task, outputs)
 

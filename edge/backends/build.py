@@ -255,13 +255,15 @@ class EngineMaker:
         from edge.errors import ModelError
         path = ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout)
         try:
-            return self.backend.load(path, label, background)
+            engine = self.backend.load(path, label, background)
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
             path = ensure(self.backend, model, card, label, self.cache, self.budget,
                           self.timeout)
-            return self.backend.load(path, label, background)
+            engine = self.backend.load(path, label, background)
+        self.cache.hold(path, engine)      # never evicted while it runs
+        return engine
 
 
 def _tail(path, limit=300):
