@@ -72,6 +72,7 @@ def _build(args):
                           "configure detector/matcher with -c")
     width, height = _frame_size(args.size, cfg["source"], cfg["max_image_pixels"])
     maker = daemon.engine_maker(cfg)
+    maker.allow_uncached = False        # filling the cache is this command's job
     building.add_listener(_ProgressPrinter())
     print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
                                          sorted(maker.backend.describe().items()) if v)))

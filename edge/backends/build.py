@@ -38,6 +38,10 @@ class BuildError(EdgeError):
     exit_code = 70   # EX_SOFTWARE
 
 
+class CacheUnwritable(BuildError):
+    """The engine folder cannot be written (a full disk, read-only): nothing can be cached."""
+
+
 def add_listener(callback):
     """Call `callback(state)` on every build progress event (from the building thread)."""
     _listeners.append(callback)
@@ -242,6 +246,9 @@ class EngineMaker:
         self.cache = cache
         self.budget = budget
         self.timeout = timeout
+        # A backend that can load the rewritten graph itself (ONNX Runtime) runs uncached
+        # when the cache cannot be written; `edge build`, whose job is the cache, says no.
+        self.allow_uncached = True
 
     @property
     def frame_dtype(self):
@@ -253,7 +260,19 @@ class EngineMaker:
     def make(self, model, card, label, background=False):
         """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
         from edge.errors import ModelError
-        path = ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout)
+        try:
+            path = ensure(self.backend, model, card, label, self.cache, self.budget,
+                          self.timeout)
+        except CacheUnwritable as e:
+            engine = self.backend.load_uncached(model, label, background) \
+                if self.allow_uncached else None
+            if engine is None:
+                raise
+            logger.warning("%s; until then %s runs uncached (built again at every start)", e,
+                           label)
+            if label in STATES:
+                STATES[label].update(state="ready", phase="uncached", progress=1.0, error=None)
+            return engine
         try:
             engine = self.backend.load(path, label, background)
         except ModelError as e:

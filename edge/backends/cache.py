@@ -71,9 +71,9 @@ def _pid_alive(pid):
 
 
 def unwritable(name, folder, error):
-    """The BuildError for an engine folder that cannot be written (a full disk, permissions)."""
-    from edge.backends.build import BuildError   # build imports this module
-    return BuildError("engine {}: cannot write it in {} ({}); free space there or set "
+    """The error for an engine folder that cannot be written (a full disk, permissions)."""
+    from edge.backends.build import CacheUnwritable   # build imports this module
+    return CacheUnwritable("engine {}: cannot write it in {} ({}); free space there or set "
                       "engine.dir to another folder".format(name, folder,
                                                             error.strerror or error))
 
