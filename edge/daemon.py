@@ -179,7 +179,9 @@ class Daemon:
                 m["password_file"], m["ca_file"], m["cert_file"], m["key_file"])
             self.link = mqtt.MqttLink(settings, self.device, config["mqtt"]["prefix"],
                                       queue_limit=config["mqtt"]["queue"],
-                                      protocol=config["mqtt"]["protocol"])
+                                      protocol=config["mqtt"]["protocol"],
+                                      max_packet=config["commands"]["max_bytes"] +
+                                      mqtt.PACKET_HEADROOM)
             qos = settings["qos"]
         self.jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
         self.publisher = Publisher(self.link, self.jsonl, qos=qos, limit=config["mqtt"]["queue"])

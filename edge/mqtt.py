@@ -18,6 +18,9 @@ from edge.urls import redact
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# Bytes of an MQTT packet around a request's payload (topic, properties, header): an MQTT 5
+# device asks the broker for nothing larger than commands.max_bytes plus this.
+PACKET_HEADROOM = 8192
 
 
 def parse_url(url, qos=0, keepalive=30):
@@ -150,8 +153,12 @@ def status_payload(device, state, since, reason=None):
 class MqttLink:
     """A connection to the broker kept up in the background, with status and last will."""
 
-    def __init__(self, settings, device, prefix="edge", queue_limit=1000, protocol="3.1.1"):
+    def __init__(self, settings, device, prefix="edge", queue_limit=1000, protocol="3.1.1",
+                 max_packet=None):
         self.settings = settings
+        # MQTT 5: the broker sends this client no packet larger than this (a 250 MB command
+        # is dropped there, not buffered whole here); 3.1.1 has no such field
+        self.max_packet = max_packet
         self.device = device
         self.prefix = prefix
         self.connected = threading.Event()
@@ -181,9 +188,15 @@ class MqttLink:
 
     def start(self):
         """Begin connecting in the background; never blocks on the network."""
+        options = {}
+        if self.protocol == "5" and self.max_packet:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+            options["properties"] = Properties(PacketTypes.CONNECT)
+            options["properties"].MaximumPacketSize = self.max_packet
         try:
             self.client.connect_async(self.settings["host"], self.settings["port"],
-                                      self.settings["keepalive"])
+                                      self.settings["keepalive"], **options)
         except (OSError, ValueError) as e:
             self.last_error = str(e)
         self.client.loop_start()

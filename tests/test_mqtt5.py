@@ -61,6 +61,26 @@ def test_response_topic_and_correlation_data_are_honoured(broker, tmp_path, mode
         assert reply["error"]["code"] == "bad_request" and "response topic" in \
             reply["error"]["message"]
         assert not [g for g in got if g[0].startswith("robots/")]
+        # Oversized requests: just over commands.max_bytes the device refuses (too_large);
+        # far over, the broker never sends it, as the device's CONNECT asked (MQTT 5 Maximum
+        # Packet Size), so the device never buffers it. A ping after each is answered.
+        for request_id, size in (("big", 70000), ("huge", 4 << 20)):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "edge/cam5/reply/" + request_id
+            client.publish("edge/cam5/cmd/ping", json.dumps(
+                {"id": request_id, "pad": "x" * size}), qos=1, properties=props)
+            after = "edge/cam5/reply/after-" + request_id
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = after
+            client.publish("edge/cam5/cmd/ping", json.dumps({"id": "p-" + request_id}), qos=1,
+                           properties=props)
+            deadline = time.monotonic() + 10
+            while after not in [g[0] for g in got] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert after in [g[0] for g in got], "the device answers after " + request_id
+        replies = {g[0]: g[1] for g in got}
+        assert replies["edge/cam5/reply/big"]["error"]["code"] == "too_large"
+        assert "edge/cam5/reply/huge" not in replies
     finally:
         client.loop_stop()
         proc.terminate()
