@@ -173,10 +173,7 @@ class Daemon:
         config = self.config
         qos = 0
         if config["mqtt"]["url"]:
-            m = config["mqtt"]
-            settings = mqtt.with_credentials(
-                mqtt.parse_url(m["url"], m["qos"], m["keepalive"]), m["username"],
-                m["password_file"], m["ca_file"], m["cert_file"], m["key_file"])
+            settings = mqtt.configured(config["mqtt"])
             self.link = mqtt.MqttLink(settings, self.device, config["mqtt"]["prefix"],
                                       queue_limit=config["mqtt"]["queue"],
                                       protocol=config["mqtt"]["protocol"],
@@ -210,6 +207,7 @@ class Daemon:
         from edge.backends import build
         build.add_listener(self._on_build)
         if self.link is not None:
+            self.link.on_change = self.health.wake.set     # a fresh verdict, now
             self.commands = Commands(self, **config["commands"])
             self.link.on_command = self.commands.submit
             self.commands.start()

@@ -1,6 +1,7 @@
 """`edge doctor`: the first thing to run on a new device.
 
-Prints the versions (TensorRT, CUDA, JetPack, board), builds or loads each card's engine for
+Prints the versions (TensorRT, CUDA, JetPack, board), connects to the configured broker as
+the daemon would (credentials, TLS) and says why it cannot, builds or loads each card's engine for
 the shipped sample images (engines/samples/), checks its outputs against ONNX Runtime on the
 same rewritten graph when onnxruntime is installed, else against the reference outputs
 stored beside the samples, and prints per-engine latency. Exit 0 when every engine agrees.
@@ -103,6 +104,19 @@ def ort_reference(card, cfg, folder):
     return summarise(card, task, outputs)
 
 
+def check_broker(cfg, out):
+    """Connect to the configured broker once; 0 when it accepts (or none is configured)."""
+    from edge import mqtt
+    if not cfg["mqtt"]["url"]:
+        out("{:<8} not configured (mqtt.url)".format("mqtt"))
+        return 0
+    settings = mqtt.configured(cfg["mqtt"])
+    problem = mqtt.probe(settings, cfg["mqtt"]["protocol"])
+    out("{:<8} {} {}".format("mqtt", settings["display"],
+                             "ok" if problem is None else "FAILED: " + problem))
+    return 0 if problem is None else 1
+
+
 def doctor(cfg, names, write_reference=False, out=print):
     """Run the checks; the exit status (0 all good, 1 a mismatch or failure)."""
     from edge import daemon
@@ -114,6 +128,7 @@ def doctor(cfg, names, write_reference=False, out=print):
             out("{:<8} {}".format(key, versions[key] if versions[key] is not None else "-"))
     out("backend  {}".format(", ".join("{}={}".format(k, v) for k, v in
                                       sorted(maker.backend.describe().items()) if v)))
+    status = check_broker(cfg, out)
     folder = samples_dir()
     if folder is None:
         out("doctor: engines/samples/ not found; reinstall edge")
@@ -123,7 +138,6 @@ def doctor(cfg, names, write_reference=False, out=print):
     if os.path.isfile(stored_path):
         with open(stored_path) as f:
             stored = json.load(f)
-    status = 0
     for name in names:
         card = cards.load(name)
         try:

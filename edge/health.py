@@ -14,6 +14,10 @@ from edge import __version__
 
 logger = logging.getLogger(__name__)
 
+# The reason a device gives while its broker is away: reported locally (logs, systemd STATUS=,
+# `edge doctor`), never as the `status` topic's reason, which nobody could read meanwhile.
+MQTT_DOWN = "mqtt broker unreachable"
+
 
 def verdict(report, limits):
     """(healthy, reasons) for a report under the configured limits."""
@@ -32,6 +36,8 @@ def verdict(report, limits):
         if engine["state"] == "failed":
             reasons.append("engine {} failed: {}".format(label, engine.get("error")))
     mqtt = report["mqtt"]
+    if mqtt and not mqtt["connected"] and mqtt.get("error"):
+        reasons.append("{}: {}".format(MQTT_DOWN, mqtt["error"]))
     if mqtt and mqtt.get("dropped_recent"):
         reasons.append("publish queue dropping ({} messages in the last interval)".format(
             mqtt["dropped_recent"]))
@@ -68,6 +74,7 @@ class Health(threading.Thread):
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.healthy = None
+        self.status = None              # (state, reason) last given to the `status` topic
         self.on_report = on_report      # callable(report): the systemd STATUS= line
         self._dropped_seen = 0
 
@@ -108,10 +115,12 @@ class Health(threading.Thread):
         dropped = publisher.dropped if publisher else 0
         mqtt = None
         if publisher is not None and app.link is not None:
-            mqtt = {"connected": bool(app.link and app.link.connected.is_set()),
+            connected = app.link.connected.is_set()
+            mqtt = {"connected": connected,
                     "queue": publisher.depth, "sent": publisher.sent, "dropped": dropped,
                     "dropped_recent": dropped - self._dropped_seen,
-                    "connects": app.link.connects if app.link else 0}
+                    "connects": app.link.connects,
+                    "error": None if connected else app.link.last_error}
         system = None
         if self.system_status is not None:
             try:
@@ -140,9 +149,11 @@ class Health(threading.Thread):
                 logger.warning("health: %s", "; ".join(report["verdict"]["reasons"])
                                ) if not healthy else logger.info("health: healthy again")
             self.healthy = healthy
-            if self.app.link is not None:
-                self.app.link.set_status(report["state"],
-                                         None if healthy else report["verdict"]["reasons"][0])
+        remote = [r for r in report["verdict"]["reasons"] if not r.startswith(MQTT_DOWN)]
+        status = ("degraded", remote[0]) if remote else ("online", None)
+        if self.app.link is not None and (self.status is None or status[0] != self.status[0]):
+            self.app.link.set_status(*status)
+        self.status = status
         if self.app.publisher is not None:
             self.app.publisher.put("health", report, retain=True, qos=1, jsonl=False)
         return report
