@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from edge import __version__
+from edge import __version__, installed
 from edge.errors import EXIT_FAILURE, EXIT_OK, EdgeError
 
 logger = logging.getLogger("edge")
@@ -58,18 +58,19 @@ def _models_fetch(args):
 
 def _build(args):
     """`edge build`: build (or check) the engines the config needs, with progress."""
-    from edge import cards, config, daemon, tasks
+    from edge import cards, daemon, tasks
     from edge.backends import build as building
     from edge.frames import Frame
     overrides = {"source": args.source, "backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "reference": args.reference,
                  "state_dir": args.state_dir}
-    cfg = config.load(args.config, overrides, require_task=False)
+    cfg = _beside_the_service(args.config, overrides)
     names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c]
     if not names:
         from edge.errors import ConfigError
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
-                          "configure detector/matcher with -c")
+                          "configure detector/matcher with -c (or in {})".format(
+                              installed.CONFIG))
     width, height = _frame_size(args.size, cfg["source"], cfg["max_image_pixels"])
     maker = daemon.engine_maker(cfg)
     maker.allow_uncached = False        # filling the cache is this command's job
@@ -93,6 +94,19 @@ def _build(args):
             engine.infer(binding)    # one run proves the engine loads and executes
             print("{}: engine for {}x{} frames ready".format(card.name, width, height))
     return EXIT_OK
+
+
+def _beside_the_service(path, overrides):
+    """The config of `edge build` / `edge doctor`: `-c FILE`, else the installed service's
+    with its folders (as root: as the service's user); says which."""
+    from edge import config
+    path = installed.config_path(path)
+    cfg = config.load(path, overrides, require_task=False, folders=installed.folders(path))
+    if path == installed.CONFIG:
+        installed.become_owner(cfg["state_dir"])
+    print("config: {} (models {}, engines {})".format(
+        path or "none (defaults and flags)", cfg["model_dir"], cfg["engine"]["dir"]))
+    return cfg
 
 
 def _frame_size(size, source_uri, max_pixels=None):
@@ -198,10 +212,10 @@ def _bench(args):
 
 def _doctor(args):
     """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
-    from edge import cards, config, doctor
+    from edge import cards, doctor
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
-    cfg = config.load(args.config, overrides, require_task=False)
+    cfg = _beside_the_service(args.config, overrides)
     names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c] or \
         sorted(cards.available())
     return doctor.doctor(cfg, names, write_reference=args.write_reference)
@@ -235,7 +249,9 @@ def parser():
     bld = sub.add_parser("build", help="build or refresh engines now, with progress")
     bld.add_argument("cards", nargs="*", metavar="CARD", help="cards (default: the configured "
                                                                "detector and matcher)")
-    bld.add_argument("-c", "--config", help="YAML config file")
+    bld.add_argument("-c", "--config", help="YAML config file (default: {} when it exists, "
+                                            "with the service's folders)".format(
+                                                installed.CONFIG))
     bld.add_argument("--size", help="frame size WxH (default: the source's first frame)")
     bld.add_argument("--source", help="source URI to learn the frame size from")
     bld.add_argument("--reference", help="reference image for matcher engines (not stored)")
@@ -286,7 +302,9 @@ def parser():
     dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
     dr.add_argument("cards", nargs="*", metavar="CARD",
                     help="cards (default: the configured ones, else all)")
-    dr.add_argument("-c", "--config", help="YAML config file")
+    dr.add_argument("-c", "--config", help="YAML config file (default: {} when it exists, "
+                                           "with the service's folders)".format(
+                                               installed.CONFIG))
     dr.add_argument("--backend", choices=("auto", "trt", "ort"))
     dr.add_argument("--model-dir", help="folder of model files")
     dr.add_argument("--mirror", help="local folder to fetch models from")

@@ -119,8 +119,12 @@ SPEC = {
 }
 
 
-def load(path=None, overrides=None, require_task=True):
-    """The validated configuration: defaults < file < overrides (dotted keys from flags)."""
+def load(path=None, overrides=None, require_task=True, folders=None):
+    """The validated configuration: defaults < file < overrides (dotted keys from flags).
+
+    `folders`: values for `model_dir` / `state_dir` where file and flags leave them null,
+    before the defaults from the environment (the installed service's, edge.installed).
+    """
     where = "config {}".format(path) if path else "config"
     raw = {}
     if path:
@@ -148,6 +152,9 @@ def load(path=None, overrides=None, require_task=True):
         # the host name made safe for topics, and to the pattern a configured id must follow
         config["device_id"] = (re.sub(r"[^A-Za-z0-9_.-]", "-", host).lstrip("_.-") or
                                "edge")[:64]
+    for key, value in (folders or {}).items():
+        if config[key] is None:
+            config[key] = value
     if config["model_dir"] is None:
         from edge import models
         config["model_dir"] = models.default_model_dir()

@@ -208,6 +208,9 @@ def load_yaml(path, what):
         raise ConfigError("{} {}: nested too deeply to be a configuration".format(what, path))
     except FileNotFoundError:
         raise ConfigError("{} {}: file not found".format(what, path))
+    except PermissionError:
+        raise ConfigError("{} {}: this user may not read it; run with sudo (or as a member of "
+                          "its group), or give a readable copy".format(what, path))
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("{} {}: cannot read: {}".format(what, path, e))
     except yaml.YAMLError as e:
