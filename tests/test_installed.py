@@ -15,7 +15,10 @@ from tests.conftest import MODELS, ROOT
 @pytest.fixture
 def service(tmp_path, monkeypatch):
     """An installed service in a temporary tree: its config, its folders, and a home of the
-    caller's own that must stay empty."""
+    caller's own that must stay empty. `edge build` adds a progress printer to the process's
+    build listeners: it goes with the test."""
+    from edge.backends import build
+    monkeypatch.setattr(build, "_listeners", list(build._listeners))
     config = tmp_path / "etc" / "edge.yaml"
     config.parent.mkdir()
     config.write_text("source: test://?width=320&height=240\ndetector: yolox-nano\n")
