@@ -380,10 +380,9 @@ def _with_matcher(cfg, maker, detect, matcher, reference, frames, link, qos, wor
     from edge import tasks
     from edge.references import ReferenceStore
     store = ReferenceStore(workdir)
-    store.put_file("bench", reference)
+    image = store.get(store.configure(reference))
     match = tasks.create(cards.load(matcher), maker, cfg["model_dir"],
                          mirror=cfg["model_mirror"], device="bench", store=store, max_hz=1.0)
-    image = store.get("bench")
     match.engine_for(frames[0].shape[1], frames[0].shape[0], (image.shape[1], image.shape[0]))
     before, _ = run_pipeline(ReplaySource(frames, count), [detect], link, qos)
     started = time.perf_counter()

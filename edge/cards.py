@@ -152,8 +152,8 @@ def load(name_or_path):
     data = validate.check(raw, SPEC, where)
     families = _families()
     if data["family"] not in families:
-        raise ConfigError("{}: family: must be one of {} (got {!r})".format(
-            where, ", ".join(families), data["family"]))
+        raise ConfigError("{}: family: must be one of {} (got {})".format(
+            where, ", ".join(families), validate.shown(data["family"])))
     from edge import families as registry
     expected = registry.get(data["family"]).task
     if expected != data["task"]:

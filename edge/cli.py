@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from edge import __version__
+from edge import __version__, installed
 from edge.errors import EXIT_FAILURE, EXIT_OK, EdgeError
 
 logger = logging.getLogger("edge")
@@ -58,22 +58,24 @@ def _models_fetch(args):
 
 def _build(args):
     """`edge build`: build (or check) the engines the config needs, with progress."""
-    from edge import cards, config, daemon, tasks
+    from edge import cards, daemon, tasks
     from edge.backends import build as building
     from edge.frames import Frame
     overrides = {"source": args.source, "backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "reference": args.reference,
                  "state_dir": args.state_dir}
-    cfg = config.load(args.config, overrides, require_task=False)
+    cfg = _beside_the_service(args.config, overrides)
     names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c]
     if not names:
         from edge.errors import ConfigError
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
-                          "configure detector/matcher with -c")
-    width, height = _frame_size(args.size, cfg["source"])
+                          "configure detector/matcher with -c (or in {})".format(
+                              installed.CONFIG))
+    width, height = _frame_size(args.size, cfg["source"], cfg["max_image_pixels"])
     if args.export_onnx:
         return _export_onnx(cfg, names, width, height, args.export_onnx, args.tensorrt)
     maker = daemon.engine_maker(cfg)
+    maker.allow_uncached = False        # filling the cache is this command's job
     building.add_listener(_ProgressPrinter())
     print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
                                          sorted(maker.backend.describe().items()) if v)))
@@ -139,18 +141,10 @@ def _installed_tensorrt():
 
 
 def _reference_sizes(cfg, width, height):
-    """(width, height) of the configured reference, else of the stored ones, else the frame's:
-    a matcher's graph is specialised to the size of its reference image."""
-    import cv2
-    from edge import references
-    from edge.errors import ConfigError
-    if cfg["reference"]:
-        image = cv2.imread(cfg["reference"], cv2.IMREAD_COLOR)
-        if image is None:
-            raise ConfigError("reference {}: not a readable image; give an image file".format(
-                cfg["reference"]))
-        return [(image.shape[1], image.shape[0])]
-    store = references.ReferenceStore(cfg["state_dir"])
+    """(width, height) of each reference the run has (configured, else stored), else the
+    frame's: a matcher's graph is specialised to the size of its reference image."""
+    from edge import daemon
+    store = daemon.reference_store(cfg)
     sizes = []
     for name in store.names():
         image = store.get(name)
@@ -159,7 +153,20 @@ def _reference_sizes(cfg, width, height):
     return sizes or [(width, height)]
 
 
-def _frame_size(size, source_uri):
+def _beside_the_service(path, overrides):
+    """The config of `edge build` / `edge doctor`: `-c FILE`, else the installed service's
+    with its folders (as root: as the service's user); says which."""
+    from edge import config
+    path = installed.config_path(path)
+    cfg = config.load(path, overrides, require_task=False, folders=installed.folders(path))
+    if path == installed.CONFIG:
+        installed.become_owner(cfg["state_dir"])
+    print("config: {} (models {}, engines {})".format(
+        path or "none (defaults and flags)", cfg["model_dir"], cfg["engine"]["dir"]))
+    return cfg
+
+
+def _frame_size(size, source_uri, max_pixels=None):
     """(width, height) from --size WxH, else from the first frame of the source."""
     from edge.errors import ConfigError
     if size:
@@ -172,7 +179,7 @@ def _frame_size(size, source_uri):
         raise ConfigError("--size {!r}: expected WIDTHxHEIGHT, e.g. 1280x720".format(size))
     from edge import sources
     from edge.frames import Frame
-    source = sources.open_source(source_uri)
+    source = sources.open_source(source_uri, max_pixels)
     source.open()
     try:
         frame = Frame(0, (2, 2, 3))
@@ -216,7 +223,8 @@ class _ProgressPrinter:
 
 
 def _health(args):
-    """`edge health`: fresh reports from devices over MQTT; exit 0 healthy, 1 unhealthy, 2 silent."""
+    """`edge health`: fresh reports from devices over MQTT; exit 0 healthy, 1 unhealthy, 2 silent
+    or offline (or no device found)."""
     import json
     from edge import remote
     from edge.errors import ConfigError
@@ -261,10 +269,10 @@ def _bench(args):
 
 def _doctor(args):
     """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
-    from edge import cards, config, doctor
+    from edge import cards, doctor
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
-    cfg = config.load(args.config, overrides, require_task=False)
+    cfg = _beside_the_service(args.config, overrides)
     names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c] or \
         sorted(cards.available())
     return doctor.doctor(cfg, names, write_reference=args.write_reference)
@@ -283,8 +291,8 @@ def parser():
                                       "/dev/video0, rtsp://..., csi://0")
     run.add_argument("--detector", help="detection card name or path (e.g. yolox-nano)")
     run.add_argument("--matcher", help="matching card name or path (e.g. coarse-loftr)")
-    run.add_argument("--reference", help="image stored as the matcher's reference (named after "
-                                         "its file) before the run")
+    run.add_argument("--reference", help="image the matcher matches in this run (named after "
+                                         "its file; not stored)")
     run.add_argument("--state-dir", help="folder for references and engines")
     run.add_argument("--mqtt", help="broker URL mqtt://host[:port][?qos=0|1&keepalive=S]")
     run.add_argument("--jsonl", help="also append every message to this file")
@@ -298,10 +306,12 @@ def parser():
     bld = sub.add_parser("build", help="build or refresh engines now, with progress")
     bld.add_argument("cards", nargs="*", metavar="CARD", help="cards (default: the configured "
                                                                "detector and matcher)")
-    bld.add_argument("-c", "--config", help="YAML config file")
+    bld.add_argument("-c", "--config", help="YAML config file (default: {} when it exists, "
+                                            "with the service's folders)".format(
+                                                installed.CONFIG))
     bld.add_argument("--size", help="frame size WxH (default: the source's first frame)")
     bld.add_argument("--source", help="source URI to learn the frame size from")
-    bld.add_argument("--reference", help="reference image for matcher engines")
+    bld.add_argument("--reference", help="reference image for matcher engines (not stored)")
     bld.add_argument("--backend", choices=("auto", "trt", "ort"))
     bld.add_argument("--model-dir", help="folder of model files")
     bld.add_argument("--mirror", help="local folder to fetch models from")
@@ -320,7 +330,7 @@ def parser():
     hl.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
     hl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
     hl.add_argument("--all", action="store_true",
-                    help="every device whose retained status is not offline")
+                    help="every device whose status the broker retains, offline ones too")
     hl.add_argument("--json", action="store_true", help="print the reports as JSON")
     hl.add_argument("--username", help="broker user name")
     hl.add_argument("--password-file", help="file holding the password (or EDGE_MQTT_PASSWORD)")
@@ -355,7 +365,9 @@ def parser():
     dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
     dr.add_argument("cards", nargs="*", metavar="CARD",
                     help="cards (default: the configured ones, else all)")
-    dr.add_argument("-c", "--config", help="YAML config file")
+    dr.add_argument("-c", "--config", help="YAML config file (default: {} when it exists, "
+                                           "with the service's folders)".format(
+                                               installed.CONFIG))
     dr.add_argument("--backend", choices=("auto", "trt", "ort"))
     dr.add_argument("--model-dir", help="folder of model files")
     dr.add_argument("--mirror", help="local folder to fetch models from")
@@ -374,11 +386,59 @@ def parser():
     fch.add_argument("--mirror", help="local folder to copy from (or EDGE_MODEL_MIRROR)")
     fch.add_argument("--model-dir", help="folder of model files")
     fch.set_defaults(func=_models_fetch)
+    for command in (run, bld, hl, bn, dr, models, lst, fch):
+        # also after the subcommand (`edge run ... --debug`), as the error messages say;
+        # SUPPRESS: absent there, it leaves the top-level flag's value alone
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logs and tracebacks")
     return top
+
+
+class _QuietStdout:
+    """sys.stdout that drops what a closed pipe cannot take (`edge health --json | head`):
+    the command ends with its own exit status instead of a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        # What is still buffered (and everything later) goes nowhere, quietly, also when
+        # the interpreter flushes at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv=None):
     """Entry point of the console script; returns the exit status."""
+    stdout = sys.stdout
+    quiet = sys.stdout = _QuietStdout(stdout)
+    try:
+        return _main(argv)
+    finally:
+        quiet.flush()
+        sys.stdout = stdout
+
+
+def _main(argv):
     args = parser().parse_args(argv)
     from edge import logs
     logs.setup(logging.DEBUG if args.debug else logging.INFO)

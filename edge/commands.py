@@ -1,9 +1,12 @@
 """The command channel: requests on `{prefix}/{device}/cmd/{name}`, replies as DESIGN.md says.
 
 paho's callback only hands the raw request to a bounded queue; the "commands" thread parses,
-checks, rate-limits and runs it, and every request gets exactly one reply, an error reply for
-anything malformed. A handler never names files or URLs: references and snapshots come from
-frames and stay under the state folder.
+checks, rate-limits and runs it, and every request it takes gets exactly one reply, an error
+reply for anything malformed. Requests beyond the queue (a flood) are dropped without a reply
+and counted (health: `commands.dropped`). `health` requests have a queue and a rate budget of
+their own, so a flood of other commands never starves an operator's health probe. A handler
+never names files or URLs: references and snapshots come from frames and stay under the
+state folder.
 """
 
 import base64
@@ -22,6 +25,7 @@ logger = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _TOPIC_LEVEL = re.compile(r"^[^#+\x00\n\r]*\Z")
 QUEUE_LIMIT = 32
+HEALTH_QUEUE_LIMIT = 8       # health probes wait apart from every other command
 
 
 class CommandError(Exception):
@@ -93,9 +97,12 @@ class Commands(threading.Thread):
         self.max_bytes = max_bytes
         self.snapshot_bytes = snapshot_bytes
         self.limit = RateLimit(rate, burst)
-        self.dropped = 0
+        self.health_limit = RateLimit(rate, burst)     # health's own budget
+        self.dropped = 0            # requests dropped unanswered: their queue was full
+        self.rate_limited = 0       # requests answered `rate_limited`
         self.handled = 0
         self._queue = collections.deque()
+        self._health_queue = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
         self.handlers = {
@@ -110,24 +117,25 @@ class Commands(threading.Thread):
         `reply_topic` and `correlation` are an MQTT 5 request's response topic and
         correlation data: the reply goes there and carries the same correlation data.
         """
+        queue, limit = (self._health_queue, HEALTH_QUEUE_LIMIT) if name == "health" else \
+            (self._queue, QUEUE_LIMIT)
         with self._cond:
-            if len(self._queue) >= QUEUE_LIMIT:
+            if len(queue) >= limit:
                 self.dropped += 1
                 return
-            self._queue.append((name, payload, reply_topic, correlation))
+            queue.append((name, payload, reply_topic, correlation))
             self._cond.notify()
 
     def run(self):
         while True:
             with self._cond:
-                while not self._queue and not self._stop:
+                while not self._queue and not self._health_queue and not self._stop:
                     self._cond.wait(0.5)
                 if self._stop:
                     return
-                name, payload, reply_topic, correlation = self._queue.popleft()
+                queue = self._health_queue or self._queue     # health probes first
+                name, payload, reply_topic, correlation = queue.popleft()
             try:
-                if reply_topic is not None:
-                    reply_topic = self._checked_reply_to(reply_topic, fallback=True)
                 topic, reply = self.handle(name, payload, reply_topic)
                 self.app.publisher.put(topic, reply, qos=1, jsonl=False,
                                        properties=mqtt.reply_properties(correlation))
@@ -139,13 +147,24 @@ class Commands(threading.Thread):
             self._stop = True
             self._cond.notify()
 
+    def counts(self):
+        """What health reports of the command channel."""
+        return {"handled": self.handled, "dropped": self.dropped,
+                "rate_limited": self.rate_limited}
+
     def reply_topic(self, request_id):
         return self.app.link.topic("reply/{}".format(request_id or "unknown"))
 
     def handle(self, name, payload, reply_topic=None, now=None):
-        """(topic, reply dict) for one raw request; never raises for bad input."""
+        """(topic, reply dict) for one raw request; never raises for bad input.
+
+        `reply_topic`: the MQTT 5 response topic, if the request had one.
+        """
         self.handled += 1
-        request_id, topic = None, reply_topic or self.reply_topic(None)
+        response_problem = None if reply_topic is None else self._reply_to_problem(reply_topic)
+        request_id = None
+        topic = reply_topic if reply_topic is not None and response_problem is None \
+            else self.reply_topic(None)
         try:
             if len(payload) > self.max_bytes:
                 raise CommandError("too_large", "request of {} bytes; the limit is {}".format(
@@ -159,13 +178,20 @@ class Commands(threading.Thread):
             raw_id = args.get("id")
             if isinstance(raw_id, str) and _ID.match(raw_id):
                 request_id = raw_id
-            if reply_topic is None:
+            if reply_topic is None or response_problem is not None:
                 topic = self.reply_topic(request_id)
-                if "reply_to" in args:
-                    topic = self._checked_reply_to(args["reply_to"])
+            if response_problem is not None:
+                raise CommandError("bad_request", "the MQTT 5 response topic " +
+                                   response_problem)
+            if reply_topic is None and "reply_to" in args:
+                problem = self._reply_to_problem(args["reply_to"])
+                if problem is not None:
+                    raise CommandError("bad_request", "`reply_to` " + problem)
+                topic = args["reply_to"]
             if request_id is None:
                 raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
-            if not self.limit.allow(now):
+            if not (self.health_limit if name == "health" else self.limit).allow(now):
+                self.rate_limited += 1
                 raise CommandError("rate_limited", "too many commands; retry in a second")
             handler = self.handlers.get(name)
             if handler is None:
@@ -182,15 +208,24 @@ class Commands(threading.Thread):
             error = {"code": "internal", "message": "{}: {}".format(type(e).__name__, e)[:300]}
         return topic, {"v": 1, "id": request_id, "ok": False, "error": error}
 
-    def _checked_reply_to(self, value, fallback=False):
+    def reply_namespaces(self):
+        """The topic prefixes replies may go to: the device's own `reply/` and the one of
+        `edge health` sessions. Anything else could forge a device's results or status, or
+        make it command itself."""
+        return (self.app.link.topic("reply/"),
+                "{}/_health/".format(self.app.link.prefix))
+
+    def _reply_to_problem(self, value):
+        """None when `value` may receive a reply, else what is wrong with it."""
+        namespaces = self.reply_namespaces()
         if not isinstance(value, str) or not 0 < len(value) <= 256 or \
                 not _TOPIC_LEVEL.match(value) or value.startswith("$") or \
                 not _encodable(value):
-            if fallback:
-                return None     # a bad MQTT 5 response topic: reply on the default topic
-            raise CommandError("bad_request", "`reply_to` must be a UTF-8 MQTT topic without "
-                                              "wildcards, at most 256 characters")
-        return value
+            return "must be a UTF-8 MQTT topic without wildcards, at most 256 characters"
+        if not any(value.startswith(n) and len(value) > len(n) for n in namespaces):
+            return "must be a topic under {} (replies go nowhere else)".format(
+                " or ".join(n + "..." for n in namespaces))
+        return None
 
     # Handlers: (args, request id) -> result dict; CommandError for a bad request.
 

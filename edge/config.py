@@ -4,12 +4,13 @@ import os
 import re
 import socket
 
-from edge import validate
+from edge import imagefiles, validate
 from edge.errors import ConfigError
 from edge.validate import Field
 
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+# \Z, not $: `$` also matches before a trailing newline, which MQTT topics cannot carry
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
 
 
 def _device_id(value):
@@ -40,8 +41,11 @@ SPEC = {
                        help="references and engines; default $EDGE_STATE_DIR, $STATE_DIRECTORY "
                             "or ~/.local/state/edge"),
     "reference": Field(str, default=None, nullable=True,
-                       help="image file stored as a matcher reference at start"),
+                       help="image file matched as a reference in this run (not stored)"),
     "max_frames": Field(int, default=None, nullable=True, min=1),
+    "max_image_pixels": Field(int, default=imagefiles.DEFAULT_MAX_PIXELS, min=1, max=1 << 30,
+                              help="larger images (folder frames, references) are refused "
+                                   "from their header, before decoding"),
     "jsonl": Field(str, default=None, nullable=True, help="also append messages to this file"),
     "log_level": Field(str, default="info", choices=("debug", "info", "warning", "error")),
     "mqtt": {
@@ -71,7 +75,9 @@ SPEC = {
         "every": Field(int, default=0, min=0, help="> 0: match every N-th frame instead"),
         "top_k": Field(int, default=500, min=0, max=100000,
                        help="matches published per message, best first (count is always full)"),
-        "max_references": Field(int, default=4, min=1, max=64),
+        "max_references": Field(int, default=4, min=1, max=64,
+                                help="references held, configured + stored with set_reference "
+                                     "(more are refused)"),
     },
     "engine": {
         "dir": Field(str, default=None, nullable=True,
@@ -85,6 +91,9 @@ SPEC = {
                               help="TensorRT builder workspace"),
         "build_timeout": Field(float, default=3600.0, min=1.0,
                                help="seconds before a build is given up"),
+        "cache_mb": Field(int, default=1024, min=1, max=1 << 20,
+                          help="built engines kept on disk; past it the least recently used "
+                               "are removed, never those in use"),
     },
     "health": {
         "interval": Field(float, default=10.0, min=1.0, max=3600.0,
@@ -113,8 +122,12 @@ SPEC = {
 }
 
 
-def load(path=None, overrides=None, require_task=True):
-    """The validated configuration: defaults < file < overrides (dotted keys from flags)."""
+def load(path=None, overrides=None, require_task=True, folders=None):
+    """The validated configuration: defaults < file < overrides (dotted keys from flags).
+
+    `folders`: values for `model_dir` / `state_dir` where file and flags leave them null,
+    before the defaults from the environment (the installed service's, edge.installed).
+    """
     where = "config {}".format(path) if path else "config"
     raw = {}
     if path:
@@ -132,8 +145,8 @@ def load(path=None, overrides=None, require_task=True):
             if node.get(key) is None:
                 node[key] = {}     # a section left empty in the file
             elif not isinstance(node[key], dict):
-                raise ConfigError("{}: {}: must be a mapping (got {!r})".format(
-                    where, ".".join(keys[:depth + 1]), node[key]))
+                raise ConfigError("{}: {}: must be a mapping (got {})".format(
+                    where, ".".join(keys[:depth + 1]), validate.shown(node[key])))
             node = node[key]
         node[keys[-1]] = value
     config = validate.check(raw, SPEC, where)
@@ -142,6 +155,9 @@ def load(path=None, overrides=None, require_task=True):
         # the host name made safe for topics, and to the pattern a configured id must follow
         config["device_id"] = (re.sub(r"[^A-Za-z0-9_.-]", "-", host).lstrip("_.-") or
                                "edge")[:64]
+    for key, value in (folders or {}).items():
+        if config[key] is None:
+            config[key] = value
     if config["model_dir"] is None:
         from edge import models
         config["model_dir"] = models.default_model_dir()

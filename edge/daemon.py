@@ -27,16 +27,18 @@ def engine_maker(config):
     backend = backends.select(config["backend"], threads=config["pipeline"]["threads"],
                               workspace_mb=config["engine"]["workspace_mb"])
     engine = config["engine"]
-    return EngineMaker(backend, EngineCache(engine["dir"]), engine["budget_mb"] * 2 ** 20,
-                       engine["build_timeout"], engine["reserve_mb"] * 2 ** 20)
+    return EngineMaker(backend, EngineCache(engine["dir"], engine["cache_mb"]),
+                       engine["budget_mb"] * 2 ** 20, engine["build_timeout"],
+                       engine["reserve_mb"] * 2 ** 20)
 
 
 def reference_store(config):
-    """The device's references, with `reference:` / --reference stored first."""
-    store = references.ReferenceStore(config["state_dir"])
+    """The device's references: those stored over MQTT, and `reference:` / --reference (the
+    run's own, in memory: never stored)."""
+    store = references.ReferenceStore(config["state_dir"], config["match"]["max_references"],
+                                      config["max_image_pixels"])
     if config["reference"]:
-        name = references.name_from_path(config["reference"])
-        store.put_file(name, config["reference"])
+        store.configure(config["reference"])
     return store
 
 
@@ -97,9 +99,13 @@ class Daemon:
         self.commands = None
         self.source_display = redact(config["source"])   # no camera passwords in health
         self.generations = 0
+        self.last_reload = None     # {"ts", "ok", "error"} of the latest reload, for health
         # systemd: the build child must not inherit NOTIFY_SOCKET (it would pose as us)
         self.ready = False
         self.build_beats = 0     # build progress events: the watchdog's food while building
+        # Work of the pipelines a reload replaced: a new pipeline counts from 0, and progress
+        # must never go back (the watchdog pings only once it passes its last count).
+        self._work_before = 0
         self._pipeline_started = 0.0
         self.notifier = systemd.Notifier.from_environ(unset_environment=True)
         self.watchdog = systemd.Watchdog(self.notifier, self.progress)
@@ -112,16 +118,32 @@ class Daemon:
         return pipeline.tap(timeout) if pipeline is not None else None
 
     def request_reload(self):
-        """Re-read the config file and rebuild the pipeline (from the main loop)."""
+        """Check the config file now and have the main loop rebuild the pipeline from it; the
+        EdgeError of a config that does not load (the running one stays)."""
+        try:
+            configuration.load(self.config_path, self.overrides)
+        except EdgeError as e:
+            self._reloaded(e)
+            raise
         self.reload_event.set()
+
+    def _reloaded(self, error=None):
+        """Keep a reload's outcome for health (the operator who asked learns it there)."""
+        if error is not None:
+            logger.error("reload failed, keeping the running configuration: %s", error)
+        self.last_reload = {"ts": round(time.time(), 3), "ok": error is None,
+                            "error": None if error is None else str(error)}
 
     def progress(self):
         """Work done so far: frames the tasks processed, frames no task was due on, build
         progress. The watchdog is fed only while this grows, so a hung inference thread,
         a camera that delivers nothing, or a stuck build gets the service restarted."""
+        return self._work_before + self._work_now() + self.build_beats
+
+    def _work_now(self):
+        """Frames the current pipeline's tasks processed or had no work on."""
         pipeline = self.pipeline
-        frames = sum(t.frames for t in self.tasks) + (pipeline.idle if pipeline else 0)
-        return frames + self.build_beats
+        return sum(t.frames for t in self.tasks) + (pipeline.idle if pipeline else 0)
 
     def _on_build(self, state):
         self.build_beats += 1
@@ -154,20 +176,19 @@ class Daemon:
         config = self.config
         qos = 0
         if config["mqtt"]["url"]:
-            m = config["mqtt"]
-            settings = mqtt.with_credentials(
-                mqtt.parse_url(m["url"], m["qos"], m["keepalive"]), m["username"],
-                m["password_file"], m["ca_file"], m["cert_file"], m["key_file"])
+            settings = mqtt.configured(config["mqtt"])
             self.link = mqtt.MqttLink(settings, self.device, config["mqtt"]["prefix"],
                                       queue_limit=config["mqtt"]["queue"],
-                                      protocol=config["mqtt"]["protocol"])
+                                      protocol=config["mqtt"]["protocol"],
+                                      max_packet=config["commands"]["max_bytes"] +
+                                      mqtt.PACKET_HEADROOM)
             qos = settings["qos"]
         self.jsonl = JsonlSink(config["jsonl"]) if config["jsonl"] else None
         self.publisher = Publisher(self.link, self.jsonl, qos=qos, limit=config["mqtt"]["queue"])
 
     def _build_pipeline(self, config):
         """A new pipeline for the config; raises (and leaves the old one) when it is bad."""
-        source = sources.open_source(config["source"])
+        source = sources.open_source(config["source"], config["max_image_pixels"])
         maker = engine_maker(config)
         store = reference_store(config) if config["matcher"] else None
         built = build_tasks(config, maker, store)
@@ -189,6 +210,7 @@ class Daemon:
         from edge.backends import build
         build.add_listener(self._on_build)
         if self.link is not None:
+            self.link.on_change = self.health.wake.set     # a fresh verdict, now
             self.commands = Commands(self, **config["commands"])
             self.link.on_command = self.commands.submit
             self.commands.start()
@@ -234,8 +256,8 @@ class Daemon:
             return False
         self._pipeline_started = time.monotonic()
         self.pipeline.start()
-        if self.link is not None:
-            self.link.set_status("online")
+        # `status` leaves `starting` with the first health report of the running pipeline:
+        # `online` or `degraded` as its verdict says (never online before anything was checked)
         self.health.wake.set()          # report the running pipeline now
         logger.info("running %s on %s with %s", ", ".join(t.card.name for t in self.tasks),
                     self.source_display, self.maker.backend.describe())
@@ -291,7 +313,7 @@ class Daemon:
         try:
             config = configuration.load(self.config_path, self.overrides)
         except EdgeError as e:
-            logger.error("reload failed, keeping the running configuration: %s", e)
+            self._reloaded(e)
             return False
         for key in ("mqtt", "device_id", "jsonl", "health", "commands"):
             if config[key] != self.config[key]:
@@ -299,10 +321,12 @@ class Daemon:
                 config[key] = self.config[key]
         self.pipeline.stop()
         self.pipeline.join()
+        self._work_before += self._work_now()
         try:
             new = self._build_pipeline(config)
+            self._reloaded()
         except EdgeError as e:
-            logger.error("reload failed, back to the previous configuration: %s", e)
+            self._reloaded(e)
             config, new = self.config, self._build_pipeline(self.config)
         self.config = config
         self.pipeline, self.tasks, self.store, self.maker = new

@@ -1,6 +1,7 @@
 """`edge doctor`: the first thing to run on a new device.
 
-Prints the versions (TensorRT, CUDA, JetPack, board), builds or loads each card's engine for
+Prints the versions (TensorRT, CUDA, JetPack, board), connects to the configured broker as
+the daemon would (credentials, TLS) and says why it cannot, builds or loads each card's engine for
 the shipped sample images (engines/samples/), checks its outputs against ONNX Runtime on the
 same rewritten graph when onnxruntime is installed, else against the reference outputs
 stored beside the samples, and prints per-engine latency. Exit 0 when every engine agrees.
@@ -37,16 +38,11 @@ def run_card(card, maker, cfg, folder, runs=20):
     import cv2
     frame_name, reference_name = SAMPLES[card.task]
     image = cv2.imread(os.path.join(folder, frame_name))
-    options = {"device": "doctor"}
-    reference = None
-    if reference_name:
-        from edge.references import ReferenceStore
-        import tempfile
-        store = ReferenceStore(tempfile.mkdtemp(prefix="edge-doctor-"))
-        store.put("sample", cv2.imread(os.path.join(folder, reference_name)))
-        options["store"] = store
-        reference = store.get("sample")
-    task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"], **options)
+    # the sample reference is bound directly: nothing is stored, the device's references
+    # stay as they are
+    reference = cv2.imread(os.path.join(folder, reference_name)) if reference_name else None
+    task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                        device="doctor")
     frame = Frame(0, image.shape, maker.allocate)
     np.copyto(frame.image, image)
     engine, binding = task.binding_for(frame, None if reference is None else "doctor", reference)
@@ -101,10 +97,24 @@ def ort_reference(card, cfg, folder):
     cls = backends._cls("ort")
     if cls is None or cls.available() is not None:
         return None
-    maker = EngineMaker(cls(), EngineCache(cfg["engine"]["dir"]),
-                        cfg["engine"]["budget_mb"] * 2 ** 20, cfg["engine"]["build_timeout"])
+    engine = cfg["engine"]
+    maker = EngineMaker(cls(), EngineCache(engine["dir"], engine["cache_mb"]),
+                        engine["budget_mb"] * 2 ** 20, engine["build_timeout"])
     task, outputs, _ = run_card(card, maker, cfg, folder, runs=0)
     return summarise(card, task, outputs)
+
+
+def check_broker(cfg, out):
+    """Connect to the configured broker once; 0 when it accepts (or none is configured)."""
+    from edge import mqtt
+    if not cfg["mqtt"]["url"]:
+        out("{:<8} not configured (mqtt.url)".format("mqtt"))
+        return 0
+    settings = mqtt.configured(cfg["mqtt"])
+    problem = mqtt.probe(settings, cfg["mqtt"]["protocol"])
+    out("{:<8} {} {}".format("mqtt", settings["display"],
+                             "ok" if problem is None else "FAILED: " + problem))
+    return 0 if problem is None else 1
 
 
 def doctor(cfg, names, write_reference=False, out=print):
@@ -118,6 +128,7 @@ def doctor(cfg, names, write_reference=False, out=print):
             out("{:<8} {}".format(key, versions[key] if versions[key] is not None else "-"))
     out("backend  {}".format(", ".join("{}={}".format(k, v) for k, v in
                                       sorted(maker.backend.describe().items()) if v)))
+    status = check_broker(cfg, out)
     folder = samples_dir()
     if folder is None:
         out("doctor: engines/samples/ not found; reinstall edge")
@@ -127,7 +138,6 @@ def doctor(cfg, names, write_reference=False, out=print):
     if os.path.isfile(stored_path):
         with open(stored_path) as f:
             stored = json.load(f)
-    status = 0
     for name in names:
         card = cards.load(name)
         try:

@@ -50,6 +50,10 @@ class BuildError(EdgeError):
     exit_code = EXIT_SOFTWARE
 
 
+class CacheUnwritable(BuildError):
+    """The engine folder cannot be written (a full disk, read-only): nothing can be cached."""
+
+
 class SinkError(EdgeError):
     """An output that cannot be written (JSONL file)."""
 

@@ -14,6 +14,10 @@ from edge import __version__
 
 logger = logging.getLogger(__name__)
 
+# The reason a device gives while its broker is away: reported locally (logs, systemd STATUS=,
+# `edge doctor`), never as the `status` topic's reason, which nobody could read meanwhile.
+MQTT_DOWN = "mqtt broker unreachable"
+
 
 def verdict(report, limits):
     """(healthy, reasons) for a report under the configured limits."""
@@ -32,6 +36,8 @@ def verdict(report, limits):
         if engine["state"] == "failed":
             reasons.append("engine {} failed: {}".format(label, engine.get("error")))
     mqtt = report["mqtt"]
+    if mqtt and not mqtt["connected"] and mqtt.get("error"):
+        reasons.append("{}: {}".format(MQTT_DOWN, mqtt["error"]))
     if mqtt and mqtt.get("dropped_recent"):
         reasons.append("publish queue dropping ({} messages in the last interval)".format(
             mqtt["dropped_recent"]))
@@ -47,6 +53,10 @@ def verdict(report, limits):
                                                                limits["memory_percent"]))
     if system.get("throttled"):
         reasons.append("throttled")
+    reload = report.get("reload")
+    if reload and not reload["ok"]:
+        reasons.append("reload failed, the previous configuration runs: {}".format(
+            reload["error"]))
     return not reasons, reasons
 
 
@@ -64,6 +74,7 @@ class Health(threading.Thread):
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.healthy = None
+        self.status = None              # (state, reason) last given to the `status` topic
         self.on_report = on_report      # callable(report): the systemd STATUS= line
         self._dropped_seen = 0
 
@@ -104,20 +115,25 @@ class Health(threading.Thread):
         dropped = publisher.dropped if publisher else 0
         mqtt = None
         if publisher is not None and app.link is not None:
-            mqtt = {"connected": bool(app.link and app.link.connected.is_set()),
+            connected = app.link.connected.is_set()
+            mqtt = {"connected": connected,
                     "queue": publisher.depth, "sent": publisher.sent, "dropped": dropped,
                     "dropped_recent": dropped - self._dropped_seen,
-                    "connects": app.link.connects if app.link else 0}
+                    "connects": app.link.connects,
+                    "error": None if connected else app.link.last_error}
         system = None
         if self.system_status is not None:
             try:
                 system = self.system_status()
             except Exception:   # a broken sensor must not take health down
                 logger.exception("system status failed")
+        commands = getattr(app, "commands", None)
         report = {"v": 1, "device": app.device, "ts": round(now, 3),
                   "uptime_s": round(now - app.started, 1), "state": None,
                   "versions": self.versions, "source": source, "tasks": tasks,
-                  "engines": engines, "mqtt": mqtt, "system": system}
+                  "engines": engines, "mqtt": mqtt,
+                  "commands": commands.counts() if commands is not None else None,
+                  "reload": getattr(app, "last_reload", None), "system": system}
         healthy, reasons = verdict(report, self.limits)
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"
@@ -133,9 +149,17 @@ class Health(threading.Thread):
                 logger.warning("health: %s", "; ".join(report["verdict"]["reasons"])
                                ) if not healthy else logger.info("health: healthy again")
             self.healthy = healthy
-            if self.app.link is not None:
-                self.app.link.set_status(report["state"],
-                                         None if healthy else report["verdict"]["reasons"][0])
+        remote = [r for r in report["verdict"]["reasons"] if not r.startswith(MQTT_DOWN)]
+        pipeline = self.app.pipeline
+        if remote:
+            status = ("degraded", remote[0])
+        elif pipeline is None or pipeline.started is None:
+            status = ("starting", "preparing engines")   # builds run before frames flow
+        else:
+            status = ("online", None)
+        if self.app.link is not None and (self.status is None or status[0] != self.status[0]):
+            self.app.link.set_status(*status)
+        self.status = status
         if self.app.publisher is not None:
             self.app.publisher.put("health", report, retain=True, qos=1, jsonl=False)
         return report

@@ -18,6 +18,9 @@ from edge.urls import redact
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# Bytes of an MQTT packet around a request's payload (topic, properties, header): an MQTT 5
+# device asks the broker for nothing larger than commands.max_bytes plus this.
+PACKET_HEADROOM = 8192
 
 
 def parse_url(url, qos=0, keepalive=30):
@@ -93,6 +96,13 @@ def with_credentials(settings, username=None, password_file=None, ca_file=None,
     return settings
 
 
+def configured(section):
+    """Broker settings from the config's `mqtt` section (URL, credentials, TLS files)."""
+    return with_credentials(parse_url(section["url"], section["qos"], section["keepalive"]),
+                            section["username"], section["password_file"], section["ca_file"],
+                            section["cert_file"], section["key_file"])
+
+
 def secure(client, settings):
     """Apply user name, password and TLS from settings to a paho client."""
     if settings.get("username"):
@@ -139,6 +149,81 @@ def _reason_code(rc):
         return -1
 
 
+def diagnose(settings, timeout=3.0):
+    """Why the broker in `settings` cannot be reached, naming the cause (DNS, refused,
+    timeout, TLS verification, ...); None when a TCP (and TLS) connection works now."""
+    import ssl
+    host, port = settings["host"], settings["port"]
+    where = "{}:{}".format(host, port)
+    try:
+        socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return "DNS: cannot resolve {} ({}); check the host name in the URL".format(
+            host, e.strerror or e)
+    try:
+        sock = socket.create_connection((host, port), timeout)
+    except ConnectionRefusedError:
+        return "connection refused by {}: no broker listens there; check the port and that " \
+               "the broker runs".format(where)
+    except socket.timeout:
+        return "no answer from {} within {:.0f} s: a firewall, or the wrong host".format(
+            where, timeout)
+    except OSError as e:
+        return "cannot connect to {} ({})".format(where, e.strerror or e)
+    try:
+        if not settings.get("tls"):
+            return None
+        context = ssl.create_default_context(cafile=settings.get("ca_file"))
+        if settings.get("cert_file"):
+            context.load_cert_chain(settings["cert_file"], settings.get("key_file"))
+        sock.settimeout(timeout)
+        try:
+            context.wrap_socket(sock, server_hostname=host).close()
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            text = str(e)
+            if "CERTIFICATE_VERIFY_FAILED" in text or "match" in text or \
+                    isinstance(e, ssl.CertificateError):
+                return "TLS: the broker's certificate does not verify ({}); check mqtt.ca_file " \
+                       "and that the URL's host is the name in the certificate".format(text)
+            return "TLS handshake with {} failed ({})".format(where, text)
+        except socket.timeout:
+            return "TLS handshake with {} timed out".format(where)
+        except OSError as e:
+            return "TLS handshake with {} failed ({})".format(where, e.strerror or e)
+        return None
+    finally:
+        sock.close()
+
+
+def probe(settings, protocol="3.1.1", timeout=5.0):
+    """Connect once as an MQTT client (CONNECT, CONNACK); None when the broker accepts,
+    else why not (see `diagnose`, or the broker's refusal: credentials, authorisation)."""
+    connack = []
+    answered = threading.Event()
+    client = make_client("edge-probe-{}".format(int(time.time() * 1000) % 100000), protocol)
+    secure(client, settings)
+
+    def on_connect(client, userdata, flags, rc, properties=None):
+        connack.append(_reason_code(rc))
+        answered.set()
+    client.on_connect = on_connect
+    try:
+        client.connect(settings["host"], settings["port"], settings["keepalive"])
+    except (OSError, ValueError) as e:
+        return diagnose(settings, timeout) or "cannot connect ({})".format(e)
+    client.loop_start()
+    try:
+        if not answered.wait(timeout):
+            return "no answer to CONNECT within {:.0f} s: is it an MQTT broker?".format(timeout)
+        if connack[0] != 0:
+            return "broker refused the connection (code {}: {})".format(
+                connack[0], _connack_text(connack[0]))
+        return None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def status_payload(device, state, since, reason=None):
     """The `status` message (retained; also the last will)."""
     from edge import __version__
@@ -150,8 +235,12 @@ def status_payload(device, state, since, reason=None):
 class MqttLink:
     """A connection to the broker kept up in the background, with status and last will."""
 
-    def __init__(self, settings, device, prefix="edge", queue_limit=1000, protocol="3.1.1"):
+    def __init__(self, settings, device, prefix="edge", queue_limit=1000, protocol="3.1.1",
+                 max_packet=None):
         self.settings = settings
+        # MQTT 5: the broker sends this client no packet larger than this (a 250 MB command
+        # is dropped there, not buffered whole here); 3.1.1 has no such field
+        self.max_packet = max_packet
         self.device = device
         self.prefix = prefix
         self.connected = threading.Event()
@@ -169,21 +258,29 @@ class MqttLink:
             device, "offline", self.since, "connection lost"), qos=1, retain=True)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail    # paho >= 1.6; ignored before
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self.client = client
         # callable(name, payload bytes, response topic, correlation data), set by the daemon;
         # the last two come from MQTT 5 requests, else None
         self.on_command = None
+        self.on_change = None     # callable() when the broker is lost or back (health)
 
     def topic(self, suffix):
         return "{}/{}/{}".format(self.prefix, self.device, suffix)
 
     def start(self):
         """Begin connecting in the background; never blocks on the network."""
+        options = {}
+        if self.protocol == "5" and self.max_packet:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+            options["properties"] = Properties(PacketTypes.CONNECT)
+            options["properties"].MaximumPacketSize = self.max_packet
         try:
             self.client.connect_async(self.settings["host"], self.settings["port"],
-                                      self.settings["keepalive"])
+                                      self.settings["keepalive"], **options)
         except (OSError, ValueError) as e:
             self.last_error = str(e)
         self.client.loop_start()
@@ -208,14 +305,15 @@ class MqttLink:
         try:
             code = _reason_code(rc)
             if code != 0:
-                self.last_error = "broker refused the connection (code {}: {})".format(
-                    code, _connack_text(code))
-                logger.warning("mqtt %s: %s", self.settings["display"], self.last_error)
+                self._down("broker refused the connection (code {}: {}); check mqtt.username "
+                           "and the password".format(code, _connack_text(code)))
                 return
             self.connects += 1
-            self.last_error = None
+            recovered, self.last_error = self.last_error is not None, None
             logger.info("mqtt connected to %s", self.settings["display"])
             self.connected.set()
+            if recovered:
+                self._changed()
             self.set_status(self.state, self.reason)
             if self.on_command is not None:
                 # Subscribed on every connect: a clean session forgets subscriptions.
@@ -226,6 +324,13 @@ class MqttLink:
     def _on_message(self, client, userdata, message):
         try:
             prefix = self.topic("cmd/")
+            if message.retain and message.topic.startswith(prefix):
+                # A retained request would run again on every connect and every restart (a
+                # retained cmd/reload is a reload loop): commands are live messages only.
+                logger.warning("mqtt: ignored a retained message on %s: commands must not be "
+                               "retained; clear it with mosquitto_pub -r -n -t %s",
+                               message.topic, message.topic)
+                return
             if self.on_command is not None and message.topic.startswith(prefix):
                 props = getattr(message, "properties", None)
                 self.on_command(message.topic[len(prefix):], message.payload,
@@ -234,27 +339,42 @@ class MqttLink:
         except Exception:   # never let an exception end paho's network thread
             logger.exception("mqtt on_message failed")
 
+    def _on_connect_fail(self, client, userdata):
+        # The TCP or TLS connection failed (paho keeps no exception): find out why, in
+        # paho's thread, which only waits to retry now.
+        try:
+            self._down(diagnose(self.settings) or "cannot connect (no cause found; it may "
+                                                   "have been brief)")
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("mqtt on_connect_fail failed")
+
     def _on_disconnect(self, client, userdata, *args):
         try:
+            was_up = self.connected.is_set()
             self.connected.clear()
             rc = _reason_code(args[-2] if len(args) >= 2 else args[-1]) if args else 0
-            if rc != 0 and not (self.last_error or "").startswith("broker refused"):
-                # a refused CONNACK says more than the disconnect that follows it
-                self.last_error = "connection lost (code {})".format(rc)
-                logger.warning("mqtt %s: %s; reconnecting", self.settings["display"],
-                               self.last_error)
+            if rc != 0 and was_up:
+                # (after a refused CONNACK the refusal says more than this disconnect)
+                self._down("connection lost (code {})".format(rc))
         except Exception:
             logger.exception("mqtt on_disconnect failed")
 
+    def _down(self, cause):
+        """The broker cannot be reached: a WARNING when the cause is new, health told."""
+        if cause == self.last_error:
+            return
+        logger.warning("mqtt %s: %s; retrying, messages wait in the queue (mqtt.queue)",
+                       self.settings["display"], cause)
+        self.last_error = cause
+        self._changed()
+
+    def _changed(self):
+        if self.on_change is not None:
+            self.on_change()
+
     def probe_error(self):
         """Why the broker is not reachable, for the final error message."""
-        if self.last_error:
-            return self.last_error
-        try:
-            socket.create_connection((self.settings["host"], self.settings["port"]), 2).close()
-        except OSError as e:
-            return e.strerror or str(e)
-        return "no connection yet"
+        return self.last_error or diagnose(self.settings, 2.0) or "no connection yet"
 
     def stop(self, reason="stopped", timeout=5.0):
         """Publish the final `offline` status, wait for it, disconnect."""

@@ -1,8 +1,14 @@
-"""Named reference images for the matcher, kept under the state folder across restarts.
+"""The matcher's reference images: the configured one, and those stored over MQTT.
+
+A reference from the configuration (`reference:` or `--reference IMAGE`) belongs to the run:
+it is read into memory and never written anywhere. References added with the
+`set_reference` command are kept under the state folder across restarts,
+`{state_dir}/references/{name}.png`, written atomically (temporary file, fsync, rename: a
+crash leaves the old image or the new one, never half). Together they are at most `limit`
+(config `match.max_references`); a deleted one's memory goes with it.
 
 Names are restricted to letters, digits, `_` and `-` (no paths, no dots), so a name can never
-reach outside `{state_dir}/references/`. Images are stored as PNG written atomically
-(temporary file, fsync, rename): a crash leaves the old image or the new one, never half.
+reach outside `{state_dir}/references/`.
 """
 
 import logging
@@ -10,7 +16,7 @@ import os
 import re
 import threading
 
-from edge.errors import ConfigError, SourceError
+from edge.errors import ConfigError, SinkError, SourceError
 from edge.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -52,14 +58,20 @@ def _check_image(image, what):
 
 
 class ReferenceStore:
-    """The reference images of one device: `{state_dir}/references/{name}.png`."""
+    """The references of one device: configured (in memory) and stored (under the state
+    folder), at most `limit` in all."""
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, limit=64, max_pixels=None):
+        from edge import imagefiles
         self.folder = os.path.join(state_dir, "references")
+        self.limit = limit
+        self.max_pixels = max_pixels or imagefiles.DEFAULT_MAX_PIXELS
         self.version = 0            # bumped on every change, so tasks reload
         self._lock = threading.Lock()
-        self._cache = {}            # name -> BGR image
-        self._names = self._scan()  # kept in memory: the scheduler asks on every frame
+        self._configured = {}       # name -> BGR image, from the configuration
+        self._cache = {}            # name -> BGR image of stored references read so far
+        self._stored = self._scan()
+        self._names = self._stored  # kept in memory: the scheduler asks on every frame
 
     def _path(self, name):
         return os.path.join(self.folder, check_name(name) + ".png")
@@ -70,64 +82,104 @@ class ReferenceStore:
         return sorted(f[:-4] for f in os.listdir(self.folder)
                       if f.endswith(".png") and NAME.match(f[:-4]))
 
+    def _changed(self):
+        """Call with the lock held after a change of either set."""
+        self._names = sorted(set(self._configured) | set(self._stored))
+        self.version += 1
+
     def names(self):
-        """Stored reference names, sorted."""
+        """Every reference's name (configured and stored), sorted."""
         return self._names
+
+    def configure(self, path):
+        """Add the image file at `path` as a configured reference, named after the file (in
+        memory only: the run's own, not stored); its name."""
+        name = name_from_path(path)
+        if not os.path.isfile(path):
+            raise SourceError("reference image {}: missing; give a PNG or JPEG file".format(
+                path))
+        image = _check_image(self._read(path, "reference image " + path),
+                             "reference image " + path)
+        with self._lock:
+            self._configured[name] = image
+            self._changed()
+        return name
+
+    def _read(self, path, what):
+        """A reference file's image, its size checked from the header before decoding."""
+        from edge import imagefiles
+        return imagefiles.read(path, what, self.max_pixels, MAX_SIDE)
 
     def get(self, name):
         """The BGR image of a reference; SourceError when missing or unreadable."""
-        import cv2
         with self._lock:
+            if name in self._configured:
+                return self._configured[name]
             if name in self._cache:
                 return self._cache[name]
             path = self._path(name)
             if not os.path.isfile(path):
                 raise SourceError("reference {!r}: not stored in {}".format(name, self.folder))
-            image = _check_image(cv2.imread(path, cv2.IMREAD_COLOR), "reference " + path)
+            image = _check_image(self._read(path, "reference " + path), "reference " + path)
             self._cache[name] = image
             return image
 
     def put(self, name, image):
-        """Store a BGR image under `name` (replacing one of that name), atomically."""
+        """Store a BGR image under `name` (replacing one of that name), atomically.
+
+        ConfigError for a configured name or one past the limit, SourceError for an image
+        unfit as a reference, SinkError when the folder cannot be written (a full disk).
+        """
         import cv2
         path = self._path(name)
         _check_image(image, "reference {!r}".format(name))
+        with self._lock:
+            if name in self._configured:
+                raise ConfigError("reference {!r} comes from the configuration (reference:); "
+                                  "choose another name".format(name))
+            if name not in self._names and len(self._names) >= self.limit:
+                raise ConfigError("{} references already, the limit (match.max_references); "
+                                  "delete one first (delete_reference)".format(self.limit))
         ok, encoded = cv2.imencode(".png", image)
         if not ok:
             raise SourceError("reference {!r}: cannot encode as PNG".format(name))
-        os.makedirs(self.folder, exist_ok=True)
-        atomic_write(path, encoded.tobytes())
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            atomic_write(path, encoded.tobytes())
+        except OSError as e:
+            raise SinkError("reference {!r}: cannot write it in {} ({}); free space there or "
+                            "set state_dir to a writable folder".format(
+                                name, self.folder, e.strerror or e))
         with self._lock:
             self._cache[name] = image.copy()
-            self._names = self._scan()
-            self.version += 1
+            self._stored = self._scan()
+            self._changed()
         logger.info("reference %s stored (%dx%d)", name, image.shape[1], image.shape[0])
         return {"name": name, "width": image.shape[1], "height": image.shape[0]}
 
-    def put_file(self, name, path):
-        """Store the image file at `path` under `name`."""
-        import cv2
-        image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-        if image is None:
-            raise SourceError("reference image {}: missing or not an image; give a PNG or JPEG "
-                              "file".format(path))
-        return self.put(name, image)
-
     def delete(self, name):
-        """Remove a reference; False when there was none of that name."""
+        """Remove a stored reference and free its image; False when there was none of that
+        name; ConfigError for a configured one."""
         path = self._path(name)
         with self._lock:
+            if name in self._configured:
+                raise ConfigError("reference {!r} comes from the configuration (reference:); "
+                                  "remove it there".format(name))
             self._cache.pop(name, None)
             if not os.path.isfile(path):
                 return False
-            os.unlink(path)
-            self._names = self._scan()
-            self.version += 1
+            try:
+                os.unlink(path)
+            except OSError as e:
+                raise SinkError("reference {!r}: cannot delete {} ({})".format(
+                    name, path, e.strerror or e))
+            self._stored = self._scan()
+            self._changed()
         logger.info("reference %s deleted", name)
         return True
 
     def describe(self):
-        """[{name, width, height}] of every stored reference."""
+        """[{name, width, height}] of every reference."""
         out = []
         for name in self.names():
             try:

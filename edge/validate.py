@@ -5,9 +5,24 @@ with defaults filled in, or raises ConfigError naming the file, the key path and
 values, e.g. `edge.yaml: mqtt.qos: must be one of 0, 1 (got 2)`.
 """
 
+import reprlib
+
 from edge.errors import ConfigError
 
 _MISSING = object()
+MAX_EXPANDED = 10000     # values a document's aliases may expand to (a "billion laughs" guard)
+SHOWN = 80               # characters of a value an error message shows
+
+
+def shown(value):
+    """A short repr of a value for an error message: never the whole of a huge or deeply
+    aliased value (formatting one would take minutes and gigabytes)."""
+    short = reprlib.Repr()
+    short.maxlevel = 2
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = 4
+    short.maxstring = short.maxother = short.maxlong = SHOWN
+    text = short.repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
 
 
 class Field:
@@ -61,8 +76,8 @@ def _type_ok(value, kind):
 
 def _check_field(value, field, path, where):
     def fail(reason=None):
-        raise ConfigError("{}: {}: must be {} (got {!r}){}".format(
-            where, path, field.describe(), value, "; " + reason if reason else ""))
+        raise ConfigError("{}: {}: must be {} (got {}){}".format(
+            where, path, field.describe(), shown(value), "; " + reason if reason else ""))
 
     if value is None:
         if field.nullable:
@@ -95,8 +110,8 @@ def check(doc, spec, where, prefix=""):
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise ConfigError("{}: {}: must be a mapping (got {!r})".format(
-            where, prefix.rstrip(".") or "top level", doc))
+        raise ConfigError("{}: {}: must be a mapping (got {})".format(
+            where, prefix.rstrip(".") or "top level", shown(doc)))
     out = {}
     for key in doc:
         if key not in spec:
@@ -117,14 +132,85 @@ def check(doc, spec, where, prefix=""):
     return out
 
 
+class _TooLarge(Exception):
+    """A document whose aliases expand past MAX_EXPANDED values, or refer to themselves."""
+
+
+def _expanded_size(root):
+    """How many nodes the document holds with every alias expanded (each node once per
+    place it appears); _TooLarge past MAX_EXPANDED. Iterative: nesting costs no recursion."""
+    import yaml
+    sizes = {}
+    active = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            active.discard(key)
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = node.value
+            else:
+                children = []
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_EXPANDED:
+                raise _TooLarge("aliases expand to more than {} values".format(MAX_EXPANDED))
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise _TooLarge("an alias refers to the value that holds it")
+        active.add(key)
+        stack.append((node, True))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((n, False) for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((n, False) for n in node.value)
+    return sizes[id(root)]
+
+
+def _loader():
+    """yaml.SafeLoader that refuses aliases expanding past MAX_EXPANDED values."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+            return super().compose_node(parent, index)
+
+        def compose_document(self):
+            node = super().compose_document()
+            if self.aliases and node is not None:
+                _expanded_size(node)
+            return node
+    return Loader
+
+
 def load_yaml(path, what):
     """A YAML file's content; ConfigError with the line for syntax errors."""
     import yaml
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            loader = _loader()(f)
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
+    except _TooLarge as e:
+        raise ConfigError("{} {}: {}; write the values out instead of using YAML aliases "
+                          "(*name)".format(what, path, e))
+    except RecursionError:
+        raise ConfigError("{} {}: nested too deeply to be a configuration".format(what, path))
     except FileNotFoundError:
         raise ConfigError("{} {}: file not found".format(what, path))
+    except PermissionError:
+        raise ConfigError("{} {}: this user may not read it; run with sudo (or as a member of "
+                          "its group), or give a readable copy".format(what, path))
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("{} {}: cannot read: {}".format(what, path, e))
     except yaml.YAMLError as e:

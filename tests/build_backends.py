@@ -3,7 +3,8 @@
 `SlowBackend` writes its artefact in pieces with pauses (so a test can kill it mid-write);
 `HungryBackend` keeps allocating memory (so a test sees the budget enforced);
 `QuietBackend` works for a long time without a word, as TensorRT 8.2's builder does (it has
-no progress monitor), so nothing but the kernel tells it that its parent died.
+no progress monitor), so nothing but the kernel tells it that its parent died;
+`ArtefactOnlyBackend` cannot run without its built artefact, as TensorRT cannot.
 """
 
 import time
@@ -83,3 +84,11 @@ class HiddenHungryBackend(OrtBackend):
                 f.flush()
                 time.sleep(0.01)
         progress("build", 1.0)
+
+
+@register
+class ArtefactOnlyBackend(OrtBackend):
+    name = "test-artefact-only"
+
+    def load_uncached(self, model, label, background=False):
+        return None

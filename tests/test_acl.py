@@ -221,6 +221,15 @@ def test_robot_cannot_command_device_cannot_write_another_operator_can(acl_broke
         time.sleep(0.5)
         assert operator.received("edge/cam1/reply/from-robot") == []
         assert "from-robot" not in log(tmp_path)
+        # The broker's message_size_limit: a 20 MB "command" never reaches the device (which
+        # would buffer it whole before refusing it); the next one is answered as usual.
+        operator.client.publish("edge/cam1/cmd/ping", json.dumps(
+            {"id": "huge", "pad": "x" * (20 << 20)}).encode(), qos=1)
+        operator.client.publish("edge/cam1/cmd/ping", json.dumps({"id": "after"}).encode(),
+                                qos=1)
+        assert wait(lambda: operator.received("edge/cam1/reply/after"), 15, proc), log(tmp_path)
+        # (a too_large reply would go to reply/unknown: the id is never parsed)
+        assert operator.received("edge/cam1/reply/unknown") == []
         assert read_jsonl(jsonl)
         assert proc.poll() is None
     finally:

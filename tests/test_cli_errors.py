@@ -92,6 +92,13 @@ def test_broker_password_is_not_shown(edge_run):
     assert "s3cret" not in line and "me:***@" in line
 
 
+@pytest.mark.parametrize("url", ["mqtt://me:s3cret@[::1", "mqtt://me:s3cret@[::1]:99999",
+                                 "mqtt://me:s3cret@127.0.0.1:1883/x"])
+def test_broker_password_is_not_shown_even_when_the_url_does_not_parse(edge_run, url):
+    line = assert_user_error(edge_run("--detector", "yolox-nano", "--mqtt", url), 78)
+    assert "s3cret" not in line and "me:***@" in line, line
+
+
 def test_broker_not_reachable(edge_run, tmp_path):
     url = "mqtt://127.0.0.1:{}".format(free_port())      # nothing listens there
     config = write_config(tmp_path, "mqtt: {flush_timeout: 2}\n")
@@ -117,6 +124,15 @@ def test_missing_config_file(edge_run, tmp_path):
 def test_invalid_device_id_flag(edge_run):
     line = assert_user_error(edge_run("--detector", "yolox-nano", "--device-id", "a/b"), 78)
     assert "device_id" in line
+
+
+@pytest.mark.parametrize("key, text", [("device_id", 'device_id: "cam1\\n"\n'),
+                                       ("mqtt.prefix", 'mqtt: {prefix: "edge\\n"}\n')])
+def test_a_trailing_newline_in_a_topic_name_is_refused(edge_run, tmp_path, key, text):
+    """`$` matches before a final newline; a topic level with one never connects."""
+    config = write_config(tmp_path, "detector: yolox-nano\n" + text)
+    line = assert_user_error(edge_run("-c", config), 78)
+    assert key in line
 
 
 def test_max_frames_zero(edge_run):
@@ -155,6 +171,36 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(model_dir):
     assert "Traceback" in err and "ConfigError" in err
     lines = [line for line in err.splitlines() if line.startswith("edge: error:")]
     assert len(lines) == 1 and "'nosuch'" in lines[0]
+
+
+@pytest.mark.parametrize("where", ["run", "models"])
+def test_debug_after_the_subcommand_works_as_the_errors_say(model_dir, where):
+    args = (["run", "--model-dir", model_dir, "--source", COCO8_VAL, "--detector", "nosuch",
+             "--debug"] if where == "run" else ["models", "fetch", "nosuch", "--debug"])
+    rc, _, err = run_edge(*args)
+    assert rc == 78, err
+    assert "Traceback" in err and "ConfigError" in err and "unrecognized" not in err
+
+
+def closed_stdout(*args):
+    """`edge ARGS` writing into a pipe whose reader has gone (`edge ... | head`)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.Popen([sys.executable, "-m", "edge"] + list(args), stdout=write_end,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err.decode()
+
+
+def test_a_closed_stdout_ends_quietly_with_the_commands_own_status(broker):
+    rc, err = closed_stdout("models", "list")
+    assert rc == 0 and err == "", err
+    rc, err = closed_stdout("health", "ghost", "--json", "--mqtt", broker.url, "--timeout", "1")
+    assert rc == 2 and "Error" not in err and "error" not in err, err
 
 
 def test_version():

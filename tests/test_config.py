@@ -207,6 +207,51 @@ def test_a_missing_file_is_named(tmp_path):
     assert path in message and "not found" in message
 
 
+BILLION_LAUGHS = "".join(
+    ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"] +
+    ["a{}: &a{} [{}]\n".format(i, i, ", ".join(["*a{}".format(i - 1)] * 9)) for i in range(1, 9)])
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of nine aliases are 9^9 values once expanded: refused while loading, in a
+    process whose memory is capped (it used to hang and grow to gigabytes)."""
+    import resource
+    import subprocess
+    import sys
+    path = write(tmp_path / "edge.yaml", BILLION_LAUGHS.replace("a8: &a8", "source: &a8"))
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    proc = subprocess.run([sys.executable, "-m", "edge", "run", "-c", path, "--detector",
+                           "yolox-nano"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=60, cwd=ROOT, preexec_fn=cap)
+    err = proc.stderr.decode()
+    assert proc.returncode == EXIT_CONFIG, err
+    assert path in err and "aliases expand to more than" in err and len(err) < 500, err
+
+
+def test_aliases_that_refer_to_themselves_are_refused(tmp_path):
+    path = write(tmp_path / "edge.yaml", "detector: yolox-nano\nsource: &s [*s]\n")
+    message = config_error(path)
+    assert path in message and "alias refers to the value that holds it" in message
+
+
+def test_a_few_aliases_are_fine(tmp_path):
+    path = write(tmp_path / "edge.yaml", "detector: yolox-nano\ndevice_id: &id cam1\n"
+                 "mqtt: {prefix: *id}\n")
+    cfg = config.load(path)
+    assert cfg["device_id"] == "cam1" and cfg["mqtt"]["prefix"] == "cam1"
+
+
+@pytest.mark.parametrize("text", ["source: [{}]\n".format(", ".join(map(str, range(100000)))),
+                                  "device_id: {}\n".format("x" * 100000),
+                                  "mqtt: [{}]\n".format(", ".join(["[[[[[1]]]]]"] * 1000))])
+def test_an_error_shows_a_short_piece_of_a_huge_value(tmp_path, text):
+    path = write(tmp_path / "edge.yaml", "detector: yolox-nano\n" + text)
+    message = config_error(path)
+    assert path in message and len(message) < len(path) + 300, message
+
+
 def test_a_flag_into_an_empty_section_of_the_file(tmp_path):
     path = write(tmp_path / "edge.yaml", "detector: yolox-nano\nmqtt:\n  # url: mqtt://x\n")
     cfg = config.load(path, {"mqtt.url": "mqtt://127.0.0.1:1883"})

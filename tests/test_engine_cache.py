@@ -402,3 +402,27 @@ def test_every_engine_is_built_before_frames_flow(tmp_path, model_dir):
     detections = [m["frame"]["index"] for m in messages if "detections" in m]
     assert detections == [0, 1, 2, 3]
     assert [m["frame"]["index"] for m in messages if "matches" in m][:1] == [0]
+
+
+def test_cache_past_its_budget_drops_the_least_recently_used_never_one_in_use(tmp_path):
+    """One engine per frame size adds up: with room for about two, building four keeps the
+    newest and the one still running (the oldest here), and the folder under the budget."""
+    import gc
+    card = cards.load("yolox-nano")
+    original = onnx.load(os.path.join(MODELS, "yolox_nano.onnx"))
+    m = EngineMaker(OrtBackend(), EngineCache(str(tmp_path / "engines"), budget_mb=9), 2 * GiB)
+    sizes = [(320, 240), (256, 192), (192, 144), (160, 120)]
+    running = None
+    for width, height in sizes:
+        engine = m.make(graph.rewrite(original, card, width, height), card,
+                        "yolox-nano-{}x{}".format(width, height))
+        if running is None:
+            running = engine      # the camera's engine: in use all along
+        del engine
+        gc.collect()
+        time.sleep(0.05)          # distinct mtimes: the order of use
+    kept = [f for f in artefacts(tmp_path) if not f.endswith(".json")]
+    assert [f.split("-ort-")[0] for f in kept] == ["yolox-nano-160x120", "yolox-nano-320x240"]
+    total = sum(os.path.getsize(str(tmp_path / "engines" / f)) for f in artefacts(tmp_path))
+    assert total <= 9 * 2 ** 20
+    running.infer(running.bind(Frame(0, (240, 320, 3))))

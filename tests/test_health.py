@@ -55,7 +55,9 @@ def device(broker, subscriber, tmp_path, model_dir):
         sub = subscriber("edge/#")
         dev = Device(broker, tmp_path, model_dir, **kwargs)
         started.append(dev)
-        assert sub.wait_for(lambda s: any(m["state"] == "online" for m in s.json("status")
+        # running: `online` or `degraded`, whichever its first health verdict says
+        assert sub.wait_for(lambda s: any(m["state"] in ("online", "degraded")
+                                          for m in s.json("status")
                                           if m["device"] == dev.device), 30), dev.text()
         return dev, sub
     yield start
@@ -148,9 +150,17 @@ def test_each_command_and_each_kind_of_bad_command(device, subscriber, tmp_path)
     missing = command(sub, "cam1", "delete_reference", {"id": "d2", "name": "dock"})
     assert missing["error"]["code"] == "not_found"
     sub.client.publish("edge/cam1/cmd/ping", json.dumps(
-        {"id": "c1", "reply_to": "robots/r2/answers"}), qos=1)
-    assert robot.wait_for(lambda s: any(t == "robots/r2/answers" and json.loads(p)["id"] == "c1"
-                                        for t, p, _ in s.messages), 10), "reply_to is honoured"
+        {"id": "c1", "reply_to": "edge/cam1/reply/robot-r2/c1"}), qos=1)
+    assert sub.wait_for(lambda s: any(t == "edge/cam1/reply/robot-r2/c1" and
+                                      json.loads(p)["ok"] for t, p, _ in s.messages), 10), \
+        "reply_to under the device's reply/ is honoured"
+    for n, elsewhere in enumerate(["robots/r2/answers", "edge/cam1/detections",
+                                   "edge/cam1/status", "edge/cam1/cmd/reload",
+                                   "edge/cam2/reply/x"]):
+        reply = command(sub, "cam1", "ping", {"id": "e{}".format(n), "reply_to": elsewhere})
+        assert reply["error"]["code"] == "bad_request" and "reply/" in reply["error"]["message"]
+    assert not robot.messages and "reloading" not in dev.text(), \
+        "a reply never lands outside the reply namespaces"
     bad = {
         "unknown_command": ("selfdestruct", {"id": "x1"}),
         "bad_json": ("ping", b"{not json"),
@@ -170,6 +180,22 @@ def test_each_command_and_each_kind_of_bad_command(device, subscriber, tmp_path)
     assert not os.path.exists(str(tmp_path / "state" / "references" / "passwd.png"))
 
 
+def test_retained_commands_are_ignored(broker, subscriber, device):
+    """A retained request would run on every connect and restart (a retained `reload` is a
+    reload loop): the device ignores it and says so; live requests after it are answered."""
+    sender = subscriber("edge/cam1/reply/#")
+    for name, request_id in (("ping", "ret1"), ("reload", "ret2")):
+        sender.client.publish("edge/cam1/cmd/{}".format(name), json.dumps(
+            {"id": request_id}), qos=1, retain=True).wait_for_publish(5)
+    dev, sub = device()
+    pong = command(sub, "cam1", "ping", {"id": "live1"})
+    assert pong["ok"] and pong["id"] == "live1"
+    replied = [json.loads(p)["id"] for t, p, _ in sub.messages if "/reply/" in t]
+    assert replied == ["live1"], replied
+    assert dev.text().count("ignored a retained message on edge/cam1/cmd/") == 2, dev.text()
+    assert "reloading" not in dev.text()
+
+
 def test_commands_are_rate_limited(device):
     dev, sub = device(config="commands: {rate: 1, burst: 3}\n")
     for i in range(8):
@@ -178,6 +204,43 @@ def test_commands_are_rate_limited(device):
     codes = [json.loads(p).get("error", {}).get("code") for t, p, _ in sub.messages
              if "/reply/q" in t]
     assert codes.count("rate_limited") >= 4 and codes.count(None) >= 3
+
+
+def test_a_command_flood_neither_starves_health_probes_nor_goes_uncounted(device, broker):
+    """About 1000 pings a second, in bursts of 100, from one client while an operator runs
+    `edge health`: the probe has its own queue and budget, so it is answered; what the flood
+    lost is counted."""
+    import threading
+    import time
+    from edge.mqtt import make_client
+    dev, sub = device(config="commands: {rate: 1, burst: 1}\n")
+    stop = threading.Event()
+    flooder = make_client("flooder")
+    flooder.connect("127.0.0.1", broker.port, 30)
+    flooder.loop_start()
+
+    def flood():
+        sent = 0
+        while not stop.is_set():
+            flooder.publish("edge/cam1/cmd/ping", json.dumps({"id": "f{}".format(sent)}))
+            sent += 1
+            if sent % 100 == 0:
+                time.sleep(0.1)
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        rc, out, err = run_edge("health", "cam1", "--json", "--mqtt", broker.url, "--timeout",
+                                "5")
+    finally:
+        stop.set()
+        thread.join(5)
+        flooder.loop_stop()
+        flooder.disconnect()
+    assert rc == 0, out + err
+    counts = json.loads(out)["cam1"]["report"]["commands"]
+    assert counts["dropped"] > 0 and counts["rate_limited"] > 0, counts
+    assert dev.proc.poll() is None
 
 
 def test_reload_command_rebuilds_the_pipeline(device):
@@ -190,9 +253,40 @@ def test_reload_command_rebuilds_the_pipeline(device):
     assert sub.wait_for(lambda s: len(s.json("detections")) > before + 5, 10)
 
 
+def test_a_reload_that_fails_is_refused_or_reported(device, tmp_path):
+    """A config that does not load: the reload command replies with the error and nothing
+    restarts. One that loads but cannot run (SIGHUP, a matcher card that does not exist): the
+    previous configuration keeps running. Health carries the outcome either way; a good
+    reload clears it."""
+    dev, sub = device()
+    cfg = tmp_path / "edge-cam1.yaml"
+    good = cfg.read_text()
+    cfg.write_text(good + "mqtt: {qos: 7}\n")
+    reply = command(sub, "cam1", "reload", {"id": "rl1"})
+    assert reply["error"]["code"] == "failed" and "mqtt.qos" in reply["error"]["message"]
+    health = command(sub, "cam1", "health", {"id": "h1"})["result"]
+    assert health["reload"]["ok"] is False and "mqtt.qos" in health["reload"]["error"]
+    assert not health["verdict"]["healthy"] and health["state"] == "degraded"
+    assert any("reload failed" in r for r in health["verdict"]["reasons"])
+    cfg.write_text(good + "matcher: no-such-card\n")
+    dev.proc.send_signal(signal.SIGHUP)
+    assert sub.wait_for(lambda s: "no-such-card" in (
+        (s.json("health")[-1].get("reload") or {}).get("error") or ""), 30), dev.text()
+    before = len(sub.json("detections"))
+    assert sub.wait_for(lambda s: len(s.json("detections")) > before + 5, 10), \
+        "the previous configuration keeps running"
+    cfg.write_text(good)
+    assert command(sub, "cam1", "reload", {"id": "rl2"})["ok"]
+    assert sub.wait_for(lambda s: (s.json("health")[-1].get("reload") or {}).get("ok") and
+                        s.json("health")[-1]["verdict"]["healthy"], 30), dev.text()
+
+
 def test_edge_health_exit_codes(device, broker):
     device(device="good")
-    device(device="bad", config="health: {interval: 1, memory_percent: 0}\n")
+    _, sub = device(device="bad", config="health: {interval: 1, memory_percent: 0}\n")
+    states = [m["state"] for m in sub.json("status") if m["device"] == "bad"]
+    assert "degraded" in states and "online" not in states, \
+        "an unhealthy device goes from starting to degraded, never online: {}".format(states)
     rc, out, err = run_edge("health", "good", "--mqtt", broker.url, "--timeout", "5")
     assert rc == 0, out + err
     assert "good" in out and "healthy" in out
@@ -204,3 +298,92 @@ def test_edge_health_exit_codes(device, broker):
     rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "5")
     results = json.loads(out)
     assert sorted(results) == ["bad", "good"] and rc == 1
+
+
+def test_edge_health_all_lists_offline_devices_and_fails_for_a_dead_fleet(device, broker,
+                                                                          subscriber):
+    """A crashed device's last will is `offline`: `--all` lists it and exits 2; with every
+    device dead it is not "no device found" and exit 0. Clearing the retained status (the
+    README's command for a retired device) takes it off the list."""
+    dev, sub = device(device="crashed")
+    dev.proc.send_signal(signal.SIGKILL)
+    dev.proc.wait()
+    assert sub.wait_for(lambda s: s.json("status")[-1]["state"] == "offline", 15)
+    rc, out, err = run_edge("health", "--all", "--mqtt", broker.url, "--timeout", "3")
+    assert rc == 2, out + err
+    assert "crashed" in out and "offline since" in out and "connection lost" in out, out
+    device(device="alive")
+    rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "3")
+    results = json.loads(out)
+    assert sorted(results) == ["alive", "crashed"] and rc == 2, out + err
+    assert results["alive"]["healthy"] and results["crashed"]["state"] == "offline"
+    sub.client.publish("edge/crashed/status", b"", qos=1, retain=True).wait_for_publish(5)
+    rc, out, err = run_edge("health", "--all", "--json", "--mqtt", broker.url, "--timeout", "3")
+    assert sorted(json.loads(out)) == ["alive"] and rc == 0, out + err
+
+
+def test_edge_health_all_with_no_device_is_not_green(broker):
+    rc, out, err = run_edge("health", "--all", "--mqtt", broker.url, "--timeout", "1")
+    assert rc == 2 and "no device found" in out, out + err
+
+
+class Rogue:
+    """A client posing as device `name`: retained status online, and `answer(request)` as the
+    reply to every health request (raw bytes)."""
+
+    def __init__(self, port, name, answer):
+        from edge.mqtt import make_client, status_payload
+        import time
+        self.client = make_client("rogue-" + name)
+        self.client.connect("127.0.0.1", port, 30)
+        topic = "edge/{}/cmd/health".format(name)
+
+        def on_message(client, userdata, msg):
+            request = json.loads(msg.payload)
+            client.publish(request["reply_to"], answer(request), qos=1)
+        self.client.on_message = on_message
+        self.client.subscribe(topic, 1)
+        self.client.loop_start()
+        self.client.publish("edge/{}/status".format(name), status_payload(
+            name, "online", time.time()), qos=1, retain=True).wait_for_publish(5)
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+ROGUE_ANSWERS = {
+    "text": lambda r: b"not json at all",
+    "list": lambda r: b"[1, 2]",
+    "noverdict": lambda r: json.dumps({"v": 1, "id": r["id"], "ok": True,
+                                       "result": {"state": "online"}}).encode(),
+    "badtypes": lambda r: json.dumps({"v": 1, "id": r["id"], "ok": True, "result": {
+        "state": "online", "verdict": {"healthy": True, "reasons": []}, "tasks": [1],
+        "system": {"temperatures": "hot", "memory": 5}}}).encode(),
+    "olderror": lambda r: json.dumps({"v": 1, "id": r["id"], "ok": False,
+                                      "error": "no"}).encode(),
+}
+
+
+def test_edge_health_all_survives_malformed_reports(device, broker):
+    """Rogue or old devices answer with garbage: each is listed as such, the real device's
+    report is shown, and the exit status says unhealthy."""
+    device(device="good")
+    rogues = [Rogue(broker.port, name, answer) for name, answer in ROGUE_ANSWERS.items()]
+    try:
+        rc, out, err = run_edge("health", "--all", "--mqtt", broker.url, "--timeout", "5")
+        rc_json, out_json, _ = run_edge("health", "--all", "--json", "--mqtt", broker.url,
+                                        "--timeout", "5")
+    finally:
+        for rogue in rogues:
+            rogue.close()
+    assert rc == 1 and "internal error" not in err and "Traceback" not in err, out + err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "healthy" in lines["good"] and "detect=" in lines["good"], out
+    for name in ROGUE_ANSWERS:
+        if name == "badtypes":      # a well-formed verdict; the parts that are not show as -
+            assert lines[name].split()[2:5] == ["-", "-", "-"], lines[name]
+        else:
+            assert "malformed health reply" in lines[name], lines[name]
+    results = json.loads(out_json)
+    assert rc_json == 1 and results["good"]["healthy"] and not results["list"]["healthy"]

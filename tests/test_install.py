@@ -114,13 +114,38 @@ def test_dry_run_plans_the_install_and_changes_nothing(untouched):
     assert "install -m 0644 {}/systemd/edge.service /etc/systemd/system/edge.service".format(
         ROOT) in text
     assert "ln -sfn /opt/edge/venv/bin/edge /usr/local/bin/edge" in planned
-    assert "systemctl enable edge.service" in planned
-    assert "systemctl restart --no-block edge.service" in planned
+    # No /etc/edge/edge.yaml here: a first install leaves the service off until the camera
+    # and broker are configured.
+    assert "systemctl daemon-reload" in planned
+    assert not any(c.startswith(("systemctl enable", "systemctl restart", "systemctl start"))
+                   for c in planned), planned
+    assert "not enabled or started" in result.stderr and "systemctl enable --now edge" in \
+        result.stderr
     assert "Time per step" in result.stdout
 
 
-def test_dry_run_options(untouched):
-    result = run("--dry-run", "--force", "--no-start", "--with-mosquitto", "--no-jtop")
+@pytest.mark.parametrize("edited", [False, True])
+def test_the_service_starts_only_once_its_config_was_edited(tmp_path, untouched, edited):
+    """The shipped config names csi://0 and a local broker: kept as shipped, the service is
+    neither enabled nor started; once edited (a camera chosen), it is both."""
+    config = tmp_path / "edge.yaml"
+    shutil.copy(os.path.join(ROOT, "systemd", "edge.yaml"), str(config))
+    if edited:
+        with open(str(config), "a") as f:
+            f.write("source: /dev/video0\n")
+    result = run("--dry-run", "--force", env={"EDGE_INSTALL_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    planned = commands(result.stdout)
+    assert ("systemctl enable edge.service" in planned) == edited
+    assert ("systemctl restart --no-block edge.service" in planned) == edited
+    assert ("not enabled or started" in result.stderr) != edited
+
+
+def test_dry_run_options(untouched, tmp_path):
+    configured = tmp_path / "edge.yaml"
+    configured.write_text("source: /dev/video0\ndetector: yolox-nano\n")
+    result = run("--dry-run", "--force", "--no-start", "--with-mosquitto", "--no-jtop",
+                 env={"EDGE_INSTALL_CONFIG": str(configured)})
     assert result.returncode == 0, result.stderr
     planned = commands(result.stdout)
     assert any("mosquitto" in c for c in planned)

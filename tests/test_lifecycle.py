@@ -101,6 +101,29 @@ def test_watchdog_stops_when_inference_stalls(tmp_path, model_dir):
         proc.wait()
 
 
+def test_watchdog_is_fed_right_after_a_reload(tmp_path, model_dir):
+    """The frame count restarts with the new pipeline; the watchdog must not wait until it
+    passes the old one (systemd would kill a healthy daemon after every reload)."""
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    proc = start(tmp_path, model_dir, "--source", "test://?width=320&height=240&fps=20",
+                 env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+    try:
+        assert notify.wait_for("READY=1", 30), log_text(tmp_path)
+        notify.drain(6)                   # some 120 frames before the reload
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while notify.count("READY=1") < 2 and time.monotonic() < deadline:
+            notify.drain(0.2)
+        assert notify.count("RELOADING=1") == 1 and notify.count("READY=1") == 2, \
+            log_text(tmp_path)
+        ready_again = [t for t, m in notify.messages if m == "READY=1"][1]
+        notify.drain(3)
+        assert notify.count("WATCHDOG=1", ready_again) >= 4, "pings every 0.5 s go on"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_loses_no_accepted_message(tmp_path, model_dir, broker, subscriber):
     sub = subscriber("edge/cam1/detections", qos=1)
     jsonl = str(tmp_path / "out.jsonl")

@@ -121,13 +121,77 @@ def test_reference_store_names_persistence_and_atomicity(tmp_path):
     with pytest.raises(SourceError):
         store.put("tiny", image[:10, :10])
     with pytest.raises(SourceError):
-        store.put_file("missing", str(tmp_path / "nope.png"))
+        store.configure(str(tmp_path / "nope.png"))
     again = ReferenceStore(str(tmp_path))      # a restart
     assert again.names() == ["dock-1"]
     assert (again.get("dock-1") == image).all()
     assert os.listdir(str(tmp_path / "references")) == ["dock-1.png"]
     assert again.delete("dock-1") and not again.delete("dock-1")
     assert again.names() == [] and name_from_path("/x/My Dock.v2.png") == "My_Dock_v2"
+
+
+def test_configured_references_are_the_runs_own_and_the_store_is_bounded(tmp_path):
+    """`reference:` / --reference: matched, listed, never written; set_reference's store
+    holds at most `limit` in all and refuses more with the fix in the message."""
+    store = ReferenceStore(str(tmp_path), limit=3)
+    image = cv2.imread(LEFT)
+    assert store.configure(LEFT) == "motorcycle_left"
+    assert not os.path.exists(str(tmp_path / "references")), "a configured one is not stored"
+    store.put("a", image)
+    store.put("b", image)
+    with pytest.raises(ConfigError, match=r"3 references already.*max_references.*delete"):
+        store.put("c", image)
+    store.put("a", image[:100])                 # replacing one is not one more
+    with pytest.raises(ConfigError, match="comes from the configuration"):
+        store.put("motorcycle_left", image)
+    with pytest.raises(ConfigError, match="comes from the configuration"):
+        store.delete("motorcycle_left")
+    assert store.names() == ["a", "b", "motorcycle_left"]
+    assert [r["name"] for r in store.describe()] == store.names()
+    assert sorted(os.listdir(str(tmp_path / "references"))) == ["a.png", "b.png"]
+    assert ReferenceStore(str(tmp_path)).names() == ["a", "b"], "a restart keeps the stored"
+
+
+def test_a_deleted_reference_releases_its_memory(tmp_path, model_dir):
+    """Every slot the matcher ran on held a binding (the reference image and its outputs) per
+    reference; those of a deleted reference must go, or set/delete cycles grow for good."""
+    from edge import backends, tasks
+    from edge.backends.build import EngineMaker
+    from edge.backends.cache import EngineCache
+    from edge.frames import Frame
+    store = ReferenceStore(str(tmp_path / "state"))
+    maker = EngineMaker(backends.select("ort"), EngineCache(str(tmp_path / "engines")),
+                        2 << 30)
+    task = tasks.create(cards.load("coarse-loftr"), maker, model_dir, store=store, max_hz=0)
+    frame = Frame(0, (240, 320, 3))
+    frame.image[:] = cv2.resize(cv2.imread(RIGHT), (320, 240))
+    frame.ts = 0.0
+    store.put("a", cv2.resize(cv2.imread(LEFT), (320, 240)))
+    store.put("b", cv2.resize(cv2.imread(LEFT), (160, 120)))
+    assert len(task.process(frame)) == 2
+    held = [k for k in frame.outputs if isinstance(k, tuple)]
+    assert sorted(held) == [("match", "a"), ("match", "b")]
+    assert store.delete("a")
+    assert [m["reference"]["name"] for m in task.process(frame)] == ["b"]
+    assert [k for k in frame.outputs if isinstance(k, tuple)] == [("match", "b")]
+    assert "a" not in store._cache
+
+
+def test_reference_flags_store_nothing(tmp_path, model_dir):
+    """edge run --reference, edge build --reference and edge doctor leave the device's
+    stored references as they were (none here), and doctor writes no temporary store."""
+    state = tmp_path / "state"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    run_match(tmp_path, model_dir, RIGHT, LEFT)
+    rc, out, err = run_edge("build", "coarse-loftr", "--reference", LEFT, "--size", "320x240",
+                            "--model-dir", model_dir, "--state-dir", str(state))
+    assert rc == 0 and "ready" in out, out + err
+    rc, out, err = run_edge("doctor", "coarse-loftr", "--backend", "ort", "--model-dir",
+                            model_dir, "--state-dir", str(state), env={"TMPDIR": str(temp)})
+    assert rc == 0, out + err
+    assert not os.path.exists(str(state / "references"))
+    assert not [n for n in os.listdir(str(temp)) if n.startswith("edge")], os.listdir(str(temp))
 
 
 def test_detection_and_matching_together_on_one_source(tmp_path, model_dir):

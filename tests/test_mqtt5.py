@@ -1,4 +1,5 @@
-"""MQTT 5 requests: the reply goes to the request's response topic with its correlation data."""
+"""MQTT 5 requests: the reply goes to the request's response topic with its correlation data,
+when that topic is one replies may go to."""
 
 import json
 import subprocess
@@ -27,26 +28,59 @@ def test_response_topic_and_correlation_data_are_honoured(broker, tmp_path, mode
     def on_message(c, u, m):
         if m.topic.endswith("/status") and json.loads(m.payload)["state"] == "online":
             online.set()
-        elif m.topic == "robots/r1/responses":
-            got.append((json.loads(m.payload), getattr(m.properties, "CorrelationData", None)))
+        elif m.topic.startswith(("edge/cam5/reply/", "robots/")):
+            got.append((m.topic, json.loads(m.payload),
+                        getattr(m.properties, "CorrelationData", None)))
     client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(
-        [("robots/r1/responses", 1), ("edge/cam5/status", 1)])
+        [("edge/cam5/reply/#", 1), ("robots/#", 1), ("edge/cam5/status", 1)])
     client.on_subscribe = lambda *a: ready.set()
     client.on_message = on_message
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
         assert ready.wait(10) and online.wait(30)
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "robots/r1/responses"
-        props.CorrelationData = b"\x01req-42"
-        client.publish("edge/cam5/cmd/ping", json.dumps({"id": "v5"}), qos=1, properties=props)
-        deadline = time.monotonic() + 10
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert got, "no reply on the MQTT 5 response topic"
-        reply, correlation = got[0]
+        def ask(request_id, response_topic, correlation):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = response_topic
+            props.CorrelationData = correlation
+            before = len(got)
+            client.publish("edge/cam5/cmd/ping", json.dumps({"id": request_id}), qos=1,
+                           properties=props)
+            deadline = time.monotonic() + 10
+            while len(got) == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(got) > before, "no reply to " + request_id
+            return got[before]
+
+        topic, reply, correlation = ask("v5", "edge/cam5/reply/robot-r1", b"\x01req-42")
+        assert topic == "edge/cam5/reply/robot-r1"
         assert reply["ok"] and reply["id"] == "v5" and correlation == b"\x01req-42"
+        # Elsewhere: refused, on the default reply topic, still with the correlation data.
+        topic, reply, correlation = ask("v6", "robots/r1/responses", b"\x02req-43")
+        assert topic == "edge/cam5/reply/v6" and correlation == b"\x02req-43"
+        assert reply["error"]["code"] == "bad_request" and "response topic" in \
+            reply["error"]["message"]
+        assert not [g for g in got if g[0].startswith("robots/")]
+        # Oversized requests: just over commands.max_bytes the device refuses (too_large);
+        # far over, the broker never sends it, as the device's CONNECT asked (MQTT 5 Maximum
+        # Packet Size), so the device never buffers it. A ping after each is answered.
+        for request_id, size in (("big", 70000), ("huge", 4 << 20)):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "edge/cam5/reply/" + request_id
+            client.publish("edge/cam5/cmd/ping", json.dumps(
+                {"id": request_id, "pad": "x" * size}), qos=1, properties=props)
+            after = "edge/cam5/reply/after-" + request_id
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = after
+            client.publish("edge/cam5/cmd/ping", json.dumps({"id": "p-" + request_id}), qos=1,
+                           properties=props)
+            deadline = time.monotonic() + 10
+            while after not in [g[0] for g in got] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert after in [g[0] for g in got], "the device answers after " + request_id
+        replies = {g[0]: g[1] for g in got}
+        assert replies["edge/cam5/reply/big"]["error"]["code"] == "too_large"
+        assert "edge/cam5/reply/huge" not in replies
     finally:
         client.loop_stop()
         proc.terminate()

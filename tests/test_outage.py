@@ -213,3 +213,60 @@ def test_publisher_survives_a_message_paho_refuses(broker, subscriber):
         assert publisher.failed == 1 and publisher.sent == 3
     finally:
         link.stop()
+
+
+def test_an_unreachable_broker_is_a_warning_with_its_cause_and_degrades_until_it_is_back(
+        tmp_path, model_dir):
+    """Nothing listens on the broker's port: within seconds a WARNING names the cause and
+    systemd's STATUS= says DEGRADED; once the broker runs, the device is healthy again and
+    the retained `status` it publishes is `online` (the outage was only ever local news)."""
+    from tests.test_lifecycle import NotifySocket
+    broker = Mosquitto(str(tmp_path), persistence=False)
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    proc = start_edge(str(tmp_path), [
+        "--source", "test://?width=320&height=240&fps=10", "--detector", "yolox-nano",
+        "--model-dir", model_dir, "--device-id", DEVICE, "--mqtt", broker.url],
+        "health: {interval: 1}\n", env={"NOTIFY_SOCKET": notify.path})
+
+    def status_lines():
+        notify.drain(0.2)
+        return [m for _, m in notify.messages if m.startswith("STATUS=")]
+    try:
+        deadline = time.monotonic() + 30
+        while not any("DEGRADED: mqtt broker unreachable: connection refused" in m
+                      for m in status_lines()) and time.monotonic() < deadline:
+            pass
+        assert any("DEGRADED: mqtt broker unreachable" in m for m in status_lines()), \
+            log_of(tmp_path)
+        warnings = [l for l in log_of(tmp_path).splitlines()
+                    if "WARNING edge.mqtt" in l and "connection refused by 127.0.0.1" in l]
+        assert len(warnings) == 1, log_of(tmp_path)      # once per cause, not per retry
+        broker.start()
+        seen = len(status_lines())
+        deadline = time.monotonic() + 30
+        while not [m for m in status_lines()[seen:] if "mqtt up" in m and "DEGRADED" not in m] \
+                and time.monotonic() < deadline:
+            pass
+        assert [m for m in status_lines()[seen:] if "DEGRADED" not in m], log_of(tmp_path)
+        status = retained(broker, "status")
+        assert status["state"] == "online" and status["reason"] is None, status
+    finally:
+        proc.kill()
+        proc.wait()
+        broker.stop()
+
+
+def test_a_broker_name_that_does_not_resolve_is_named_as_such(tmp_path, model_dir):
+    proc = start_edge(str(tmp_path), [
+        "--source", "test://?width=320&height=240&fps=10", "--detector", "yolox-nano",
+        "--model-dir", model_dir, "--mqtt", "mqtt://no-such-broker.invalid:1883"])
+    try:
+        deadline = time.monotonic() + 30
+        while "DNS: cannot resolve no-such-broker.invalid" not in log_of(tmp_path) and \
+                time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert "WARNING edge.mqtt" in log_of(tmp_path) and \
+            "DNS: cannot resolve no-such-broker.invalid" in log_of(tmp_path), log_of(tmp_path)
+    finally:
+        proc.kill()
+        proc.wait()

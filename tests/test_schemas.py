@@ -403,8 +403,10 @@ def test_replies_of_every_command_validate(tmp_path):
         if name == "snapshot" and "topic" in reply["result"]:
             assert schemas.kind_of_topic(reply["result"]["topic"]) == "snapshot"
     assert app.reloads == 1
-    topic, reply = ask(commands, "ping", {"id": "c1", "reply_to": "robots/r2/answers"})
-    assert topic == "robots/r2/answers" and reply["ok"]
+    topic, reply = ask(commands, "ping", {"id": "c1", "reply_to": "edge/cam1/reply/robot/c1"})
+    assert topic == "edge/cam1/reply/robot/c1" and reply["ok"]
+    topic, reply = ask(commands, "ping", {"id": "c2", "reply_to": "robots/r2/answers"})
+    assert topic == "edge/cam1/reply/c2" and reply["error"]["code"] == "bad_request"
 
 
 def test_error_replies_validate_for_every_code(tmp_path):

@@ -166,6 +166,32 @@ def test_image_folder_skips_bad_files(tmp_path, caplog):
     assert (frames[3][2][..., 2] == 200).all()
 
 
+@pytest.mark.parametrize("ext, params", [
+    (".jpg", []), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]), (".png", []), (".bmp", []),
+    (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])])
+def test_image_size_is_read_from_the_header(ext, params):
+    """Sizes of real files of each format read (lossy VP8 and lossless VP8L WebP too), from
+    their header alone: the check that runs before anything is decoded."""
+    from edge import imagefiles
+    image = cv2.imread(os.path.join(COCO_VAL, sorted(os.listdir(COCO_VAL))[0]))[:123, :211]
+    ok, data = cv2.imencode(ext, image, params)
+    assert ok
+    assert imagefiles.size(data.tobytes()) == (211, 123)
+    assert imagefiles.size(data.tobytes()[:600]) in ((211, 123), None)   # header only
+    with pytest.raises(SourceError, match="211x123 pixels, over the limit of 20000"):
+        imagefiles.decode(data.tobytes(), "image x" + ext, 20000)
+
+
+def test_an_image_format_whose_header_is_not_read_is_refused(tmp_path):
+    from edge import imagefiles
+    image = np.zeros((20, 30, 3), np.uint8)
+    for ext in (".tiff", ".ppm"):
+        data = cv2.imencode(ext, image)[1].tobytes()
+        assert imagefiles.size(data) is None
+        with pytest.raises(SourceError, match="not a JPEG, PNG, BMP or WebP image"):
+            imagefiles.decode(data, "image x" + ext, 10 ** 6)
+
+
 def test_image_folder_loop():
     frames = read_all(open_source("images://" + COCO_VAL + "?loop=1"), limit=10)
     assert len(frames) == 10

@@ -107,6 +107,15 @@ def test_mqtts_with_client_certificate_and_password_file(tls_broker, tmp_path, m
     assert any(t.endswith("/health") for t, _ in got)
 
 
+def short_run(cfg, port, model_dir):
+    """`edge run` of three frames to the TLS broker with the config file `cfg`."""
+    return subprocess.run([sys.executable, "-m", "edge", "run", "-c", str(cfg), "--source",
+                           "test://?width=320&height=240&frames=3", "--detector", "yolox-nano",
+                           "--model-dir", model_dir, "--mqtt",
+                           "mqtts://127.0.0.1:{}?qos=1".format(port)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+
+
 def test_wrong_password_is_a_clear_error(tls_broker, tmp_path, model_dir):
     port, d = tls_broker
     wrong = tmp_path / "wrong"
@@ -116,11 +125,7 @@ def test_wrong_password_is_a_clear_error(tls_broker, tmp_path, model_dir):
                    "key_file: %s, flush_timeout: 3}\n" % (
                        wrong, os.path.join(d, "ca.crt"), os.path.join(d, "client.crt"),
                        os.path.join(d, "client.key")))
-    proc = subprocess.run([sys.executable, "-m", "edge", "run", "-c", str(cfg), "--source",
-                           "test://?width=320&height=240&frames=3", "--detector", "yolox-nano",
-                           "--model-dir", model_dir, "--mqtt",
-                           "mqtts://127.0.0.1:{}?qos=1".format(port)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    proc = short_run(cfg, port, model_dir)
     err = proc.stderr.decode()
     assert proc.returncode == 69
     line = [l for l in err.splitlines() if l.startswith("edge: error:")][0]
@@ -136,3 +141,53 @@ def test_tls_files_must_exist_and_need_mqtts(tmp_path):
     (tmp_path / "ca.crt").write_text("x")
     with pytest.raises(ConfigError, match="use mqtts://"):
         mqtt.with_credentials(mqtt.parse_url("mqtt://h"), ca_file=str(tmp_path / "ca.crt"))
+
+
+def test_a_broker_certificate_that_does_not_verify_is_a_warning_naming_tls(tls_broker,
+                                                                          tmp_path, model_dir):
+    """No ca_file: the system's CAs do not know the broker's: the run says so (it used to log
+    nothing at all), and the final error names it too."""
+    port, d = tls_broker
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("mqtt: {username: cam1, password_file: %s, cert_file: %s, key_file: %s, "
+                   "flush_timeout: 3}\n" % (os.path.join(d, "password"),
+                                            os.path.join(d, "client.crt"),
+                                            os.path.join(d, "client.key")))
+    proc = short_run(cfg, port, model_dir)
+    err = proc.stderr.decode()
+    assert proc.returncode == 69, err
+    warnings = [l for l in err.splitlines() if "WARNING edge.mqtt" in l]
+    assert warnings and "TLS: the broker's certificate does not verify" in warnings[0], err
+    assert "mqtt.ca_file" in warnings[0]
+    line = [l for l in err.splitlines() if l.startswith("edge: error:")][0]
+    assert "certificate does not verify" in line, line
+    assert PASSWORD not in err
+
+
+def test_doctor_checks_the_configured_broker(tls_broker, tmp_path, model_dir):
+    """`edge doctor` connects to the broker of the config, as the daemon would."""
+    port, d = tls_broker
+    good = "mqtt: {url: 'mqtts://127.0.0.1:%d', username: cam1, password_file: %s, " \
+           "ca_file: %s, cert_file: %s, key_file: %s}\n" % (
+               port, os.path.join(d, "password"), os.path.join(d, "ca.crt"),
+               os.path.join(d, "client.crt"), os.path.join(d, "client.key"))
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    for name, text, expect in (
+            ("good", good, "ok"),
+            ("password", good.replace(os.path.join(d, "password"), str(wrong)),
+             "broker refused the connection"),
+            ("noca", good.replace("ca_file: %s, " % os.path.join(d, "ca.crt"), ""),
+             "certificate does not verify")):
+        cfg = tmp_path / (name + ".yaml")
+        cfg.write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "edge", "doctor", "yolox-nano", "-c",
+                               str(cfg), "--backend", "ort", "--model-dir", model_dir,
+                               "--state-dir", str(tmp_path / "state")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+        out = proc.stdout.decode()
+        line = [l for l in out.splitlines() if l.startswith("mqtt ")]
+        assert len(line) == 1 and "127.0.0.1:{}".format(port) in line[0], out
+        assert expect in line[0], out
+        assert proc.returncode == (0 if name == "good" else 1), out
+        assert "nope" not in out and PASSWORD not in out

@@ -95,6 +95,12 @@ class Backend:
         """
         raise NotImplementedError
 
+    def load_uncached(self, model, label, background=False):
+        """An Engine straight from the rewritten graph (an onnx.ModelProto), without a built
+        artefact, for when the engine cache cannot be written; None when this backend needs
+        its build (TensorRT: minutes, in the build child under the memory budget)."""
+        return None
+
     def allocate(self, shape, dtype):
         """A frame buffer, in the memory the engine reads it from best (mapped on a Jetson)."""
         import numpy as np

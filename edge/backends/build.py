@@ -34,7 +34,7 @@ import threading
 import time
 
 from edge.backends.cache import make_key, unwritable
-from edge.errors import BuildError
+from edge.errors import BuildError, CacheUnwritable
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +310,9 @@ class EngineMaker:
         self.budget = budget
         self.timeout = timeout
         self.reserve = reserve
+        # A backend that can load the rewritten graph itself (ONNX Runtime) runs uncached
+        # when the cache cannot be written; `edge build`, whose job is the cache, says no.
+        self.allow_uncached = True
 
     @property
     def frame_dtype(self):
@@ -321,13 +324,27 @@ class EngineMaker:
     def make(self, model, card, label, background=False):
         """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
         from edge.errors import ModelError
-        path = self._ensure(model, card, label)
         try:
-            return self.backend.load(path, label, background)
+            path = self._ensure(model, card, label)
+        except CacheUnwritable as e:
+            engine = self.backend.load_uncached(model, label, background) \
+                if self.allow_uncached else None
+            if engine is None:
+                raise
+            logger.warning("%s; until then %s runs uncached (built again at every start)", e,
+                           label)
+            if label in STATES:
+                STATES[label].update(state="ready", phase="uncached", progress=1.0, error=None)
+            return engine
+        try:
+            engine = self.backend.load(path, label, background)
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
-            return self.backend.load(self._ensure(model, card, label), label, background)
+            path = self._ensure(model, card, label)
+            engine = self.backend.load(path, label, background)
+        self.cache.hold(path, engine)      # never evicted while it runs
+        return engine
 
     def _ensure(self, model, card, label):
         return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,

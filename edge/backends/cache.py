@@ -11,6 +11,13 @@ Writes are atomic (temporary file, fsync, rename; the side file last), so a kill
 full disk leaves either the previous artefact or none, never a torn one. `lookup` checks the
 side file and the artefact's size and sha256 and removes what does not match: the caller
 then rebuilds instead of crashing on a stale or corrupt engine.
+
+Size: one engine per frame size (and reference size) adds up. Past `budget_mb` (config
+`engine.cache_mb`) the least recently used artefacts are removed after each new one is
+stored; use is the side file's mtime (touched on every lookup: atime is unreliable under
+relatime/noatime). Never removed: artefacts this process looked up or stored and has not
+loaded yet, and those whose engine is alive in this process (`hold`). Another process's
+loaded engine may go: it keeps running from memory and is rebuilt at its next start.
 """
 
 import hashlib
@@ -18,8 +25,9 @@ import json
 import logging
 import os
 import re
+import weakref
 
-from edge.errors import BuildError
+from edge.errors import CacheUnwritable
 from edge.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -64,8 +72,8 @@ def _pid_alive(pid):
 
 
 def unwritable(name, folder, error):
-    """The BuildError for an engine folder that cannot be written (a full disk, permissions)."""
-    return BuildError("engine {}: cannot write it in {} ({}); free space there or set "
+    """The error for an engine folder that cannot be written (a full disk, permissions)."""
+    return CacheUnwritable("engine {}: cannot write it in {} ({}); free space there or set "
                       "engine.dir to another folder".format(name, folder,
                                                             error.strerror or error))
 
@@ -73,9 +81,12 @@ def unwritable(name, folder, error):
 class EngineCache:
     """Artefacts of one backend under a folder, looked up by key."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, budget_mb=None):
         self.folder = folder
+        self.budget = None if budget_mb is None else budget_mb * 2 ** 20
         self._cleaned = False
+        self._pinned = set()       # looked up or stored, not loaded yet
+        self._held = {}            # path -> [weakref to a loaded Engine]
 
     def clean_leftovers(self):
         """Remove temporary files (`*.tmp.<pid>`) of processes that died while writing them
@@ -120,6 +131,7 @@ class EngineCache:
         except (OSError, ValueError) as e:
             reason = "unreadable ({})".format(getattr(e, "strerror", None) or e)
         if reason is None:
+            self._used(path)
             return True
         logger.warning("cached engine %s is stale or damaged: %s; rebuilding it", path, reason)
         self.remove(path)
@@ -147,6 +159,61 @@ class EngineCache:
         except OSError as e:
             self.remove(path)
             raise unwritable(os.path.basename(path), self.folder, e)
+        self._pinned.add(path)
+        self.evict()
+
+    def _used(self, path):
+        """Mark an artefact as just used: pinned until loaded, and newest for the LRU."""
+        self._pinned.add(path)
+        try:
+            os.utime(path + ".json")
+        except OSError:            # a read-only cache: the order is then the build order
+            pass
+
+    def hold(self, path, engine):
+        """`engine` was loaded from `path`: the artefact stays while the engine lives."""
+        self._pinned.discard(path)
+        refs = [r for r in self._held.get(path, []) if r() is not None]
+        self._held[path] = refs + [weakref.ref(engine)]
+
+    def in_use(self, path):
+        """Whether this process still needs the artefact (see the module's docstring)."""
+        return path in self._pinned or any(r() is not None for r in self._held.get(path, []))
+
+    def evict(self):
+        """Remove least recently used artefacts until they fit the budget, never one in use;
+        the paths removed."""
+        if self.budget is None:
+            return []
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return []
+        entries = []               # (last use, bytes, path)
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(self.folder, name[:-5])
+            try:
+                entries.append((os.path.getmtime(path + ".json"),
+                                os.path.getsize(path) + os.path.getsize(path + ".json"),
+                                path))
+            except OSError:        # a side file alone (or going): lookup cleans those
+                continue
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, path in sorted(entries):
+            if total <= self.budget:
+                break
+            if self.in_use(path):
+                continue
+            self.remove(path)
+            total -= size
+            removed.append(path)
+            logger.info("engine cache: removed %s (%.1f MiB), the least recently used, to stay "
+                        "under engine.cache_mb (%.0f MiB)", os.path.basename(path),
+                        size / 2.0 ** 20, self.budget / 2.0 ** 20)
+        return removed
 
     def remove(self, path):
         for p in (path + ".json", path):

@@ -110,6 +110,17 @@ class OrtBackend(Backend):
                 label, path, str(e).splitlines()[0][:300]))
         return OrtEngine(session, label)
 
+    def load_uncached(self, model, label, background=False):
+        # Optimised in this process, in memory: what the build child would have cached.
+        options = _session_options(self.ort, 1 if background else self.threads)
+        try:
+            session = self.ort.InferenceSession(model.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types for bad graphs
+            raise ModelError("{}: ONNX Runtime cannot load the rewritten model: {}".format(
+                label, str(e).splitlines()[0][:300]))
+        return OrtEngine(session, label)
+
     def describe(self):
         return {"backend": self.name, "onnxruntime": self.ort.__version__, "device": "cpu"}
 

@@ -34,6 +34,7 @@ class Source:
 
     scheme = None
     live = True           # live sources keep the newest frame and drop; finite ones never drop
+    max_pixels = None     # images larger than this are refused (kinds that decode files)
 
     def __init__(self, uri, location, params):
         self.uri = uri
@@ -87,12 +88,18 @@ def parse_uri(uri):
     return scheme, parts.netloc + parts.path, params
 
 
-def open_source(uri):
-    """The Source for `uri` (not yet opened); SourceError for an unknown kind."""
+def open_source(uri, max_pixels=None):
+    """The Source for `uri` (not yet opened); SourceError for an unknown kind.
+
+    `max_pixels`: config `max_image_pixels`, for the kinds that decode image files.
+    """
+    from edge import imagefiles
     _load_builtin()
     scheme, location, params = parse_uri(uri)
     cls = _KINDS.get(scheme)
     if cls is None:
         raise ConfigError("source {!r}: unknown kind {!r}; use one of {}".format(
             redact(uri), scheme, ", ".join(s + "://" for s in sorted(_KINDS))))
-    return cls(uri, location, params)
+    source = cls(uri, location, params)
+    source.max_pixels = max_pixels or imagefiles.DEFAULT_MAX_PIXELS
+    return source

@@ -3,17 +3,19 @@
 A plain path to one image file is a folder of one.
 
 `images:///data/shots` or a plain folder path; `?loop=1` starts over after the last image.
-A folder is finite: the pipeline never drops its frames. Files that cannot be decoded are
-skipped with one warning each (once per file when looping) and counted in `skipped`.
+A folder is finite: the pipeline never drops its frames. Files that cannot be decoded, and
+images larger than `max_image_pixels` (known from their header, before decoding: a small PNG
+may hold gigabytes of pixels) are skipped with one warning each (once per file when looping)
+and counted in `skipped`.
 """
 
 import logging
 import os
 import time
 
-import cv2
 import numpy as np
 
+from edge import imagefiles
 from edge.errors import SourceError
 from edge.sources import Source, register
 from edge.sources.pattern import check_params, int_param
@@ -82,12 +84,12 @@ class ImageFolderSource(Source):
                 self._delivered_this_pass = 0
             path = self.paths[self._next]
             self._next += 1
-            image = _decode(path, warn=path not in self._bad)
+            image = _decode(path, self.max_pixels, warn=path not in self._bad)
             if image is None:
                 self._bad.add(path)      # named once in the log, counted every pass
                 self.skipped += 1
                 continue
-            # cv2.imread allocates; the slot keeps its buffer unless the size changes.
+            # decoding allocates; the slot keeps its buffer unless the size changes.
             np.copyto(frame.ensure_shape(image.shape[0], image.shape[1]), image)
             frame.index = self._index
             frame.ts = time.time()
@@ -97,7 +99,7 @@ class ImageFolderSource(Source):
             return True
 
 
-def _decode(path, warn=True):
+def _decode(path, max_pixels, warn=True):
     # (H, W, 3) uint8 BGR, or None after one warning: IMREAD_COLOR turns grey, 16-bit and
     # 4-channel images into 8-bit BGR.
     log = logger.warning if warn else logger.debug
@@ -113,10 +115,11 @@ def _decode(path, warn=True):
     if _truncated_jpeg(data):
         log("skipped image %s: truncated JPEG (the image data has no end marker)", path)
         return None
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        log("skipped image %s: cannot be decoded (corrupt or not an image)", path)
-    return image
+    try:
+        return imagefiles.decode(data, "image " + path, max_pixels)
+    except SourceError as exc:
+        log("skipped %s", exc)
+        return None
 
 
 def _truncated_jpeg(data):

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 # Milliseconds; a network stream that hangs must fail the read so the capture thread reopens it.
 OPEN_TIMEOUT_MS = 10000
 READ_TIMEOUT_MS = 5000
+# Frames of a file that fail to decode in a row before it is taken as ended: a damaged stretch
+# is skipped (and counted) when later frames decode again.
+MAX_BAD_FRAMES = 25
 
 
 class VideoCaptureSource(Source):
@@ -52,11 +55,14 @@ class VideoCaptureSource(Source):
         """Decode the next frame into `frame`; False at the end of a file."""
         if self._cap is None:
             raise SourceError("source {} is not open".format(self.display))
-        if self._size is not None:
-            frame.ensure_shape(*self._size)
-        ok, image = self._cap.read(frame.image)
-        if not ok or image is None:
-            return self._read_failed()
+        while True:
+            if self._size is not None:
+                frame.ensure_shape(*self._size)
+            ok, image = self._cap.read(frame.image)
+            if ok and image is not None:
+                break
+            if not self._skip_bad_frame():
+                return self._read_failed()
         if image is not frame.image:
             # The stream's size differs from the slot's (or was unknown): copy once and decode
             # in place from the next frame on.
@@ -64,11 +70,20 @@ class VideoCaptureSource(Source):
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
             self._size = image.shape[:2]
             np.copyto(frame.ensure_shape(*self._size), image)
+        self._read_good()
         frame.index = self._index
         frame.ts = time.time()
         frame.name = None
         self._index += 1
         return True
+
+    def _skip_bad_frame(self):
+        """After a failed read: True to try the next frame (a file's damaged frame), False
+        when the failure stands (live kinds reopen)."""
+        return False
+
+    def _read_good(self):
+        """After a frame decoded (a file counts the damaged frames it skipped)."""
 
     def _read_failed(self):
         # Live kinds: a camera or stream that stops delivering is an error to reopen from.
@@ -108,6 +123,8 @@ class VideoFileSource(VideoCaptureSource):
         check_params(self, ())
         self.path = location
         self._expected = 0     # frame count from the file's header, when it has one
+        self.skipped = 0       # frames that did not decode, followed by ones that did
+        self._bad_run = 0      # failed reads since the last good frame
 
     def _capture(self):
         if not os.path.isfile(self.path):
@@ -119,6 +136,24 @@ class VideoFileSource(VideoCaptureSource):
                               "MJPG AVI (ffmpeg -i IN -c:v libx264 OUT.mp4)".format(self.path))
         self._expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         return cap
+
+    def _skip_bad_frame(self):
+        # Each failed read consumes the damaged frame, so the next may decode. Counted only
+        # once a good frame follows: failures at the end are the end of the file.
+        if self._bad_run >= MAX_BAD_FRAMES or \
+                (self._expected and self._index + self._bad_run >= self._expected):
+            self._bad_run = 0
+            return False
+        self._bad_run += 1
+        return True
+
+    def _read_good(self):
+        if self._bad_run:
+            logger.warning("video file %s: %d frame(s) after frame %d do not decode "
+                           "(damaged); skipped", self.path, self._bad_run, self._index - 1)
+            self.skipped += self._bad_run
+            self._index += self._bad_run      # frame indices keep their place in the file
+            self._bad_run = 0
 
     def _read_failed(self):
         # End of file. No frame at all, or fewer than the header promised, means a bad file.

@@ -119,7 +119,9 @@ class MatchTask(Task):
     def infer_frame(self, frame):
         """[(reference name, image, binding, infer ms)] for each reference matched."""
         inferred = []
-        for name in self.store.names()[:self.max_references]:
+        names = self.store.names()[:self.max_references]
+        self._unbind_others(frame, names)
+        for name in names:
             try:
                 reference = self.store.get(name)
             except SourceError as e:
@@ -128,6 +130,13 @@ class MatchTask(Task):
             engine, binding = self.binding_for(frame, (self.name, name), reference)
             inferred.append((name, reference, binding, self.infer(engine, binding)))
         return inferred
+
+    def _unbind_others(self, frame, names):
+        """Drop the slot's bindings of references deleted since it last ran: each holds the
+        reference image and its outputs, which would otherwise stay for good."""
+        for key in [k for k in frame.outputs
+                    if isinstance(k, tuple) and k[0] == self.name and k[1] not in names]:
+            del frame.outputs[key]
 
     def decode(self, frame, inferred):
         messages = [self.message(frame, *item) for item in inferred]
