@@ -137,6 +137,8 @@ class Health(threading.Thread):
         healthy, reasons = verdict(report, self.limits)
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"
+        if healthy and (pipeline is None or pipeline.started is None):
+            report["state"] = "starting"     # engines are built or loaded before frames flow
         return report
 
     def publish(self):
@@ -150,11 +152,10 @@ class Health(threading.Thread):
                                ) if not healthy else logger.info("health: healthy again")
             self.healthy = healthy
         remote = [r for r in report["verdict"]["reasons"] if not r.startswith(MQTT_DOWN)]
-        pipeline = self.app.pipeline
         if remote:
             status = ("degraded", remote[0])
-        elif pipeline is None or pipeline.started is None:
-            status = ("starting", "preparing engines")   # builds run before frames flow
+        elif report["state"] == "starting":
+            status = ("starting", "preparing engines")
         else:
             status = ("online", None)
         if self.app.link is not None and (self.status is None or status[0] != self.status[0]):

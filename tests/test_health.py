@@ -387,3 +387,34 @@ def test_edge_health_all_survives_malformed_reports(device, broker):
             assert "malformed health reply" in lines[name], lines[name]
     results = json.loads(out_json)
     assert rc_json == 1 and results["good"]["healthy"] and not results["list"]["healthy"]
+
+
+def test_status_is_starting_while_engines_are_built(broker, subscriber, tmp_path, model_dir):
+    """Engines are built before frames flow (minutes on a Nano): meanwhile health reports the
+    builds and `status` says `starting`, not `online`; `online` comes once frames flow."""
+    sub = subscriber("edge/cam1/#")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("health: {interval: 1}\n")
+    rc, out, err = run_edge("run", "-c", str(cfg), "--source",
+                            "test://?width=320&height=240&frames=5", "--detector",
+                            "yolox-nano", "--matcher", "coarse-loftr", "--reference", LEFT,
+                            "--model-dir", model_dir, "--mqtt", broker.url,
+                            "--device-id", "cam1", "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    assert sub.wait_for(lambda s: any(json.loads(p).get("state") == "offline"
+                                      for t, p, _ in s.messages if t.endswith("/status")), 10)
+    status, preparing = None, 0
+    with sub.lock:
+        messages = list(sub.messages)
+    for topic, payload, _ in messages:      # one client's messages arrive in order
+        message = json.loads(payload)
+        if topic.endswith("/status"):
+            status = message["state"]
+        elif topic.endswith("/health"):
+            engines = message["engines"].values()
+            if not engines or any(e["state"] == "building" for e in engines):
+                preparing += 1
+                assert message["state"] == "starting" and status == "starting", message
+    assert preparing >= 1                # a report came before the engines were ready
+    states = [json.loads(p)["state"] for t, p, _ in messages if t.endswith("/status")]
+    assert "online" in states and states.index("online") > states.index("starting")
