@@ -11,6 +11,8 @@ capture costs the CPU what a hardware camera's DMA does: nothing):
 - peer_fps: the loop a user would write by hand (read frame -> OpenCV letterbox in numpy ->
   session.run on the original model -> numpy decode + NMS -> publish), on the same frames;
 - alloc_per_frame_bytes: Python allocations of the hot path per frame (tracemalloc);
+- tracking: the tracker with zones and lines (the decode step's share) per frame at 50
+  moving objects, and the Python memory it keeps per frame (must be 0: no growth);
 - with --matcher, detection's throughput while matching runs at its rate beside it, over
   runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both.
 The throughput figures are measured in rounds that alternate raw, pipeline and peer runs, and
@@ -190,6 +192,58 @@ def alloc_per_frame(task, frames, count=50):
     return int(statistics.median(peaks))
 
 
+def tracking_cost(card, objects=50, frames=600, seed=0):
+    """The decode step's tracking (tracker, 2 zones, 2 lines, events) at `objects` objects
+    moving and bouncing in a 1280x720 frame with box jitter: ms per frame (p50, p95), and the
+    Python memory still held per frame after `frames` more frames (tracemalloc)."""
+    import tracemalloc
+    from edge import config, validate
+    from edge.tracking import CameraTracking
+    settings = validate.check({"zones": [
+        {"name": "left", "points": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]], "normalized": True},
+        {"name": "corner", "points": [[0.7, 0.7], [1, 0.7], [1, 1]], "normalized": True}],
+        "lines": [{"name": "middle", "points": [[0.5, 0], [0.5, 1]], "normalized": True},
+                  {"name": "across", "points": [[0, 0.5], [1, 0.5]], "normalized": True}]},
+        config.SPEC["track"], "bench", "track.")
+    tracking = CameraTracking(settings, card, "bench", camera=("bench", seed))
+    rng = np.random.RandomState(seed)
+    size = rng.uniform(30, 160, (objects, 2))
+    pos = rng.uniform(0, 1, (objects, 2)) * ([1280, 720] - size)
+    vel = rng.normal(0, 3, (objects, 2))
+    rows = np.zeros((objects, 6), np.float32)
+    rows[:, 5] = rng.randint(0, 3, objects)
+    frame = Frame(0, (720, 1280, 3))
+
+    def step(i):
+        pos[:] += vel
+        out = (pos < 0) | (pos + size > [1280, 720])
+        vel[out] *= -1
+        np.clip(pos, 0, [1280, 720] - size, out=pos)
+        rows[:, :2] = pos + rng.normal(0, 1.5, (objects, 2))
+        rows[:, 2:4] = pos + size + rng.normal(0, 1.5, (objects, 2))
+        rows[:, 4] = rng.uniform(0.3, 0.95, objects)
+        frame.index = i
+        frame.ts = time.time()
+        started = time.perf_counter()
+        tracking.update(rows, frame)
+        return (time.perf_counter() - started) * 1000.0
+
+    for i in range(100):                  # warm up: every track confirmed
+        step(i)
+    times = [step(100 + i) for i in range(frames)]
+    tracemalloc.start()
+    for i in range(frames // 2):
+        step(100 + frames + i)
+    held = tracemalloc.get_traced_memory()[0]
+    for i in range(frames // 2):
+        step(100 + frames + frames // 2 + i)
+    grown = tracemalloc.get_traced_memory()[0] - held
+    tracemalloc.stop()
+    return {"objects": objects, "ms": _percentiles(times),
+            "tracks": int(tracking.tracker.active().size),
+            "growth_bytes_per_frame": round(grown / float(frames // 2), 1)}
+
+
 class Receiver:
     """A subscriber on the bench broker: when each result message arrived."""
 
@@ -353,6 +407,7 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             results["pipeline_images_fps"] = run_pipeline(limited, [detect_images], link,
                                                           qos)[0]
         results["alloc_per_frame_bytes"] = alloc_per_frame(detect, frames)
+        results["tracking"] = tracking_cost(card)
         if matcher:
             results["with_matcher"] = _with_matcher(cfg, maker, detect, matcher, reference,
                                                     frames, link, qos, workdir,
@@ -521,6 +576,12 @@ def table(r):
         "  host cast {} ms per frame (uint8 -> float32, what TensorRT < 8.5 adds on the "
         "CPU)".format(r["host_cast_ms"]),
     ]
+    if "tracking" in r:
+        t = r["tracking"]
+        lines.append("  tracking       {} ms/frame p50 (p95 {}) at {} objects, 2 zones, 2 lines; "
+                     "memory kept {} bytes/frame".format(t["ms"]["p50"], t["ms"]["p95"],
+                                                         t["objects"],
+                                                         t["growth_bytes_per_frame"]))
     if "with_matcher" in r:
         m = r["with_matcher"]
         lines.append("  with matcher at 1 Hz: detect {:.1f} fps = {:.3f} of solo {:.1f} ({} "

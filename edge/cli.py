@@ -267,6 +267,27 @@ def _bench(args):
     return EXIT_OK
 
 
+def _track(args):
+    """`edge track`: the tracker offline, MOTChallenge det.txt in, results out."""
+    import time
+    from edge import config
+    from edge.tracking import mot
+    overrides = {"track.high_score": args.high_score, "track.low_score": args.low_score}
+    cfg = config.load(args.config, overrides, require_task=False)
+    detections = mot.read_detections(args.detections)
+    started = time.perf_counter()
+    size = _frame_size(args.size, None) if args.size else None
+    results = mot.track(detections, cfg["track"], fill_gaps=not args.no_fill, size=size)
+    elapsed = time.perf_counter() - started
+    mot.write_results(results, args.out)
+    frames = int(detections[:, 0].max()) if detections.shape[0] else 0
+    print("{}: {} frames, {} detections -> {} tracks, {} result lines in {} ({:.2f} ms a "
+          "frame)".format(args.detections, frames, detections.shape[0],
+                          len(set(results[:, 1].astype(int))), results.shape[0], args.out,
+                          1000.0 * elapsed / max(frames, 1)))
+    return EXIT_OK
+
+
 def _doctor(args):
     """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
     from edge import cards, doctor
@@ -361,6 +382,22 @@ def parser():
     bn.add_argument("--mirror", help="local folder to fetch models from")
     bn.add_argument("--state-dir", help="folder for engines")
     bn.set_defaults(func=_bench)
+
+    tr = sub.add_parser("track", help="run the tracker on MOTChallenge detections (det.txt), "
+                                      "write MOTChallenge results")
+    tr.add_argument("detections", metavar="DETS",
+                    help="det.txt: frame,id,x,y,w,h,score[,...] per line, frames from 1")
+    tr.add_argument("--out", required=True, metavar="RESULTS",
+                    help="results: frame,id,x,y,w,h,1,-1,-1,-1 per line")
+    tr.add_argument("-c", "--config", help="YAML config file (its track: section)")
+    tr.add_argument("--high-score", type=float,
+                    help="boxes that start and extend tracks (default 0.5, or track.high_score)")
+    tr.add_argument("--low-score", type=float, help="weaker boxes that keep tracks alive")
+    tr.add_argument("--size", help="frame size WxH (seqinfo.ini's imWidth x imHeight): boxes "
+                                   "cut by the frame's edge then match more freely")
+    tr.add_argument("--no-fill", action="store_true",
+                    help="leave the frames a track was unseen empty (as published live)")
+    tr.set_defaults(func=_track)
 
     dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
     dr.add_argument("cards", nargs="*", metavar="CARD",

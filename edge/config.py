@@ -21,6 +21,65 @@ def _prefix(value):
     return None if _TOPIC_PREFIX.match(value) else "MQTT topic levels without + # or spaces"
 
 
+_REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _region_name(value):
+    return None if _REGION_NAME.match(value) else "1-64 letters, digits, _ . - (no spaces)"
+
+
+def _normalized_outside(item):
+    if item["normalized"] and any(not 0.0 <= v <= 1.0 for point in item["points"]
+                                  for v in point):
+        return "points", "normalized coordinates must lie within 0..1"
+    return None
+
+
+def _labels_empty(item):
+    if item["labels"] is not None and not item["labels"]:
+        return "labels", "list at least one label, or leave labels out to count every class"
+    return None
+
+
+def _zone(item):
+    """Rules across a zone's keys: a polygon of 3 or more points with an area."""
+    points = item["points"]
+    if len(points) < 3:
+        return "points", "a zone needs at least 3 points"
+    twice_area = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in
+                     zip(points, points[1:] + points[:1]))
+    if twice_area == 0:
+        return "points", "the points enclose no area (all on one line)"
+    return _normalized_outside(item) or _labels_empty(item)
+
+
+def _line(item):
+    """Rules across a line's keys: two different points."""
+    if item["points"][0] == item["points"][1]:
+        return "points", "the two points are the same (a zero-length line)"
+    return _normalized_outside(item) or _labels_empty(item)
+
+
+_POINT = Field(list, length=2)
+_LABELS = Field(list, default=None, nullable=True, items=Field(str),
+                help="the detector's labels this counts; null: every class")
+ZONE = {
+    "name": Field(str, check=_region_name, help="name in events and health"),
+    "points": Field(list, items=_POINT, help="polygon [[x, y], ...], 3 or more points"),
+    "normalized": Field(bool, default=False, help="points in 0..1 of the frame's width and "
+                                                  "height instead of pixels"),
+    "labels": _LABELS,
+}
+LINE = {
+    "name": Field(str, check=_region_name, help="name in events and health"),
+    "points": Field(list, length=2, items=_POINT, help="[[x1, y1], [x2, y2]]"),
+    "normalized": Field(bool, default=False, help="points in 0..1 of the frame"),
+    "direction": Field(str, default="both", choices=("both", "left_to_right", "right_to_left"),
+                       help="crossings counted, walking from the first point to the second"),
+    "labels": _LABELS,
+}
+
+
 def _backend_names():
     from edge import backends
     return tuple(backends.names())
@@ -112,6 +171,33 @@ SPEC = {
                            help="largest request accepted"),
         "snapshot_bytes": Field(int, default=262144, min=1024, max=4 << 20,
                                 help="default size cap of a snapshot JPEG"),
+    },
+    "track": {
+        "enabled": Field(bool, default=True, help="track detections (ids, zones, lines, events)"),
+        "high_score": Field(float, default=None, nullable=True, min=0.0, max=1.0,
+                            help="boxes that match tracks at match_iou; null: the card's "
+                                 "thresholds.score"),
+        "low_score": Field(float, default=0.1, min=0.0, max=1.0,
+                           help="weaker boxes down to this match at low_match_iou and build "
+                                "tracks; never published"),
+        "match_iou": Field(float, default=0.2, min=0.01, max=1.0,
+                           help="least IoU of a confident box with a track's prediction"),
+        "low_match_iou": Field(float, default=0.5, min=0.01, max=1.0,
+                               help="least IoU of a weak box with a track's prediction"),
+        "confirm_frames": Field(int, default=2, min=1, max=100,
+                                help="frames matched before a track gets its id"),
+        "confirm_score": Field(float, default=1.5, min=0.0, max=100.0,
+                               help="sum of the scores of those frames' boxes, at least"),
+        "max_lost": Field(int, default=30, min=0, max=100000,
+                          help="frames a track lives unseen before it ends"),
+        "max_tracks": Field(int, default=256, min=1, max=65536,
+                            help="tracks held at once per camera (memory is fixed)"),
+        "anchor": Field(str, default="bottom", choices=("bottom", "center"),
+                        help="point of a box that zones and lines test"),
+        "zones": Field(list, default=[], items=ZONE, item_check=_zone, unique="name",
+                       help="polygons: events when a track enters or leaves"),
+        "lines": Field(list, default=[], items=LINE, item_check=_line, unique="name",
+                       help="segments: events when a track crosses"),
     },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),

@@ -53,6 +53,8 @@ def build_tasks(config, maker, store):
             raise ConfigError("{}: card {} is a {} card; use it as --{}".format(
                 key, card.name, card.task, "detector" if card.task == "detect" else "matcher"))
         options = {"device": config["device_id"]}
+        if task == "detect":
+            options["track"] = config["track"]
         if task == "match":
             options.update(config["match"], store=store)
         built.append(tasks.create(card, maker, config["model_dir"],

@@ -12,13 +12,17 @@ def _colour(class_id):
 
 
 def detections(image, dets):
-    """Draw boxes and labels (as published: dicts with box, label, score) onto `image`."""
+    """Draw boxes and labels (as published: dicts with box, label, score and track_id) onto
+    `image`; a tracked object is labelled `#id` and keeps its colour from frame to frame."""
     thickness = max(1, int(round(max(image.shape[:2]) / 400)))
     for det in dets:
         x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
-        colour = _colour(det.get("class_id", 0))
+        track = det.get("track_id")
+        colour = _colour(det.get("class_id", 0) if track is None else track * 7 + 3)
         cv2.rectangle(image, (x1, y1), (x2, y2), colour, thickness)
         text = "{} {:.2f}".format(det["label"], det["score"])
+        if track is not None:
+            text = "#{} {}".format(track, text)
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
         top = max(y1, th + base + 2)
         cv2.rectangle(image, (x1, top - th - base - 2), (x1 + tw + 2, top), colour, -1)

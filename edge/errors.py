@@ -6,7 +6,7 @@ Exit codes follow BSD sysexits where one fits, so scripts and systemd can tell t
 EXIT_OK = 0
 EXIT_FAILURE = 1        # an unexpected internal error (a bug): traceback with --debug
 EXIT_USAGE = 2          # bad command line (argparse)
-EXIT_DATAERR = 65       # a model, engine or image file is corrupt or of the wrong kind
+EXIT_DATAERR = 65       # a model, engine, image or detections file is corrupt or of the wrong kind
 EXIT_NOINPUT = 66       # the source cannot be opened or read
 EXIT_UNAVAILABLE = 69   # a network service (broker, model download) cannot be reached
 EXIT_SOFTWARE = 70      # an engine could not be built
@@ -28,6 +28,12 @@ class ConfigError(EdgeError):
 
 class ModelError(EdgeError):
     """A model file that is missing, truncated, corrupt or does not match its card."""
+
+    exit_code = EXIT_DATAERR
+
+
+class DataError(EdgeError):
+    """An input file that is not in its format (`edge track`'s detections)."""
 
     exit_code = EXIT_DATAERR
 

@@ -97,6 +97,7 @@ class Health(threading.Thread):
             summary.update({"model": runner.task.card.name, "queue": len(runner.handoff),
                             "dropped": runner.handoff.dropped,
                             "error": str(runner.error) if runner.error else None})
+            summary.update(runner.task.health())
             tasks[runner.task.name] = summary
         from edge.backends import build
         # The engines the tasks hold now (loaded from the cache or built in this run), plus

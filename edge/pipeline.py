@@ -16,6 +16,7 @@ import time
 from edge.capture import Capture
 from edge.errors import EdgeError
 from edge.frames import FramePool, Handoff
+from edge.tasks import Side
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class TaskRunner(threading.Thread):
         try:
             messages = self.task.decode(frame, inferred)
             for message in messages:
+                if isinstance(message, Side):
+                    self.decoder.publisher.put(message.topic, message.message, qos=message.qos)
+                    continue
                 self.decoder.publisher.put(self.task.topic, message)
                 self.task.last_message = message
             if messages:

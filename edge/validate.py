@@ -29,7 +29,8 @@ class Field:
     """One key: its type, default, allowed values and an optional extra check."""
 
     def __init__(self, kind, default=_MISSING, choices=None, min=None, max=None,
-                 length=None, check=None, nullable=False, help=""):
+                 length=None, check=None, nullable=False, help="", items=None,
+                 item_check=None, unique=None):
         self.kind = kind            # a type or tuple of types; float accepts int
         self.default = default
         self.choices = choices
@@ -39,6 +40,12 @@ class Field:
         self.check = check          # callable(value) -> error text or None
         self.nullable = nullable
         self.help = help
+        # lists: a Field for each item, or a spec (dict) for items that are mappings, checked
+        # with their index in the key path (`track.zones[1].points`); item_check(item) ->
+        # (key, reason) or None, for rules across an item's keys
+        self.items = items
+        self.item_check = item_check
+        self.unique = unique        # key of mapping items whose values must differ (`name`)
 
     @property
     def required(self):
@@ -52,6 +59,10 @@ class Field:
                  list: "a list", dict: "a mapping"}
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         text = " or ".join(names.get(k, k.__name__) for k in kinds)
+        if isinstance(self.items, dict):
+            text = "a list of mappings"
+        elif isinstance(self.items, Field):
+            text = "a list whose items are each {}".format(self.items.describe())
         if self.length is not None:
             text = "a list of {} {}".format(self.length, "numbers" if self.kind == list else text)
         if self.min is not None and self.max is not None:
@@ -89,11 +100,33 @@ def _check_field(value, field, path, where):
         fail()
     if field.length is not None and len(value) != field.length:
         fail()
-    if isinstance(value, list):
+    if isinstance(value, list) and field.items is None:
         for item in value:
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 if field.kind == list:
                     fail()
+    if isinstance(value, list) and isinstance(field.items, dict):
+        if not all(isinstance(item, dict) for item in value):
+            fail()
+        value = [check(item, field.items, where, "{}[{}].".format(path, i))
+                 for i, item in enumerate(value)]
+        seen = {}
+        for i, item in enumerate(value):
+            if field.unique is not None:
+                first = seen.setdefault(item[field.unique], i)
+                if first != i:
+                    raise ConfigError("{}: {}[{}].{}: {!r} is already the {} of {}[{}]; each "
+                                      "must differ".format(where, path, i, field.unique,
+                                                           item[field.unique], field.unique,
+                                                           path, first))
+            problem = field.item_check(item) if field.item_check else None
+            if problem:
+                key, reason = problem
+                raise ConfigError("{}: {}[{}].{}: {} (got {!r})".format(
+                    where, path, i, key, reason, item[key]))
+    elif isinstance(value, list) and isinstance(field.items, Field):
+        value = [_check_field(item, field.items, "{}[{}]".format(path, i), where)
+                 for i, item in enumerate(value)]
     if field.min is not None and isinstance(value, (int, float)) and value < field.min:
         fail()
     if field.max is not None and isinstance(value, (int, float)) and value > field.max:

@@ -30,4 +30,7 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
     assert r["with_matcher"]["match_infer_ms"]["p50"] > 0 and r["daemon_peak_rss_mb"] > 50
     assert len(r["rounds"]) == 2 and all(x["raw_fps"] > 0 and x["pipeline_fps"] > 0 and
                                          x["peer_fps"] > 0 for x in r["rounds"])
+    tracking = r["tracking"]
+    assert tracking["objects"] == 50 and tracking["tracks"] > 0 and tracking["ms"]["p50"] > 0
+    assert "growth_bytes_per_frame" in tracking and "tracking" in out
     assert "pipeline/raw" in out and plot.stat().st_size > 1000

@@ -26,6 +26,12 @@ def test_demo_prints_messages_and_writes_annotated_picture(tmp_path, model_dir):
     assert picture is not None and picture.shape[0] >= 320
     with open(out / "messages.jsonl") as f:
         assert len([json.loads(line) for line in f]) == 8
+    # tracking: the clip's giraffe and zebra get ids, cross the line, enter the zone
+    events = [line for line in text.splitlines() if line.strip().startswith("event")]
+    assert any("giraffe" in e and "track_start" in e for e in events), text
+    assert any("zebra" in e and "line_cross middle" in e for e in events), text
+    picture = cv2.imread(str(out / "tracking.jpg"))
+    assert picture is not None and picture.shape[0] >= 320
     with open(out / "matches.jsonl") as f:
         match = json.loads(f.readline())
     assert match["count"] >= 300 and match["homography"] is not None

@@ -181,7 +181,7 @@ def test_every_field_is_described():
 
 
 def test_every_payload_carries_v_1():
-    for name in ("Status", "Detections", "Matches", "Health", "ReplyOk", "ReplyError"):
+    for name in ("Status", "Detections", "Matches", "Health", "ReplyOk", "ReplyError", "Event"):
         assert COMPONENTS[name]["properties"]["v"] == {"$ref": "#/components/schemas/ApiVersion"}
         assert "v" in COMPONENTS[name]["required"]
     assert COMPONENTS["ApiVersion"]["const"] == 1
@@ -251,6 +251,7 @@ def test_readme_is_rendered_from_the_document():
     ("edge/cam1/detections", "edge", "detections"),
     ("edge/cam1/matches", "edge", "matches"),
     ("edge/cam1/health", "edge", "health"),
+    ("edge/cam1/events", "edge", "events"),
     ("edge/cam1/cmd/ping", "edge", "command"),
     ("edge/cam1/cmd/selfdestruct", "edge", "command"),
     ("edge/cam1/reply/p1", "edge", "reply"),
@@ -499,6 +500,12 @@ def broken(change):
                                                           "uptime_s": 2.0}},
      "result.pong", "is not of type 'boolean'"),
     ("command", {"id": "a/b"}, "id", "does not match"),
+    ("events", dict(DOC["components"]["messages"]["Event"]["examples"][0]["payload"],
+                    direction="up"), "direction", "is not one of"),
+    ("events", {k: v for k, v in DOC["components"]["messages"]["Event"]["examples"][0][
+        "payload"].items() if k != "line"}, "(the payload)", "'line' is a required property"),
+    ("events", dict(DOC["components"]["messages"]["Event"]["examples"][2]["payload"],
+                    zone="dock"), "(the payload)", "should not be valid"),
 ])
 def test_broken_payloads_are_refused_with_path_and_reason(kind, payload, where, reason):
     with pytest.raises(ValueError) as info:

@@ -2,8 +2,10 @@
 
 Fetches the pinned demo images and the model (mirror-aware), starts a local Mosquitto on a
 free port (unless --mqtt is given), subscribes like a robot would, runs `edge run` on the
-images, prints every message received and writes annotated pictures to demo-out/. Then matches a
-stereo pair with the matcher and draws reference and frame side by side with the matches.
+images, prints every message received and writes annotated pictures to demo-out/. Then tracks
+the objects of a clip panning over two of the images (track ids, a zone, a line, events),
+and matches a stereo pair with the matcher and draws reference and frame side by side with
+the matches.
 """
 
 import argparse
@@ -25,6 +27,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 from edge import draw, fetch  # noqa: E402
+import pan_clip  # noqa: E402  (tools/, beside this file)
 from edge.bench import start_local_broker  # noqa: E402
 from edge.mqtt import make_client  # noqa: E402
 
@@ -141,7 +144,57 @@ def main():
     total = sum(len(m["detections"]) for m in messages)
     print("demo: {} messages, {} detections; annotated picture: {} (one per image in {})".format(
         len(messages), total, sheet, annotated))
-    return 0 if args.no_matcher else demo_matching(args, data_mirror)
+    rc = demo_tracking(args, images)
+    if rc != 0 or args.no_matcher:
+        return rc
+    return demo_matching(args, data_mirror)
+
+
+def demo_tracking(args, images):
+    """A clip panning over the giraffe and the zebra: track ids, a zone, a line, events."""
+    clip = os.path.join(args.out, "pan.avi")
+    frames = pan_clip.make(clip, [os.path.join(images, "000000000025.jpg"),
+                                  os.path.join(images, "000000000034.jpg")])
+    config = os.path.join(args.out, "track.yaml")
+    with open(config, "w") as f:
+        f.write(pan_clip.TRACK_CONFIG)
+    jsonl = os.path.join(args.out, "tracking.jsonl")
+    if os.path.exists(jsonl):
+        os.unlink(jsonl)
+    print("demo: tracking the objects of a {}-frame clip panning over two images ({}); the "
+          "left half is a zone, its edge a line".format(frames, clip))
+    rc = subprocess.call([sys.executable, "-m", "edge", "run", "-c", config, "--source", clip,
+                          "--detector", args.detector, "--device-id", "demo", "--jsonl", jsonl])
+    if rc != 0:
+        print("demo: edge run (tracking) failed with exit status {}".format(rc))
+        return rc
+    with open(jsonl) as f:
+        messages = [json.loads(line) for line in f]
+    for event in (m for m in messages if "type" in m):
+        print("  event  frame {:3d}  track {}  {:8} {}{}".format(
+            event["frame_index"], event["track_id"], event["label"], event["type"],
+            "".join(" " + str(event[k]) for k in ("zone", "line", "direction") if k in event)))
+    results = [m for m in messages if "detections" in m]
+    capture = cv2.VideoCapture(clip)
+    pictures = []
+    for index, message in enumerate(results):
+        ok, image = capture.read()
+        if not ok:
+            break
+        if index % (len(results) // 8) == 0 and len(pictures) < 8:
+            height, width = image.shape[:2]
+            cv2.line(image, (width // 2, 0), (width // 2, height), (255, 200, 0), 2)
+            draw.detections(image, message["detections"])
+            cv2.putText(image, "frame {}".format(index), (10, 25), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.8, (255, 255, 255), 2, cv2.LINE_AA)
+            pictures.append(image)
+    capture.release()
+    sheet = os.path.join(args.out, "tracking.jpg")
+    cv2.imwrite(sheet, contact_sheet(pictures))
+    ids = sorted({d["track_id"] for m in results for d in m["detections"] if d["track_id"]})
+    print("demo: {} frames, track ids {}; picture with the ids drawn: {}".format(
+        len(results), ids, sheet))
+    return 0
 
 
 def demo_matching(args, data_mirror):

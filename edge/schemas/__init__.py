@@ -29,10 +29,11 @@ KINDS = {
     "health": "Health",
     "reply": "Reply",
     "command": "CommandRequest",
+    "events": "Event",
 }
 # topics directly under {prefix}/{device_id}/ -> kind
 _FIXED = {"status": "status", "detections": "detections", "matches": "matches",
-          "health": "health"}
+          "health": "health", "events": "events"}
 # topics {prefix}/{device_id}/{level}/{name or id} -> kind
 _NAMED = {"cmd": "command", "reply": "reply", "snapshot": "snapshot"}
 HEALTH_CLIENT_LEVEL = "_health"     # `edge health` replies: {prefix}/_health/{session}/{device}

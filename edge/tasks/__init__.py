@@ -23,6 +23,11 @@ _TASKS = {}
 MAX_ENGINES = 4
 
 
+class Side(collections.namedtuple("Side", "topic message qos")):
+    """A message of a task on a topic of its own (tracking's `events`), with its QoS; not a
+    result of the frame (snapshots never draw it)."""
+
+
 def register(cls):
     """Class decorator: register a task class under its `name` (a card's `task`)."""
     _TASKS[cls.name] = cls
@@ -125,8 +130,13 @@ class Task:
         raise NotImplementedError
 
     def decode(self, frame, inferred):
-        """The list of messages to publish for an inferred frame; counts the frame."""
+        """The list of messages to publish for an inferred frame (dicts for the task's
+        topic, `Side` for another); counts the frame."""
         raise NotImplementedError
+
+    def health(self):
+        """Extra keys of this task in the health report."""
+        return {}
 
     def process(self, frame):
         """Infer and decode in the caller's thread (benchmarks, tools)."""

@@ -1,9 +1,11 @@
-"""Object detection: the graph's (K, 6) best candidates -> thresholds -> class-aware NMS."""
+"""Object detection: the graph's (K, 6) best candidates -> thresholds -> class-aware NMS,
+then tracking (track ids, zones, lines, events) per camera."""
 
 import numpy as np
 
 from edge.families.yolo import DETECTIONS
-from edge.tasks import Task, envelope, register
+from edge.tasks import Side, Task, envelope, register
+from edge.tracking import EVENT_QOS, EVENT_TOPIC
 
 
 def nms(rows, iou_threshold):
@@ -43,18 +45,58 @@ class DetectTask(Task):
     name = "detect"
     topic = "detections"
 
-    def __init__(self, card, engines, model, device="edge"):
+    def __init__(self, card, engines, model, device="edge", track=None):
         super().__init__(card, engines, model)
         self.device = device
         self.score = card.thresholds["score"]
         self.iou = card.thresholds["iou"]
+        self.track = track if track is not None and track["enabled"] else None
+        # Tracking also reads the weak boxes below the card's threshold (ByteTrack's second
+        # association); they keep tracks alive and are never published.
+        self.floor = self.score if self.track is None else min(self.score,
+                                                                 self.track["low_score"])
+        self.trackers = {}     # camera name (None: the one unnamed camera) -> CameraTracking
+        if self.track is not None:
+            self.tracking_for(None)    # a bad zone or line label fails now, not at frame 1
 
-    def detections(self, outputs):
-        """The kept detections as dicts, as published."""
-        kept = select(outputs[DETECTIONS], self.score, self.iou)
+    def tracking_for(self, camera):
+        """The camera's tracking, made on first use."""
+        tracking = self.trackers.get(camera)
+        if tracking is None:
+            from edge.tracking import CameraTracking
+            tracking = CameraTracking(self.track, self.card, self.device, camera)
+            self.trackers[camera] = tracking
+        return tracking
+
+    def detections(self, outputs, frame=None):
+        """(the detections as dicts, as published; the `events` of the frame)."""
+        kept = select(outputs[DETECTIONS], self.floor, self.iou)
+        events = ()
+        ids = None
+        if self.track is not None and frame is not None:
+            ids, events = self.tracking_for(None).update(kept, frame)
+        # NMS keeps the rows in score order: the published ones are a prefix
+        published = int(np.count_nonzero(kept[:, 4] >= self.score))
         return [{"label": self.card.label(int(row[5])), "class_id": int(row[5]),
                  "score": round(float(row[4]), 4),
-                 "box": [round(float(v), 2) for v in row[:4]]} for row in kept]
+                 "box": [round(float(v), 2) for v in row[:4]],
+                 "track_id": int(ids[i]) if ids is not None and ids[i] else None}
+                for i, row in enumerate(kept[:published])], events
+
+    def health(self):
+        """Tracking figures for the health report: tracks, counts per zone and line."""
+        if self.track is None:
+            return {}
+        summaries = [t.summary() for t in self.trackers.values()]
+        tracks = {"tracks": sum(s["tracks"] for s in summaries),
+                  "started": sum(s["started"] for s in summaries), "zones": {}, "lines": {}}
+        for summary in summaries:
+            for kind in ("zones", "lines"):
+                for name, counts in summary[kind].items():
+                    total = tracks[kind].setdefault(name, dict.fromkeys(counts, 0))
+                    for key, value in counts.items():
+                        total[key] += value
+        return {"tracking": tracks}
 
     def infer_frame(self, frame):
         engine, binding = self.binding_for(frame)
@@ -65,5 +107,5 @@ class DetectTask(Task):
         self.frames += 1
         self.seq += 1
         msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
-        msg["detections"] = self.detections(binding.outputs)
-        return [msg]
+        msg["detections"], events = self.detections(binding.outputs, frame)
+        return [msg] + [Side(EVENT_TOPIC, event, EVENT_QOS) for event in events]

@@ -1,0 +1,120 @@
+"""Tracking: stable ids for detections, zones and lines, and the events they make.
+
+The detect task owns one CameraTracking per camera (keyed by camera name) and runs it in
+its decode step, on the decode thread: the tracker (tracker.py: Kalman prediction,
+ByteTrack's two-stage association), the zones and lines (zones.py), and the `events`
+messages. `edge track` runs the same tracker offline on MOTChallenge files (mot.py).
+"""
+
+import itertools
+import threading
+
+import numpy as np
+
+from edge.errors import ConfigError
+from edge.tracking.tracker import Tracker
+from edge.tracking.zones import Regions
+
+EVENT_TOPIC = "events"
+EVENT_QOS = 1           # events are rare and each one matters: at least once, never retained
+
+_ids = {}               # camera name -> itertools.count: ids stay unique across reloads
+_ids_lock = threading.Lock()
+
+
+def id_counter(camera):
+    """The track id source of a camera for this process (ids never repeat in a run)."""
+    with _ids_lock:
+        return _ids.setdefault(camera, itertools.count(1))
+
+
+def class_ids(labels, card_labels, key, model):
+    """The class ids of a zone's or line's `labels` (None: every class); ConfigError naming
+    the key for a label the detector does not know."""
+    if labels is None:
+        return None
+    ids = []
+    for label in labels:
+        if label in card_labels:
+            ids.append(card_labels.index(label))
+        elif not card_labels and label.isdigit():   # a card without labels names classes by id
+            ids.append(int(label))
+        else:
+            known = ", ".join(card_labels[:12]) + (", ..." if len(card_labels) > 12 else "")
+            raise ConfigError("config: {}: unknown label {!r} for detector {}; its labels: {}"
+                              .format(key, label, model, known or "class numbers 0, 1, ..."))
+    return np.array(ids, np.int64)
+
+
+class CameraTracking:
+    """One camera's tracker, zones and lines; `update` once per decoded frame."""
+
+    def __init__(self, settings, card, device, camera=None):
+        self.card = card
+        self.device = device
+        self.camera = camera
+        capacity = settings["max_tracks"]
+        high_score = settings["high_score"]
+        if high_score is None:
+            high_score = card.thresholds["score"]
+        self.tracker = Tracker.from_settings(settings, high_score, id_counter(camera))
+        labels = card.labels
+        self.regions = Regions(
+            settings["zones"], settings["lines"],
+            [class_ids(z["labels"], labels, "track.zones[{}].labels".format(i), card.name)
+             for i, z in enumerate(settings["zones"])],
+            [class_ids(l["labels"], labels, "track.lines[{}].labels".format(i), card.name)
+             for i, l in enumerate(settings["lines"])],
+            capacity, settings["anchor"])
+        self.seen_ts = np.zeros(capacity, np.float64)   # capture time of each slot's last match
+        self.seq = 0
+        self._events = []
+
+    def update(self, rows, frame):
+        """Track the frame's kept detections (n, 6) x1, y1, x2, y2, score, class.
+
+        Returns (track id per row, 0 for none; the `events` messages of this frame).
+        """
+        self._events = []
+        tracker = self.tracker
+        result = tracker.update(rows[:, :4].astype(np.float64), rows[:, 4].astype(np.float64),
+                                rows[:, 5].astype(np.int64), frame.index,
+                                (frame.width, frame.height))
+        self.seen_ts[result.matched] = frame.ts
+        self.seen_ts[result.started] = frame.ts
+        for slot in result.started:
+            self._emit(slot, "track_start", None, None)
+        width, height = frame.width, frame.height
+        regions = self.regions
+        regions.start(result.started, tracker.class_id[result.started],
+                      tracker.kalman.boxes(result.started), width, height, self._emit)
+        regions.move(result.matched, tracker.class_id[result.matched],
+                     tracker.kalman.boxes(result.matched), width, height, self._emit)
+        for slot in result.ended:
+            regions.end(slot, self._emit)
+            self._emit(slot, "track_end", None, None)
+        return result.ids, self._events
+
+    def _emit(self, slot, kind, name, direction):
+        """One `events` message about the track in `slot`, as of its last match."""
+        tracker = self.tracker
+        self.seq += 1
+        class_id = int(tracker.class_id[slot])
+        event = {"v": 1, "device": self.device, "model": self.card.name, "seq": self.seq,
+                 "type": kind, "ts": round(float(self.seen_ts[slot]), 6),
+                 "frame_index": int(tracker.seen[slot]), "track_id": int(tracker.track_id[slot]),
+                 "label": self.card.label(class_id), "class_id": class_id,
+                 "score": round(float(tracker.score[slot]), 4),
+                 "box": [round(float(v), 2) for v in tracker.box[slot]]}
+        if kind.startswith("zone_"):
+            event["zone"] = name
+        elif kind == "line_cross":
+            event["line"] = name
+            event["direction"] = direction
+        self._events.append(event)
+
+    def summary(self):
+        """For health: tracks now, tracks started, counts per zone and line."""
+        zones, lines = self.regions.summary()
+        return {"tracks": int(self.tracker.active().size),
+                "started": self.tracker.started_total, "zones": zones, "lines": lines}
