@@ -18,6 +18,7 @@ def _run(args):
         "mqtt.url": args.mqtt, "jsonl": args.jsonl, "device_id": args.device_id,
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
+        "stereo.calib": args.calib,
     }
     cfg = config.load(args.config, overrides)
     if args.debug:
@@ -286,6 +287,8 @@ def parser():
     run.add_argument("--reference", help="image stored as the matcher's reference (named after "
                                          "its file) before the run")
     run.add_argument("--state-dir", help="folder for references and engines")
+    run.add_argument("--calib", help="stereo calibration (Middlebury calib.txt or OpenCV "
+                                     "YAML/XML) for a stereo:// source: depth and `spatial`")
     run.add_argument("--mqtt", help="broker URL mqtt://host[:port][?qos=0|1&keepalive=S]")
     run.add_argument("--jsonl", help="also append every message to this file")
     run.add_argument("--device-id", help="device name in topics (default: host name)")

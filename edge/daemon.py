@@ -40,8 +40,11 @@ def reference_store(config):
     return store
 
 
-def build_tasks(config, maker, store):
-    """The configured tasks, models fetched and checked."""
+def build_tasks(config, maker, store, source=None):
+    """The configured tasks, models fetched and checked; with a stereo source and
+    stereo.calib, the depth task last (detection asks it for `spatial`)."""
+    from edge.tasks import depth as stereo_depth
+    depth = stereo_depth.create(config, maker, source) if source is not None else None
     built = []
     for key, task in (("detector", "detect"), ("matcher", "match")):
         if not config[key]:
@@ -53,8 +56,12 @@ def build_tasks(config, maker, store):
         options = {"device": config["device_id"]}
         if task == "match":
             options.update(config["match"], store=store)
+        if task == "detect" and depth is not None:
+            options["depth"] = depth
         built.append(tasks.create(card, maker, config["model_dir"],
                                   mirror=config["model_mirror"], **options))
+    if depth is not None:
+        built.append(depth)
     return built
 
 
@@ -168,7 +175,7 @@ class Daemon:
         source = sources.open_source(config["source"])
         maker = engine_maker(config)
         store = reference_store(config) if config["matcher"] else None
-        built = build_tasks(config, maker, store)
+        built = build_tasks(config, maker, store, source)
         pipeline = Pipeline(source, built, self.publisher, pool_size=config["pipeline"]["pool"],
                             max_frames=config["max_frames"], allocate=maker.allocate)
         pipeline.open()

@@ -43,9 +43,10 @@ class DetectTask(Task):
     name = "detect"
     topic = "detections"
 
-    def __init__(self, card, engines, model, device="edge"):
+    def __init__(self, card, engines, model, device="edge", depth=None):
         super().__init__(card, engines, model)
         self.device = device
+        self.depth = depth      # stereo runs: the depth task (edge.tasks.depth) adds `spatial`
         self.score = card.thresholds["score"]
         self.iou = card.thresholds["iou"]
 
@@ -66,4 +67,6 @@ class DetectTask(Task):
         self.seq += 1
         msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
         msg["detections"] = self.detections(binding.outputs)
+        if self.depth is not None:
+            self.depth.add_spatial(frame, msg["detections"])
         return [msg]
