@@ -260,6 +260,46 @@ def _bench(args):
     return EXIT_OK
 
 
+def _depth(args):
+    """`edge depth LEFT RIGHT --calib FILE --out DEPTH.npy|.png`: one pair's depth map."""
+    from urllib.parse import urlencode
+    import numpy as np
+    from edge import calibration, config, daemon, depth, sources
+    from edge.errors import ConfigError
+    from edge.frames import Frame
+    overrides = {"backend": args.backend, "state_dir": args.state_dir, "stereo.calib": args.calib}
+    cfg = config.load(args.config, overrides, require_task=False)
+    for path in (args.left, args.right):
+        if not os.path.isfile(path):
+            raise ConfigError("edge depth: {} is not an image file; give the left and the right "
+                              "image of one pair".format(path))
+    if not args.out.lower().endswith((".npy", ".png")):
+        raise ConfigError("--out {}: use a .npy (float32 mm, NaN unknown) or .png (16-bit mm, "
+                          "0 unknown) name".format(args.out))
+    calib = calibration.load(cfg["stereo"]["calib"])
+    source = sources.open_source("stereo://?" + urlencode({"left": args.left,
+                                                           "right": args.right}))
+    source.calibrate(calib)
+    source.open()
+    frame = Frame(0, (2, 2, 3))
+    try:
+        source.read_into(frame)
+    finally:
+        source.close()
+    maker = daemon.engine_maker(cfg)
+    stereo = depth.StereoDepth(calib, maker, frame.width, frame.height, cfg["stereo"])
+    slot = stereo.slot()
+    matched_ms, converted_ms = stereo.compute(frame.image, frame.right, slot)
+    known = slot.depth > 0
+    path = depth.save(args.out, slot.depth)
+    print("{}: {}x{}, {:.1%} of pixels with a depth, median {} mm; disparity {:.1f} ms ({}), "
+          "conversion {:.1f} ms ({})".format(
+              path, frame.width, frame.height, known.mean(),
+              int(round(float(np.median(slot.depth[known])))) if known.any() else "-",
+              matched_ms, stereo.estimator.name, converted_ms, maker.backend.name))
+    return EXIT_OK
+
+
 def _doctor(args):
     """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
     from edge import cards, config, doctor
@@ -354,6 +394,18 @@ def parser():
     bn.add_argument("--mirror", help="local folder to fetch models from")
     bn.add_argument("--state-dir", help="folder for engines")
     bn.set_defaults(func=_bench)
+
+    dp = sub.add_parser("depth", help="depth map of one stereo pair (mm) into .npy or .png")
+    dp.add_argument("left", metavar="LEFT", help="left image")
+    dp.add_argument("right", metavar="RIGHT", help="right image")
+    dp.add_argument("--calib", help="calibration: Middlebury calib.txt or OpenCV stereo "
+                                    "YAML/XML (default: stereo.calib of -c)")
+    dp.add_argument("--out", required=True, help="DEPTH.npy (float32 mm, NaN where unknown) or "
+                                                 "DEPTH.png (16-bit mm, 0 where unknown)")
+    dp.add_argument("-c", "--config", help="YAML config file (its stereo: settings)")
+    dp.add_argument("--backend", choices=("auto", "trt", "ort"))
+    dp.add_argument("--state-dir", help="folder for engines")
+    dp.set_defaults(func=_depth)
 
     dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
     dr.add_argument("cards", nargs="*", metavar="CARD",

@@ -128,6 +128,10 @@ class Task:
         """The list of messages to publish for an inferred frame; counts the frame."""
         raise NotImplementedError
 
+    def picture(self):
+        """A picture of the task's own newest result for snapshots (a depth map), or None."""
+        return None
+
     def process(self, frame):
         """Infer and decode in the caller's thread (benchmarks, tools)."""
         return self.decode(frame, self.infer_frame(frame))
