@@ -250,7 +250,8 @@ def _bench(args):
         images = args.source
     results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
                           args.seconds, args.mqtt, args.matcher, args.reference, images,
-                          args.rounds, args.match_seconds)
+                          args.rounds, args.match_seconds, args.stereo,
+                          args.calib or cfg["stereo"]["calib"], args.depth_seconds)
     print(bench.table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -386,6 +387,11 @@ def parser():
     bn.add_argument("--images", help="image folder for the decode-per-frame run")
     bn.add_argument("--matcher", help="also run this matcher at 1 Hz beside detection")
     bn.add_argument("--reference", help="reference image for --matcher")
+    bn.add_argument("--stereo", metavar="URI", help="also time stereo depth on this stereo:// "
+                                                   "source's pairs (resized to --size)")
+    bn.add_argument("--calib", help="calibration of the --stereo pairs (default stereo.calib)")
+    bn.add_argument("--depth-seconds", type=float, default=10.0,
+                    help="length of the runs with and without depth beside detection")
     bn.add_argument("--json", help="write the figures here")
     bn.add_argument("--plot", help="draw throughput and latency into this PNG")
     bn.add_argument("-c", "--config", help="YAML config file")

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("side-by-side",)
 PAIR_TIMEOUT = 5.0          # s without a pair before a live source counts as failed
-READER_BUFFERS = 3          # frames per camera thread: one being read, the newest ones
+READER_BUFFERS = 4          # frames per camera thread: one being read, the 3 newest read
 
 
 def _scratch():
@@ -65,7 +65,7 @@ class StereoSource(Source):
                                   "both files/folders".format(self.display))
         self.live = any(side.live for side in self.sides)
         self.calibration = None
-        self.unpaired = 0        # frames dropped: no partner (within the tolerance, or at all)
+        self._unpaired = 0       # frames dropped: no partner (within the tolerance, or at all)
         self.skipped = 0         # image pairs skipped because a side does not decode
         self._index = 0
         self._pairs = None       # image files: [(left path, right path)]
@@ -85,6 +85,12 @@ class StereoSource(Source):
                 self.display))
         return source
 
+    @property
+    def unpaired(self):
+        """Frames dropped without a partner: none within the tolerance, none at all (one side
+        ended first), or overwritten by newer ones of their camera before one came."""
+        return self._unpaired + sum(reader.overwritten for reader in self._readers)
+
     def calibrate(self, calibration):
         """Check frames against `calibration` and rectify them through its maps, if any."""
         self.calibration = calibration
@@ -103,7 +109,7 @@ class StereoSource(Source):
             self._pairs = list(zip(left, right))
             self._next = 0
             if len(left) != len(right):
-                self.unpaired += abs(len(left) - len(right))
+                self._unpaired += abs(len(left) - len(right))
                 logger.warning("%s: %d left and %d right images; the last %d of the longer side "
                                "have no partner", self.display, len(left), len(right),
                                abs(len(left) - len(right)))
@@ -120,6 +126,7 @@ class StereoSource(Source):
             self._cond.notify_all()
         for reader in self._readers:
             reader.join(2.0)
+            self._unpaired += reader.overwritten
         self._readers = []
         for side in self.sides:
             side.close()
@@ -163,7 +170,7 @@ class StereoSource(Source):
         got_right = self.sides[1].read_into(right)
         if not (got_left and got_right):
             if got_left or got_right:
-                self.unpaired += 1
+                self._unpaired += 1
                 logger.warning("%s: the %s side ended first; its other frames have no partner",
                                self.display, "right" if got_left else "left")
             return False
@@ -200,7 +207,7 @@ class StereoSource(Source):
                         break
                     older = left if a.ts < b.ts else right
                     older.free.append(older.ready.popleft())
-                    self.unpaired += 1
+                    self._unpaired += 1
                     self._warn_unpaired()
                     continue
                 remaining = deadline - time.monotonic()
