@@ -367,7 +367,7 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             from edge import benchdepth
             results["depth"] = benchdepth.bench_depth(
                 cfg, maker, card, stereo, calib, width, height, link, qos,
-                max(frames_count, int(results["pipeline_fps"] * depth_seconds)))
+                max(frames_count, int(results["pipeline_fps"] * depth_seconds)), rounds)
     finally:
         receiver.close()
         peer_client.loop_stop()

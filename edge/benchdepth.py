@@ -100,9 +100,15 @@ def bench_depth(cfg, maker, card, stereo_uri, calib_path, width, height, link, q
     known = np.zeros(raw.shape, bool)
     constants = (calibration, estimator.scale_inverse, estimator.lowest_valid,
                  settings["depth_min_mm"], settings["depth_max_mm"])
-    numpy_ms = _median_ms(lambda: depths.to_depth_numpy(raw, *(constants + (out, known))), runs)
+    graph_times, numpy_times = [], []
+    for _ in range(5 * runs):
+        # Alternating, so that both see the same state of a shared machine. The graph's time
+        # is what the pipeline pays: the int16 -> float32 copy into its input, then the run.
+        graph_times.append(_median_ms(lambda: stereo.convert(slot), 1))
+        numpy_times.append(_median_ms(
+            lambda: depths.to_depth_numpy(raw, *(constants + (out, known))), 1))
+    convert_ms, numpy_ms = statistics.median(graph_times), statistics.median(numpy_times)
     loop_ms = _median_ms(lambda: depths.to_depth_loop(raw, *(constants + (out,))), 1)
-    convert_ms = statistics.median(t[1] for t in timings)
     results = {"pairs": len(pairs), "estimator": estimator.describe(),
                "conversion_backend": maker.backend.name,
                "disparity_ms": round(statistics.median(t[0] for t in timings), 2),

@@ -133,7 +133,7 @@ SPEC = {
                                  help="search range in pixels from min_disparity"),
         "block_size": Field(int, default=5, min=1, max=31, check=_odd,
                             help="matching window (SGBM) or census window (VPI), pixels"),
-        "max_hz": Field(float, default=5.0, min=0.0, max=1000.0,
+        "max_hz": Field(float, default=2.0, min=0.0, max=1000.0,
                         help="depth rate on live sources; 0: every frame (files and folders: "
                              "every frame)"),
         "max_age": Field(float, default=1.0, min=0.0, max=60.0,

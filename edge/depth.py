@@ -165,11 +165,15 @@ class StereoDepth:
         self.cv2.cvtColor(right_bgr, self.cv2.COLOR_BGR2GRAY, dst=self.right)
         self.estimator.compute(self.left, self.right, self.raw)
         matched = time.perf_counter()
-        np.copyto(slot.input.image, self.raw, casting="unsafe")
-        self.engine.infer(slot.binding)
+        self.convert(slot)
         converted = time.perf_counter()
         slot.timings = ((matched - started) * 1000.0, (converted - matched) * 1000.0)
         return slot.timings
+
+    def convert(self, slot):
+        """The depth of the last computed disparity into `slot`, by the conversion graph."""
+        np.copyto(slot.input.image, self.raw, casting="unsafe")
+        self.engine.infer(slot.binding)
 
     def close(self):
         self.engine.close()
