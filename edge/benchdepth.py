@@ -3,7 +3,8 @@
 - disparity_ms: grey views + the estimator (StereoSGBM on a CPU host), median per pair;
 - convert_ms: disparity -> depth by the conversion graph on the backend (ONNX Runtime here,
   TensorRT on a Jetson), beside convert_numpy_ms (vectorised numpy) and convert_loop_ms (a
-  plain Python loop over the pixels), and the speed-ups over the loop;
+  plain Python loop over the pixels), the speed-ups over the loop, and which of graph and
+  numpy the pipeline uses (`stereo.convert`);
 - box_ms: the median depth of one box (spatial), and per frame for the frame's detections;
 - with_depth: detection's throughput with depth at `stereo.max_hz` beside it (a camera's
   mode: detection never waits), against detection alone before and after, over runs long
@@ -83,7 +84,6 @@ def bench_depth(cfg, maker, card, stereo_uri, calib_path, width, height, link, q
                 frames_count, rounds=2, runs=20):
     """The depth figures as a dict (see the module's docstring)."""
     from edge import tasks
-    from edge.tasks.depth import DepthTask
     pairs, native = load_pairs(stereo_uri, width, height)
     calibration = calibrations.load(calib_path)
     calibration.check_size(native[0], native[1], "bench source {}".format(stereo_uri))
@@ -104,13 +104,13 @@ def bench_depth(cfg, maker, card, stereo_uri, calib_path, width, height, link, q
     for _ in range(5 * runs):
         # Alternating, so that both see the same state of a shared machine. The graph's time
         # is what the pipeline pays: the int16 -> float32 copy into its input, then the run.
-        graph_times.append(_median_ms(lambda: stereo.convert(slot), 1))
+        graph_times.append(_median_ms(lambda: stereo.convert(slot, "graph"), 1))
         numpy_times.append(_median_ms(
             lambda: depths.to_depth_numpy(raw, *(constants + (out, known))), 1))
     convert_ms, numpy_ms = statistics.median(graph_times), statistics.median(numpy_times)
     loop_ms = _median_ms(lambda: depths.to_depth_loop(raw, *(constants + (out,))), 1)
     results = {"pairs": len(pairs), "estimator": estimator.describe(),
-               "conversion_backend": maker.backend.name,
+               "conversion_backend": maker.backend.name, "converter": stereo.converter,
                "disparity_ms": round(statistics.median(t[0] for t in timings), 2),
                "convert_ms": round(convert_ms, 3), "convert_numpy_ms": round(numpy_ms, 3),
                "convert_loop_ms": round(loop_ms, 1),
@@ -176,11 +176,12 @@ def table_lines(d):
     """The depth figures as lines of `edge bench`'s table."""
     w = d["with_depth"]
     return [
-        "  depth ({}, {} pairs): disparity {} ms; conversion {} ms on {} (numpy {} ms, "
-        "per-pixel loop {} ms: {}x and {}x faster); {:.0%} of pixels with a depth".format(
-            d["estimator"], d["pairs"], d["disparity_ms"], d["convert_ms"],
-            d["conversion_backend"], d["convert_numpy_ms"], d["convert_loop_ms"],
-            d["convert_speedup"], d["convert_numpy_speedup"], d["density"]),
+        "  depth ({}, {} pairs): disparity {} ms; conversion: graph on {} {} ms, numpy {} "
+        "ms, per-pixel loop {} ms (graph {}x, numpy {}x faster; in use: {}); {:.0%} of "
+        "pixels with a depth".format(
+            d["estimator"], d["pairs"], d["disparity_ms"], d["conversion_backend"],
+            d["convert_ms"], d["convert_numpy_ms"], d["convert_loop_ms"], d["convert_speedup"],
+            d["convert_numpy_speedup"], d["converter"], d["density"]),
         "  spatial: {} ms per box, {} ms for the {} boxes of a frame".format(
             d["box_ms"], d["boxes_per_frame_ms"], d["boxes"]),
         "  with depth at {} Hz: detect {} fps = {} of solo {} fps (depth {} Hz, {} ms per "

@@ -145,6 +145,9 @@ SPEC = {
         "min_valid": Field(float, default=0.1, min=0.0, max=1.0,
                            help="share of that part that must have a depth, else spatial: "
                                 "null"),
+        "convert": Field(str, default="auto", choices=("auto", "graph", "numpy"),
+                         help="disparity -> depth: the graph on the backend (TensorRT: the "
+                              "GPU), vectorised numpy, or auto: the faster, timed at start"),
         "depth_min_mm": Field(float, default=100.0, min=0.0, max=1e6),
         "depth_max_mm": Field(float, default=10000.0, min=1.0, max=1e7),
         "grid": Field(str, default=None, nullable=True, check=_grid,

@@ -13,10 +13,13 @@ A depth map is float32 (H, W) in mm over the rectified left image, 0 where unkno
 `StereoCalibration.point`): detections get the median Z of the central part of their box
 and X, Y of the box centre (`spatial`), as DepthAI computes spatial coordinates.
 `to_depth_numpy` and `to_depth_loop` compute the same map vectorised and pixel by pixel:
-`edge bench --stereo` measures all three, and the tests hold the graph to both.
+`edge bench --stereo` measures all three, and the tests hold the graph to both. The pipeline
+uses the graph, or numpy where that is faster (`stereo.convert: auto` times both at start:
+on a CPU host the two are within a millisecond and either may win).
 """
 
 import io
+import logging
 import math
 import os
 import time
@@ -26,6 +29,10 @@ from onnx import TensorProto, helper
 
 from edge import disparity
 from edge.errors import SinkError
+from edge.graph import standalone_model
+from edge.nodes import FRAME_INPUT, GraphBuilder
+
+logger = logging.getLogger(__name__)
 
 OUTPUT = "depth"
 
@@ -45,8 +52,6 @@ class ConversionCard:
 
 def conversion_model(width, height, calibration, scale_inverse, lowest_valid, min_mm, max_mm):
     """The graph raw disparity (float32 H x W, input `frame`) -> depth mm (float32 H x W)."""
-    from edge.graph import standalone_model
-    from edge.nodes import FRAME_INPUT, GraphBuilder
     g = GraphBuilder("depth")
     # (r + doffs * s) / s = d + doffs: one Add, then f * B * s / (r + doffs * s) = Z.
     shifted = g.op("Add", [FRAME_INPUT, g.const(calibration.doffs * scale_inverse)], "shift")
@@ -153,6 +158,14 @@ class StereoDepth:
         self.left = np.zeros((height, width), np.uint8)    # grey, rectified
         self.right = np.zeros((height, width), np.uint8)
         self.raw = np.zeros((height, width), np.int16)     # disparity * scale_inverse
+        self.known = np.zeros((height, width), bool)       # numpy conversion's scratch
+        self.constants = (calibration, self.estimator.scale_inverse,
+                          self.estimator.lowest_valid, settings["depth_min_mm"],
+                          settings["depth_max_mm"])
+        self.timings = {}
+        self.converter = settings.get("convert", "graph")
+        if self.converter == "auto":
+            self.converter = self._faster()
 
     def slot(self):
         """New output buffers bound to the engine (one per frame slot, made once)."""
@@ -170,10 +183,34 @@ class StereoDepth:
         slot.timings = ((matched - started) * 1000.0, (converted - matched) * 1000.0)
         return slot.timings
 
-    def convert(self, slot):
-        """The depth of the last computed disparity into `slot`, by the conversion graph."""
-        np.copyto(slot.input.image, self.raw, casting="unsafe")
-        self.engine.infer(slot.binding)
+    def convert(self, slot, converter=None):
+        """The depth of the last computed disparity into `slot`: by the conversion graph on
+        the backend, or vectorised numpy (`converter`, default the one chosen)."""
+        if (converter or self.converter) == "numpy":
+            to_depth_numpy(self.raw, *(self.constants + (slot.depth, self.known)))
+        else:
+            np.copyto(slot.input.image, self.raw, casting="unsafe")
+            self.engine.infer(slot.binding)
+
+    def _faster(self, runs=15):
+        """`graph` or `numpy`, whichever converts faster here (`stereo.convert: auto`): on a
+        Jetson the graph runs on the GPU, on a CPU host the two are close and either may win.
+        Timed alternately on a disparity ramp; the results are the same either way."""
+        slot = self.slot()
+        self.raw[:] = np.arange(self.width, dtype=np.int16)[None, :] % 1024 - 16
+        for name in ("graph", "numpy"):
+            self.timings[name] = []
+        for _ in range(runs):
+            for name in ("graph", "numpy"):
+                started = time.perf_counter()
+                self.convert(slot, name)
+                self.timings[name].append((time.perf_counter() - started) * 1000.0)
+        medians = {name: float(np.median(times)) for name, times in self.timings.items()}
+        faster = "graph" if medians["graph"] <= medians["numpy"] else "numpy"
+        logger.info("disparity -> depth for %dx%d: graph on %s %.2f ms, numpy %.2f ms: %s",
+                    self.width, self.height, type(self.engine).__name__, medians["graph"],
+                    medians["numpy"], faster)
+        return faster
 
     def close(self):
         self.engine.close()

@@ -47,7 +47,9 @@ class Frame:
     def ensure_right(self, height, width):
         """The right view's buffer (stereo sources), made on first use and on a size change."""
         if self.right is None or self.right.shape[:2] != (height, width):
-            self.right = self.allocate((height, width, 3), np.uint8)
+            # Ordinary cached memory: no engine reads it, the disparity step's CPU does (mapped
+            # memory is uncached for the CPU on a Nano).
+            self.right = np.zeros((height, width, 3), np.uint8)
         return self.right
 
 

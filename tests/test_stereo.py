@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 from urllib.parse import urlencode
@@ -86,7 +85,8 @@ def maker(cfg):
 @pytest.fixture(scope="module")
 def pair_depth(cfg, maker):
     """StereoDepth on the pair and its filled slot."""
-    stereo = depth.StereoDepth(calibration.load(CALIB), maker, 741, 500, cfg["stereo"])
+    settings = dict(cfg["stereo"], convert="graph")
+    stereo = depth.StereoDepth(calibration.load(CALIB), maker, 741, 500, settings)
     slot = stereo.slot()
     stereo.compute(cv2.imread(LEFT), cv2.imread(RIGHT), slot)
     return stereo, slot
@@ -191,6 +191,44 @@ def test_stereo_source_and_calibration_must_come_together(tmp_path):
         rc, _, err = run_edge("run", "--detector", "yolox-nano", "--jsonl",
                               str(tmp_path / "o.jsonl"), "--state-dir", str(tmp_path), *args)
         assert rc == EXIT_CONFIG and expect in err, err
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("stereo:\n  depth_min_mm: 5000\n  depth_max_mm: 4000\n",
+     "stereo.depth_min_mm (5000) must be below stereo.depth_max_mm (4000)"),
+    ("stereo:\n  grid: 16by12\n", "stereo.grid: must be a string (or null) (got '16by12'); "
+                                   "COLUMNSxROWS"),
+    ("stereo:\n  num_disparities: 100\n", "a multiple of 16"),
+    ("stereo:\n  block_size: 4\n", "an odd number"),
+])
+def test_stereo_settings_are_checked(tmp_path, text, expect):
+    path = tmp_path / "edge.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), {"detector": "yolox-nano"})
+    assert str(info.value).startswith("config {}: ".format(path)), str(info.value)
+    assert expect in str(info.value), str(info.value)
+
+
+def test_depth_alone_publishes_its_grid(tmp_path, pair_depth):
+    """stereo.calib without a detector is a run of its own: depth grids on the depth topic,
+    each cell the median of the ground truth where the map has a depth (the first 64
+    columns have none: no match can be searched there)."""
+    path = tmp_path / "edge.yaml"
+    path.write_text("stereo:\n  calib: {}\n  grid: 4x3\n".format(CALIB))
+    jsonl = tmp_path / "out.jsonl"
+    rc, _, err = run_edge("run", "-c", str(path), "--source", stereo_uri(), "--jsonl",
+                          str(jsonl), "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    (message,) = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    schemas.validate("depth", message)
+    assert message["grid"] == {"columns": 4, "rows": 3}
+    truth, seen = truth_depth(), pair_depth[1].depth > 0
+    cells = depth.grid_cells(741, 500, 4, 3)
+    for (top, bottom, left, right), got in zip(cells, sum(message["depth_mm"], [])):
+        part = truth[top:bottom, left:right][seen[top:bottom, left:right]]
+        expected = np.median(part[part > 0])
+        assert got is not None and abs(got - expected) / expected < 0.02, (got, expected)
 
 
 # -- the stereo source -------------------------------------------------------------------
@@ -304,6 +342,19 @@ def test_the_conversion_graph_equals_numpy_and_a_per_pixel_loop(pair_depth):
     assert np.allclose(graph, looped, rtol=1e-6) and np.allclose(vectorised, looped, rtol=1e-6)
     assert ((graph > 0) & (stereo.raw < 0)).sum() == 0           # no disparity: no depth
     assert graph[graph > 0].min() >= 100.0 and graph.max() <= 10000.0
+
+
+def test_auto_conversion_takes_the_faster_and_both_give_the_same_map(cfg, maker, pair_depth):
+    stereo = depth.StereoDepth(calibration.load(CALIB), maker, 741, 500, cfg["stereo"])
+    assert stereo.converter in ("graph", "numpy")
+    assert len(stereo.timings["graph"]) == len(stereo.timings["numpy"]) == 15
+    slot = stereo.slot()
+    stereo.compute(cv2.imread(LEFT), cv2.imread(RIGHT), slot)
+    graph = pair_depth[1].depth
+    for converter in ("graph", "numpy"):
+        stereo.convert(slot, converter)
+        assert np.array_equal(slot.depth > 0, graph > 0)
+        assert np.allclose(slot.depth, graph, rtol=1e-6)
 
 
 def test_the_conversion_graph_is_one_tensorrt_8_2_parses():

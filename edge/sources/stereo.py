@@ -16,6 +16,7 @@ through the rectification maps computed once; every task then sees rectified fra
 
 import collections
 import logging
+import os
 import threading
 import time
 
@@ -145,7 +146,6 @@ class StereoSource(Source):
 
     def _read_image_pair(self, frame):
         from edge.sources.images import _decode
-        import os
         while self._next < len(self._pairs):
             left_path, right_path = self._pairs[self._next]
             self._next += 1

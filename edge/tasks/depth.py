@@ -155,7 +155,7 @@ class DepthTask(Task):
                                    frame.index, SYNC_TIMEOUT)
                     self._warned = True
             depth = self._own(frame)
-            if depth is None and self._latest_ts is not None and \
+            if depth is None and not self.sync and self._latest_ts is not None and \
                     abs(frame.ts - self._latest_ts) <= self.max_age:
                 depth = self._latest
             for det in detections:
