@@ -275,7 +275,7 @@ def run_pipeline(source, task_list, link, qos, count_task=0):
 
 def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
           matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0,
-          stereo=None, calib=None, depth_seconds=10.0):
+          stereo=None, calib=None, depth_seconds=4.0):
     """All the figures of the benchmark as a dict."""
     import tempfile
     from edge import daemon, tasks
@@ -367,7 +367,7 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             from edge import benchdepth
             results["depth"] = benchdepth.bench_depth(
                 cfg, maker, card, stereo, calib, width, height, link, qos,
-                max(frames_count, int(results["pipeline_fps"] * depth_seconds)), rounds)
+                int(max(30, results["pipeline_fps"] * depth_seconds)), 2 * rounds)
     finally:
         receiver.close()
         peer_client.loop_stop()

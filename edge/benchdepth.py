@@ -7,8 +7,8 @@
   numpy the pipeline uses (`stereo.convert`);
 - box_ms: the median depth of one box (spatial), and per frame for the frame's detections;
 - with_depth: detection's throughput with depth at `stereo.max_hz` beside it (a camera's
-  mode: detection never waits), against detection alone before and after, over runs long
-  enough for the rate to hold; the depth rate reached and its time per map.
+  mode: detection never waits), against detection alone, in adjacent pairs of runs of
+  alternating order; the depth rate reached and its time per map.
 The pairs are resized to the bench's size, and the calibration with them (f, cx and doffs
 scale with the width, cy with the height): right for timing, approximate for depth.
 """
@@ -81,7 +81,7 @@ def _median_ms(function, runs):
 
 
 def bench_depth(cfg, maker, card, stereo_uri, calib_path, width, height, link, qos,
-                frames_count, rounds=2, runs=20):
+                frames_count, rounds=6, runs=20):
     """The depth figures as a dict (see the module's docstring)."""
     from edge import tasks
     pairs, native = load_pairs(stereo_uri, width, height)
@@ -142,8 +142,10 @@ def bench_depth(cfg, maker, card, stereo_uri, calib_path, width, height, link, q
 
 def _with_depth(cfg, maker, card, detect, calibration, settings, pairs, link, qos, count,
                 rounds):
-    """Detection's throughput with depth at its rate beside it, against detection alone
-    before and after; medians over `rounds`."""
+    """Detection's throughput with depth at its rate beside it, against detection alone:
+    `rounds` adjacent pairs of runs, in alternating order (alone first, then with first), so
+    that a drift of the machine's speed weighs on both sides; the ratio is the median of
+    the pairs' ratios."""
     from edge import tasks
     from edge.tasks.depth import DepthTask
     depth = DepthTask(maker, calibration, settings, device="bench", sync=False)
@@ -152,16 +154,19 @@ def _with_depth(cfg, maker, card, detect, calibration, settings, pairs, link, qo
     probe = Frame(0, pairs[0][0].shape)
     depth.prepare(probe)
     measured = []
-    for _ in range(max(1, rounds)):
-        before, _ = run_pipeline(StereoReplaySource(pairs, count), [detect], link, qos)
-        depth.frames = 0
-        started = time.perf_counter()
-        both, _ = run_pipeline(StereoReplaySource(pairs, count), [with_depth, depth], link, qos)
-        elapsed = time.perf_counter() - started
-        after, _ = run_pipeline(StereoReplaySource(pairs, count), [detect], link, qos)
-        measured.append({"detect_fps": both, "solo_detect_fps": (before + after) / 2.0,
-                         "ratio": both / ((before + after) / 2.0),
-                         "depth_hz": depth.frames / elapsed})
+    for i in range(max(1, rounds)):
+        figures = {}
+        for which in (("alone", "with") if i % 2 == 0 else ("with", "alone")):
+            if which == "alone":
+                figures["solo_detect_fps"], _ = run_pipeline(
+                    StereoReplaySource(pairs, count), [detect], link, qos)
+                continue
+            started = time.perf_counter()
+            figures["detect_fps"], _ = run_pipeline(StereoReplaySource(pairs, count),
+                                                    [with_depth, depth], link, qos)
+            figures["depth_hz"] = depth.frames / (time.perf_counter() - started)
+        figures["ratio"] = figures["detect_fps"] / figures["solo_detect_fps"]
+        measured.append(figures)
     infer = depth.stats.summary()["stages_ms"]["infer"]
     return {"rounds": measured, "frames": count, "max_hz": settings["max_hz"],
             "ratio": round(statistics.median(r["ratio"] for r in measured), 3),
@@ -185,7 +190,8 @@ def table_lines(d):
         "  spatial: {} ms per box, {} ms for the {} boxes of a frame".format(
             d["box_ms"], d["boxes_per_frame_ms"], d["boxes"]),
         "  with depth at {} Hz: detect {} fps = {} of solo {} fps (depth {} Hz, {} ms per "
-        "map p50; medians of {} rounds of {} frames)".format(
+        "map p50; median of {} pairs of runs of {} frames: {})".format(
             w["max_hz"], w["detect_fps"], w["ratio"], w["solo_detect_fps"], w["depth_hz"],
-            w["depth_infer_ms"]["p50"], len(w["rounds"]), w["frames"]),
+            w["depth_infer_ms"]["p50"], len(w["rounds"]), w["frames"],
+            " ".join("{:.2f}".format(r["ratio"]) for r in w["rounds"])),
     ]

@@ -390,8 +390,9 @@ def parser():
     bn.add_argument("--stereo", metavar="URI", help="also time stereo depth on this stereo:// "
                                                    "source's pairs (resized to --size)")
     bn.add_argument("--calib", help="calibration of the --stereo pairs (default stereo.calib)")
-    bn.add_argument("--depth-seconds", type=float, default=10.0,
-                    help="length of the runs with and without depth beside detection")
+    bn.add_argument("--depth-seconds", type=float, default=4.0,
+                    help="length of each run with and without depth beside detection "
+                         "(2 x --rounds pairs of runs)")
     bn.add_argument("--json", help="write the figures here")
     bn.add_argument("--plot", help="draw throughput and latency into this PNG")
     bn.add_argument("-c", "--config", help="YAML config file")

@@ -597,5 +597,6 @@ def test_every_message_of_a_live_stereo_device_validates(broker, tmp_path, model
     depth = sub.json("depth")[0]
     assert depth["model"] == "stereo-sgbm" and len(depth["depth_mm"]) == 6
     assert all("spatial" in d for m in sub.json("detections") for d in m["detections"])
+    assert all(h["source"]["unpaired"] >= 0 for h in sub.json("health"))
     reply = sub.json("reply/s1")[0]
     assert reply["ok"] and reply["result"]["frame"]["width"] == 2 * 741
