@@ -14,7 +14,8 @@ capture costs the CPU what a hardware camera's DMA does: nothing):
 - tracking: the tracker with zones and lines (the decode step's share) per frame at 50
   moving objects, and the Python memory it keeps per frame (must be 0: no growth);
 - with --matcher, detection's throughput while matching runs at its rate beside it, over
-  runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both.
+  runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both;
+- with --stereo and --calib, stereo depth's figures (edge.benchdepth).
 The throughput figures are measured in rounds that alternate raw, pipeline and peer runs, and
 the ratios are the medians of each round's ratios: on a shared machine the speed drifts by
 tens of percent over a minute, and alternating keeps each comparison within seconds.
@@ -327,7 +328,8 @@ def run_pipeline(source, task_list, link, qos, count_task=0):
 
 
 def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
-          matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0):
+          matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0,
+          stereo=None, calib=None, depth_seconds=4.0):
     """All the figures of the benchmark as a dict."""
     import tempfile
     from edge import daemon, tasks
@@ -416,6 +418,11 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
                                                         match_seconds)))
             results["daemon_peak_rss_mb"] = daemon_peak_rss(cfg, card.path, matcher,
                                                             reference, width, height, workdir)
+        if stereo:
+            from edge import benchdepth
+            results["depth"] = benchdepth.bench_depth(
+                cfg, maker, card, stereo, calib, width, height, link, qos,
+                int(max(30, results["pipeline_fps"] * depth_seconds)), 2 * rounds)
     finally:
         receiver.close()
         peer_client.loop_stop()
@@ -590,6 +597,9 @@ def table(r):
                          m["frames"], m["match_hz"], m["match_infer_ms"]["p50"]))
         lines.append("  edge run with both tasks: peak RSS {} MB ({})".format(
             r.get("daemon_peak_rss_mb"), r["backend"].get("backend")))
+    if "depth" in r:
+        from edge import benchdepth
+        lines += benchdepth.table_lines(r["depth"])
     return "\n".join(lines)
 
 

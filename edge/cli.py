@@ -18,6 +18,7 @@ def _run(args):
         "mqtt.url": args.mqtt, "jsonl": args.jsonl, "device_id": args.device_id,
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
+        "stereo.calib": args.calib,
     }
     cfg = config.load(args.config, overrides)
     if args.debug:
@@ -257,7 +258,8 @@ def _bench(args):
         images = args.source
     results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
                           args.seconds, args.mqtt, args.matcher, args.reference, images,
-                          args.rounds, args.match_seconds)
+                          args.rounds, args.match_seconds, args.stereo,
+                          args.calib or cfg["stereo"]["calib"], args.depth_seconds)
     print(bench.table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -285,6 +287,46 @@ def _track(args):
           "frame)".format(args.detections, frames, detections.shape[0],
                           len(set(results[:, 1].astype(int))), results.shape[0], args.out,
                           1000.0 * elapsed / max(frames, 1)))
+
+
+def _depth(args):
+    """`edge depth LEFT RIGHT --calib FILE --out DEPTH.npy|.png`: one pair's depth map."""
+    from urllib.parse import urlencode
+    import numpy as np
+    from edge import calibration, config, daemon, depth, sources
+    from edge.errors import ConfigError
+    from edge.frames import Frame
+    overrides = {"backend": args.backend, "state_dir": args.state_dir, "stereo.calib": args.calib}
+    cfg = config.load(args.config, overrides, require_task=False)
+    for path in (args.left, args.right):
+        if not os.path.isfile(path):
+            raise ConfigError("edge depth: {} is not an image file; give the left and the right "
+                              "image of one pair".format(path))
+    if not args.out.lower().endswith((".npy", ".png")):
+        raise ConfigError("--out {}: use a .npy (float32 mm, NaN unknown) or .png (16-bit mm, "
+                          "0 unknown) name".format(args.out))
+    calib = calibration.load(cfg["stereo"]["calib"])
+    source = sources.open_source("stereo://?" + urlencode({"left": args.left,
+                                                           "right": args.right}),
+                                 cfg["max_image_pixels"])
+    source.calibrate(calib)
+    source.open()
+    frame = Frame(0, (2, 2, 3))
+    try:
+        source.read_into(frame)
+    finally:
+        source.close()
+    maker = daemon.engine_maker(cfg)
+    stereo = depth.StereoDepth(calib, maker, frame.width, frame.height, cfg["stereo"])
+    slot = stereo.slot()
+    matched_ms, converted_ms = stereo.compute(frame.image, frame.right, slot)
+    known = slot.depth > 0
+    path = depth.save(args.out, slot.depth)
+    print("{}: {}x{}, {:.1%} of pixels with a depth, median {} mm; disparity {:.1f} ms ({}), "
+          "conversion {:.1f} ms ({})".format(
+              path, frame.width, frame.height, known.mean(),
+              int(round(float(np.median(slot.depth[known])))) if known.any() else "-",
+              matched_ms, stereo.estimator.name, converted_ms, maker.backend.name))
     return EXIT_OK
 
 
@@ -315,6 +357,8 @@ def parser():
     run.add_argument("--reference", help="image the matcher matches in this run (named after "
                                          "its file; not stored)")
     run.add_argument("--state-dir", help="folder for references and engines")
+    run.add_argument("--calib", help="stereo calibration (Middlebury calib.txt or OpenCV "
+                                     "YAML/XML) for a stereo:// source: depth and `spatial`")
     run.add_argument("--mqtt", help="broker URL mqtt://host[:port][?qos=0|1&keepalive=S]")
     run.add_argument("--jsonl", help="also append every message to this file")
     run.add_argument("--device-id", help="device name in topics (default: host name)")
@@ -374,6 +418,12 @@ def parser():
     bn.add_argument("--images", help="image folder for the decode-per-frame run")
     bn.add_argument("--matcher", help="also run this matcher at 1 Hz beside detection")
     bn.add_argument("--reference", help="reference image for --matcher")
+    bn.add_argument("--stereo", metavar="URI", help="also time stereo depth on this stereo:// "
+                                                   "source's pairs (resized to --size)")
+    bn.add_argument("--calib", help="calibration of the --stereo pairs (default stereo.calib)")
+    bn.add_argument("--depth-seconds", type=float, default=4.0,
+                    help="length of each run with and without depth beside detection "
+                         "(2 x --rounds pairs of runs)")
     bn.add_argument("--json", help="write the figures here")
     bn.add_argument("--plot", help="draw throughput and latency into this PNG")
     bn.add_argument("-c", "--config", help="YAML config file")
@@ -398,6 +448,18 @@ def parser():
     tr.add_argument("--no-fill", action="store_true",
                     help="leave the frames a track was unseen empty (as published live)")
     tr.set_defaults(func=_track)
+
+    dp = sub.add_parser("depth", help="depth map of one stereo pair (mm) into .npy or .png")
+    dp.add_argument("left", metavar="LEFT", help="left image")
+    dp.add_argument("right", metavar="RIGHT", help="right image")
+    dp.add_argument("--calib", help="calibration: Middlebury calib.txt or OpenCV stereo "
+                                    "YAML/XML (default: stereo.calib of -c)")
+    dp.add_argument("--out", required=True, help="DEPTH.npy (float32 mm, NaN where unknown) or "
+                                                 "DEPTH.png (16-bit mm, 0 where unknown)")
+    dp.add_argument("-c", "--config", help="YAML config file (its stereo: settings)")
+    dp.add_argument("--backend", choices=("auto", "trt", "ort"))
+    dp.add_argument("--state-dir", help="folder for engines")
+    dp.set_defaults(func=_depth)
 
     dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
     dr.add_argument("cards", nargs="*", metavar="CARD",

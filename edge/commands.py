@@ -253,6 +253,8 @@ class Commands(threading.Thread):
                 draw.detections(image, message["detections"])
             elif "matches" in message:
                 draw.match_overlay(image, message)
+        if _bool(args, "depth", False):
+            image = self._beside_depth(image)
         data = None
         for quality in (90, 80, 70, 55, 40, 25):
             ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -274,6 +276,19 @@ class Commands(threading.Thread):
         else:
             result["data"] = base64.b64encode(data).decode("ascii")
         return result
+
+    def _beside_depth(self, image):
+        """The frame with the newest depth map, colourised, to its right (stereo runs)."""
+        import numpy as np
+        pictures = [t.picture() for t in self.app.tasks]
+        picture = next((p for p in pictures if p is not None), None)
+        if picture is None:
+            raise CommandError("unavailable", "no depth map: not a stereo run (stereo.calib), or "
+                                              "no depth computed yet")
+        if picture.shape[:2] != image.shape[:2]:
+            import cv2
+            picture = cv2.resize(picture, (image.shape[1], image.shape[0]))
+        return np.hstack([image, picture])
 
     def set_reference(self, args, request_id):
         from edge.references import NAME

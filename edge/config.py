@@ -80,6 +80,23 @@ LINE = {
 }
 
 
+def _grid(value):
+    from edge.depth import parse_grid
+    try:
+        parse_grid(value)
+    except ValueError:
+        return "COLUMNSxROWS, each 1..256, e.g. 16x12"
+    return None
+
+
+def _multiple_of_16(value):
+    return None if value % 16 == 0 else "a multiple of 16 (StereoSGBM's search is in steps of 16)"
+
+
+def _odd(value):
+    return None if value % 2 else "an odd number (the block has a centre pixel)"
+
+
 def _backend_names():
     from edge import backends
     return tuple(backends.names())
@@ -199,6 +216,39 @@ SPEC = {
         "lines": Field(list, default=[], items=LINE, item_check=_line, unique="name",
                        help="segments: events when a track crosses"),
     },
+    "stereo": {
+        "calib": Field(str, default=None, nullable=True,
+                       help="the pair's calibration: Middlebury calib.txt or OpenCV stereo "
+                            "YAML/XML; needed with a stereo:// source, adds `spatial`"),
+        "disparity": Field(str, default="auto", choices=("auto", "sgbm", "vpi"),
+                           help="auto: VPI's CUDA estimator where `import vpi` works, else "
+                                "OpenCV StereoSGBM"),
+        "min_disparity": Field(int, default=0, min=-256, max=256, help="pixels"),
+        "num_disparities": Field(int, default=64, min=16, max=512, check=_multiple_of_16,
+                                 help="search range in pixels from min_disparity"),
+        "block_size": Field(int, default=5, min=1, max=31, check=_odd,
+                            help="matching window (SGBM) or census window (VPI), pixels"),
+        "max_hz": Field(float, default=2.0, min=0.0, max=1000.0,
+                        help="depth rate on live sources; 0: every frame (files and folders: "
+                             "every frame)"),
+        "max_age": Field(float, default=1.0, min=0.0, max=60.0,
+                         help="seconds between a detection's frame and the depth map it may "
+                              "use (live sources)"),
+        "box_scale": Field(float, default=0.5, min=0.05, max=1.0,
+                           help="part of each box (width and height) whose median depth is "
+                                "taken"),
+        "min_valid": Field(float, default=0.1, min=0.0, max=1.0,
+                           help="share of that part that must have a depth, else spatial: "
+                                "null"),
+        "convert": Field(str, default="auto", choices=("auto", "graph", "numpy"),
+                         help="disparity -> depth: the graph on the backend (TensorRT: the "
+                              "GPU), vectorised numpy, or auto: the faster, timed at start"),
+        "depth_min_mm": Field(float, default=100.0, min=0.0, max=1e6),
+        "depth_max_mm": Field(float, default=10000.0, min=1.0, max=1e7),
+        "grid": Field(str, default=None, nullable=True, check=_grid,
+                      help="COLUMNSxROWS (e.g. 16x12): publish median depths per cell on the "
+                           "depth topic"),
+    },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
         "threads": Field(int, default=0, min=0, max=64,
@@ -256,7 +306,15 @@ def load(path=None, overrides=None, require_task=True, folders=None):
     if config["engine"]["dir"] is None:
         config["engine"]["dir"] = os.path.join(config["state_dir"], "engines")
     config["engine"]["dir"] = os.path.expanduser(config["engine"]["dir"])
-    if require_task and not config["detector"] and not config["matcher"]:
+    stereo = config["stereo"]
+    if stereo["depth_min_mm"] >= stereo["depth_max_mm"]:
+        raise ConfigError("{}: stereo.depth_min_mm ({:g}) must be below stereo.depth_max_mm "
+                          "({:g})".format(where, stereo["depth_min_mm"], stereo["depth_max_mm"]))
+    if stereo["calib"]:
+        stereo["calib"] = os.path.expanduser(stereo["calib"])
+    if require_task and not config["detector"] and not config["matcher"] and \
+            not stereo["calib"]:
         raise ConfigError("{}: detector: no task configured; set detector (e.g. yolox-nano) "
-                          "and/or matcher, or pass --detector CARD".format(where))
+                          "and/or matcher (or stereo.calib for depth alone), or pass "
+                          "--detector CARD".format(where))
     return config

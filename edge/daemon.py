@@ -42,8 +42,11 @@ def reference_store(config):
     return store
 
 
-def build_tasks(config, maker, store):
-    """The configured tasks, models fetched and checked."""
+def build_tasks(config, maker, store, source=None):
+    """The configured tasks, models fetched and checked; with a stereo source and
+    stereo.calib, the depth task last (detection asks it for `spatial`)."""
+    from edge.tasks import depth as stereo_depth
+    depth = stereo_depth.create(config, maker, source) if source is not None else None
     built = []
     for key, task in (("detector", "detect"), ("matcher", "match")):
         if not config[key]:
@@ -57,8 +60,12 @@ def build_tasks(config, maker, store):
             options["track"] = config["track"]
         if task == "match":
             options.update(config["match"], store=store)
+        if task == "detect" and depth is not None:
+            options["depth"] = depth
         built.append(tasks.create(card, maker, config["model_dir"],
                                   mirror=config["model_mirror"], **options))
+    if depth is not None:
+        built.append(depth)
     return built
 
 
@@ -193,7 +200,7 @@ class Daemon:
         source = sources.open_source(config["source"], config["max_image_pixels"])
         maker = engine_maker(config)
         store = reference_store(config) if config["matcher"] else None
-        built = build_tasks(config, maker, store)
+        built = build_tasks(config, maker, store, source)
         pipeline = Pipeline(source, built, self.publisher, pool_size=config["pipeline"]["pool"],
                             max_frames=config["max_frames"], allocate=maker.allocate)
         pipeline.open()

@@ -68,3 +68,24 @@ def match_overlay(image, message):
         cv2.putText(image, ref["name"], tuple(int(v) for v in warped[0, 0]),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 200, 0), 2, cv2.LINE_AA)
     return image
+
+
+def depth(depth_mm, min_mm=None, max_mm=None):
+    """A depth map (mm, 0 unknown) as a BGR picture: near warm, far cool, unknown black.
+
+    Colours follow inverse depth, as disparity does, so nearby detail gets the most of them;
+    the range is [min_mm, max_mm], by default the map's own 2nd to 98th percentile.
+    """
+    known = depth_mm > 0
+    inverse = np.zeros(depth_mm.shape, np.float32)
+    np.divide(1.0, depth_mm, out=inverse, where=known)
+    if known.any() and (min_mm is None or max_mm is None):
+        low, high = np.percentile(depth_mm[known], [2, 98])
+        min_mm = low if min_mm is None else min_mm
+        max_mm = high if max_mm is None else max_mm
+    near, far = 1.0 / max(min_mm or 1.0, 1.0), 1.0 / max(max_mm or 2.0, 2.0)
+    level = np.clip((inverse - far) / max(near - far, 1e-12) * 255.0, 0, 255).astype(np.uint8)
+    # TURBO from OpenCV 4.1.2; JetPack 4's 4.1.1 has JET.
+    picture = cv2.applyColorMap(level, getattr(cv2, "COLORMAP_TURBO", cv2.COLORMAP_JET))
+    picture[~known] = 0
+    return picture

@@ -15,7 +15,7 @@ import numpy as np
 class Frame:
     """One slot of the pool: an image buffer and what the source knows about it."""
 
-    __slots__ = ("slot", "image", "index", "ts", "name", "refs", "outputs", "allocate")
+    __slots__ = ("slot", "image", "index", "ts", "name", "refs", "outputs", "allocate", "right")
 
     def __init__(self, slot, shape, allocate=None):
         self.slot = slot
@@ -28,6 +28,7 @@ class Frame:
         self.name = None       # file name for image folders, else None
         self.refs = 0          # tasks still holding this slot
         self.outputs = {}      # task name -> preallocated output buffers bound to this slot
+        self.right = None      # stereo sources: the right view (H, W, 3) uint8, else None
 
     @property
     def height(self):
@@ -42,6 +43,14 @@ class Frame:
         if self.image.shape[0] != height or self.image.shape[1] != width:
             self.image = self.allocate((height, width, 3), np.uint8)
         return self.image
+
+    def ensure_right(self, height, width):
+        """The right view's buffer (stereo sources), made on first use and on a size change."""
+        if self.right is None or self.right.shape[:2] != (height, width):
+            # Ordinary cached memory: no engine reads it, the disparity step's CPU does (mapped
+            # memory is uncached for the CPU on a Nano).
+            self.right = np.zeros((height, width, 3), np.uint8)
+        return self.right
 
 
 def _zeros(shape, dtype):

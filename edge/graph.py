@@ -21,7 +21,7 @@ def preprocess_model(card, frame_w, frame_h):
     g = GraphBuilder("pre")
     out = g.rename_output(preprocess(g, card, geometry, FRAME_INPUT), "input")
     channels = 1 if card.input["color"] == "gray" else 3
-    return _make_model(
+    return standalone_model(
         g, [frame_info(frame_w, frame_h)],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT,
                                        [1, channels, geometry.net_h, geometry.net_w])])
@@ -58,7 +58,7 @@ def postprocess_model(card, frame_w, frame_h, raw_infos):
     geometry = Geometry(card, frame_w, frame_h)
     g = GraphBuilder("post")
     outputs = family.graph_outputs(g, card, geometry, list(raw_infos))
-    return _make_model(g, list(raw_infos), outputs)
+    return standalone_model(g, list(raw_infos), outputs)
 
 
 def _split_nodes(nodes, feeds):
@@ -84,7 +84,8 @@ def _copy(model):
     return copy
 
 
-def _make_model(g, inputs, outputs):
+def standalone_model(g, inputs, outputs):
+    """A checked model of the builder's nodes alone (opset 11), readable by every backend."""
     graph = helper.make_graph(g.nodes, g.prefix, inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 7   # readable by ONNX Runtime and the TensorRT 8.2 parser

@@ -91,6 +91,9 @@ class Health(threading.Thread):
                   "skipped": getattr(pipeline.source, "skipped", 0) if pipeline else 0,
                   "error": (capture.last_error or (str(capture.error) if capture.error
                                                    else None)) if capture else None}
+        unpaired = getattr(pipeline.source, "unpaired", None) if pipeline else None
+        if unpaired is not None:      # stereo sources: frames that found no partner
+            source["unpaired"] = unpaired
         tasks = {}
         for runner in (pipeline.runners if pipeline else []):
             summary = runner.task.stats.summary()

@@ -37,3 +37,7 @@ def test_demo_prints_messages_and_writes_annotated_picture(tmp_path, model_dir):
     assert match["count"] >= 300 and match["homography"] is not None
     picture = cv2.imread(str(out / "matches.jpg"))
     assert picture.shape[1] == 2 * 741    # reference and frame side by side
+    bike = [line for line in text.splitlines() if line.startswith("demo: motorcycle")]
+    assert len(bike) == 1 and " z 2.3" in bike[0], text        # ground truth: 2.38 m
+    picture = cv2.imread(str(out / "depth.jpg"))
+    assert picture.shape[1] == 2 * 741    # the left image and its depth side by side

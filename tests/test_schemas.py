@@ -250,6 +250,7 @@ def test_readme_is_rendered_from_the_document():
     ("edge/cam1/status", "edge", "status"),
     ("edge/cam1/detections", "edge", "detections"),
     ("edge/cam1/matches", "edge", "matches"),
+    ("edge/cam1/depth", "edge", "depth"),
     ("edge/cam1/health", "edge", "health"),
     ("edge/cam1/events", "edge", "events"),
     ("edge/cam1/cmd/ping", "edge", "command"),
@@ -567,3 +568,44 @@ def test_every_message_of_a_live_device_validates(broker, tmp_path, model_dir):
             schemas.validate(kind, json.loads(payload.decode("utf-8")))
     assert set(kinds) == {"status", "detections", "matches", "health", "command", "reply",
                           "snapshot"}, kinds
+
+
+def test_every_message_of_a_live_stereo_device_validates(broker, tmp_path, model_dir):
+    """`edge run` on two live cameras (test patterns at the Middlebury pair's size) with the
+    pair's calibration and a depth grid: detections carry `spatial`, depth grids, health
+    with the depth task and a snapshot with the depth map all validate."""
+    from urllib.parse import quote
+    camera = quote("test://?width=741&height=500&fps=10", safe="")
+    grid = tmp_path / "stereo.yaml"
+    grid.write_text("stereo:\n  grid: 8x6\n  max_hz: 5\n")
+    sub = Subscriber(broker.port, "#")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "-c", str(grid), "--source",
+         "stereo://?left={}&right={}".format(camera, camera), "--calib",
+         os.path.join(PAIR, "calib.txt"), "--detector", "yolox-nano", "--model-dir", model_dir,
+         "--mqtt", broker.url, "--device-id", "cam1", "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert sub.wait_for(lambda s: s.json("depth") and s.json("detections") and
+                            any("depth" in h["tasks"] for h in s.json("health")), 60)
+        sub.client.publish("edge/cam1/cmd/snapshot", json.dumps({"id": "s1", "depth": True,
+                                                                 "max_bytes": 200000}), qos=1)
+        assert sub.wait_for(lambda s: s.json("reply/s1"), 20)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        time.sleep(0.5)
+        sub.close()
+    kinds = set()
+    for topic, payload, _ in sub.messages:
+        kind = schemas.kind_of_topic(topic)
+        assert kind is not None, topic
+        kinds.add(kind)
+        schemas.validate(kind, json.loads(payload.decode("utf-8")))
+    assert {"detections", "depth", "health", "reply"} <= kinds
+    depth = sub.json("depth")[0]
+    assert depth["model"] == "stereo-sgbm" and len(depth["depth_mm"]) == 6
+    assert all("spatial" in d for m in sub.json("detections") for d in m["detections"])
+    assert all(h["source"]["unpaired"] >= 0 for h in sub.json("health"))
+    reply = sub.json("reply/s1")[0]
+    assert reply["ok"] and reply["result"]["frame"]["width"] == 2 * 741

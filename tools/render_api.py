@@ -306,7 +306,7 @@ def render(doc=None):
     info = doc.doc["info"]
     lines = [BEGIN, NOTE, "", info["description"].strip(), ""]
     lines += topics(doc) + [""]
-    for topic in ("status", "detections", "matches", "health", "events"):
+    for topic in ("status", "detections", "depth", "matches", "health", "events"):
         lines += message_section(doc, "{prefix}/{device_id}/" + topic) + [""]
     lines += commands_section(doc)
     lines += replies_section(doc)

@@ -2,7 +2,7 @@
 
 `asyncapi.yaml` (next to this file) describes every topic and payload. Here:
 - `document()`: the parsed document (loaded once);
-- `schema(name)`: a standalone JSON Schema (draft-07) for a message kind (`status`,
+- `schema(name)`: a standalone JSON Schema (draft-07) for a message kind (`status`, `depth`,
   `detections`, `matches`, `health`, `reply`, `command`) or a component (`SnapshotRequest`);
 - `kind_of_topic(topic, prefix)`: the message kind a concrete topic carries;
 - `validate(kind, payload)`: ValueError with the path and the reason when a payload is not
@@ -26,6 +26,7 @@ KINDS = {
     "status": "Status",
     "detections": "Detections",
     "matches": "Matches",
+    "depth": "Depth",
     "health": "Health",
     "reply": "Reply",
     "command": "CommandRequest",
@@ -33,7 +34,7 @@ KINDS = {
 }
 # topics directly under {prefix}/{device_id}/ -> kind
 _FIXED = {"status": "status", "detections": "detections", "matches": "matches",
-          "health": "health", "events": "events"}
+          "health": "health", "events": "events", "depth": "depth"}
 # topics {prefix}/{device_id}/{level}/{name or id} -> kind
 _NAMED = {"cmd": "command", "reply": "reply", "snapshot": "snapshot"}
 HEALTH_CLIENT_LEVEL = "_health"     # `edge health` replies: {prefix}/_health/{session}/{device}

@@ -1,4 +1,4 @@
-"""Frame sources chosen by URI: csi://, v4l2://, rtsp://, file://, images://, test://.
+"""Frame sources chosen by URI: csi://, v4l2://, rtsp://, file://, images://, test://, stereo://.
 
 Each kind is a small module that registers itself with `register`; `open_source(uri)` picks
 the kind from the URI (or from a plain path: a folder of images, a /dev/video* device or a
@@ -64,7 +64,7 @@ def kinds():
 
 def _load_builtin():
     # Imported here, not at the top, so a kind's heavy imports (cv2) load only when needed.
-    from edge.sources import images, pattern, video  # noqa: F401
+    from edge.sources import images, pattern, stereo, video  # noqa: F401
 
 
 def parse_uri(uri):

@@ -138,6 +138,10 @@ class Task:
         """Extra keys of this task in the health report."""
         return {}
 
+    def picture(self):
+        """A picture of the task's own newest result for snapshots (a depth map), or None."""
+        return None
+
     def process(self, frame):
         """Infer and decode in the caller's thread (benchmarks, tools)."""
         return self.decode(frame, self.infer_frame(frame))

@@ -45,9 +45,10 @@ class DetectTask(Task):
     name = "detect"
     topic = "detections"
 
-    def __init__(self, card, engines, model, device="edge", track=None):
+    def __init__(self, card, engines, model, device="edge", track=None, depth=None):
         super().__init__(card, engines, model)
         self.device = device
+        self.depth = depth      # stereo runs: the depth task (edge.tasks.depth) adds `spatial`
         self.score = card.thresholds["score"]
         self.iou = card.thresholds["iou"]
         self.track = track if track is not None and track["enabled"] else None
@@ -108,4 +109,6 @@ class DetectTask(Task):
         self.seq += 1
         msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
         msg["detections"], events = self.detections(binding.outputs, frame)
+        if self.depth is not None:
+            self.depth.add_spatial(frame, msg["detections"])
         return [msg] + [Side(EVENT_TOPIC, event, EVENT_QOS) for event in events]
