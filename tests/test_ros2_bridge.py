@@ -77,6 +77,17 @@ Image = message("Image", height=int, width=int, encoding=str)
 PointCloud2 = message("PointCloud2", height=int, width=int)
 BoundingBox3D = message("BoundingBox3D", center=Pose, size=Vector3)
 
+
+
+def vision(hypothesis, detection2d, detection3d):
+    """The classes the bridge takes, for one vision_msgs layout."""
+    return types.SimpleNamespace(
+        ObjectHypothesisWithPose=hypothesis, Detection2D=detection2d, Detection3D=detection3d,
+        Detection2DArray=message("Detection2DArray", header=Header, detections=[detection2d]),
+        Detection3DArray=message("Detection3DArray", header=Header, detections=[detection3d]),
+        String=String)
+
+
 # vision_msgs 4.x (Humble, Iron, Jazzy, Rolling)
 Point2D = message("Point2D", x=float, y=float)
 VisionPose2D = message("Pose2D", position=Point2D, theta=float)
@@ -88,12 +99,7 @@ Detection2D4 = message("Detection2D", header=Header, results=[Hypothesis4], bbox
                        id=str)
 Detection3D4 = message("Detection3D", header=Header, results=[Hypothesis4], bbox=BoundingBox3D,
                        id=str)
-VISION_4 = types.SimpleNamespace(
-    ObjectHypothesisWithPose=Hypothesis4, Detection2D=Detection2D4,
-    Detection2DArray=message("Detection2DArray", header=Header, detections=[Detection2D4]),
-    Detection3D=Detection3D4,
-    Detection3DArray=message("Detection3DArray", header=Header, detections=[Detection3D4]),
-    String=String)
+VISION_4 = vision(Hypothesis4, Detection2D4, Detection3D4)
 
 # vision_msgs 2.x (Foxy: JetPack 5's Ubuntu 20.04)
 Hypothesis2 = message("ObjectHypothesisWithPose", id=str, score=float, pose=PoseWithCovariance)
@@ -102,12 +108,7 @@ Detection2D2 = message("Detection2D", header=Header, results=[Hypothesis2], bbox
                        source_img=Image, is_tracking=bool, tracking_id=str)
 Detection3D2 = message("Detection3D", header=Header, results=[Hypothesis2], bbox=BoundingBox3D,
                        source_cloud=PointCloud2, is_tracking=bool, tracking_id=str)
-VISION_2 = types.SimpleNamespace(
-    ObjectHypothesisWithPose=Hypothesis2, Detection2D=Detection2D2,
-    Detection2DArray=message("Detection2DArray", header=Header, detections=[Detection2D2]),
-    Detection3D=Detection3D2,
-    Detection3DArray=message("Detection3DArray", header=Header, detections=[Detection3D2]),
-    String=String)
+VISION_2 = vision(Hypothesis2, Detection2D2, Detection3D2)
 LAYOUTS = {"vision_msgs-4": VISION_4, "vision_msgs-2": VISION_2}
 
 
