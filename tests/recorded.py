@@ -31,6 +31,17 @@ def by_topic(messages):
     return out
 
 
+def narrowed(payloads, keep):
+    """Detections messages as a label or score filter passes them on: each with only the
+    detections `keep(detection dict)` accepts, none where none is left."""
+    out = []
+    for p in payloads:
+        kept = [d for d in p["detections"] if keep(d)]
+        if kept:
+            out.append(dict(p, detections=kept))
+    return out
+
+
 def clip(folder, frames=CLIP_FRAMES):
     """The panning clip and its track config: (clip path, config path)."""
     path = os.path.join(folder, "pan.avi")

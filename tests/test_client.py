@@ -226,28 +226,21 @@ def test_devices_cameras_labels_and_scores_filter(broker, publisher, messages):
     assert [m.payload for m in got["camera"] if m.kind == "detections"] == rear
     assert [m.device for m in got["camera"] if m.kind == "status"] == ["other"]
 
-    def narrowed(payloads, keep):
-        out = []
-        for p in payloads:
-            kept = [d for d in p["detections"] if keep(d)]
-            if kept:
-                out.append(dict(p, detections=kept))
-        return out
     all_dets = dets + front + rear
     for name, keep in (("label", lambda d: d["label"] == "zebra"),
                        ("score", lambda d: d["score"] >= 0.8)):
         detections = [m for m in got[name] if m.kind == "detections"]
-        assert [m.payload for m in detections] == narrowed(all_dets, keep)
+        assert [m.payload for m in detections] == recorded.narrowed(all_dets, keep)
         assert [[(d.label, d.score) for d in m.detections] for m in detections] == [
             [(d["label"], d["score"]) for d in p["detections"]]
-            for p in narrowed(all_dets, keep)]
+            for p in recorded.narrowed(all_dets, keep)]
         for m in detections:    # (`camera` is issue 16's: not in the document yet)
             schemas.validate("detections", {k: v for k, v in m.payload.items()
                                             if k != "camera"})
         assert [m.payload for m in got[name] if m.kind == "events"] == [
             e for e in events if keep(e)]
     assert any(m.kind == "events" for m in got["label"])
-    assert len(narrowed(all_dets, lambda d: d["label"] == "zebra")) < len(all_dets)
+    assert len(recorded.narrowed(all_dets, lambda d: d["label"] == "zebra")) < len(all_dets)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
