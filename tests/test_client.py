@@ -8,6 +8,7 @@ Payloads are the API document's examples and messages real `edge run` processes 
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -400,3 +401,15 @@ def test_topics_are_built_in_one_place():
     assert edge_client.subscriptions("site/a", ["cam1", "cam2"], ["detections", "events"]) == [
         "site/a/cam1/detections", "site/a/cam1/events", "site/a/cam2/detections",
         "site/a/cam2/events"]
+
+
+def test_bench_client_prints_its_figures():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_client.py"),
+                           "--messages", "50", "--rounds", "20", "--detections", "3"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    for step in ("json decode", "check", "parse"):
+        assert re.search(r"  {} +\d+\.\d+ ms a message".format(step), out), out
+    assert re.search(r"through the broker: 50 messages at \d+ a second \(QoS 1; dropped 0, "
+                     r"invalid 0\)", out), out
