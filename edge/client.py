@@ -32,12 +32,11 @@ import collections
 import json
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
 
-from edge import mqtt, schemas
+from edge import config, mqtt, schemas
 from edge.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ TOPICS = ("detections", "matches", "events", "depth", "status", "health")
 CAMERA_TOPICS = ("detections", "matches", "events", "depth")
 # Topics whose messages carry labels and scores (`labels`, `min_score` narrow them).
 LABELLED_TOPICS = ("detections", "events")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")   # a topic-safe device or camera
 DEFAULT_SESSION_EXPIRY = 24 * 3600      # s: how long an MQTT 5 broker keeps a named session
 _CLOSED = object()
 
@@ -233,7 +231,8 @@ def narrow(message, cameras=None, labels=None, min_score=None):
 
 def _check_names(what, names):
     for name in names or ():
-        if not isinstance(name, str) or not _NAME.match(name):
+        # the rule of device ids (config.device_id): a single topic level, no wildcards
+        if not isinstance(name, str) or config._device_id(name):
             raise ConfigError("edge.client: {} {!r}: use 1-64 letters, digits, _ . - (no / + # "
                               "or spaces)".format(what, name))
 
@@ -265,6 +264,9 @@ class Client:
         self.labels = list(labels) if labels else None
         self.min_score = min_score
         self.prefix = prefix
+        if not isinstance(prefix, str) or config._prefix(prefix):
+            raise ConfigError("edge.client: prefix {!r}: {}".format(
+                prefix, "MQTT topic levels without + # or spaces"))
         _check_names("device", self.devices)
         _check_names("camera", self.cameras)
         _check_names("session", [session] if session is not None else None)

@@ -339,6 +339,7 @@ def test_an_unreachable_broker_is_an_unavailable_error_naming_the_cause():
     ({"topics": []}, "topics (none)"),
     ({"min_score": 1.5}, "min_score 1.5"),
     ({"session": "robot#1"}, "session 'robot#1'"),
+    ({"prefix": "edge/#"}, "prefix 'edge/#': MQTT topic levels"),
     ({"protocol": "3"}, "protocol '3'"),
     ({"queue_size": 0}, "queue_size 0"),
     ({"url": "http://broker"}, "unknown scheme"),
