@@ -229,6 +229,13 @@ def narrow(message, cameras=None, labels=None, min_score=None):
     return message._replace(detections=[message.detections[i] for i in kept], payload=payload)
 
 
+def _listed(names):
+    """A list of names from a list, a tuple or one name (not its letters); None if empty."""
+    if isinstance(names, str):
+        return [names]
+    return list(names) if names else None
+
+
 def _check_names(what, names):
     for name in names or ():
         # the rule of device ids (config.device_id): a single topic level, no wildcards
@@ -245,7 +252,7 @@ class Client:
     receive; session: a name (1-64 letters, digits, _ . -) for a session the broker keeps
     across restarts of this program (MQTT 5: for `session_expiry` s), None for one that
     ends with close(); protocol "3.1.1" or "5"; validate: check each payload against the
-    API document (needs jsonschema); queue: messages held for a slow consumer; username,
+    API document (needs jsonschema); queue_size: messages held for a slow consumer; username,
     password_file, ca_file, cert_file, key_file: as `edge health`'s flags (the password
     also from EDGE_MQTT_PASSWORD).
     """
@@ -258,10 +265,10 @@ class Client:
         self.settings = mqtt.with_credentials(
             mqtt.parse_url(url), username, password_file, ca_file, cert_file, key_file,
             where="edge.client")
-        self.devices = list(devices) if devices else None
-        self.topics = tuple(collections.OrderedDict.fromkeys(topics))   # once each
-        self.cameras = list(cameras) if cameras else None
-        self.labels = list(labels) if labels else None
+        self.devices = _listed(devices)
+        self.topics = tuple(collections.OrderedDict.fromkeys(_listed(topics) or ()))  # once each
+        self.cameras = _listed(cameras)
+        self.labels = _listed(labels)
         self.min_score = min_score
         self.prefix = prefix
         if not isinstance(prefix, str) or config._prefix(prefix):
@@ -522,9 +529,9 @@ class Client:
                                      getattr(callback, "__name__", callback), message.topic)
 
     def stats(self):
-        """Counts: received, delivered, filtered, invalid, dropped (queue full),
-        callback_errors, connects, sessions_lost (reconnects to a broker that had
-        forgotten the session)."""
+        """Counts: received (taken from the queue), delivered, filtered, invalid, dropped
+        (the queue was full), callback_errors, connects, sessions_lost (reconnects to a
+        broker that had forgotten the session)."""
         with self._lock:
             counts = dict(self._counts)
         return {key: counts.get(key, 0) for key in (

@@ -353,6 +353,13 @@ def test_bad_arguments_are_config_errors_naming_them(kwargs, words):
     assert words in str(e.value)
 
 
+def test_one_name_is_a_list_of_one():
+    client = edge_client.Client(devices="cam1", topics="events", cameras="front",
+                                labels="person")
+    assert client.subscriptions == ["edge/cam1/events"]
+    assert (client.cameras, client.labels) == (["front"], ["person"])
+
+
 def test_on_wants_a_topic_of_the_client():
     client = edge_client.Client(topics=["detections"])
     with pytest.raises(ConfigError, match="on\\('events'\\)"):
