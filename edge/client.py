@@ -315,10 +315,11 @@ class Client:
 
     # -- connection ---------------------------------------------------------------------
 
-    def connect(self, timeout=10.0):
+    def connect(self, timeout=10.0, retry=True):
         """Connect and subscribe; UnavailableError as soon as the broker refuses (credentials,
         ACL), or when it cannot be reached within `timeout` s (None: wait as long as it takes;
-        paho retries meanwhile). Afterwards paho reconnects by itself."""
+        paho retries meanwhile), or, with `retry=False` (a command line), at the first attempt
+        that fails. Afterwards paho reconnects by itself."""
         if self._paho is not None:
             return self
         client = mqtt.make_client(self.client_id, self.protocol, clean_session=False)
@@ -344,7 +345,8 @@ class Client:
         client.loop_start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._subscribed.wait(0.05):
-            if self._refused or (deadline is not None and time.monotonic() > deadline):
+            if self._refused or (self._cause and not retry) or \
+                    (deadline is not None and time.monotonic() > deadline):
                 reason = self._refused or self._cause or mqtt.diagnose(self.settings, 2.0) or \
                     "no answer within {:.0f} s".format(timeout)
                 self._stop_paho()

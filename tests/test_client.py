@@ -329,6 +329,8 @@ def test_an_unreachable_broker_is_an_unavailable_error_naming_the_cause():
     with pytest.raises(UnavailableError, match="connection refused") as e:
         client.connect(timeout=1)
     assert e.value.exit_code == 69 and time.monotonic() - started < 5
+    with pytest.raises(UnavailableError, match="connection refused"):
+        client.connect(timeout=None, retry=False)      # the first failed attempt ends it
 
 
 @pytest.mark.parametrize("kwargs, words", [
