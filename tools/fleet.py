@@ -11,6 +11,8 @@ on `test://?fps=F&width=W&height=H` with one inference thread each. It reports:
 - `edge health --all --timeout T`: wall time of the whole command (a new process, as an
   operator runs it), devices that answered, exit status, and the requests it published
   (one on `{prefix}/_all/cmd/health`; per-device ones only for devices that stay silent);
+  and the same check run in this process (edge.remote.check): connection to last answer,
+  without a new interpreter's start-up, which a loaded host slows down most;
 - memory per daemon: RSS (shared library pages counted in each) and PSS (shared pages split
   between the processes sharing them: what the fleet really costs the machine), mean, min,
   max; the machine's available memory before and after;
@@ -159,7 +161,15 @@ def run(args):
         cpu_before = {d: cpu_seconds(p.pid) for d, p in daemons}
         cpu_started = time.monotonic()
         rounds = []
+        from edge import remote
         for _ in range(args.rounds):
+            # The same check in this process, whose imports are done: the time from the
+            # connection to the last answer, without a new Python's start-up.
+            began = time.monotonic()
+            answers, _ = remote.check(broker.url, [], timeout=args.timeout, all_devices=True)
+            in_process = time.monotonic() - began
+            in_process_answered = sum(1 for r in answers.values() if r["answered"])
+            time.sleep(1.0)
             with watcher.lock:
                 seen = len(watcher.messages)
             rc, out, err, wall = edge("health", "--all", "--json", "--mqtt", broker.url,
@@ -174,6 +184,8 @@ def run(args):
                 requests = [t for t, _, _, _, _ in watcher.messages[seen:]
                             if t.endswith("/cmd/health")]
             rounds.append({"wall_s": round(wall, 2), "exit": rc,
+                           "in_process_s": round(in_process, 2),
+                           "in_process_answered": in_process_answered,
                            "answered": sum(1 for r in answers.values() if r["answered"]),
                            "healthy": sum(1 for r in answers.values() if r["healthy"]),
                            "listed": len(answers),
@@ -222,11 +234,13 @@ def table(result):
         "{} s".format(result["time_to_online_s"]) if result["time_to_online_s"] is not None
         else "not all online within the start timeout"))
     for i, r in enumerate(result.get("health_all", []), 1):
-        lines.append("  edge health --all #{}: {:.2f} s, {}/{} answered, {} healthy, exit {}, "
-                     "requests: {} broadcast, {} direct{}".format(
+        lines.append("  edge health --all #{}: {:.2f} s as a command, {}/{} answered, {} healthy, "
+                     "exit {}, requests: {} broadcast, {} direct{}; in process {:.2f} s, {} "
+                     "answered".format(
                          i, r["wall_s"], r["answered"], result["started"], r["healthy"],
                          r["exit"], r["broadcast_requests"], r["direct_requests"],
-                         " ({})".format(r["error"]) if r["error"] else ""))
+                         " ({})".format(r["error"]) if r["error"] else "", r["in_process_s"],
+                         r["in_process_answered"]))
     for key, name in (("rss_mb", "RSS"), ("pss_mb", "PSS")):
         s = result.get(key) or {}
         lines.append("  {} per daemon: mean {} MiB, min {}, max {}".format(
