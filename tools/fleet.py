@@ -115,6 +115,7 @@ def run(args):
     env = dict(os.environ, EDGE_MODEL_MIRROR=mirror)
     daemons = []          # (device id, Popen)
     result = {"requested": args.n, "fps": args.fps, "size": args.size, "cores": os.cpu_count(),
+              "nice": args.nice,
               "mem_available_mb_before": round(mem_available_mb() or 0)}
     stopped_for_memory = None
     started = time.monotonic()
@@ -131,7 +132,8 @@ def run(args):
                  "--detector", args.detector, "--backend", "ort", "--model-dir", models,
                  "--state-dir", os.path.join(folder, device), "--device-id", device,
                  "--mqtt", broker.url], cwd=ROOT, env=env, stdout=log,
-                stderr=subprocess.STDOUT)))
+                stderr=subprocess.STDOUT,
+                preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None)))
             log.close()
             if args.stagger:
                 time.sleep(args.stagger)
@@ -224,8 +226,10 @@ def run(args):
 
 def table(result):
     lines = ["fleet: {} daemons requested, {} started, {} online ({} cores, test source {} "
-             "fps {})".format(result["requested"], result["started"], result["online"],
-                              result["cores"], result["fps"], result["size"])]
+             "fps {}{})".format(result["requested"], result["started"], result["online"],
+                                result["cores"], result["fps"], result["size"],
+                                ", daemons at nice {}".format(result["nice"])
+                                if result["nice"] else "")]
     if result.get("stopped_for_memory"):
         lines.append("  memory: " + result["stopped_for_memory"])
     if result.get("exited"):
@@ -267,6 +271,9 @@ def main(argv=None):
     parser.add_argument("--stagger", type=float, default=0.0,
                         help="seconds between daemon starts (0: all at once)")
     parser.add_argument("--health-interval", type=float, default=10.0)
+    parser.add_argument("--nice", type=int, default=0,
+                        help="run the daemons at this niceness: they stand for devices with "
+                             "CPUs of their own, and need not starve the operator's command")
     parser.add_argument("--reserve-mb", type=float, default=2048.0,
                         help="memory to leave to the rest of the machine")
     parser.add_argument("--per-daemon-mb", type=float, default=160.0,
