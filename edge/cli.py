@@ -19,6 +19,7 @@ def _run(args):
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
         "stereo.calib": args.calib,
+        "metrics.port": args.metrics_port,
     }
     cfg = config.load(args.config, overrides)
     if args.debug:
@@ -388,6 +389,8 @@ def parser():
     run.add_argument("--device-id", help="device name in topics (default: host name)")
     run.add_argument("--backend", choices=("auto", "trt", "ort"))
     run.add_argument("--max-frames", type=int, help="stop after N frames")
+    run.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (metrics.port)")
     run.add_argument("--model-dir", help="folder of model files")
     run.add_argument("--mirror", help="local folder to fetch models from (or EDGE_MODEL_MIRROR)")
     run.set_defaults(func=_run)

@@ -111,11 +111,12 @@ class Commands(threading.Thread):
             "delete_reference": self.delete_reference, "reload": self.reload,
         }
 
-    def submit(self, name, payload, reply_topic=None, correlation=None):
+    def submit(self, name, payload, reply_topic=None, correlation=None, broadcast=False):
         """Queue a raw request (called from paho's thread: must not block or raise).
 
         `reply_topic` and `correlation` are an MQTT 5 request's response topic and
         correlation data: the reply goes there and carries the same correlation data.
+        `broadcast`: the request came on `{prefix}/_all/cmd/` (see `handle`).
         """
         queue, limit = (self._health_queue, HEALTH_QUEUE_LIMIT) if name == "health" else \
             (self._queue, QUEUE_LIMIT)
@@ -123,7 +124,7 @@ class Commands(threading.Thread):
             if len(queue) >= limit:
                 self.dropped += 1
                 return
-            queue.append((name, payload, reply_topic, correlation))
+            queue.append((name, payload, reply_topic, correlation, broadcast))
             self._cond.notify()
 
     def run(self):
@@ -134,9 +135,9 @@ class Commands(threading.Thread):
                 if self._stop:
                     return
                 queue = self._health_queue or self._queue     # health probes first
-                name, payload, reply_topic, correlation = queue.popleft()
+                name, payload, reply_topic, correlation, broadcast = queue.popleft()
             try:
-                topic, reply = self.handle(name, payload, reply_topic)
+                topic, reply = self.handle(name, payload, reply_topic, broadcast=broadcast)
                 self.app.publisher.put(topic, reply, qos=1, jsonl=False,
                                        properties=mqtt.reply_properties(correlation))
             except Exception:   # the command thread outlives every request
@@ -155,12 +156,17 @@ class Commands(threading.Thread):
     def reply_topic(self, request_id):
         return self.app.link.topic("reply/{}".format(request_id or "unknown"))
 
-    def handle(self, name, payload, reply_topic=None, now=None):
+    def handle(self, name, payload, reply_topic=None, now=None, broadcast=False):
         """(topic, reply dict) for one raw request; never raises for bad input.
 
         `reply_topic`: the MQTT 5 response topic, if the request had one.
+        `broadcast`: the request went to every device (`{prefix}/_all/cmd/{name}`): the
+        reply goes to its `reply_to` (or response topic) plus `/{device_id}`, so that the
+        answers of a fleet arrive apart, each on a topic the device alone may write.
         """
         self.handled += 1
+        if broadcast and reply_topic is not None:
+            reply_topic = self._for_this_device(reply_topic)
         response_problem = None if reply_topic is None else self._reply_to_problem(reply_topic)
         request_id = None
         topic = reply_topic if reply_topic is not None and response_problem is None \
@@ -184,15 +190,22 @@ class Commands(threading.Thread):
                 raise CommandError("bad_request", "the MQTT 5 response topic " +
                                    response_problem)
             if reply_topic is None and "reply_to" in args:
-                problem = self._reply_to_problem(args["reply_to"])
+                wanted = self._for_this_device(args["reply_to"]) if broadcast \
+                    else args["reply_to"]
+                problem = self._reply_to_problem(wanted)
                 if problem is not None:
                     raise CommandError("bad_request", "`reply_to` " + problem)
-                topic = args["reply_to"]
+                topic = wanted
             if request_id is None:
                 raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
             if not (self.health_limit if name == "health" else self.limit).allow(now):
                 self.rate_limited += 1
                 raise CommandError("rate_limited", "too many commands; retry in a second")
+            if broadcast and name not in mqtt.BROADCAST_COMMANDS:
+                raise CommandError("bad_request", "{!r} is not taken on {}: only {}; send it "
+                                   "to {}".format(name[:64], self.app.link.broadcast_topic(""),
+                                                  ", ".join(mqtt.BROADCAST_COMMANDS),
+                                                  self.app.link.topic("cmd/" + name[:64])))
             handler = self.handlers.get(name)
             if handler is None:
                 raise CommandError("unknown_command", "unknown command {!r}; known: {}".format(
@@ -214,6 +227,10 @@ class Commands(threading.Thread):
         make it command itself."""
         return (self.app.link.topic("reply/"),
                 "{}/_health/".format(self.app.link.prefix))
+
+    def _for_this_device(self, value):
+        """A broadcast request's reply topic: the one it names plus `/{device_id}`."""
+        return value + "/" + self.app.device if isinstance(value, str) else value
 
     def _reply_to_problem(self, value):
         """None when `value` may receive a reply, else what is wrong with it."""

@@ -249,6 +249,13 @@ SPEC = {
                       help="COLUMNSxROWS (e.g. 16x12): publish median depths per cell on the "
                            "depth topic"),
     },
+    "metrics": {
+        "port": Field(int, default=None, nullable=True, min=1, max=65535,
+                      help="serve Prometheus metrics on http://address:port/metrics; "
+                           "null: off"),
+        "address": Field(str, default="127.0.0.1",
+                         help="address the metrics port listens on (0.0.0.0: every network)"),
+    },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
         "threads": Field(int, default=0, min=0, max=64,

@@ -106,6 +106,7 @@ class Daemon:
         self.maker = None
         self.health = None
         self.commands = None
+        self.metrics = None         # edge.metrics.MetricsServer when metrics.port is set
         self.source_display = redact(config["source"])   # no camera passwords in health
         self.generations = 0
         self.last_reload = None     # {"ts", "ok", "error"} of the latest reload, for health
@@ -218,6 +219,10 @@ class Daemon:
                              on_report=self._on_report)
         from edge.backends import build
         build.add_listener(self._on_build)
+        if config["metrics"]["port"]:
+            from edge.metrics import MetricsServer
+            self.metrics = MetricsServer(self, config["metrics"]["address"],
+                                         config["metrics"]["port"]).start()
         if self.link is not None:
             self.link.on_change = self.health.wake.set     # a fresh verdict, now
             self.commands = Commands(self, **config["commands"])
@@ -324,7 +329,7 @@ class Daemon:
         except EdgeError as e:
             self._reloaded(e)
             return False
-        for key in ("mqtt", "device_id", "jsonl", "health", "commands"):
+        for key in ("mqtt", "device_id", "jsonl", "health", "commands", "metrics"):
             if config[key] != self.config[key]:
                 logger.warning("reload: %s changed; it takes effect after a restart", key)
                 config[key] = self.config[key]
@@ -363,6 +368,8 @@ class Daemon:
             self.pipeline.stop()
             self.pipeline.join()
         self._stop_health()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.commands is not None:
             self.commands.stop()
         if self.publisher is not None and self.publisher.is_alive():

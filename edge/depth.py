@@ -25,11 +25,9 @@ import os
 import time
 
 import numpy as np
-from onnx import TensorProto, helper
 
 from edge import disparity
 from edge.errors import SinkError
-from edge.graph import standalone_model
 from edge.nodes import FRAME_INPUT, GraphBuilder
 
 logger = logging.getLogger(__name__)
@@ -52,6 +50,8 @@ class ConversionCard:
 
 def conversion_model(width, height, calibration, scale_inverse, lowest_valid, min_mm, max_mm):
     """The graph raw disparity (float32 H x W, input `frame`) -> depth mm (float32 H x W)."""
+    from onnx import TensorProto, helper       # onnx only where a graph is made (RSS)
+    from edge.graph import standalone_model
     g = GraphBuilder("depth")
     # (r + doffs * s) / s = d + doffs: one Add, then f * B * s / (r + doffs * s) = Z.
     shifted = g.op("Add", [FRAME_INPUT, g.const(calibration.doffs * scale_inverse)], "shift")

@@ -77,9 +77,13 @@ class Health(threading.Thread):
         self.status = None              # (state, reason) last given to the `status` topic
         self.on_report = on_report      # callable(report): the systemd STATUS= line
         self._dropped_seen = 0
+        self._system = None             # the latest system figures sampled
 
-    def report(self):
-        """The health payload (DESIGN.md, `health` topic)."""
+    def report(self, sample_system=True):
+        """The health payload (DESIGN.md, `health` topic).
+
+        `sample_system=False`: the system figures of the latest sampled report (a scrape of
+        /metrics must not shorten the CPU sampler's interval or wake jtop)."""
         app = self.app
         now = time.time()
         pipeline = app.pipeline
@@ -125,10 +129,10 @@ class Health(threading.Thread):
                     "dropped_recent": dropped - self._dropped_seen,
                     "connects": app.link.connects,
                     "error": None if connected else app.link.last_error}
-        system = None
-        if self.system_status is not None:
+        system = None if sample_system else self._system
+        if self.system_status is not None and sample_system:
             try:
-                system = self.system_status()
+                system = self._system = self.system_status()
             except Exception:   # a broken sensor must not take health down
                 logger.exception("system status failed")
         commands = getattr(app, "commands", None)

@@ -18,6 +18,10 @@ from edge.urls import redact
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+# Commands every device also takes on `{prefix}/_all/cmd/{name}`: one request reaches a whole
+# fleet (`edge health --all`). Only those that read and change nothing.
+BROADCAST_LEVEL = "_all"
+BROADCAST_COMMANDS = ("health", "ping")
 # Bytes of an MQTT packet around a request's payload (topic, properties, header): an MQTT 5
 # device asks the broker for nothing larger than commands.max_bytes plus this.
 PACKET_HEADROOM = 8192
@@ -294,13 +298,18 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self.client = client
-        # callable(name, payload bytes, response topic, correlation data), set by the daemon;
-        # the last two come from MQTT 5 requests, else None
+        # callable(name, payload bytes, response topic, correlation data, broadcast), set by
+        # the daemon; response topic and correlation data come from MQTT 5 requests, else
+        # None; broadcast: the request came on {prefix}/_all/cmd/ (the whole fleet's)
         self.on_command = None
         self.on_change = None     # callable() when the broker is lost or back (health)
 
     def topic(self, suffix):
         return "{}/{}/{}".format(self.prefix, self.device, suffix)
+
+    def broadcast_topic(self, name):
+        """The topic a fleet-wide command `name` arrives on."""
+        return "{}/{}/cmd/{}".format(self.prefix, BROADCAST_LEVEL, name)
 
     def start(self):
         """Begin connecting in the background; never blocks on the network."""
@@ -349,13 +358,17 @@ class MqttLink:
             self.set_status(self.state, self.reason)
             if self.on_command is not None:
                 # Subscribed on every connect: a clean session forgets subscriptions.
-                client.subscribe(self.topic("cmd/+"), qos=1)
+                client.subscribe([(self.topic("cmd/+"), 1)] +
+                                 [(self.broadcast_topic(n), 1) for n in BROADCAST_COMMANDS])
         except Exception:  # never let an exception end paho's network thread
             logger.exception("mqtt on_connect failed")
 
     def _on_message(self, client, userdata, message):
         try:
             prefix = self.topic("cmd/")
+            broadcast = message.topic.startswith(self.broadcast_topic(""))
+            if broadcast:
+                prefix = self.broadcast_topic("")
             if message.retain and message.topic.startswith(prefix):
                 # A retained request would run again on every connect and every restart (a
                 # retained cmd/reload is a reload loop): commands are live messages only.
@@ -367,7 +380,7 @@ class MqttLink:
                 props = getattr(message, "properties", None)
                 self.on_command(message.topic[len(prefix):], message.payload,
                                 getattr(props, "ResponseTopic", None) or None,
-                                getattr(props, "CorrelationData", None))
+                                getattr(props, "CorrelationData", None), broadcast)
         except Exception:   # never let an exception end paho's network thread
             logger.exception("mqtt on_message failed")
 

@@ -15,7 +15,9 @@ its family and a model together.
 """
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+
+# onnx is imported where nodes are made, not here: a daemon whose engines come from the
+# cache never rewrites a graph, and onnx costs ~14 MB of RSS (README, A fleet).
 
 FRAME_INPUT = "frame"
 OPSET = 11            # of the graphs built from scratch (preprocessing or post-processing alone)
@@ -68,11 +70,13 @@ class GraphBuilder:
         return "{}/{}_{}".format(self.prefix, hint, self._count)
 
     def const(self, value, dtype=np.float32, hint="const"):
+        from onnx import numpy_helper
         name = self.name(hint)
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def op(self, op_type, inputs, hint=None, outputs=1, **attrs):
+        from onnx import helper
         names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
         return names[0] if outputs == 1 else names
@@ -101,6 +105,7 @@ class GraphBuilder:
                 if out == tensor:
                     node.output[i] = name
                     return name
+        from onnx import helper
         self.nodes.append(helper.make_node("Identity", [tensor], [name]))
         return name
 
@@ -111,6 +116,7 @@ def preprocess(g, card, geometry, frame, frame_dtype="uint8"):
     The frame is uint8 as captured; `frame_dtype="float32"` is the one exception, for
     TensorRT < 8.5, which has no uint8 inputs (the backend casts on the host).
     """
+    from onnx import TensorProto
     inp = card.input
     x = frame
     if frame_dtype == "uint8":
@@ -163,8 +169,7 @@ def frame_input(geometry, width=None, height=None, name=FRAME_INPUT):
                        geometry.frame_dtype)
 
 
-_DTYPES = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}
-
-
 def frame_info(frame_w, frame_h, name=FRAME_INPUT, dtype="uint8"):
-    return helper.make_tensor_value_info(name, _DTYPES[dtype], [frame_h, frame_w, 3])
+    from onnx import TensorProto, helper
+    dtypes = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}
+    return helper.make_tensor_value_info(name, dtypes[dtype], [frame_h, frame_w, 3])

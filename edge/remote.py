@@ -5,6 +5,13 @@ report that is not one), 2 when any did not answer within the timeout or is offl
 `--all` finds no device at all (2 wins over 1), so cron, Nagios-style checks and fleet CI can
 use it as it is. `--all` lists every device whose status the broker retains, offline ones
 (a crashed device's last will) included: a dead fleet is never green.
+
+A fleet is asked with one message: `--all` publishes a single request on
+`{prefix}/_all/cmd/health`, which every device takes, and each answers on
+`{prefix}/_health/{session}/{device}` (the topic the broker lets that device alone write).
+The answers are collected as they come, and the command ends as soon as every device whose
+retained status is not offline has answered, or at the timeout. Devices of a version without
+the broadcast are asked on their own `cmd/health` at half the timeout.
 """
 
 import json
@@ -32,22 +39,38 @@ class Asker:
         self.statuses = {}          # device -> retained status dict
         self.connected = threading.Event()
         self.subscribed = threading.Event()
+        self.settled = threading.Event()    # the retained statuses have all arrived
         self.lock = threading.Lock()
         client = mqtt.make_client("edge-health-{}".format(self.session))
         mqtt.secure(client, settings)
         client.on_connect = self._on_connect
-        client.on_subscribe = lambda *args: self.subscribed.set()
+        client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self.client = client
 
-    def reply_topic(self, device):
-        return "{}/_health/{}/{}".format(self.prefix, self.session, device)
+    def reply_topic(self, device=None):
+        """Where a device answers: the session's topic plus the device (the broadcast's
+        reply_to is the session's topic; each device adds its id)."""
+        topic = "{}/_health/{}".format(self.prefix, self.session)
+        return topic if device is None else "{}/{}".format(topic, device)
 
     def _on_connect(self, client, userdata, flags, rc, properties=None):
         if mqtt._reason_code(rc) == 0:
-            client.subscribe([("{}/_health/{}/+".format(self.prefix, self.session), 1),
-                              ("{}/+/status".format(self.prefix), 1)])
+            # Statuses at QoS 0: a broker sends QoS 1 messages only a window at a time, and
+            # the second SUBSCRIBE below must not overtake a fleet's worth of them.
+            client.subscribe([(self.reply_topic("+"), 1),
+                              ("{}/+/status".format(self.prefix), 0)])
             self.connected.set()
+
+    def _on_subscribe(self, client, userdata, *args):
+        # The broker sends a subscription's retained messages before it answers the next
+        # SUBSCRIBE on the same connection: the second SUBACK (of a repeat of the reply
+        # subscription, which holds no retained message) marks the end of the statuses.
+        if not self.subscribed.is_set():
+            self.subscribed.set()
+            client.subscribe(self.reply_topic("+"), 1)
+        else:
+            self.settled.set()
 
     def _on_message(self, client, userdata, message):
         try:
@@ -82,20 +105,46 @@ class Asker:
             raise UnavailableError("mqtt {}: no connection within {:.0f} s; check --mqtt and "
                                    "the broker".format(self.settings["display"], timeout))
 
+    def request(self):
+        return {"id": "health-{}".format(self.session), "reply_to": self.reply_topic()}
+
+    def broadcast(self):
+        """One request every device takes; each answers on reply_topic(its id)."""
+        self.client.publish("{}/{}/cmd/health".format(self.prefix, mqtt.BROADCAST_LEVEL),
+                            json.dumps(self.request()), qos=1)
+
     def ask(self, devices):
+        """A request on each device's own command topic."""
         for device in devices:
             request = {"id": "health-{}".format(self.session),
                        "reply_to": self.reply_topic(device)}
             self.client.publish("{}/{}/cmd/health".format(self.prefix, device),
                                 json.dumps(request), qos=1)
 
-    def wait(self, devices, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if all(d in self.replies for d in devices):
-                    return
-            time.sleep(0.05)
+    def waiting_for(self, named, fleet):
+        """Devices that have not answered yet: the named ones and, with `fleet`, every device
+        whose retained status is not offline."""
+        with self.lock:
+            expected = set(named)
+            if fleet:
+                expected |= {d for d, s in self.statuses.items() if s.get("state") != "offline"}
+            return sorted(d for d in expected if d not in self.replies)
+
+    def wait(self, named, fleet, timeout, retry_at=None):
+        """Until everyone expected answered (and, with `fleet`, the statuses are in) or the
+        timeout; at `retry_at` s, those still silent are asked on their own topic."""
+        started = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - started
+            silent = self.waiting_for(named, fleet)
+            if not silent and (not fleet or self.settled.is_set()):
+                return
+            if elapsed >= timeout:
+                return
+            if retry_at is not None and elapsed >= retry_at:
+                retry_at = None
+                self.ask(silent)
+            time.sleep(0.02)
 
     def close(self):
         self.client.loop_stop()
@@ -107,27 +156,29 @@ def check(url, devices, prefix="edge", timeout=5.0, all_devices=False, credentia
     the exit status.
 
     `credentials`: keyword arguments of edge.mqtt.with_credentials (user, TLS files).
-    `all_devices`: also every device whose status the broker retains; those whose status is
-    offline are asked too (they may be back) but not waited for.
+    `all_devices`: also every device whose status the broker retains, or that answers the
+    broadcast; those whose status is offline are asked too (they may be back) but not
+    waited for.
     """
     settings = mqtt.with_credentials(mqtt.parse_url(url), **(credentials or {}))
     asker = Asker(settings, prefix)
+    started = time.monotonic()
     asker.start(timeout)
     try:
-        waited = list(devices)
+        left = max(0.0, timeout - (time.monotonic() - started))
         if all_devices:
-            time.sleep(min(1.0, timeout))      # retained statuses arrive right after subscribe
-            with asker.lock:
-                known = dict(asker.statuses)
-            waited += [d for d, s in known.items() if s.get("state") != "offline"]
-            devices = sorted(set(devices) | set(known))
-        asker.ask(devices)
-        asker.wait(sorted(set(waited)), timeout)
+            asker.broadcast()
+            asker.wait(devices, True, left, retry_at=left / 2)
+        else:
+            asker.ask(devices)
+            asker.wait(devices, False, left)
         with asker.lock:
             replies = dict(asker.replies)
             statuses = dict(asker.statuses)
     finally:
         asker.close()
+    if all_devices:
+        devices = sorted(set(devices) | set(statuses) | set(replies))
     results = {device: _result(replies.get(device), statuses.get(device) or {}, timeout)
                for device in devices}
     if not results or any(not r["answered"] for r in results.values()):

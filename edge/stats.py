@@ -3,12 +3,18 @@
 Samples go into preallocated numpy ring buffers, so recording a frame allocates nothing.
 """
 
+import bisect
 import threading
 import time
 
 import numpy as np
 
 WINDOW = 256          # latest frames the percentiles are taken over
+# ms: upper bounds of the cumulative latency histograms (Prometheus `le`, in seconds there),
+# from a desktop GPU's few ms to a Nano's matcher's seconds
+BUCKETS_MS = (2.5, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0,
+              750.0, 1000.0, 2000.0, 5000.0)
+HISTOGRAMS = ("total", "infer")     # the stages histograms are kept for (every frame since start)
 # ms: capture -> queued for publishing, capture -> inference start, the engine run, inference
 # end -> queued for publishing (waiting for the decode thread, decoding, building messages)
 STAGES = ("total", "queue", "infer", "post")
@@ -22,6 +28,12 @@ class TaskStats:
         self.samples = np.zeros((len(stages), window), np.float64)
         self.when = np.zeros(window, np.float64)     # monotonic seconds of each sample
         self.count = 0
+        # stage -> [count per bucket (the last one: above every bound)], sum of ms; fixed
+        # size, so recording allocates nothing that grows
+        self.histograms = {name: ([0] * (len(BUCKETS_MS) + 1), [0.0])
+                           for name in HISTOGRAMS if name in stages}
+        self._histogram_rows = [(stages.index(name), counts, total)
+                                for name, (counts, total) in self.histograms.items()]
         self._lock = threading.Lock()
 
     def record(self, *values, **kwargs):
@@ -33,6 +45,21 @@ class TaskStats:
                 self.samples[row, i] = value
             self.when[i] = time.monotonic() if now is None else now
             self.count += 1
+            for row, counts, total in self._histogram_rows:
+                if row < len(values):
+                    counts[bisect.bisect_left(BUCKETS_MS, values[row])] += 1
+                    total[0] += values[row]
+
+    def histogram(self, stage):
+        """(cumulative counts per bound of BUCKETS_MS then +Inf, sum in ms) since start."""
+        counts, total = self.histograms[stage]
+        with self._lock:
+            counts, total = list(counts), total[0]
+        cumulative, running = [], 0
+        for count in counts:
+            running += count
+            cumulative.append(running)
+        return cumulative, total
 
     def summary(self, now=None):
         """{frames, fps, latency_ms {p50, p95}, infer_ms {p50, p95}, stages_ms {...}}."""

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
@@ -230,6 +231,28 @@ def test_robot_cannot_command_device_cannot_write_another_operator_can(acl_broke
         assert wait(lambda: operator.received("edge/cam1/reply/after"), 15, proc), log(tmp_path)
         # (a too_large reply would go to reply/unknown: the id is never parsed)
         assert operator.received("edge/cam1/reply/unknown") == []
+        # The fleet-wide health request: one message on edge/_all/cmd/health from an
+        # operator reaches the device, which answers on edge/_health/<session>/cam1 (the ACL
+        # lets it write there); a robot's never reaches it. `edge health --all` as operator.
+        fleet = Client(port, "operator-1", topics=["edge/_health/#"]).wait_ready()
+        try:
+            robot.publish("edge/_all/cmd/health", json.dumps(
+                {"id": "robot", "reply_to": "edge/_health/robot"}).encode())
+            fleet.publish("edge/_all/cmd/health", json.dumps(
+                {"id": "fleet", "reply_to": "edge/_health/acl"}).encode())
+            assert wait(lambda: fleet.received("edge/_health/acl/cam1"), 15, proc), log(tmp_path)
+            reply = json.loads(fleet.received("edge/_health/acl/cam1")[0])
+            assert reply["ok"] and reply["result"]["device"] == "cam1"
+            time.sleep(0.5)
+            assert fleet.received("edge/_health/robot/cam1") == []
+        finally:
+            fleet.close()
+        proc_health = subprocess.run(
+            [sys.executable, "-m", "edge", "health", "--all", "--json", "--timeout", "10",
+             "--mqtt", "mqtt://operator-1:{}@127.0.0.1:{}".format(USERS["operator-1"], port)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        results = json.loads(proc_health.stdout)
+        assert proc_health.returncode == 0 and list(results) == ["cam1"], proc_health.stderr
         assert read_jsonl(jsonl)
         assert proc.poll() is None
     finally:

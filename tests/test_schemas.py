@@ -124,7 +124,8 @@ def test_document_has_the_asyncapi_2_6_structure():
     operation_ids = []
     for topic, channel in DOC["channels"].items():
         fixed_fields_only("channel", channel)
-        assert topic.startswith("{prefix}/{device_id}/"), topic
+        # a device's topics, and the fleet-wide commands every device takes
+        assert topic.startswith(("{prefix}/{device_id}/", "{prefix}/_all/cmd/")), topic
         assert set(re.findall(r"{(\w+)}", topic)) == set(channel["parameters"]), topic
         operations = [k for k in ("publish", "subscribe") if k in channel]
         assert len(operations) == 1 and channel["description"], topic
@@ -411,6 +412,39 @@ def test_replies_of_every_command_validate(tmp_path):
     assert topic == "edge/cam1/reply/c2" and reply["error"]["code"] == "bad_request"
 
 
+def test_broadcast_requests_are_answered_on_reply_to_plus_the_device():
+    """`{prefix}/_all/cmd/{name}`: the reply goes to reply_to + /device (edge health --all's
+    per-device topic), the namespace rule holds for the composed topic, and only commands
+    that change nothing are taken."""
+    app = App()
+    app.health = Health(app, 10.0, LIMITS)
+    commands = Commands(app)
+    request = {"id": "health-s1", "reply_to": "edge/_health/s1"}
+    schemas.validate("HealthRequest", request)
+    topic, reply = commands.handle("health", json.dumps(request).encode(), broadcast=True)
+    schemas.validate("reply", json.loads(json.dumps(reply)))
+    assert topic == "edge/_health/s1/cam1" and reply["ok"] and reply["result"]["device"] == "cam1"
+    assert schemas.kind_of_topic(topic) == "reply"
+    assert schemas.kind_of_topic(app.link.broadcast_topic("health")) == "command"
+    # the same request on the device's own topic is answered where it says
+    assert commands.handle("ping", json.dumps(request).encode())[0] == "edge/_health/s1"
+    # MQTT 5 response topic: the device is appended as well
+    topic, reply = commands.handle("ping", b'{"id": "p5"}', "edge/_health/s5", broadcast=True)
+    assert topic == "edge/_health/s5/cam1" and reply["ok"]
+    # no reply_to: the device's own reply topic
+    topic, reply = commands.handle("ping", b'{"id": "p6"}', broadcast=True)
+    assert topic == "edge/cam1/reply/p6" and reply["ok"]
+    # a reply_to outside the namespaces stays refused
+    topic, reply = commands.handle("ping", json.dumps(
+        {"id": "p7", "reply_to": "edge/cam2/status"}).encode(), broadcast=True)
+    assert topic == "edge/cam1/reply/p7" and reply["error"]["code"] == "bad_request"
+    # commands that change something are refused on the broadcast topic
+    topic, reply = commands.handle("reload", json.dumps(
+        {"id": "r1", "reply_to": "edge/_health/s1"}).encode(), broadcast=True)
+    assert topic == "edge/_health/s1/cam1" and reply["error"]["code"] == "bad_request"
+    assert "edge/cam1/cmd/reload" in reply["error"]["message"] and app.reloads == 0
+
+
 def test_error_replies_validate_for_every_code(tmp_path):
     app = App()     # no matcher (store None), no frames, no health reporter
     commands = Commands(app, max_bytes=256)
@@ -465,6 +499,14 @@ def test_the_health_client_request_validates():
         request = json.loads(payload)
         schemas.validate("HealthRequest", request)
         assert schemas.kind_of_topic(request["reply_to"]) == "reply"
+    sent.clear()
+    asker.broadcast()
+    (topic, payload), = sent
+    assert topic == "edge/_all/cmd/health" and schemas.kind_of_topic(topic) == "command"
+    request = json.loads(payload)
+    schemas.validate("HealthRequest", request)
+    # each device answers on reply_to + /device, the per-device topic of the session
+    assert schemas.kind_of_topic(request["reply_to"] + "/cam1") == "reply"
 
 
 # -- broken payloads -----------------------------------------------------------------------

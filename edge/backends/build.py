@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from edge.backends.cache import make_key, unwritable
+from edge.backends.cache import make_key, recipe_key, unwritable
 from edge.errors import BuildError, CacheUnwritable
 
 logger = logging.getLogger(__name__)
@@ -157,20 +157,42 @@ def one_build_at_a_time(folder, state):
 
 
 def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None,
-           reserve=DEFAULT_RESERVE):
-    """The cached artefact for a rewritten model, building it in a child when needed."""
-    model_bytes = model.SerializeToString()
+           reserve=DEFAULT_RESERVE, recipe=None):
+    """The cached artefact for a rewritten model, building it in a child when needed.
+
+    `model`: the rewritten onnx.ModelProto, or a callable that makes it. With a `recipe`
+    (what the model is made from, edge.tasks.recipe) an artefact recorded under it is found
+    without calling `model` (see edge.backends.cache, Recipes).
+    """
     fingerprint = backend.fingerprint()
     options = backend.build_options(card)
+    noted = {}
+    if recipe is not None:
+        noted = {"recipe_key": recipe_key(recipe, fingerprint, options),
+                 "card_key": recipe["card_key"]}
+        found = cache.find("recipe_key", noted["recipe_key"])
+        # the side file must also say it was built by this backend, as this one builds
+        if found is not None and found[2].get("backend") == _as_json(fingerprint) and \
+                found[2].get("options") == _as_json(options) and \
+                cache.lookup(found[0], found[1]):
+            return found[0]
+    if callable(model):
+        model = model()
+    model_bytes = model.SerializeToString()
     key, material = make_key(model_bytes, fingerprint, options)
+    material.update(noted)
     path, _ = cache.paths(label, fingerprint, options, key, backend.suffix)
     if cache.lookup(path, key):
+        if noted:
+            cache.note(path, **noted)       # built before recipes were recorded, or elsewhere
         return path
     state = BuildState(label)
     STATES[label] = state
     try:
         with one_build_at_a_time(cache.folder, state):
             if cache.lookup(path, key):        # built by whoever held the lock before us
+                if noted:
+                    cache.note(path, **noted)
                 state.update(state="ready", phase="done", progress=1.0)
                 return path
             state.update(phase="starting")
@@ -179,6 +201,11 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
     except BuildError as e:
         state.update(state="failed", error=str(e))
         raise
+
+
+def _as_json(value):
+    """`value` as it reads back from a side file (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _build(backend, model_bytes, path, key, material, options, cache, budget, state, timeout,
@@ -321,12 +348,15 @@ class EngineMaker:
     def allocate(self, shape, dtype):
         return self.backend.allocate(shape, dtype)
 
-    def make(self, model, card, label, background=False):
-        """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
+    def make(self, model, card, label, background=False, recipe=None):
+        """A loaded Engine for a rewritten model (or a callable making it, with the `recipe`
+        it is made from: see `ensure`); rebuilds once when the artefact won't load."""
         from edge.errors import ModelError
         try:
-            path = self._ensure(model, card, label)
+            path = self._ensure(model, card, label, recipe)
         except CacheUnwritable as e:
+            if callable(model):
+                model = model()
             engine = self.backend.load_uncached(model, label, background) \
                 if self.allow_uncached else None
             if engine is None:
@@ -341,14 +371,19 @@ class EngineMaker:
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
-            path = self._ensure(model, card, label)
+            path = self._ensure(model, card, label, recipe)
             engine = self.backend.load(path, label, background)
         self.cache.hold(path, engine)      # never evicted while it runs
         return engine
 
-    def _ensure(self, model, card, label):
+    def knows(self, card_key):
+        """Whether an artefact made from this card and model is cached (so the model was
+        read and checked against its card before)."""
+        return self.cache.find("card_key", card_key) is not None
+
+    def _ensure(self, model, card, label, recipe=None):
         return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,
-                      reserve=self.reserve)
+                      reserve=self.reserve, recipe=recipe)
 
 
 def _tail(path, limit=300):

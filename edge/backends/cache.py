@@ -7,6 +7,14 @@ and the build options (precision, workspace); input shapes are in the model byte
     {folder}/{card}-{W}x{H}[-ref{W}x{H}]-{backend}-{precision}-{key12}{suffix}
     {folder}/...{suffix}.json      side file: key, key material, size and sha256 of the file
 
+Recipes: rewriting a graph needs onnx (about 14 MB of RSS) and a second or more. A side file
+also records the artefact's `recipe_key`: a hash of what the rewritten model is made from
+(the card, the model file's sha256, the frame size and dtype, the rewriting code, the
+backend's fingerprint and build options), so a daemon whose engines are cached finds them
+with `find` without rewriting anything, and never imports onnx. An artefact is still trusted
+only for its full key (`lookup`); a recipe that no longer matches (a changed card, model,
+rewriting code or edge version) finds nothing, and the graph is rewritten as before.
+
 Writes are atomic (temporary file, fsync, rename; the side file last), so a killed build or a
 full disk leaves either the previous artefact or none, never a torn one. `lookup` checks the
 side file and the artefact's size and sha256 and removes what does not match: the caller
@@ -41,6 +49,14 @@ def make_key(model_bytes, fingerprint, options):
                 "backend": fingerprint, "options": options}
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest(), material
+
+
+def recipe_key(recipe, fingerprint, options):
+    """The key of an artefact made from `recipe` (a JSON-able dict of what the rewritten
+    model is made from) on a backend with build options."""
+    material = {"format": FORMAT, "recipe": recipe, "backend": fingerprint, "options": options}
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _slug(text):
@@ -136,6 +152,40 @@ class EngineCache:
         logger.warning("cached engine %s is stale or damaged: %s; rebuilding it", path, reason)
         self.remove(path)
         return False
+
+    def find(self, field, value):
+        """(path, key, material) of an artefact whose side file records `field` == value (a
+        `recipe_key` or a `card_key`), or None. Reads only the side files."""
+        try:
+            names = sorted(os.listdir(self.folder))
+        except OSError:
+            return None
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.folder, name), "r", encoding="utf-8") as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and isinstance(meta.get("material"), dict) and \
+                    meta["material"].get(field) == value and isinstance(meta.get("key"), str):
+                return os.path.join(self.folder, name[:-5]), meta["key"], meta["material"]
+        return None
+
+    def note(self, path, **fields):
+        """Record fields (a recipe) in an artefact's side file; quietly nothing when it
+        cannot be written (a read-only cache: the graph is then rewritten at each start)."""
+        side = path + ".json"
+        try:
+            with open(side, "r", encoding="utf-8") as f:
+                meta = json.load(f)
+            if all(meta["material"].get(k) == v for k, v in fields.items()):
+                return
+            meta["material"].update(fields)
+            atomic_write(side, json.dumps(meta, indent=1, sort_keys=True).encode())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
 
     def store(self, path, built_file, key, material):
         """Move a freshly built file into place, then write its side file (both atomic).

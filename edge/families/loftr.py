@@ -9,7 +9,6 @@ CPU reads (N0, 2) floats instead of the N0 x N1 matrix (5.8 MB at 640 x 480).
 """
 
 import numpy as np
-from onnx import TensorProto, helper
 
 from edge import nodes
 from edge.families import register
@@ -53,6 +52,7 @@ class LoftrCoarse:
                 nodes.frame_input(geometry, ref_w, ref_h, REFERENCE_INPUT)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
+        from onnx import TensorProto, helper     # only when a graph is rewritten
         columns, rows = cells(*card.input_size)
         count = columns * rows
         mask = border_mask(columns, rows, card.thresholds["border"])

@@ -10,7 +10,6 @@ decodes K boxes instead of every anchor.
 """
 
 import numpy as np
-from onnx import TensorProto, helper
 
 from edge import nodes
 
@@ -41,6 +40,7 @@ class YoloFamily:
         return [nodes.frame_input(geometry)]
 
     def graph_outputs(self, g, card, geometry, raw_infos):
+        from onnx import TensorProto, helper     # only when a graph is rewritten
         boxes, objectness, classes = self.split(g, card, [i.name for i in raw_infos])
         # max over classes of objectness * class = objectness * max over classes (>= 0)
         score = g.reduce_max(classes, [2], 1, "best_class_score")

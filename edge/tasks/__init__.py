@@ -8,10 +8,13 @@ the outputs bound to the slot (the pipeline's decode thread), before the slot is
 """
 
 import collections
+import hashlib
+import json
 import logging
+import os
 import time
 
-from edge import graph, models
+from edge import models
 from edge.stats import TaskStats
 
 logger = logging.getLogger(__name__)
@@ -35,11 +38,59 @@ def register(cls):
 
 
 def create(card, engines, model_dir, mirror=None, **options):
-    """The task for a card, with its model fetched and checked."""
+    """The task for a card, with its model fetched and checked.
+
+    The model file's sha256 is checked every time. The ONNX model itself is read (and checked
+    against the card) only when no engine made from this card and model is cached: a device
+    that starts from its cache never imports onnx (edge.backends.cache, Recipes).
+    """
     from edge.tasks import detect, match  # noqa: F401  (registers)
     cls = _TASKS[card.task]
     path = models.ensure(card, model_dir, mirror)
-    return cls(card, engines, models.load_onnx(path, card), **options)
+    key = card_key(card)
+    if engines.knows(key):
+        model = _Lazy(lambda: models.load_onnx(path, card))
+    else:
+        model = _Lazy(None, models.load_onnx(path, card))
+    task = cls(card, engines, model, **options)
+    task.card_key = key
+    return task
+
+
+def _rewriting_code():
+    """sha256 of the modules that rewrite graphs: a change there makes new recipes."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    families = os.path.join(here, "families")
+    files = [os.path.join(here, "graph.py"), os.path.join(here, "nodes.py")] + sorted(
+        os.path.join(families, n) for n in os.listdir(families) if n.endswith(".py"))
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def card_key(card):
+    """What every engine of a card is made from, before the frame size: the card, the model
+    file's sha256, the rewriting code and edge's version."""
+    from edge import __version__
+    text = json.dumps({"card": card.data, "model_sha256": card.model["sha256"],
+                       "rewriting": _rewriting_code(), "edge": __version__},
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Lazy:
+    """A value made on first use (`get`) by `make`, or given."""
+
+    def __init__(self, make, value=None):
+        self.make = make
+        self.value = value
+
+    def get(self):
+        if self.value is None:
+            self.value = self.make()
+        return self.value
 
 
 def engine_label(card_name, width, height, reference_size=None):
@@ -60,12 +111,18 @@ class Task:
     def __init__(self, card, engines, model):
         self.card = card
         self.maker = engines   # EngineMaker: cache, build child, backend
-        self.model = model           # the original onnx.ModelProto
+        self._model = model if isinstance(model, _Lazy) else _Lazy(None, model)
+        self.card_key = None         # set by `create`: engines are then found by recipe
         self.engines = collections.OrderedDict()   # (width, height) -> Engine, LRU
         self.seq = 0
         self.frames = 0              # frames decoded into messages
         self.stats = TaskStats()
         self.last_message = None     # the newest message, for snapshots
+
+    @property
+    def model(self):
+        """The original onnx.ModelProto, read on first use."""
+        return self._model.get()
 
     def engine_labels(self):
         """Labels of the engines this task holds (they are ready)."""
@@ -90,10 +147,17 @@ class Task:
             self.engines.move_to_end(key)
         else:
             started = time.monotonic()
-            rewritten = graph.rewrite(self.model, self.card, width, height, reference_size,
-                                      self.maker.frame_dtype)
+            dtype = self.maker.frame_dtype
+
+            def rewritten():
+                from edge import graph      # onnx: only when no engine is cached for this
+                return graph.rewrite(self.model, self.card, width, height, reference_size,
+                                     dtype)
+            recipe = None if self.card_key is None else {
+                "card_key": self.card_key, "frame": [width, height], "frame_dtype": dtype,
+                "reference": list(reference_size) if reference_size else None}
             label = self._label(width, height, reference_size)
-            engine = self.maker.make(rewritten, self.card, label, self.background)
+            engine = self.maker.make(rewritten, self.card, label, self.background, recipe)
             self.engines[key] = engine
             while len(self.engines) > MAX_ENGINES:
                 self.engines.popitem(last=False)[1].close()

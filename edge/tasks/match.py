@@ -9,7 +9,6 @@ pixel coordinates in each image, OpenCV fits the homography reference -> frame, 
 import logging
 import time
 
-import cv2
 import numpy as np
 
 from edge import nodes
@@ -56,6 +55,7 @@ def verify(rows, ransac_px, min_inliers):
     mask = np.zeros(rows.shape[0], bool)
     if rows.shape[0] < MIN_POINTS:
         return None, mask
+    import cv2      # here: a daemon without a matcher never loads OpenCV
     h, inliers = cv2.findHomography(rows[:, 0:2], rows[:, 2:4], cv2.RANSAC, ransac_px)
     if h is None or inliers is None:
         return None, mask

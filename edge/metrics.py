@@ -1,0 +1,254 @@
+"""Prometheus metrics: `/metrics` on a local port (config `metrics.port`, `--metrics-port`).
+
+A scrape builds every figure from the daemon's own state at that moment (a fresh health
+report, with the system figures of the latest health interval, and the tasks' latency
+histograms), so the hot path does no work for metrics and nothing is imported unless the port
+is set. The names are listed in the README ("Prometheus metrics"); the `camera` label is
+`default` until sources are named.
+
+prometheus-client serves the text format; `edge` serves it with a small HTTP server of its
+own (one request at a time, stopped with the daemon), since `start_http_server` differs
+between the releases a Python 3.6 device can install (0.8 to 0.17).
+"""
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from edge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CAMERA = "default"      # the camera label until sources are named (multi-camera work)
+ENGINE_STATES = ("building", "ready", "failed")
+_MS = 1000.0
+
+
+def _prometheus():
+    try:
+        import prometheus_client
+        from prometheus_client import core
+    except ImportError as e:
+        raise ConfigError("metrics.port is set but prometheus-client is not installed ({}); "
+                          "install it (pip install 'prometheus-client>=0.8') or unset "
+                          "metrics.port".format(e))
+    return prometheus_client, core
+
+
+class DaemonCollector:
+    """A prometheus-client collector reading one daemon (`app`) at each scrape."""
+
+    def __init__(self, app):
+        self.app = app
+        _, self.core = _prometheus()
+
+    def collect(self):
+        core = self.core
+        app = self.app
+        report = app.health.report(sample_system=False)
+        device = [("device", app.device)]
+
+        def family(kind, name, help_text, labels=()):
+            cls = {"gauge": core.GaugeMetricFamily, "counter": core.CounterMetricFamily,
+                   "histogram": core.HistogramMetricFamily}[kind]
+            return cls(name, help_text, labels=[k for k, _ in device] + list(labels))
+
+        info = family("gauge", "edge_info", "Versions of the device (value 1).",
+                      ("version", "backend"))
+        info.add_metric([app.device, str(report["versions"].get("edge")),
+                         str(report["versions"].get("backend"))], 1)
+        yield info
+        yield _one(family("gauge", "edge_uptime_seconds", "Seconds since the daemon started."),
+                   app.device, report["uptime_s"])
+        yield _one(family("gauge", "edge_healthy", "1 when the health verdict is healthy."),
+                   app.device, 1 if report["verdict"]["healthy"] else 0)
+        yield from self._source(family, report)
+        yield from self._tasks(family, report)
+        yield from self._engines(family, report)
+        yield from self._outputs(family, report)
+        yield from self._system(family, report)
+
+    def _source(self, family, report):
+        source = report["source"]
+        device = self.app.device
+        for name, help_text, value in (
+                ("edge_source_frames", "Frames captured.", source["frames"]),
+                ("edge_source_dropped_frames", "Frames a live source dropped because every "
+                 "task was still busy (newest frame kept).", source["dropped"]),
+                ("edge_source_skipped_frames", "Frames a file or folder skipped (damaged, "
+                 "too large).", source["skipped"]),
+                ("edge_source_reopens", "Times the source was opened again after a "
+                 "failure.", source["reopens"])):
+            metric = family("counter", name, help_text, ("camera",))
+            metric.add_metric([device, CAMERA], value)
+            yield metric
+
+    def _tasks(self, family, report):
+        device = self.app.device
+        labels = ("task", "model", "camera")
+        frames = family("counter", "edge_task_frames", "Frames a task processed.", labels)
+        dropped = family("counter", "edge_task_dropped_frames", "Frames a task dropped: it "
+                         "was busy with an older one.", labels)
+        queue = family("gauge", "edge_task_queue_frames", "Frames waiting for a task.", labels)
+        fps = family("gauge", "edge_task_fps", "Frames per second a task processed over the "
+                     "last 10 s.", labels)
+        infer = family("histogram", "edge_inference_seconds", "Time of the engine run per "
+                       "frame.", labels)
+        latency = family("histogram", "edge_frame_latency_seconds", "Capture to message "
+                         "queued for publishing, per frame.", labels)
+        pipeline = self.app.pipeline
+        from edge.stats import BUCKETS_MS
+        bounds = ["{:g}".format(b / _MS) for b in BUCKETS_MS] + ["+Inf"]
+        for runner in (pipeline.runners if pipeline else []):
+            task = runner.task
+            values = [device, task.name, task.card.name, CAMERA]
+            summary = report["tasks"].get(task.name, {})
+            frames.add_metric(values, summary.get("frames", task.stats.count))
+            dropped.add_metric(values, summary.get("dropped", runner.handoff.dropped))
+            queue.add_metric(values, summary.get("queue", 0))
+            if summary.get("fps") is not None:
+                fps.add_metric(values, summary["fps"])
+            for metric, stage in ((infer, "infer"), (latency, "total")):
+                counts, total_ms = task.stats.histogram(stage)
+                metric.add_metric(values, list(zip(bounds, counts)), total_ms / _MS)
+        yield from (frames, dropped, queue, fps, infer, latency)
+
+    def _engines(self, family, report):
+        device = self.app.device
+        state = family("gauge", "edge_engine_state", "1 for the state an engine is in "
+                       "(building, ready, failed), 0 for the others.", ("engine", "state"))
+        elapsed = family("gauge", "edge_engine_build_seconds", "Seconds the engine's build "
+                         "or load took (so far, while building).", ("engine",))
+        for label, engine in sorted(report["engines"].items()):
+            for name in ENGINE_STATES:
+                state.add_metric([device, label, name], 1 if engine["state"] == name else 0)
+            elapsed.add_metric([device, label], engine.get("elapsed_s") or 0.0)
+        yield state
+        yield elapsed
+
+    def _outputs(self, family, report):
+        device = self.app.device
+        mqtt = report["mqtt"]
+        if mqtt is not None:
+            yield _one(family("gauge", "edge_mqtt_connected", "1 while connected to the "
+                              "broker."), device, 1 if mqtt["connected"] else 0)
+            yield _one(family("counter", "edge_mqtt_connects", "Connections made to the "
+                              "broker (reconnects included)."), device, mqtt["connects"])
+        publisher = self.app.publisher
+        if publisher is not None:
+            yield _one(family("gauge", "edge_publish_queue_messages", "Messages waiting to "
+                              "be published, or handed to MQTT and not yet acknowledged."),
+                       device, publisher.depth)
+            yield _one(family("counter", "edge_publish_dropped_messages", "Messages dropped "
+                              "because the publish queue was full (oldest first)."),
+                       device, publisher.dropped)
+            yield _one(family("counter", "edge_publish_sent_messages", "Messages handed to "
+                              "MQTT (or written, without MQTT)."), device, publisher.sent)
+        commands = report.get("commands")
+        if commands:
+            metric = family("counter", "edge_commands", "Command requests by outcome: "
+                            "handled, dropped (queue full, no reply), rate_limited.",
+                            ("outcome",))
+            for outcome in ("handled", "dropped", "rate_limited"):
+                metric.add_metric([device, outcome], commands[outcome])
+            yield metric
+
+    def _system(self, family, report):
+        device = self.app.device
+        system = report["system"] or {}
+        cpu = family("gauge", "edge_cpu_percent", "Busy percent per CPU core over the latest "
+                     "health interval.", ("core",))
+        for core, percent in enumerate(system.get("cpu_percent") or []):
+            if percent is not None:
+                cpu.add_metric([device, str(core)], percent)
+        yield cpu
+        memory = system.get("memory") or {}
+        swap = system.get("swap") or {}
+        gpu = system.get("gpu") or {}
+        fan = system.get("fan") or {}
+        for name, help_text, value in (
+                ("edge_memory_used_percent", "Memory in use, percent.",
+                 memory.get("used_percent")),
+                ("edge_memory_available_bytes", "Memory available to programs.",
+                 _mib(memory.get("available_mb"))),
+                ("edge_memory_total_bytes", "Physical memory.", _mib(memory.get("total_mb"))),
+                ("edge_swap_used_bytes", "Swap in use.", _mib(swap.get("used_mb"))),
+                ("edge_swap_total_bytes", "Swap space.", _mib(swap.get("total_mb"))),
+                ("edge_gpu_load_percent", "GPU load, percent.", gpu.get("load_percent")),
+                ("edge_fan_percent", "Fan speed, percent.", fan.get("percent"))):
+            if value is not None:
+                yield _one(family("gauge", name, help_text), device, value)
+        temperatures = family("gauge", "edge_temperature_celsius", "Temperature per sensor.",
+                              ("sensor",))
+        for sensor, celsius in sorted((system.get("temperatures") or {}).items()):
+            if celsius is not None:
+                temperatures.add_metric([device, sensor], celsius)
+        yield temperatures
+        power = system.get("power") or {}
+        watts = family("gauge", "edge_power_watts", "Power per rail (`total`: the board).",
+                       ("rail",))
+        if power.get("total_mw") is not None:
+            watts.add_metric([device, "total"], power["total_mw"] / 1000.0)
+        for rail, milliwatts in sorted((power.get("rails") or {}).items()):
+            value = milliwatts.get("mw") if isinstance(milliwatts, dict) else milliwatts
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                watts.add_metric([device, rail], value / 1000.0)
+        yield watts
+
+
+def _one(metric, device, value):
+    metric.add_metric([device], value)
+    return metric
+
+
+def _mib(value):
+    return None if value is None else value * 2 ** 20
+
+
+class MetricsServer:
+    """`/metrics` over HTTP for one daemon, in a thread of its own ("metrics")."""
+
+    def __init__(self, app, address, port):
+        prometheus_client, _ = _prometheus()
+        registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        registry.register(DaemonCollector(app))
+        exposition = prometheus_client.exposition
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics here")
+                    return
+                try:
+                    body = exposition.generate_latest(registry)
+                except Exception:   # a bug in a collector: the scrape fails, not the daemon
+                    logger.exception("metrics: scrape failed")
+                    self.send_error(500, "scrape failed; see the device's log")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", exposition.CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass        # a scrape every 15 s would fill the journal
+
+        try:
+            self.server = HTTPServer((address, port), Handler)
+        except OSError as e:
+            raise ConfigError("metrics: cannot listen on {}:{} ({}); choose another "
+                              "metrics.port (--metrics-port) or metrics.address".format(
+                                  address, port, e.strerror or e))
+        self.address = "{}:{}".format(address, self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
+                                       daemon=True)
+
+    def start(self):
+        self.thread.start()
+        logger.info("metrics on http://%s/metrics", self.address)
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,136 @@
+"""Prometheus metrics: a real `edge run` with --metrics-port, scraped over HTTP and parsed with
+prometheus-client's own parser; every name the README lists is served, and its figures agree
+with the daemon's health report."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, free_port, run_edge
+
+
+def scrape(port):
+    with urllib.request.urlopen("http://127.0.0.1:{}/metrics".format(port), timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def samples(family, name=None, **labels):
+    return [s for s in family.samples if (name is None or s.name == name) and
+            all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def readme_metric_names():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("### Prometheus metrics", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(edge_[a-z_]+)`", section, re.M))
+
+
+JETSON_ONLY = {"edge_gpu_load_percent", "edge_fan_percent"}
+
+
+def test_a_jetson_serves_every_documented_metric():
+    """The system figures of a recorded Jetson Nano (JetPack 4.6): every documented name is
+    served, with the board's figures."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from edge import system
+    from edge.commands import Commands
+    from edge.health import Health
+    from edge.metrics import DaemonCollector
+    from tests.test_schemas import LIMITS, NANO, App
+    app = App()
+    app.commands = Commands(app)
+    app.health = Health(app, 10.0, LIMITS, system_status=lambda: system.from_sysfs(NANO))
+    app.health.report()             # the health interval samples the system figures
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(app))
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}
+    documented = readme_metric_names()
+    assert set(families) == documented, set(families) ^ documented
+    assert samples(families["edge_gpu_load_percent"])
+    temperatures = samples(families["edge_temperature_celsius"])
+    assert temperatures and all(0 < s.value < 120 for s in temperatures)
+    assert any(s.labels["rail"] == "total" for s in samples(families["edge_power_watts"]))
+
+
+def test_a_running_daemon_serves_its_metrics(broker, subscriber, tmp_path, model_dir):
+    port = free_port()
+    sub = subscriber("edge/cam1/#")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("health: {interval: 1}\npipeline: {threads: 1}\n")
+    log = open(str(tmp_path / "edge.log"), "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "-c", str(cfg), "--source",
+         "test://?width=320&height=240&fps=10", "--detector", "yolox-nano",
+         "--model-dir", model_dir, "--mqtt", broker.url, "--device-id", "cam1",
+         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(port)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert sub.wait_for(lambda s: any(h["tasks"].get("detect", {}).get("frames", 0) >= 5
+                                          for h in s.json("health")), 60), \
+            open(str(tmp_path / "edge.log")).read()
+        families = scrape(port)
+        # nothing undocumented is served; what a PC lacks (GPU, fan, throttling) is left out
+        served = {name for name in families if name.startswith("edge_")}
+        documented = readme_metric_names()
+        assert served <= documented, served - documented
+        assert documented - served == JETSON_ONLY, documented - served
+        labels = {"device": "cam1", "task": "detect", "model": "yolox-nano",
+                  "camera": "default"}
+        frames = samples(families["edge_task_frames"], "edge_task_frames_total", **labels)
+        assert frames and frames[0].value >= 5
+        # histograms: cumulative buckets ending in +Inf == count, a positive sum
+        for name in ("edge_inference_seconds", "edge_frame_latency_seconds"):
+            buckets = samples(families[name], name + "_bucket", **labels)
+            counts = [s.value for s in buckets]
+            assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
+            count = samples(families[name], name + "_count", **labels)[0].value
+            assert counts[-1] == count >= frames[0].value - 2
+            assert samples(families[name], name + "_sum", **labels)[0].value > 0
+        assert samples(families["edge_mqtt_connected"])[0].value == 1
+        assert samples(families["edge_healthy"])[0].value == 1
+        ready = samples(families["edge_engine_state"], state="ready")
+        assert ready and all(s.value == 1 for s in ready)
+        assert samples(families["edge_memory_total_bytes"])[0].value > 2 ** 28
+        assert samples(families["edge_publish_sent_messages"])[0].value > 0
+        assert samples(families["edge_source_frames"], camera="default")[0].value >= 5
+        # counters only grow between scrapes
+        time.sleep(1.5)
+        later = scrape(port)
+        assert samples(later["edge_task_frames"], "edge_task_frames_total", **labels)[0].value \
+            > frames[0].value
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen("http://127.0.0.1:{}/".format(port), timeout=5)
+        assert e.value.code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+    assert proc.returncode == 0, open(str(tmp_path / "edge.log")).read()
+
+
+def test_a_taken_metrics_port_is_a_config_error(tmp_path, model_dir):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rc, out, err = run_edge("run", "--source", "test://?frames=2&width=64&height=48",
+                                "--detector", "yolox-nano", "--model-dir", model_dir,
+                                "--jsonl", str(tmp_path / "o.jsonl"),
+                                "--state-dir", str(tmp_path / "state"),
+                                "--metrics-port", str(port))
+    assert rc == 78, err
+    lines = [l for l in err.splitlines() if l.startswith("edge: error")]
+    assert len(lines) == 1 and "metrics" in lines[0] and str(port) in lines[0], err
+    assert "Traceback" not in err
