@@ -192,13 +192,16 @@ def parse(topic_name, payload, topic="", retained=False):
     return PARSERS[topic_name](payload, topic, retained)
 
 
-def subscriptions(prefix, devices=None, topics=("detections",)):
-    """The MQTT topic filters for these devices (None: every device) and topics.
+def subscriptions(prefix, devices=None, topics=("detections",), share=None):
+    """The MQTT topic filters for these devices (None: every device) and topics; with a
+    `share` group, shared subscriptions (`$share/{share}/...`: the broker hands each
+    message to one member of the group).
 
     The one place topics are built: a camera level, should cameras get their own, goes here.
     """
-    return ["{}/{}/{}".format(prefix, device, name) for device in (devices or ["+"])
-            for name in topics]
+    filters = ["{}/{}/{}".format(prefix, device, name) for device in (devices or ["+"])
+               for name in topics]
+    return ["$share/{}/{}".format(share, f) for f in filters] if share else filters
 
 
 def narrow(message, cameras=None, labels=None, min_score=None):
@@ -252,7 +255,8 @@ class Client:
     receive; session: a name (1-64 letters, digits, _ . -) for a session the broker keeps
     across restarts of this program (MQTT 5: for `session_expiry` s), None for one that
     ends with close(); protocol "3.1.1" or "5"; validate: check each payload against the
-    API document (needs jsonschema); queue_size: messages held for a slow consumer; username,
+    API document (needs jsonschema); queue_size: messages held for a slow consumer; share:
+    a group name, for consumers that split one stream (MQTT shared subscriptions); username,
     password_file, ca_file, cert_file, key_file: as `edge health`'s flags (the password
     also from EDGE_MQTT_PASSWORD).
     """
@@ -260,8 +264,8 @@ class Client:
     def __init__(self, url="mqtt://localhost:1883", devices=None, topics=("detections",),
                  cameras=None, labels=None, min_score=None, prefix="edge", session=None,
                  session_expiry=DEFAULT_SESSION_EXPIRY, protocol="3.1.1", validate=True,
-                 queue_size=1000, username=None, password_file=None, ca_file=None,
-                 cert_file=None, key_file=None):
+                 queue_size=1000, share=None, username=None, password_file=None,
+                 ca_file=None, cert_file=None, key_file=None):
         self.settings = mqtt.with_credentials(
             mqtt.parse_url(url), username, password_file, ca_file, cert_file, key_file,
             where="edge.client")
@@ -277,6 +281,7 @@ class Client:
         _check_names("device", self.devices)
         _check_names("camera", self.cameras)
         _check_names("session", [session] if session is not None else None)
+        _check_names("share group", [share] if share is not None else None)
         if not self.topics or any(t not in TOPICS for t in self.topics):
             raise ConfigError("edge.client: topics {}: choose from {}".format(
                 ", ".join(map(str, self.topics)) or "(none)", ", ".join(TOPICS)))
@@ -298,7 +303,7 @@ class Client:
         self.session = session
         self.session_expiry = session_expiry
         self.client_id = session or "edge-client-{}".format(uuid.uuid4().hex[:12])
-        self.subscriptions = subscriptions(prefix, self.devices, self.topics)
+        self.subscriptions = subscriptions(prefix, self.devices, self.topics, share)
         self._queue = queue.Queue(queue_size)
         self._callbacks = {}
         self._lock = threading.Lock()

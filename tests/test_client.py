@@ -245,6 +245,25 @@ def test_devices_cameras_labels_and_scores_filter(broker, publisher, messages):
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_share_group_splits_one_stream(broker, publisher, messages, protocol):
+    """Consumers in one share group (MQTT shared subscriptions) each get part of the
+    messages, every message exactly one of them."""
+    payloads = messages["pan"]["detections"][:20]
+    workers = [edge_client.Client(broker.url, devices=["clip"], share="workers",
+                                  protocol=protocol).connect() for _ in range(2)]
+    try:
+        assert workers[0].subscriptions == ["$share/workers/edge/clip/detections"]
+        for payload in payloads:
+            publisher.send("edge/clip/detections", payload)
+        got = [[m.seq for m in w.messages(timeout=1)] for w in workers]
+    finally:
+        for worker in workers:
+            worker.close()
+    assert all(got) and not set(got[0]) & set(got[1])
+    assert sorted(got[0] + got[1]) == [p["seq"] for p in payloads]
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_a_named_session_gets_what_came_while_the_program_was_away(broker, publisher,
                                                                    messages, protocol):
     """A robot's program stops and starts again with the same session name: the broker
@@ -342,6 +361,7 @@ def test_an_unreachable_broker_is_an_unavailable_error_naming_the_cause():
     ({"min_score": 1.5}, "min_score 1.5"),
     ({"session": "robot#1"}, "session 'robot#1'"),
     ({"prefix": "edge/#"}, "prefix 'edge/#': MQTT topic levels"),
+    ({"share": "a/b"}, "share group 'a/b'"),
     ({"protocol": "3"}, "protocol '3'"),
     ({"queue_size": 0}, "queue_size 0"),
     ({"url": "http://broker"}, "unknown scheme"),
