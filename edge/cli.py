@@ -232,18 +232,42 @@ def _health(args):
     from edge.errors import ConfigError
     if not args.devices and not args.all:
         raise ConfigError("edge health: name devices (edge health cam1 cam2) or pass --all")
-    credentials = {"username": args.username, "password_file": args.password_file,
-                   "ca_file": args.ca_file, "cert_file": args.cert_file,
-                   "key_file": args.key_file}
     results, code = remote.check(args.mqtt, args.devices, prefix=args.prefix,
                                  timeout=args.timeout, all_devices=args.all,
-                                 credentials=credentials)
+                                 credentials=_credentials(args))
     if args.json:
         print(json.dumps(results, indent=1, sort_keys=True))
     else:
         print(remote.table(results) if results else "no device found under {}/+/status".format(
             args.prefix))
     return code
+
+
+def _listen(args):
+    """`edge listen`: what robots receive, printed (readable or JSON lines), filtered."""
+    from edge import listen
+    return listen.listen(args.mqtt, args.devices, args.topic, cameras=args.camera,
+                         labels=args.label, min_score=args.min_score, count=args.count,
+                         as_json=args.json, prefix=args.prefix,
+                         credentials=_credentials(args))
+
+
+def _broker_flags(command):
+    """--mqtt, --prefix and the credential flags of the commands that are broker clients."""
+    command.add_argument("--mqtt", default="mqtt://localhost:1883", help="broker URL")
+    command.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
+    command.add_argument("--username", help="broker user name")
+    command.add_argument("--password-file",
+                         help="file holding the password (or EDGE_MQTT_PASSWORD)")
+    command.add_argument("--ca-file", help="CA certificate for mqtts://")
+    command.add_argument("--cert-file", help="client certificate")
+    command.add_argument("--key-file", help="client certificate's key")
+
+
+def _credentials(args):
+    """The credential flags as keyword arguments of edge.mqtt.with_credentials."""
+    return {"username": args.username, "password_file": args.password_file,
+            "ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
 
 
 def _bench(args):
@@ -394,18 +418,30 @@ def parser():
 
     hl = sub.add_parser("health", help="ask devices for a fresh health report over MQTT")
     hl.add_argument("devices", nargs="*", metavar="DEVICE")
-    hl.add_argument("--mqtt", default="mqtt://localhost:1883", help="broker URL")
-    hl.add_argument("--prefix", default="edge", help="topic prefix (default edge)")
     hl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers")
     hl.add_argument("--all", action="store_true",
                     help="every device whose status the broker retains, offline ones too")
     hl.add_argument("--json", action="store_true", help="print the reports as JSON")
-    hl.add_argument("--username", help="broker user name")
-    hl.add_argument("--password-file", help="file holding the password (or EDGE_MQTT_PASSWORD)")
-    hl.add_argument("--ca-file", help="CA certificate for mqtts://")
-    hl.add_argument("--cert-file", help="client certificate")
-    hl.add_argument("--key-file", help="client certificate's key")
+    _broker_flags(hl)
     hl.set_defaults(func=_health)
+
+    from edge.client import TOPICS
+    ls = sub.add_parser("listen", help="print what robots receive from devices over MQTT, "
+                                       "filtered (readable or JSON lines)")
+    ls.add_argument("devices", nargs="*", metavar="DEVICE", help="devices (default: all)")
+    ls.add_argument("--topic", action="append", choices=TOPICS,
+                    help="what to receive (default detections; repeat for several)")
+    ls.add_argument("--camera", action="append", metavar="NAME",
+                    help="only messages whose `camera` is NAME (repeat for several)")
+    ls.add_argument("--label", action="append", metavar="L",
+                    help="only detections and events of label L (repeat for several)")
+    ls.add_argument("--min-score", type=float, metavar="S",
+                    help="only detections and events scoring at least S (0..1)")
+    ls.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    ls.add_argument("--json", action="store_true",
+                    help="print each message's payload as a JSON line")
+    _broker_flags(ls)
+    ls.set_defaults(func=_listen)
 
     bn = sub.add_parser("bench", help="throughput and latency: raw engine, pipeline, peer loop")
     bn.add_argument("--source", required=True, help="frames to replay (folder, video, test://)")
@@ -488,7 +524,7 @@ def parser():
     fch.add_argument("--mirror", help="local folder to copy from (or EDGE_MODEL_MIRROR)")
     fch.add_argument("--model-dir", help="folder of model files")
     fch.set_defaults(func=_models_fetch)
-    for command in (run, bld, hl, bn, dr, models, lst, fch):
+    for command in (run, bld, hl, ls, bn, dr, models, lst, fch):
         # also after the subcommand (`edge run ... --debug`), as the error messages say;
         # SUPPRESS: absent there, it leaves the top-level flag's value alone
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

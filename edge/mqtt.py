@@ -116,21 +116,34 @@ def secure(client, settings):
                        keyfile=settings.get("key_file"))
 
 
-def make_client(client_id, protocol="3.1.1"):
+def make_client(client_id, protocol="3.1.1", clean_session=True):
     """A paho Client for MQTT 3.1.1 (or 5) under paho-mqtt 1.x or 2.x.
 
     MQTT 5 takes no clean_session (it has clean start, which paho sets on the first
-    connect); mosquitto 1.4 (Ubuntu 18.04) speaks only 3.1.1, hence the default.
+    connect unless `connect_async(clean_start=False)`); mosquitto 1.4 (Ubuntu 18.04) speaks
+    only 3.1.1, hence the default. `clean_session=False`: the broker keeps the client's
+    subscriptions and queues its QoS 1 messages while it is away (a persistent session).
     """
     import paho.mqtt.client as paho
     options = {"client_id": client_id}
     if protocol == "5":
         options["protocol"] = paho.MQTTv5
     else:
-        options.update(clean_session=True, protocol=paho.MQTTv311)
+        options.update(clean_session=clean_session, protocol=paho.MQTTv311)
     if hasattr(paho, "CallbackAPIVersion"):   # paho-mqtt >= 2.0
         return paho.Client(paho.CallbackAPIVersion.VERSION2, **options)
     return paho.Client(**options)
+
+
+def packet_properties(packet, **values):
+    """MQTT 5 properties of a packet type (`CONNECT`, `DISCONNECT`, ...) with these values,
+    e.g. packet_properties("CONNECT", SessionExpiryInterval=3600)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    properties = Properties(getattr(PacketTypes, packet))
+    for name, value in values.items():
+        setattr(properties, name, value)
+    return properties
 
 
 def reply_properties(correlation):
@@ -151,6 +164,21 @@ def _reason_code(rc):
         return int(value)
     except (TypeError, ValueError):
         return -1
+
+
+def disconnect_code(args):
+    """The reason code of on_disconnect's arguments after (client, userdata): (rc) in paho
+    1.x, (rc, properties) in 1.x with MQTT 5, (flags, rc, properties) in 2.x; 0 is a clean
+    disconnect."""
+    return _reason_code(args[-2] if len(args) >= 2 else args[-1]) if args else 0
+
+
+def session_present(flags):
+    """Whether the broker resumed a persistent session, from on_connect's flags (a dict in
+    paho 1.x, ConnectFlags in 2.x)."""
+    if isinstance(flags, dict):
+        return bool(flags.get("session present"))
+    return bool(getattr(flags, "session_present", False))
 
 
 def diagnose(settings, timeout=3.0):
@@ -199,12 +227,16 @@ def diagnose(settings, timeout=3.0):
         sock.close()
 
 
-def probe(settings, protocol="3.1.1", timeout=5.0):
+def probe(settings, protocol="3.1.1", timeout=5.0, client_id=None):
     """Connect once as an MQTT client (CONNECT, CONNACK); None when the broker accepts,
-    else why not (see `diagnose`, or the broker's refusal: credentials, authorisation)."""
+    else why not (see `diagnose`, or the broker's refusal: credentials, authorisation).
+
+    With a `client_id` the clean-session connect also ends that client's persistent
+    session on the broker (its subscriptions and queued messages)."""
     connack = []
     answered = threading.Event()
-    client = make_client("edge-probe-{}".format(int(time.time() * 1000) % 100000), protocol)
+    client = make_client(client_id or "edge-probe-{}".format(int(time.time() * 1000) % 100000),
+                         protocol)
     secure(client, settings)
 
     def on_connect(client, userdata, flags, rc, properties=None):
@@ -365,7 +397,7 @@ class MqttLink:
         try:
             was_up = self.connected.is_set()
             self.connected.clear()
-            rc = _reason_code(args[-2] if len(args) >= 2 else args[-1]) if args else 0
+            rc = disconnect_code(args)
             if rc != 0 and was_up:
                 # (after a refused CONNACK the refusal says more than this disconnect)
                 self._down("connection lost (code {})".format(rc))

@@ -1,8 +1,8 @@
 """The demo behind tools/demo: real images -> edge run -> MQTT -> what a robot receives.
 
 Fetches the pinned demo images and the model (mirror-aware), starts a local Mosquitto on a
-free port (unless --mqtt is given), subscribes like a robot would, runs `edge run` on the
-images, prints every message received and writes annotated pictures to demo-out/. Then tracks
+free port (unless --mqtt is given), subscribes as a robot would (edge.client), runs `edge run` on
+the images, prints every message received and writes annotated pictures to demo-out/. Then tracks
 the objects of a clip panning over two of the images (track ids, a zone, a line, events),
 matches a stereo pair with the matcher and draws reference and frame side by side with
 the matches, and runs stereo depth on the same pair: the motorcycle's distance and a
@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import cv2
@@ -30,7 +29,7 @@ sys.path.insert(0, ROOT)
 from edge import draw, fetch  # noqa: E402
 import pan_clip  # noqa: E402  (tools/, beside this file)
 from edge.bench import start_local_broker  # noqa: E402
-from edge.mqtt import make_client  # noqa: E402
+from edge.client import TOPICS, Client  # noqa: E402
 
 
 def fetch_images(folder, mirror, section="images"):
@@ -43,31 +42,21 @@ def fetch_images(folder, mirror, section="images"):
     return [item["file"] for item in manifest]
 
 
-def subscribe(url, topic):
-    """A robot-side subscriber; returns (client, received list)."""
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    received = []
-    ready = threading.Event()
-    client = make_client("demo-robot")
-    client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, 1)
-    client.on_subscribe = lambda *a: ready.set()
-
-    def on_message(c, u, msg):
-        received.append((msg.topic, json.loads(msg.payload)))
-        payload = json.loads(msg.payload)
-        if msg.topic.endswith("/detections"):
-            dets = ", ".join("{} {:.2f}".format(d["label"], d["score"])
-                             for d in payload["detections"]) or "nothing"
-            print("  {}  seq {}  {}: {}".format(msg.topic, payload["seq"],
-                                                 payload["frame"]["name"], dets))
+def subscribe(url, device):
+    """A robot-side subscriber on edge.client: every topic of the device, each message
+    printed as it arrives (from the client's thread); returns the client."""
+    def show(message):
+        if message.kind == "detections":
+            dets = ", ".join("{} {:.2f}".format(d.label, d.score)
+                             for d in message.detections) or "nothing"
+            print("  {}  seq {}  {}: {}".format(message.topic, message.seq, message.frame.name,
+                                                 dets))
         else:
-            print("  {}  {}".format(msg.topic, msg.payload.decode()[:160]))
-    client.on_message = on_message
-    client.connect(parts.hostname, parts.port or 1883, 30)
-    client.loop_start()
-    ready.wait(5)
-    return client, received
+            print("  {}  {}".format(message.topic, json.dumps(message.payload)[:160]))
+    client = Client(url, devices=[device], topics=TOPICS)
+    for topic in TOPICS:
+        client.on(topic, show)
+    return client.start()
 
 
 def contact_sheet(pictures, width=1280):
@@ -115,8 +104,9 @@ def main():
         cmd = [sys.executable, "-m", "edge", "run", "--source", images, "--detector",
                args.detector, "--device-id", "demo", "--jsonl", jsonl]
         if url:
-            print("demo: broker {}; a robot subscribed to edge/demo/# receives:".format(url))
-            client, received = subscribe(url, "edge/demo/#")
+            print("demo: broker {}; a robot subscribed to edge/demo/... (edge.client) "
+                  "receives:".format(url))
+            client = subscribe(url, "demo")
             cmd += ["--mqtt", url + "?qos=1"]
         rc = subprocess.call(cmd)
         if rc != 0:
@@ -125,8 +115,7 @@ def main():
         time.sleep(0.5)
     finally:
         if client is not None:
-            client.loop_stop()
-            client.disconnect()
+            client.close()
         if broker is not None:
             broker.terminate()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -6,7 +6,8 @@
   `detections`, `matches`, `health`, `reply`, `command`) or a component (`SnapshotRequest`);
 - `kind_of_topic(topic, prefix)`: the message kind a concrete topic carries;
 - `validate(kind, payload)`: ValueError with the path and the reason when a payload is not
-  what the API promises.
+  what the API promises; `strict=False` (what a consumer such as edge.client checks) lets
+  through keys the document does not list, which a newer device may add compatibly.
 
 jsonschema is only needed by `validate` and imported there: devices do not install it.
 """
@@ -131,14 +132,26 @@ def _where(path):
     return text or "(the payload)"
 
 
-def _validator(component):
+def _open(node):
+    """A copy of a schema whose objects accept keys they do not list (`additionalProperties:
+    false` left out); maps that constrain their values keep that constraint."""
+    if isinstance(node, dict):
+        return {key: _open(value) for key, value in node.items()
+                if not (key == "additionalProperties" and value is False)}
+    if isinstance(node, list):
+        return [_open(item) for item in node]
+    return node
+
+
+def _validator(component, strict=True):
     import jsonschema
     with _lock:
-        validator = _validators.get(component)
+        validator = _validators.get((component, strict))
     if validator is None:
-        validator = jsonschema.Draft7Validator(schema(component))
+        document = schema(component)
+        validator = jsonschema.Draft7Validator(document if strict else _open(document))
         with _lock:
-            _validators[component] = validator
+            _validators[(component, strict)] = validator
     return validator
 
 
@@ -149,11 +162,14 @@ def _deepest(error):
     return error
 
 
-def validate(kind, payload):
+def validate(kind, payload, strict=True):
     """Check a payload (a dict; bytes for `snapshot`) against the API; ValueError if invalid.
 
     The message names the kind, the path of the first problem and the reason, e.g.
-    `detections payload: at detections[0].box: 'x' is not of type 'number'`.
+    `detections payload: at detections[0].box: 'x' is not of type 'number'`. `strict=False`
+    accepts keys the document does not list (a consumer's view: a newer device may add
+    keys compatibly, and `v` changes when a change breaks consumers); every listed key is
+    still checked.
     """
     if kind == "snapshot":
         if not isinstance(payload, (bytes, bytearray)) or not payload.startswith(JPEG_START):
@@ -164,7 +180,7 @@ def validate(kind, payload):
         # Check against the branch the reply claims to be: its errors are the readable ones.
         component = "ReplyOk" if payload["ok"] else "ReplyError"
     from jsonschema.exceptions import best_match
-    error = best_match(_validator(component).iter_errors(payload))
+    error = best_match(_validator(component, strict).iter_errors(payload))
     if error is None:
         return
     error = _deepest(error)

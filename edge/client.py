@@ -1,0 +1,591 @@
+"""What a robot imports to receive edge devices' messages (Python 3.6+, paho-mqtt).
+
+    from edge.client import Client
+
+    with Client("mqtt://broker:1883", devices=["cam1"]) as client:
+        for message in client.messages(count=10):
+            for d in message.detections:
+                print(d.label, d.score, d.box, d.track_id, d.spatial)
+
+A Client subscribes at QoS 1 to `{prefix}/{device}/{topic}` for the devices (default: every
+device) and topics (default: detections) it is given, checks each payload against the API
+document shipped with the package (edge/schemas/asyncapi.yaml; keys a newer device adds are
+let through), and hands it on as a plain object: `Detections`, `Event`, `Depth`, `Matches`,
+`Status` or `Health` (namedtuples; `payload` holds the checked dict). Cameras, labels and a
+minimum score narrow what arrives.
+
+Sessions are persistent (MQTT 3.1.1 clean_session=False, MQTT 5 clean start off with a
+session expiry), so the broker queues QoS 1 messages while the client is away: across
+reconnects and broker restarts (a broker with persistence), and, with a `session` name,
+across restarts of the robot's program. Without a name the session is the Client's own and
+ends with `close()`. Messages reach a robot at QoS 1 only when the device publishes them at
+QoS 1 (`mqtt.qos: 1`, or `?qos=1` in its URL); status, health and events always are.
+
+Threads: paho's network thread only puts each raw message on a bounded queue (the oldest is
+dropped and counted when the consumer falls behind by `queue` messages); parsing, checking
+and callbacks happen in the consumer: the caller of `messages()`, or the thread `start()`
+runs for the callbacks given to `on()`. An exception in a callback is logged and the next
+message still arrives.
+"""
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from edge import config, mqtt, schemas
+from edge.errors import ConfigError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+# What a client can subscribe to, below {prefix}/{device}/
+TOPICS = ("detections", "matches", "events", "depth", "status", "health")
+# Topics whose messages come from one camera (they carry `camera` when sources are named);
+# status and health are the device's, whatever the camera filter.
+CAMERA_TOPICS = ("detections", "matches", "events", "depth")
+# Topics whose messages carry labels and scores (`labels`, `min_score` narrow them).
+LABELLED_TOPICS = ("detections", "events")
+DEFAULT_SESSION_EXPIRY = 24 * 3600      # s: how long an MQTT 5 broker keeps a named session
+_CLOSED = object()
+
+
+class Frame(collections.namedtuple("Frame", "index ts width height name")):
+    """The source frame a message is about: index from 0, capture time (unix s), size in
+    pixels, the file name for image folders (else None)."""
+
+    __slots__ = ()
+
+
+class Spatial(collections.namedtuple("Spatial", "x y z")):
+    """Where an object is, in mm in the left camera's optical frame (x right, y down, z
+    forward, as ROS `_optical` frames)."""
+
+    __slots__ = ()
+
+
+class Detection(collections.namedtuple("Detection",
+                                       "label class_id score box track_id spatial")):
+    """One object: `box` (x1, y1, x2, y2) in source pixels, `track_id` (None until its track
+    is confirmed, or without tracking), `spatial` (a Spatial in stereo runs, else None)."""
+
+    __slots__ = ()
+
+
+class Detections(collections.namedtuple(
+        "Detections", "device camera model seq frame latency_ms detections topic retained "
+                      "payload")):
+    """The detector's result for one frame; `detections` best score first."""
+
+    __slots__ = ()
+    kind = "detections"
+
+
+class Event(collections.namedtuple(
+        "Event", "device camera model seq type ts frame_index track_id label class_id score "
+                 "box zone line direction topic retained payload")):
+    """A tracking event: `type` track_start, track_end, zone_enter, zone_leave or
+    line_cross; `zone`, `line` and `direction` where the type has them, else None."""
+
+    __slots__ = ()
+    kind = "events"
+
+
+class Depth(collections.namedtuple(
+        "Depth", "device camera model seq frame columns rows range_mm depth_mm topic retained "
+                 "payload")):
+    """A coarse grid of median depths: `depth_mm[row][column]` in mm, None where unknown."""
+
+    __slots__ = ()
+    kind = "depth"
+
+    def nearest(self):
+        """(mm, column, row) of the nearest cell with a depth, or None."""
+        cells = [(mm, column, row) for row, values in enumerate(self.depth_mm)
+                 for column, mm in enumerate(values) if mm is not None]
+        return min(cells) if cells else None
+
+
+class Matches(collections.namedtuple(
+        "Matches", "device camera model seq frame reference count inliers homography matches "
+                   "topic retained payload")):
+    """The matcher's result for one reference: `homography` 9 numbers (reference -> frame)
+    or None, `matches` [x_ref, y_ref, x_cur, y_cur, score] lists."""
+
+    __slots__ = ()
+    kind = "matches"
+
+
+class Status(collections.namedtuple("Status",
+                                    "device state since reason version topic retained payload")):
+    """The device's state: starting, online, degraded or offline (retained)."""
+
+    __slots__ = ()
+    kind = "status"
+    camera = None
+
+
+class Health(collections.namedtuple("Health",
+                                    "device ts state healthy reasons topic retained payload")):
+    """The device's health report (retained); `payload` is the whole report."""
+
+    __slots__ = ()
+    kind = "health"
+    camera = None
+
+
+def _frame(data):
+    return Frame(data["index"], data["ts"], data["width"], data["height"], data["name"])
+
+
+def _detection(data):
+    spatial = data.get("spatial")
+    return Detection(data["label"], data["class_id"], data["score"], tuple(data["box"]),
+                     data["track_id"], None if spatial is None else Spatial(
+                         spatial["x"], spatial["y"], spatial["z"]))
+
+
+def _detections(data, topic, retained):
+    return Detections(data["device"], data.get("camera"), data["model"], data["seq"],
+                      _frame(data["frame"]), data["latency_ms"],
+                      [_detection(d) for d in data["detections"]], topic, retained, data)
+
+
+def _event(data, topic, retained):
+    return Event(data["device"], data.get("camera"), data["model"], data["seq"], data["type"],
+                 data["ts"], data["frame_index"], data["track_id"], data["label"],
+                 data["class_id"], data["score"], tuple(data["box"]), data.get("zone"),
+                 data.get("line"), data.get("direction"), topic, retained, data)
+
+
+def _depth(data, topic, retained):
+    return Depth(data["device"], data.get("camera"), data["model"], data["seq"],
+                 _frame(data["frame"]), data["grid"]["columns"], data["grid"]["rows"],
+                 tuple(data["range_mm"]), data["depth_mm"], topic, retained, data)
+
+
+def _matches(data, topic, retained):
+    return Matches(data["device"], data.get("camera"), data["model"], data["seq"],
+                   _frame(data["frame"]), data["reference"], data["count"], data["inliers"],
+                   data["homography"], data["matches"], topic, retained, data)
+
+
+def _status(data, topic, retained):
+    return Status(data["device"], data["state"], data["since"], data["reason"],
+                  data["version"], topic, retained, data)
+
+
+def _health(data, topic, retained):
+    return Health(data["device"], data["ts"], data["state"], data["verdict"]["healthy"],
+                  data["verdict"]["reasons"], topic, retained, data)
+
+
+PARSERS = {"detections": _detections, "events": _event, "depth": _depth,
+           "matches": _matches, "status": _status, "health": _health}
+
+
+def parse(topic_name, payload, topic="", retained=False):
+    """The object for a payload (a dict) of one of TOPICS; KeyError or TypeError when it
+    lacks what the API promises (check it first: edge.schemas.validate)."""
+    return PARSERS[topic_name](payload, topic, retained)
+
+
+def subscriptions(prefix, devices=None, topics=("detections",), share=None):
+    """The MQTT topic filters for these devices (None: every device) and topics; with a
+    `share` group, shared subscriptions (`$share/{share}/...`: the broker hands each
+    message to one member of the group).
+
+    The one place topics are built: a camera level, should cameras get their own, goes here.
+    """
+    filters = ["{}/{}/{}".format(prefix, device, name) for device in (devices or ["+"])
+               for name in topics]
+    return ["$share/{}/{}".format(share, f) for f in filters] if share else filters
+
+
+def narrow(message, cameras=None, labels=None, min_score=None):
+    """The message as the filters let it through (detections narrowed to the labels and
+    score asked for, `payload` with them), or None when nothing of it passes.
+
+    Cameras select messages of CAMERA_TOPICS by their `camera` field (a device with one
+    unnamed source sends none: no camera filter lets it through); labels and min_score
+    apply to detections and events. A detections message with no detection left is None
+    only when labels or min_score are set (without them, empty frames are news too).
+    """
+    if cameras and message.kind in CAMERA_TOPICS and message.camera not in cameras:
+        return None
+    if (not labels and min_score is None) or message.kind not in LABELLED_TOPICS:
+        return message
+
+    def keep(label, score):
+        return (not labels or label in labels) and (min_score is None or score >= min_score)
+    if message.kind == "events":
+        return message if keep(message.label, message.score) else None
+    kept = [i for i, d in enumerate(message.detections) if keep(d.label, d.score)]
+    if not kept:
+        return None
+    if len(kept) == len(message.detections):
+        return message
+    payload = dict(message.payload)
+    payload["detections"] = [message.payload["detections"][i] for i in kept]
+    return message._replace(detections=[message.detections[i] for i in kept], payload=payload)
+
+
+def _listed(names):
+    """A list of names from a list, a tuple or one name (not its letters); None if empty."""
+    if isinstance(names, str):
+        return [names]
+    return list(names) if names else None
+
+
+def _check_names(what, names):
+    for name in names or ():
+        # the rule of device ids (config.device_id): a single topic level, no wildcards
+        if not isinstance(name, str) or config._device_id(name):
+            raise ConfigError("edge.client: {} {!r}: use 1-64 letters, digits, _ . - (no / + # "
+                              "or spaces)".format(what, name))
+
+
+class Client:
+    """A robot's subscription to edge devices: connect, reconnect, check, filter, hand on.
+
+    url: `mqtt[s]://[user[:password]@]host[:port][?keepalive=S]` (messages are always
+    subscribed at QoS 1); devices, topics (TOPICS), cameras, labels, min_score: what to
+    receive; session: a name (1-64 letters, digits, _ . -) for a session the broker keeps
+    across restarts of this program (MQTT 5: for `session_expiry` s), None for one that
+    ends with close(); protocol "3.1.1" or "5"; validate: check each payload against the
+    API document (needs jsonschema); queue_size: messages held for a slow consumer; share:
+    a group name, for consumers that split one stream (MQTT shared subscriptions); username,
+    password_file, ca_file, cert_file, key_file: as `edge health`'s flags (the password
+    also from EDGE_MQTT_PASSWORD).
+    """
+
+    def __init__(self, url="mqtt://localhost:1883", devices=None, topics=("detections",),
+                 cameras=None, labels=None, min_score=None, prefix="edge", session=None,
+                 session_expiry=DEFAULT_SESSION_EXPIRY, protocol="3.1.1", validate=True,
+                 queue_size=1000, share=None, username=None, password_file=None,
+                 ca_file=None, cert_file=None, key_file=None):
+        self.settings = mqtt.with_credentials(
+            mqtt.parse_url(url), username, password_file, ca_file, cert_file, key_file,
+            where="edge.client")
+        self.devices = _listed(devices)
+        self.topics = tuple(collections.OrderedDict.fromkeys(_listed(topics) or ()))  # once each
+        self.cameras = _listed(cameras)
+        self.labels = _listed(labels)
+        self.min_score = min_score
+        self.prefix = prefix
+        if not isinstance(prefix, str) or config._prefix(prefix):
+            raise ConfigError("edge.client: prefix {!r}: {}".format(
+                prefix, "MQTT topic levels without + # or spaces"))
+        _check_names("device", self.devices)
+        _check_names("camera", self.cameras)
+        _check_names("session", [session] if session is not None else None)
+        _check_names("share group", [share] if share is not None else None)
+        if not self.topics or any(t not in TOPICS for t in self.topics):
+            raise ConfigError("edge.client: topics {}: choose from {}".format(
+                ", ".join(map(str, self.topics)) or "(none)", ", ".join(TOPICS)))
+        if min_score is not None and not (isinstance(min_score, (int, float)) and
+                                          0.0 <= min_score <= 1.0):
+            raise ConfigError("edge.client: min_score {!r}: a number 0..1".format(min_score))
+        if protocol not in ("3.1.1", "5"):
+            raise ConfigError("edge.client: protocol {!r}: \"3.1.1\" or \"5\"".format(protocol))
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ConfigError("edge.client: queue_size {!r}: at least 1".format(queue_size))
+        if validate:
+            try:
+                import jsonschema  # noqa: F401  (edge.schemas.validate imports it when called)
+            except ImportError:
+                raise ConfigError("edge.client: checking payloads needs jsonschema: pip install "
+                                  "'jsonschema>=3.2' (or edge[client]), or pass validate=False")
+        self.validate = validate
+        self.protocol = protocol
+        self.session = session
+        self.session_expiry = session_expiry
+        self.client_id = session or "edge-client-{}".format(uuid.uuid4().hex[:12])
+        self.subscriptions = subscriptions(prefix, self.devices, self.topics, share)
+        self._queue = queue.Queue(queue_size)
+        self._callbacks = {}
+        self._lock = threading.Lock()
+        self._counts = collections.Counter()
+        self._invalid_seen = collections.Counter()    # (topic, reason) -> times
+        self._subscribed = threading.Event()
+        self._refused = None        # why the broker refused the connection or subscription
+        self._cause = None          # why the broker cannot be reached (last connect failure)
+        self._up = False
+        self._connected_once = False
+        self._closed = False
+        self._dispatcher = None
+        self._paho = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connect(self, timeout=10.0, retry=True):
+        """Connect and subscribe; UnavailableError as soon as the broker refuses (credentials,
+        ACL), or when it cannot be reached within `timeout` s (None: wait as long as it takes;
+        paho retries meanwhile), or, with `retry=False` (a command line), at the first attempt
+        that fails. Afterwards paho reconnects by itself."""
+        if self._paho is not None:
+            return self
+        client = mqtt.make_client(self.client_id, self.protocol, clean_session=False)
+        mqtt.secure(client, self.settings)
+        client.reconnect_delay_set(0.5, 10)     # a robot wants its data back soon
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail     # paho >= 1.6; ignored before
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        options = {}
+        if self.protocol == "5":
+            options = {"clean_start": False, "properties": mqtt.packet_properties(
+                "CONNECT", SessionExpiryInterval=int(self.session_expiry))}
+        self._paho = client
+        try:
+            client.connect_async(self.settings["host"], self.settings["port"],
+                                 self.settings["keepalive"], **options)
+        except (OSError, ValueError) as e:
+            self._paho = None
+            raise UnavailableError("mqtt {}: cannot connect ({}); check the URL".format(
+                self.settings["display"], e))
+        client.loop_start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._subscribed.wait(0.05):
+            if self._refused or (self._cause and not retry) or \
+                    (deadline is not None and time.monotonic() > deadline):
+                reason = self._refused or self._cause or mqtt.diagnose(self.settings, 2.0) or \
+                    "no answer within {:.0f} s".format(timeout)
+                self._stop_paho()
+                raise UnavailableError("mqtt {}: {}".format(self.settings["display"], reason))
+        return self
+
+    def _on_connect(self, client, userdata, flags, rc, properties=None):
+        try:
+            code = mqtt._reason_code(rc)
+            if code != 0:
+                self._refused = "broker refused the connection (code {}: {}); check the user " \
+                                "name and password".format(code, mqtt._connack_text(code))
+                logger.warning("edge.client: mqtt %s: %s", self.settings["display"],
+                               self._refused)
+                return
+            self._up, self._cause = True, None
+            self._count("connects")
+            resumed = mqtt.session_present(flags)
+            if self._connected_once and resumed:
+                # The broker kept the subscriptions and queued what came meanwhile.
+                logger.info("edge.client: reconnected to %s, session resumed",
+                            self.settings["display"])
+                return
+            if self._connected_once:
+                self._count("sessions_lost")
+                logger.warning("edge.client: reconnected to %s but the broker had forgotten "
+                               "the session (restarted without persistence, or the session "
+                               "expired): messages published meanwhile are lost",
+                               self.settings["display"])
+            self._connected_once = True
+            # Subscribed on the first connect even when a named session was resumed: the
+            # program may ask for other topics than last time.
+            client.subscribe([(topic, 1) for topic in self.subscriptions])
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("edge.client: on_connect failed")
+
+    def _on_subscribe(self, client, userdata, mid, granted, *rest):
+        try:
+            refused = [t for t, code in zip(self.subscriptions, granted)
+                       if mqtt._reason_code(code) >= 128]
+            if refused:
+                self._refused = "broker refused the subscription to {} (not authorised?); " \
+                                "check the broker's ACL for this user".format(", ".join(refused))
+                logger.warning("edge.client: mqtt %s: %s", self.settings["display"],
+                               self._refused)
+                return
+            self._subscribed.set()
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("edge.client: on_subscribe failed")
+
+    def _on_connect_fail(self, client, userdata):
+        try:
+            self._cause = mqtt.diagnose(self.settings) or "cannot connect"
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("edge.client: on_connect_fail failed")
+
+    def _on_disconnect(self, client, userdata, *args):
+        try:
+            was_up, self._up = self._up, False
+            code = mqtt.disconnect_code(args)
+            if was_up and code != 0 and not self._closed:
+                logger.warning("edge.client: connection to %s lost (code %s); reconnecting",
+                               self.settings["display"], code)
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("edge.client: on_disconnect failed")
+
+    def _on_message(self, client, userdata, message):
+        try:
+            self._put((message.topic, message.payload, bool(message.retain)))
+        except Exception:   # never let an exception end paho's network thread
+            logger.exception("edge.client: on_message failed")
+
+    def _put(self, item):
+        """Queue an item; when the queue is full the oldest waiting message makes room."""
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                if self._count("dropped") == 1:
+                    logger.warning("edge.client: the consumer falls behind: the oldest queued "
+                                   "messages are dropped (queue_size %d); see stats()",
+                                   self._queue.maxsize)
+
+    # -- consuming ----------------------------------------------------------------------
+
+    def messages(self, count=None, timeout=None):
+        """Received messages, checked and filtered, in arrival order: ends after `count`
+        messages, when `timeout` s pass without one, or when the client is closed.
+        Connects first when connect() was not called."""
+        if self._dispatcher is not None and threading.current_thread() is not self._dispatcher:
+            raise RuntimeError("edge.client: start() hands messages to callbacks; use "
+                               "messages() or start(), not both")
+        if self._closed:
+            return
+        self.connect()
+        delivered = 0
+        while count is None or delivered < count:
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return
+            if item is _CLOSED:
+                return
+            message = self._decode(*item)
+            if message is not None:
+                delivered += 1
+                self._count("delivered")
+                yield message
+
+    def _decode(self, topic, raw, retained):
+        """The message object for a raw MQTT message, or None (not asked for, invalid)."""
+        self._count("received")
+        name = schemas.kind_of_topic(topic, self.prefix)
+        device = topic[len(self.prefix) + 1:].split("/", 1)[0]
+        if name not in self.topics or (self.devices and device not in self.devices):
+            # (a named session may keep subscriptions an earlier run of the program made)
+            self._count("filtered")
+            return None
+        if not raw:
+            return None     # a retained message being cleared (a retired device)
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return self._invalid(topic, "not UTF-8 JSON")
+        try:
+            if self.validate:
+                schemas.validate(name, payload, strict=False)
+            message = parse(name, payload, topic, retained)
+        except ValueError as e:
+            return self._invalid(topic, str(e))
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            return self._invalid(topic, "{} payload: {}: {}".format(name, type(e).__name__, e))
+        message = narrow(message, self.cameras, self.labels, self.min_score)
+        if message is None:
+            self._count("filtered")
+        return message
+
+    def _invalid(self, topic, reason):
+        """Count an invalid message; log each problem the first time and every 100th."""
+        self._count("invalid")
+        with self._lock:
+            if len(self._invalid_seen) > 1000:   # a flood of distinct problems: start over
+                self._invalid_seen.clear()
+            self._invalid_seen[(topic, reason)] += 1
+            seen = self._invalid_seen[(topic, reason)]
+        if seen == 1 or seen % 100 == 0:
+            logger.warning("edge.client: ignored an invalid message on %s%s: %s", topic,
+                           " ({} times)".format(seen) if seen > 1 else "", reason)
+        return None
+
+    def on(self, topic, callback):
+        """Call `callback(message)` for each message of this topic (one of the client's
+        topics) once start() runs; several callbacks per topic are called in order."""
+        if topic not in self.topics:
+            raise ConfigError("edge.client: on({!r}): not a topic of this client ({})".format(
+                topic, ", ".join(self.topics)))
+        self._callbacks.setdefault(topic, []).append(callback)
+        return self
+
+    def start(self, timeout=10.0):
+        """Connect, then call the callbacks from a thread of the client's own."""
+        self.connect(timeout)
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name="edge-client",
+                                                daemon=True)
+            self._dispatcher.start()
+        return self
+
+    def _dispatch(self):
+        for message in self.messages():
+            for callback in self._callbacks.get(message.kind, ()):
+                try:
+                    callback(message)
+                except Exception:   # a robot's bug must not stop the messages that follow
+                    self._count("callback_errors")
+                    logger.exception("edge.client: callback %s failed on %s",
+                                     getattr(callback, "__name__", callback), message.topic)
+
+    def stats(self):
+        """Counts: received (taken from the queue), delivered, filtered, invalid, dropped
+        (the queue was full), callback_errors, connects, sessions_lost (reconnects to a
+        broker that had forgotten the session)."""
+        with self._lock:
+            counts = dict(self._counts)
+        return {key: counts.get(key, 0) for key in (
+            "received", "delivered", "filtered", "invalid", "dropped", "callback_errors",
+            "connects", "sessions_lost")}
+
+    def _count(self, key):
+        with self._lock:
+            self._counts[key] += 1
+            return self._counts[key]
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self):
+        """Disconnect and end messages() and the callbacks' thread. An unnamed session ends
+        here; a named one stays on the broker, which queues for it until the next run."""
+        if self._closed:
+            return
+        self._closed = True
+        self._put(_CLOSED)
+        if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
+            self._dispatcher.join(5)
+        if self._paho is None:
+            return
+        if self.session is None and self.protocol == "5" and self._up:
+            # MQTT 5: a session expiry of 0 on DISCONNECT ends the session now.
+            self._paho.disconnect(properties=mqtt.packet_properties(
+                "DISCONNECT", SessionExpiryInterval=0))
+            self._paho.loop_stop()
+            self._paho = None
+            return
+        was_up = self._up
+        self._stop_paho()
+        if self.session is None and was_up:
+            # MQTT 3.1.1 has no expiry: a clean-session connect with the same id ends it,
+            # else the broker would queue messages for it for ever.
+            problem = mqtt.probe(self.settings, timeout=2.0, client_id=self.client_id)
+            if problem:
+                logger.debug("edge.client: session %s not ended: %s", self.client_id, problem)
+
+    def _stop_paho(self):
+        self._paho.disconnect()
+        self._paho.loop_stop()
+        self._paho = None
+
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc):
+        self.close()
