@@ -157,11 +157,12 @@ def one_build_at_a_time(folder, state):
 
 
 def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None,
-           reserve=DEFAULT_RESERVE):
-    """The cached artefact for a rewritten model, building it in a child when needed."""
+           reserve=DEFAULT_RESERVE, batch=None):
+    """The cached artefact for a rewritten model, building it in a child when needed;
+    `batch`: the most frames of a run, for a graph with a batch dimension."""
     model_bytes = model.SerializeToString()
     fingerprint = backend.fingerprint()
-    options = backend.build_options(card)
+    options = backend.build_options(card, batch) if batch else backend.build_options(card)
     key, material = make_key(model_bytes, fingerprint, options)
     path, _ = cache.paths(label, fingerprint, options, key, backend.suffix)
     if cache.lookup(path, key):
@@ -321,13 +322,17 @@ class EngineMaker:
     def allocate(self, shape, dtype):
         return self.backend.allocate(shape, dtype)
 
-    def make(self, model, card, label, background=False):
-        """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load."""
+    def make(self, model, card, label, background=False, batch=None):
+        """A loaded Engine for a rewritten model; rebuilds once when the artefact won't load.
+
+        `batch`: the most frames one run takes (a graph with a batch dimension), else None.
+        """
         from edge.errors import ModelError
+        batched = {"batch": batch} if batch else {}
         try:
-            path = self._ensure(model, card, label)
+            path = self._ensure(model, card, label, batch)
         except CacheUnwritable as e:
-            engine = self.backend.load_uncached(model, label, background) \
+            engine = self.backend.load_uncached(model, label, background, **batched) \
                 if self.allow_uncached else None
             if engine is None:
                 raise
@@ -337,18 +342,18 @@ class EngineMaker:
                 STATES[label].update(state="ready", phase="uncached", progress=1.0, error=None)
             return engine
         try:
-            engine = self.backend.load(path, label, background)
+            engine = self.backend.load(path, label, background, **batched)
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
-            path = self._ensure(model, card, label)
-            engine = self.backend.load(path, label, background)
+            path = self._ensure(model, card, label, batch)
+            engine = self.backend.load(path, label, background, **batched)
         self.cache.hold(path, engine)      # never evicted while it runs
         return engine
 
-    def _ensure(self, model, card, label):
+    def _ensure(self, model, card, label, batch=None):
         return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,
-                      reserve=self.reserve)
+                      reserve=self.reserve, batch=batch)
 
 
 def _tail(path, limit=300):
