@@ -281,6 +281,10 @@ def _bench(args):
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
     cfg = config.load(args.config, overrides, require_task=False)
+    if args.cameras is not None and args.cameras < 2:
+        from edge.errors import ConfigError
+        raise ConfigError("--cameras {}: give 2 or more (one camera is what the rest of the "
+                          "bench measures)".format(args.cameras))
     width, height = _frame_size(args.size, None)
     images = args.images
     if images is None and os.path.isdir(os.path.expanduser(args.source)):
@@ -288,7 +292,8 @@ def _bench(args):
     results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
                           args.seconds, args.mqtt, args.matcher, args.reference, images,
                           args.rounds, args.match_seconds, args.stereo,
-                          args.calib or cfg["stereo"]["calib"], args.depth_seconds)
+                          args.calib or cfg["stereo"]["calib"], args.depth_seconds,
+                          args.cameras, args.live_seconds)
     print(bench.table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -455,6 +460,13 @@ def parser():
     bn.add_argument("--depth-seconds", type=float, default=4.0,
                     help="length of each run with and without depth beside detection "
                          "(2 x --rounds pairs of runs)")
+    bn.add_argument("--cameras", type=int, metavar="N",
+                    help="also run N cameras in one pipeline (each its own frames) against one "
+                         "alone, one frame at a time and batched, and the memory of N cameras "
+                         "in one edge run against N edge runs")
+    bn.add_argument("--live-seconds", type=float, default=5.0,
+                    help="with --cameras: length of the runs where each camera is paced at "
+                         "one camera's rate")
     bn.add_argument("--json", help="write the figures here")
     bn.add_argument("--plot", help="draw throughput and latency into this PNG")
     bn.add_argument("-c", "--config", help="YAML config file")

@@ -1,0 +1,156 @@
+"""`edge bench --cameras N`: what serving N cameras from one daemon costs, at the bench's size.
+
+- together: one camera alone, then N cameras in one pipeline, each replaying its own frames
+  from memory (camera i gets frames i, i + N, ... of the bench's set), `--frames` frames in
+  all per run: frames per second of all cameras together, each camera's, and the slowest
+  over the fastest; N cameras one frame at a time (round-robin) and as batches (one run of
+  an engine with a batch dimension per round of frames). Ratios over one camera alone are
+  the medians of `--rounds` rounds that alternate the three runs;
+- live: N cameras each paced at what one camera alone reached, N times what detection can
+  take: each camera's fps and drops (every camera keeps its newest frame), slowest over
+  fastest, one at a time and batched;
+- memory: the peak RSS of one `edge run` with N cameras against N `edge run`s with one
+  camera each (N times the peak of one).
+"""
+
+import statistics
+import time
+
+from edge.bench import ReplaySource, edge_run_peak_rss
+from edge.pipeline import Pipeline
+from edge.publisher import Publisher
+from edge.stats import TaskStats
+
+
+def run_cameras(sources, task, link, qos):
+    """Run a pipeline of `sources` ([(name, Source)], or a Source) with one task to its end:
+    {fps of all frames together, cameras: {name: fps, frames, dropped}}."""
+    publisher = Publisher(link, None, qos=qos, limit=100000)
+    pipeline = Pipeline(sources, [task], publisher, pool_size=6, allocate=task.maker.allocate)
+    task.frames = 0
+    task.stats = TaskStats()
+    pipeline.open()
+    pipeline.prepare()          # a batching task learns how many cameras share the size
+    publisher.start()
+    started = time.perf_counter()
+    pipeline.start()
+    pipeline.wait()
+    elapsed = time.perf_counter() - started
+    pipeline.join()
+    publisher.flush(30)
+    error = pipeline.error()
+    if error is not None:
+        raise error
+    cameras = {}
+    for camera in pipeline.cameras:
+        stats = camera.stats
+        count = stats.count
+        # when this camera's last frame was finished, from the start of the run
+        last = stats.when[:min(count, stats.when.shape[0])].max() - pipeline.started \
+            if count else 0.0
+        cameras[camera.name or "alone"] = {
+            "fps": round(count / last, 2) if last > 0 else 0.0, "frames": count,
+            "dropped": sum(inbox.lanes[camera.index].dropped for inbox in pipeline.inboxes)}
+    return {"fps": task.frames / elapsed, "cameras": cameras}
+
+
+def _fairness(result):
+    rates = [c["fps"] for c in result["cameras"].values()]
+    return round(min(rates) / max(rates), 3) if max(rates) > 0 else 0.0
+
+
+def bench_cameras(cfg, card, frames, count, cameras, rounds, link, qos, seconds, workdir):
+    """The figures of several cameras in one daemon (see the module's docstring)."""
+    from edge import daemon, tasks
+    maker = daemon.engine_maker(cfg)
+
+    def detector(batching):
+        return tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                            device="bench", track={"enabled": False}, batching=batching)
+
+    alone, together, batched = detector(False), detector(False), detector(True)
+    per_camera = max(1, count // cameras)
+    views = [frames[i::cameras] or frames for i in range(cameras)]
+
+    def named(fps=None, frames_each=per_camera):
+        return [("cam{}".format(i), ReplaySource(views[i], frames_each, fps))
+                for i in range(cameras)]
+
+    measured = []
+    for _ in range(max(1, rounds)):
+        one = run_cameras(ReplaySource(frames, per_camera * cameras), alone, link, qos)
+        many = run_cameras(named(), together, link, qos)
+        batch = run_cameras(named(), batched, link, qos)
+        measured.append({"alone_fps": one["fps"], "together": many, "batched": batch})
+    alone_fps = statistics.median(r["alone_fps"] for r in measured)
+    results = {
+        "cameras": cameras, "frames": per_camera * cameras, "rounds": len(measured),
+        "batch_engine": [label for label in batched.engine_labels()],
+        "alone_fps": round(alone_fps, 2),
+        "together_fps": round(statistics.median(r["together"]["fps"] for r in measured), 2),
+        "batched_fps": round(statistics.median(r["batched"]["fps"] for r in measured), 2),
+        "together_over_alone": round(statistics.median(
+            r["together"]["fps"] / r["alone_fps"] for r in measured), 3),
+        "batched_over_alone": round(statistics.median(
+            r["batched"]["fps"] / r["alone_fps"] for r in measured), 3),
+        "batched_over_together": round(statistics.median(
+            r["batched"]["fps"] / r["together"]["fps"] for r in measured), 3),
+        "together_fairness": round(statistics.median(
+            _fairness(r["together"]) for r in measured), 3),
+        "batched_fairness": round(statistics.median(
+            _fairness(r["batched"]) for r in measured), 3),
+        "per_round": [{"alone_fps": round(r["alone_fps"], 2),
+                       "together": r["together"], "batched": r["batched"]} for r in measured],
+    }
+    # Live: each camera as fast as one camera alone is processed, so N times too many frames.
+    paced = max(10, int(alone_fps * seconds))
+    live = {"fps_each": round(alone_fps, 2), "frames_each": paced}
+    for key, task in (("together", together), ("batched", batched)):
+        result = run_cameras(named(alone_fps, paced), task, link, qos)
+        result["fairness"] = _fairness(result)
+        live[key] = result
+    results["live"] = live
+    sources = []
+    for i in range(cameras):
+        sources += ["--source", "cam{}=test://?width={}&height={}&fps=0&frames=60".format(
+            i, frames[0].shape[1], frames[0].shape[0])]
+    one_rss = edge_run_peak_rss(cfg, workdir, [
+        "--source", "test://?width={}&height={}&fps=0&frames=60".format(
+            frames[0].shape[1], frames[0].shape[0]), "--detector", card.path], "one-camera")
+    many_rss = edge_run_peak_rss(cfg, workdir, sources + ["--detector", card.path],
+                                 "cameras")
+    results["memory"] = {"one_daemon_mb": many_rss, "one_camera_daemon_mb": one_rss,
+                         "separate_daemons_mb": None if one_rss is None else
+                         round(one_rss * cameras, 1)}
+    return results
+
+
+def table_lines(c):
+    """The figures as lines of `edge bench`'s table."""
+    def rates(result):
+        return " ".join("{:.1f}".format(x["fps"]) for x in result["cameras"].values())
+
+    last = c["per_round"][-1]
+    live = c["live"]
+    memory = c["memory"]
+    return [
+        "  {} cameras, {} frames a run: alone {} fps; together {} fps = {} of alone "
+        "(cameras {} fps, slowest/fastest {}); batched {} fps = {} of alone, {} of "
+        "together (cameras {} fps, slowest/fastest {}; engine {}); medians of {} rounds"
+        .format(c["cameras"], c["frames"], c["alone_fps"], c["together_fps"],
+                c["together_over_alone"], rates(last["together"]), c["together_fairness"],
+                c["batched_fps"], c["batched_over_alone"], c["batched_over_together"],
+                rates(last["batched"]), c["batched_fairness"],
+                ", ".join(c["batch_engine"]), c["rounds"]),
+        "  live, each camera at {} fps: one at a time {} fps each (dropped {}), slowest/"
+        "fastest {}; batched {} fps each (dropped {}), slowest/fastest {}".format(
+            live["fps_each"], rates(live["together"]),
+            " ".join(str(x["dropped"]) for x in live["together"]["cameras"].values()),
+            live["together"]["fairness"], rates(live["batched"]),
+            " ".join(str(x["dropped"]) for x in live["batched"]["cameras"].values()),
+            live["batched"]["fairness"]),
+        "  memory: one edge run with {} cameras {} MB peak RSS; {} edge runs with one camera "
+        "{} x {} = {} MB".format(c["cameras"], memory["one_daemon_mb"], c["cameras"],
+                                 c["cameras"], memory["one_camera_daemon_mb"],
+                                 memory["separate_daemons_mb"]),
+    ]
