@@ -96,7 +96,8 @@ class Capture(threading.Thread):
             self.source.open()
         except Exception as exc:
             self.source.close()
-            self.state = "failed"
+            # a live camera is retried (one of several; a lone one fails the start)
+            self.state = "reconnecting" if self.source.live else "failed"
             self.last_error = str(exc)
             raise
         self._opened = True
