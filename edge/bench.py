@@ -208,7 +208,7 @@ def tracking_cost(card, objects=50, frames=600, seed=0):
         "lines": [{"name": "middle", "points": [[0.5, 0], [0.5, 1]], "normalized": True},
                   {"name": "across", "points": [[0, 0.5], [1, 0.5]], "normalized": True}]},
         config.SPEC["track"], "bench", "track.")
-    tracking = CameraTracking(settings, card, "bench", camera=("bench", seed))
+    tracking = CameraTracking(settings, card, "bench", camera="bench-{}".format(seed))
     rng = np.random.RandomState(seed)
     size = rng.uniform(30, 160, (objects, 2))
     pos = rng.uniform(0, 1, (objects, 2)) * ([1280, 720] - size)

@@ -5,7 +5,7 @@
   all per run: frames per second of all cameras together, each camera's, and the slowest
   over the fastest; N cameras one frame at a time (round-robin) and as batches (one run of
   an engine with a batch dimension per round of frames). Ratios over one camera alone are
-  the medians of `--rounds` rounds that alternate the three runs;
+  the medians of `--rounds` rounds of the three runs, every other round in reverse order;
 - live: N cameras each paced at what one camera alone reached, N times what detection can
   take: each camera's fps and drops (every camera keeps its newest frame), slowest over
   fastest, one at a time and batched;
@@ -76,12 +76,16 @@ def bench_cameras(cfg, card, frames, count, cameras, rounds, link, qos, seconds,
         return [("cam{}".format(i), ReplaySource(views[i], frames_each, fps))
                 for i in range(cameras)]
 
+    runs = (("alone", lambda: run_cameras(ReplaySource(frames, per_camera * cameras), alone,
+                                          link, qos)),
+            ("together", lambda: run_cameras(named(), together, link, qos)),
+            ("batched", lambda: run_cameras(named(), batched, link, qos)))
     measured = []
-    for _ in range(max(1, rounds)):
-        one = run_cameras(ReplaySource(frames, per_camera * cameras), alone, link, qos)
-        many = run_cameras(named(), together, link, qos)
-        batch = run_cameras(named(), batched, link, qos)
-        measured.append({"alone_fps": one["fps"], "together": many, "batched": batch})
+    for i in range(max(1, rounds)):
+        # every other round in reverse order: a machine whose speed drifts favours no run
+        done = {key: run() for key, run in (runs if i % 2 == 0 else runs[::-1])}
+        measured.append({"alone_fps": done["alone"]["fps"], "together": done["together"],
+                         "batched": done["batched"]})
     alone_fps = statistics.median(r["alone_fps"] for r in measured)
     results = {
         "cameras": cameras, "frames": per_camera * cameras, "rounds": len(measured),

@@ -89,15 +89,17 @@ class Capture(threading.Thread):
             return None
         return frame
 
-    def start_source(self):
-        """Open the source now, in the caller's thread; raises SourceError if it cannot be."""
+    def start_source(self, retrying=False):
+        """Open the source now, in the caller's thread; raises SourceError if it cannot be.
+
+        `retrying`: a failure is to be retried (state `reconnecting`, not `failed`).
+        """
         self.state = "opening"
         try:
             self.source.open()
         except Exception as exc:
             self.source.close()
-            # a live camera is retried (one of several; a lone one fails the start)
-            self.state = "reconnecting" if self.source.live else "failed"
+            self.state = "reconnecting" if retrying else "failed"
             self.last_error = str(exc)
             raise
         self._opened = True
@@ -107,7 +109,7 @@ class Capture(threading.Thread):
         try:
             if not self._opened:
                 try:
-                    self.start_source()
+                    self.start_source(retrying=self.source.live)
                 except SourceError as exc:
                     # A live camera that was down when the pipeline started (one of several):
                     # reopened with backoff like one that fails later; a file is fatal.

@@ -8,8 +8,9 @@ how a frame maps onto the network input; `preprocess` adds the card's preprocess
 or letterbox, colour order, scale/mean/std, HWC->CHW) as the first nodes of a graph.
 
 Only operators that the TensorRT 8.2 ONNX parser accepts are used (edge/backends/trtcheck.py
-holds its list and the tests check every rewritten graph against it): Resize with a constant
-`sizes`, Pad with constant pads, Gather/Slice with constant indices, TopK with a constant K.
+holds its list and the tests check every rewritten graph against it): Resize with `sizes`
+(constant, or in a batched graph the batch's shape: a shape tensor), Pad with constant pads,
+Gather/Slice with constant indices, TopK with a constant K.
 Model families (edge/families) build their nodes from these pieces; edge.graph puts a card,
 its family and a model together.
 """

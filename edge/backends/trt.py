@@ -19,6 +19,10 @@ the engine's stream. Where the CPU itself reads the frame (TensorRT < 8.5 takes 
 the host casts each frame to float32), the frame stays in ordinary, cached memory and only the
 float32 copy is pinned: a Nano's CPU does not cache pinned memory (cc 5.3 is not I/O coherent).
 
+Batches: an engine built from a batched graph (edge.graph) has a dynamic first dimension
+and an optimisation profile of 1..max_batch frames; several cameras' frames are copied into
+its input and run at once (`bind_batch`, `infer_batch`), the batch's shape set per run.
+
 Nothing in this module has run on a GPU yet: see docs/tensorrt.md for what was checked
 against which documentation and what is UNCONFIRMED.
 """
