@@ -88,6 +88,9 @@ def test_the_batch_is_in_the_engine_cache_key(yolox):
     keys = {cache.make_key(b"graph", {"backend": "trt"}, options)[0]
             for options in (backend.build_options(card), three, backend.build_options(card, 4))}
     assert len(keys) == 3
+    from edge.backends.ort import OrtBackend
+    ort = OrtBackend()       # a dynamic batch: its size changes nothing, being batched does
+    assert ort.build_options(card, 3) == ort.build_options(card, 4) != ort.build_options(card)
 
 
 def test_the_build_adds_an_optimisation_profile_of_1_to_n_frames():
