@@ -424,7 +424,7 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             from edge import benchcameras
             results["cameras"] = benchcameras.bench_cameras(
                 cfg, card, frames, frames_count, cameras, rounds, link, qos, live_seconds,
-                workdir)
+                workdir, raw_seconds=max(seconds * rounds, 2.0))
         if stereo:
             from edge import benchdepth
             results["depth"] = benchdepth.bench_depth(

@@ -1,5 +1,7 @@
 """`edge bench --cameras N`: what serving N cameras from one daemon costs, at the bench's size.
 
+- raw: the engines alone on the same N frames, the one-frame engine N times against the
+  batched engine once, alternating, median of the ratios (> 1: the batch is faster);
 - together: one camera alone, then N cameras in one pipeline, each replaying its own frames
   from memory (camera i gets frames i, i + N, ... of the bench's set), `--frames` frames in
   all per run: frames per second of all cameras together, each camera's, and the slowest
@@ -54,12 +56,54 @@ def run_cameras(sources, task, link, qos):
     return {"fps": task.frames / elapsed, "cameras": cameras}
 
 
+def raw_batch(single, batched, frames, cameras, seconds, allocate=None, block=0.5):
+    """(ms of N frames one at a time, ms of them as one batch, median ratio of the two) of
+    the engines alone on the same frames, in alternating blocks of `block` seconds for
+    `seconds` (blocks, not single runs: ONNX Runtime's threads spin a while after a run, and
+    the engine that just ran would slow the other down)."""
+    from edge.frames import Frame
+    import numpy as np
+    slots = []
+    for i in range(cameras):
+        slot = Frame(i, frames[i % len(frames)].shape, allocate)
+        np.copyto(slot.image, frames[i % len(frames)])
+        slots.append(slot)
+    bindings = [single.bind(slot) for slot in slots]
+    batch_binding = batched.bind_batch()
+
+    def one_at_a_time():
+        for binding in bindings:
+            single.infer(binding)
+
+    def as_batch():
+        batched.infer_batch(batch_binding, slots)
+
+    def timed(run):
+        run()                                          # warm-up after the other engine
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < block:
+            run()
+            done += 1
+        return (time.perf_counter() - started) * 1000.0 / done
+
+    one, many, ratios = [], [], []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(ratios) < 3:
+        one.append(timed(one_at_a_time))
+        many.append(timed(as_batch))
+        ratios.append(one[-1] / many[-1])
+    return {"one_at_a_time_ms": round(statistics.median(one), 2),
+            "batch_ms": round(statistics.median(many), 2),
+            "batch_speedup": round(statistics.median(ratios), 3), "runs": len(ratios)}
+
+
 def _fairness(result):
     rates = [c["fps"] for c in result["cameras"].values()]
     return round(min(rates) / max(rates), 3) if max(rates) > 0 else 0.0
 
 
-def bench_cameras(cfg, card, frames, count, cameras, rounds, link, qos, seconds, workdir):
+def bench_cameras(cfg, card, frames, count, cameras, rounds, link, qos, seconds, workdir,
+                  raw_seconds=2.0):
     """The figures of several cameras in one daemon (see the module's docstring)."""
     from edge import daemon, tasks
     maker = daemon.engine_maker(cfg)
@@ -69,6 +113,10 @@ def bench_cameras(cfg, card, frames, count, cameras, rounds, link, qos, seconds,
                             device="bench", track={"enabled": False}, batching=batching)
 
     alone, together, batched = detector(False), detector(False), detector(True)
+    size = (frames[0].shape[1], frames[0].shape[0])
+    batched.plan({size: cameras})
+    raw = raw_batch(alone.engine_for(*size), batched.engine_for(*size), frames, cameras,
+                    seconds, maker.allocate)
     per_camera = max(1, count // cameras)
     views = [frames[i::cameras] or frames for i in range(cameras)]
 
@@ -89,6 +137,7 @@ def bench_cameras(cfg, card, frames, count, cameras, rounds, link, qos, seconds,
     alone_fps = statistics.median(r["alone_fps"] for r in measured)
     results = {
         "cameras": cameras, "frames": per_camera * cameras, "rounds": len(measured),
+        "raw": raw,
         "batch_engine": [label for label in batched.engine_labels()],
         "alone_fps": round(alone_fps, 2),
         "together_fps": round(statistics.median(r["together"]["fps"] for r in measured), 2),
@@ -137,7 +186,12 @@ def table_lines(c):
     last = c["per_round"][-1]
     live = c["live"]
     memory = c["memory"]
+    raw = c["raw"]
     return [
+        "  engines alone on {} frames: one at a time {} ms, one batch {} ms: the batch {}x "
+        "as fast (median of {} pairs of alternating blocks)".format(
+            c["cameras"], raw["one_at_a_time_ms"], raw["batch_ms"], raw["batch_speedup"],
+            raw["runs"]),
         "  {} cameras, {} frames a run: alone {} fps; together {} fps = {} of alone "
         "(cameras {} fps, slowest/fastest {}); batched {} fps = {} of alone, {} of "
         "together (cameras {} fps, slowest/fastest {}; engine {}); medians of {} rounds"

@@ -44,6 +44,9 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
         live = cameras["live"][key]["cameras"]
         assert all(c["frames"] > 0 for c in live.values())
     assert cameras["batch_engine"] == ["yolox-nano-640x480-b2"]
+    raw = cameras["raw"]           # the engines alone: N frames one at a time against one batch
+    assert raw["one_at_a_time_ms"] > 0 and raw["batch_ms"] > 0 and raw["runs"] >= 3
+    assert raw["batch_speedup"] > 0 and "engines alone on 2 frames" in out
     memory = cameras["memory"]
     assert memory["one_daemon_mb"] > 50 and memory["separate_daemons_mb"] > 100
     assert "2 cameras" in out and "slowest/fastest" in out
