@@ -15,7 +15,9 @@ capture costs the CPU what a hardware camera's DMA does: nothing):
   moving objects, and the Python memory it keeps per frame (must be 0: no growth);
 - with --matcher, detection's throughput while matching runs at its rate beside it, over
   runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both;
-- with --stereo and --calib, stereo depth's figures (edge.benchdepth).
+- with --stereo and --calib, stereo depth's figures (edge.benchdepth);
+- with --cameras N, N cameras in one daemon against one alone, batched and not, and their
+  memory against N daemons (edge.benchcameras).
 The throughput figures are measured in rounds that alternate raw, pipeline and peer runs, and
 the ratios are the medians of each round's ratios: on a shared machine the speed drifts by
 tens of percent over a minute, and alternating keeps each comparison within seconds.
@@ -206,7 +208,7 @@ def tracking_cost(card, objects=50, frames=600, seed=0):
         "lines": [{"name": "middle", "points": [[0.5, 0], [0.5, 1]], "normalized": True},
                   {"name": "across", "points": [[0, 0.5], [1, 0.5]], "normalized": True}]},
         config.SPEC["track"], "bench", "track.")
-    tracking = CameraTracking(settings, card, "bench", camera=("bench", seed))
+    tracking = CameraTracking(settings, card, "bench", camera="bench-{}".format(seed))
     rng = np.random.RandomState(seed)
     size = rng.uniform(30, 160, (objects, 2))
     pos = rng.uniform(0, 1, (objects, 2)) * ([1280, 720] - size)
@@ -298,19 +300,22 @@ def start_local_broker(workdir):
     return None, None
 
 
-def run_pipeline(source, task_list, link, qos, count_task=0):
-    """Run a real pipeline to its end; (frames per second of task 0, stats summary)."""
+def run_to_end(sources, task_list, link, qos):
+    """Run a real pipeline of these sources (a Source, or [(name, Source)]) and tasks to its
+    end, engines prepared first as the daemon does: (the pipeline, seconds it ran)."""
     from edge.pipeline import Pipeline
     from edge.publisher import Publisher
+    from edge.stats import TaskStats
     publisher = Publisher(link, None, qos=qos, limit=100000)
     # The backend's allocator, as the daemon's pipeline: mapped frame slots on a Jetson.
-    pipeline = Pipeline(source, task_list, publisher, pool_size=6,
+    pipeline = Pipeline(sources, task_list, publisher, pool_size=6,
                         allocate=task_list[0].maker.allocate)
     for task in task_list:
         task.frames = 0
-        from edge.stats import TaskStats
         task.stats = TaskStats()
+        task.camera_stats = {}
     pipeline.open()
+    pipeline.prepare()          # a batching task learns how many cameras share the size
     publisher.start()
     started = time.perf_counter()
     pipeline.start()
@@ -323,13 +328,19 @@ def run_pipeline(source, task_list, link, qos, count_task=0):
     error = pipeline.error()
     if error is not None:
         raise error
+    return pipeline, elapsed
+
+
+def run_pipeline(source, task_list, link, qos, count_task=0):
+    """Run a real pipeline to its end; (frames per second of task 0, stats summary)."""
+    _, elapsed = run_to_end(source, task_list, link, qos)
     counted = task_list[count_task]
     return counted.frames / elapsed, counted.stats.summary()
 
 
 def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
           matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0,
-          stereo=None, calib=None, depth_seconds=4.0):
+          stereo=None, calib=None, depth_seconds=4.0, cameras=None, live_seconds=5.0):
     """All the figures of the benchmark as a dict."""
     import tempfile
     from edge import daemon, tasks
@@ -418,6 +429,11 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
                                                         match_seconds)))
             results["daemon_peak_rss_mb"] = daemon_peak_rss(cfg, card.path, matcher,
                                                             reference, width, height, workdir)
+        if cameras:
+            from edge import benchcameras
+            results["cameras"] = benchcameras.bench_cameras(
+                cfg, card, frames, frames_count, cameras, rounds, link, qos, live_seconds,
+                workdir, raw_seconds=max(seconds * rounds, 2.0))
         if stereo:
             from edge import benchdepth
             results["depth"] = benchdepth.bench_depth(
@@ -460,29 +476,36 @@ def _with_matcher(cfg, maker, detect, matcher, reference, frames, link, qos, wor
 
 def daemon_peak_rss(cfg, detector, matcher, reference, width, height, workdir):
     """Peak RSS (MB) of a real `edge run` with both tasks on this backend and frame size."""
+    return edge_run_peak_rss(cfg, workdir, [
+        "--source", "test://?width={}&height={}&fps=0&frames=60".format(width, height),
+        "--detector", detector, "--matcher", matcher, "--reference", reference])
+
+
+def edge_run_peak_rss(cfg, workdir, args, name="daemon"):
+    """Peak RSS (MB) of a real `edge run ARGS` with the bench's backend, models and engines
+    (a finite source: it ends by itself), or None when it failed."""
     import subprocess
     import sys
     import yaml
-    config_path = os.path.join(workdir, "daemon.yaml")
+    config_path = os.path.join(workdir, name + ".yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump({"backend": cfg["backend"], "model_dir": cfg["model_dir"],
                         "model_mirror": cfg["model_mirror"], "engine": cfg["engine"],
                         "pipeline": cfg["pipeline"]}, f)
-    command = [sys.executable, "-m", "edge", "run", "-c", config_path, "--source",
-               "test://?width={}&height={}&fps=0&frames=60".format(width, height),
-               "--detector", detector, "--matcher", matcher, "--reference", reference,
-               "--state-dir", os.path.join(workdir, "daemon"), "--jsonl", os.devnull]
+    command = [sys.executable, "-m", "edge", "run", "-c", config_path] + list(args) + [
+        "--state-dir", os.path.join(workdir, "daemon"), "--jsonl", os.devnull]
     # VmHWM polled while it runs: wait4's ru_maxrss would include the RSS of this process,
     # which the child had between fork and exec (Linux keeps the larger of the two).
     from edge.backends.build import process_kib
     peak_kib = 0
-    with open(os.path.join(workdir, "daemon.log"), "wb") as log:
+    log_path = os.path.join(workdir, name + ".log")
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         while proc.poll() is None:
             peak_kib = max(peak_kib, process_kib(proc.pid, "VmHWM"))
             time.sleep(0.05)
     if proc.returncode != 0:
-        with open(os.path.join(workdir, "daemon.log"), "rb") as log:
+        with open(log_path, "rb") as log:
             logger.warning("bench: edge run for the RSS figure failed: %s",
                            log.read().decode(errors="replace")[-300:])
         return None
@@ -600,6 +623,9 @@ def table(r):
     if "depth" in r:
         from edge import benchdepth
         lines += benchdepth.table_lines(r["depth"])
+    if "cameras" in r:
+        from edge import benchcameras
+        lines += benchcameras.table_lines(r["cameras"])
     return "\n".join(lines)
 
 

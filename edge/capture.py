@@ -26,8 +26,8 @@ class Capture(threading.Thread):
     """
 
     def __init__(self, source, pool, deliver, stop_event, reopen_backoff=(0.5, 8.0),
-                 on_exit=None):
-        super().__init__(name="capture", daemon=True)
+                 on_exit=None, name="capture"):
+        super().__init__(name=name, daemon=True)
         self.source = source
         self.pool = pool
         self.deliver = deliver
@@ -52,6 +52,8 @@ class Capture(threading.Thread):
         A finite source's first frame is delivered first when the thread starts; a live
         one's is dropped then, being as old as the engine builds took.
         """
+        if not self._opened:
+            return None          # a live camera that did not open: the thread reopens it
         frame = self.pool.acquire(timeout=5.0)
         if frame is None:
             return None
@@ -87,14 +89,18 @@ class Capture(threading.Thread):
             return None
         return frame
 
-    def start_source(self):
-        """Open the source now, in the caller's thread; raises SourceError if it cannot be."""
+    def start_source(self, retrying=False):
+        """Open the source now, in the caller's thread; raises SourceError if it cannot be.
+
+        `retrying`: a failure is to be retried (state `reconnecting`, not `failed`).
+        """
         self.state = "opening"
         try:
             self.source.open()
-        except Exception:
+        except Exception as exc:
             self.source.close()
-            self.state = "failed"
+            self.state = "reconnecting" if retrying else "failed"
+            self.last_error = str(exc)
             raise
         self._opened = True
         self.state = "open"
@@ -102,7 +108,14 @@ class Capture(threading.Thread):
     def run(self):
         try:
             if not self._opened:
-                self.start_source()
+                try:
+                    self.start_source(retrying=self.source.live)
+                except SourceError as exc:
+                    # A live camera that was down when the pipeline started (one of several):
+                    # reopened with backoff like one that fails later; a file is fatal.
+                    if not self.source.live:
+                        raise
+                    self._reopen(exc)
             self._loop()
         except Exception as exc:   # the thread must not die silently: the supervisor reads .error
             self.error = exc

@@ -12,9 +12,10 @@ logger = logging.getLogger("edge")
 
 
 def _run(args):
-    from edge import config, daemon
+    from edge import cameras, config, daemon
+    source, named = cameras.parse_flags(args.source)
     overrides = {
-        "source": args.source, "detector": args.detector, "matcher": args.matcher,
+        "source": source, "sources": named, "detector": args.detector, "matcher": args.matcher,
         "mqtt.url": args.mqtt, "jsonl": args.jsonl, "device_id": args.device_id,
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
@@ -73,9 +74,9 @@ def _build(args):
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
                           "configure detector/matcher with -c (or in {})".format(
                               installed.CONFIG))
-    width, height = _frame_size(args.size, cfg["source"], cfg["max_image_pixels"])
+    sizes = _frame_sizes(args.size, cfg)
     if args.export_onnx:
-        return _export_onnx(cfg, names, width, height, args.export_onnx, args.tensorrt)
+        return _export_onnx(cfg, names, sizes, args.export_onnx, args.tensorrt)
     maker = daemon.engine_maker(cfg)
     maker.allow_uncached = False        # filling the cache is this command's job
     building.add_listener(_ProgressPrinter())
@@ -84,26 +85,37 @@ def _build(args):
     store = daemon.reference_store(cfg)
     for name in names:
         card = cards.load(name)
+        options = {"store": store} if card.task == "match" else {
+            "batching": daemon.batching(cfg, maker)}
         task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
-                            device=cfg["device_id"], **({"store": store} if card.task == "match"
-                                                          else {}))
-        frame = Frame(0, (height, width, 3), maker.allocate)
-        refs = [None] if card.task == "detect" else [store.get(n) for n in store.names()]
-        if not refs:
-            print("{}: no reference stored: matcher engines are built per reference size; "
-                  "give --reference IMAGE".format(card.name))
-        for ref in refs:
-            engine, binding = task.binding_for(frame, None if ref is None else ("build", id(ref)),
-                                               ref)
-            engine.infer(binding)    # one run proves the engine loads and executes
-            print("{}: engine for {}x{} frames ready".format(card.name, width, height))
+                            device=cfg["device_id"], **options)
+        task.plan(sizes)          # the engines the daemon makes for its cameras
+        for width, height in sorted(sizes):
+            frame = Frame(0, (height, width, 3), maker.allocate)
+            refs = [None] if card.task == "detect" else [store.get(n) for n in store.names()]
+            if not refs:
+                print("{}: no reference stored: matcher engines are built per reference size; "
+                      "give --reference IMAGE".format(card.name))
+            for ref in refs:
+                # one run proves the engine loads and executes
+                engine = task.engine_for(width, height) if ref is None else None
+                if engine is not None and engine.batch:
+                    engine.infer_batch(engine.bind_batch(), [frame] * engine.batch)
+                else:
+                    engine, binding = task.binding_for(
+                        frame, None if ref is None else ("build", id(ref)), ref)
+                    engine.infer(binding)
+                print("{}: engine for {}x{} frames{} ready".format(
+                    card.name, width, height, " (batches of up to {})".format(engine.batch)
+                    if engine.batch else ""))
     return EXIT_OK
 
 
-def _export_onnx(cfg, names, width, height, folder, version):
+def _export_onnx(cfg, names, sizes, folder, version):
     """`edge build --export-onnx DIR`: each card's rewritten graph as TensorRT `version`
-    receives it (frame dtype, opset forms), checked against what its ONNX parser imports.
-    Nothing is built: the files are for polygraphy/trtexec, and for CI. Exit 1 on a problem."""
+    receives it (frame dtype, opset forms, a batch dimension where several cameras of a size
+    share the engine), checked against what its ONNX parser imports. Nothing is built: the
+    files are for polygraphy/trtexec, and for CI. Exit 1 on a problem."""
     import onnx
     from edge import cards, graph, models, tasks
     from edge.backends import trt, trtcheck
@@ -119,18 +131,23 @@ def _export_onnx(cfg, names, width, height, folder, version):
     for name in names:
         card = cards.load(name)
         model = models.load_onnx(models.ensure(card, cfg["model_dir"], cfg["model_mirror"]), card)
-        sizes = [None] if card.task == "detect" else _reference_sizes(cfg, width, height)
-        for size in sizes:
-            label = tasks.engine_label(card.name, width, height, size)
-            path = os.path.join(folder, "{}-{}.onnx".format(label, dtype))
-            rewritten = graph.rewrite(model, card, width, height, size, dtype)
-            onnx.save(rewritten, path)
-            found = trtcheck.problems(rewritten, release)
-            print("{}: {} for TensorRT {}".format(path, "ok" if not found else "PROBLEMS",
-                                                  version))
-            for problem in found:
-                print("  " + problem)
-            status = status if not found else EXIT_FAILURE
+        for (width, height), count in sorted(sizes.items()):
+            sizes_ref = [None] if card.task == "detect" else _reference_sizes(cfg, width, height)
+            # batched as the daemon on TensorRT would (pipeline.batch: auto or always)
+            batch = count if count > 1 and cfg["pipeline"]["batch"] != "never" and \
+                card.task == "detect" and not graph.batch_problem(model, card) else None
+            for size in sizes_ref:
+                label = tasks.engine_label(card.name, width, height, size, batch)
+                path = os.path.join(folder, "{}-{}.onnx".format(label, dtype))
+                rewritten = graph.rewrite(model, card, width, height, size, dtype,
+                                          batched=batch is not None)
+                onnx.save(rewritten, path)
+                found = trtcheck.problems(rewritten, release)
+                print("{}: {} for TensorRT {}".format(path, "ok" if not found else "PROBLEMS",
+                                                      version))
+                for problem in found:
+                    print("  " + problem)
+                status = status if not found else EXIT_FAILURE
     return status
 
 
@@ -166,6 +183,18 @@ def _beside_the_service(path, overrides):
     print("config: {} (models {}, engines {})".format(
         path or "none (defaults and flags)", cfg["model_dir"], cfg["engine"]["dir"]))
     return cfg
+
+
+def _frame_sizes(size, cfg):
+    """{(width, height): cameras of that size} of the config's cameras: --size WxH for each,
+    else each camera's first frame."""
+    import collections
+    from edge import cameras
+    configured = cameras.configured(cfg)
+    if size:
+        return collections.Counter({_frame_size(size, None): len(configured)})
+    return collections.Counter(_frame_size(None, uri, cfg["max_image_pixels"])
+                               for _, uri in configured)
 
 
 def _frame_size(size, source_uri, max_pixels=None):
@@ -277,6 +306,10 @@ def _bench(args):
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
     cfg = config.load(args.config, overrides, require_task=False)
+    if args.cameras is not None and args.cameras < 2:
+        from edge.errors import ConfigError
+        raise ConfigError("--cameras {}: give 2 or more (one camera is what the rest of the "
+                          "bench measures)".format(args.cameras))
     width, height = _frame_size(args.size, None)
     images = args.images
     if images is None and os.path.isdir(os.path.expanduser(args.source)):
@@ -284,7 +317,8 @@ def _bench(args):
     results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
                           args.seconds, args.mqtt, args.matcher, args.reference, images,
                           args.rounds, args.match_seconds, args.stereo,
-                          args.calib or cfg["stereo"]["calib"], args.depth_seconds)
+                          args.calib or cfg["stereo"]["calib"], args.depth_seconds,
+                          args.cameras, args.live_seconds)
     print(bench.table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -375,8 +409,9 @@ def parser():
 
     run = sub.add_parser("run", help="run the pipeline in the foreground")
     run.add_argument("-c", "--config", help="YAML config file (flags override it)")
-    run.add_argument("--source", help="source URI: test://, images:///dir, file.mp4, "
-                                      "/dev/video0, rtsp://..., csi://0")
+    run.add_argument("--source", action="append",
+                     help="source URI: test://, images:///dir, file.mp4, /dev/video0, "
+                          "rtsp://..., csi://0; NAME=URI (repeatable) for named cameras")
     run.add_argument("--detector", help="detection card name or path (e.g. yolox-nano)")
     run.add_argument("--matcher", help="matching card name or path (e.g. coarse-loftr)")
     run.add_argument("--reference", help="image the matcher matches in this run (named after "
@@ -401,7 +436,8 @@ def parser():
     bld.add_argument("-c", "--config", help="YAML config file (default: {} when it exists, "
                                             "with the service's folders)".format(
                                                 installed.CONFIG))
-    bld.add_argument("--size", help="frame size WxH (default: the source's first frame)")
+    bld.add_argument("--size", help="frame size WxH of every camera (default: each "
+                                    "camera's first frame)")
     bld.add_argument("--source", help="source URI to learn the frame size from")
     bld.add_argument("--reference", help="reference image for matcher engines (not stored)")
     bld.add_argument("--backend", choices=("auto", "trt", "ort"))
@@ -463,6 +499,13 @@ def parser():
     bn.add_argument("--depth-seconds", type=float, default=4.0,
                     help="length of each run with and without depth beside detection "
                          "(2 x --rounds pairs of runs)")
+    bn.add_argument("--cameras", type=int, metavar="N",
+                    help="also run N cameras in one pipeline (each its own frames) against one "
+                         "alone, one frame at a time and batched, and the memory of N cameras "
+                         "in one edge run against N edge runs")
+    bn.add_argument("--live-seconds", type=float, default=5.0,
+                    help="with --cameras: length of the runs where each camera is paced at "
+                         "one camera's rate")
     bn.add_argument("--json", help="write the figures here")
     bn.add_argument("--plot", help="draw throughput and latency into this PNG")
     bn.add_argument("-c", "--config", help="YAML config file")

@@ -192,15 +192,23 @@ def parse(topic_name, payload, topic="", retained=False):
     return PARSERS[topic_name](payload, topic, retained)
 
 
-def subscriptions(prefix, devices=None, topics=("detections",), share=None):
-    """The MQTT topic filters for these devices (None: every device) and topics; with a
-    `share` group, shared subscriptions (`$share/{share}/...`: the broker hands each
+def subscriptions(prefix, devices=None, topics=("detections",), share=None, cameras=None):
+    """The MQTT topic filters for these devices (None: every device), topics and cameras;
+    with a `share` group, shared subscriptions (`$share/{share}/...`: the broker hands each
     message to one member of the group).
 
-    The one place topics are built: a camera level, should cameras get their own, goes here.
+    The one place topics are built. A device with named cameras publishes CAMERA_TOPICS on
+    `{topic}/{camera}`, one with a single unnamed source on `{topic}`: without `cameras`
+    both are subscribed to, with them only those cameras' topics.
     """
-    filters = ["{}/{}/{}".format(prefix, device, name) for device in (devices or ["+"])
-               for name in topics]
+    def levels(name):
+        if name not in CAMERA_TOPICS:
+            return [name]
+        if cameras:
+            return ["{}/{}".format(name, camera) for camera in cameras]
+        return [name, name + "/+"]
+    filters = ["{}/{}/{}".format(prefix, device, level) for device in (devices or ["+"])
+               for name in topics for level in levels(name)]
     return ["$share/{}/{}".format(share, f) for f in filters] if share else filters
 
 
@@ -303,7 +311,7 @@ class Client:
         self.session = session
         self.session_expiry = session_expiry
         self.client_id = session or "edge-client-{}".format(uuid.uuid4().hex[:12])
-        self.subscriptions = subscriptions(prefix, self.devices, self.topics, share)
+        self.subscriptions = subscriptions(prefix, self.devices, self.topics, share, self.cameras)
         self._queue = queue.Queue(queue_size)
         self._callbacks = {}
         self._lock = threading.Lock()

@@ -253,17 +253,39 @@ class Commands(threading.Thread):
     def health(self, args, request_id):
         return self.app.health.report()
 
+    def _camera(self, args):
+        """The `camera` a request names (checked against the device's), None if it names none."""
+        camera = _string(args, "camera", required=False)
+        if camera is None:
+            return None
+        pipeline = getattr(self.app, "pipeline", None)
+        names = pipeline.camera_names() if pipeline is not None else []
+        if camera not in names:
+            raise CommandError("not_found", "no camera {!r} on this device; {}".format(
+                camera[:64], "its cameras: " + ", ".join(names) if names else
+                "it has one unnamed camera: leave `camera` out"))
+        return camera
+
+    def _next_frame(self, camera):
+        """(image, index, camera name) of the next frame of a camera (default: the first)."""
+        tapped = self.app.next_frame() if camera is None else \
+            self.app.next_frame(camera=camera)
+        if tapped is None:
+            raise CommandError("unavailable", "no frame arrived within 5 s")
+        if camera is None:
+            pipeline = getattr(self.app, "pipeline", None)
+            names = pipeline.camera_names() if pipeline is not None else []
+            camera = names[0] if names else None
+        return tapped[0], tapped[1], camera
+
     def snapshot(self, args, request_id):
         import cv2
         from edge import draw
         max_bytes = _int(args, "max_bytes", self.snapshot_bytes, 1024, 4 * 2 ** 20)
         binary = _bool(args, "binary", False)
-        tapped = self.app.next_frame()
-        if tapped is None:
-            raise CommandError("unavailable", "no frame arrived within 5 s")
-        image, index = tapped
+        image, index, camera = self._next_frame(self._camera(args))
         for task in self.app.tasks:
-            message = task.last_message
+            message = task.last_messages.get(camera)
             if message is None:
                 continue
             if "detections" in message:
@@ -271,7 +293,7 @@ class Commands(threading.Thread):
             elif "matches" in message:
                 draw.match_overlay(image, message)
         if _bool(args, "depth", False):
-            image = self._beside_depth(image)
+            image = self._beside_depth(image, camera)
         data = None
         for quality in (90, 80, 70, 55, 40, 25):
             ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -286,6 +308,8 @@ class Commands(threading.Thread):
                 max_bytes))
         result = {"frame": {"index": index, "width": image.shape[1], "height": image.shape[0]},
                   "format": "jpeg", "bytes": len(data)}
+        if camera is not None:
+            result["camera"] = camera
         if binary:
             topic = self.app.link.topic("snapshot/{}".format(request_id))
             self.app.publisher.put(topic, data, qos=1, jsonl=False)
@@ -294,10 +318,10 @@ class Commands(threading.Thread):
             result["data"] = base64.b64encode(data).decode("ascii")
         return result
 
-    def _beside_depth(self, image):
+    def _beside_depth(self, image, camera=None):
         """The frame with the newest depth map, colourised, to its right (stereo runs)."""
         import numpy as np
-        pictures = [t.picture() for t in self.app.tasks]
+        pictures = [t.picture() for t in self.app.tasks if t.serves(camera)]
         picture = next((p for p in pictures if p is not None), None)
         if picture is None:
             raise CommandError("unavailable", "no depth map: not a stereo run (stereo.calib), or "
@@ -315,10 +339,7 @@ class Commands(threading.Thread):
         store = self.app.store
         if store is None:
             raise CommandError("unavailable", "no matcher is configured on this device")
-        tapped = self.app.next_frame()
-        if tapped is None:
-            raise CommandError("unavailable", "no frame arrived within 5 s")
-        return store.put(name, tapped[0])
+        return store.put(name, self._next_frame(self._camera(args))[0])
 
     def list_references(self, args, request_id):
         store = self.app.store

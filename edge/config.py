@@ -97,6 +97,24 @@ def _odd(value):
     return None if value % 2 else "an odd number (the block has a centre pixel)"
 
 
+def _camera_name(value):
+    from edge.cameras import name_problem
+    return name_problem(value)
+
+
+def _sources_empty(value):
+    if not value:
+        return ("list at least one camera ({name, uri}), or leave sources out and set "
+                "source: URI")
+    return None
+
+
+CAMERA = {
+    "name": Field(str, check=_camera_name, help="the camera's topic level and `camera` field"),
+    "uri": Field(str, help="source URI (DESIGN.md, Sources)"),
+}
+
+
 def _backend_names():
     from edge import backends
     return tuple(backends.names())
@@ -106,6 +124,9 @@ SPEC = {
     "device_id": Field(str, default=None, nullable=True, check=_device_id,
                        help="name in MQTT topics; default: the host name"),
     "source": Field(str, default="test://", help="source URI (DESIGN.md, Sources)"),
+    "sources": Field(list, default=None, nullable=True, items=CAMERA, unique="name",
+                     check=_sources_empty,
+                     help="named cameras [{name, uri}, ...] instead of `source`"),
     "detector": Field(str, default=None, nullable=True, help="detection card name or path"),
     "matcher": Field(str, default=None, nullable=True, help="matching card name or path"),
     "backend": Field(str, default="auto", choices=("auto", "ort", "trt")),
@@ -257,7 +278,11 @@ SPEC = {
                          help="address the metrics port listens on (0.0.0.0: every network)"),
     },
     "pipeline": {
-        "pool": Field(int, default=6, min=3, max=64, help="frame slots shared by all tasks"),
+        "pool": Field(int, default=6, min=3, max=64,
+                      help="frame slots of each camera, shared by all tasks"),
+        "batch": Field(str, default="auto", choices=("auto", "always", "never"),
+                       help="detect several cameras' frames in one run; auto: where the "
+                            "backend gains from it (TensorRT)"),
         "threads": Field(int, default=0, min=0, max=64,
                          help="ONNX Runtime threads of detection; 0: one per core (the "
                               "matcher's engine runs on one)"),
@@ -282,6 +307,9 @@ def load(path=None, overrides=None, require_task=True, folders=None):
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
+        if dotted in ("source", "sources"):
+            # A flag's camera(s) replace the file's, whichever of the two keys it used.
+            raw.pop("sources" if dotted == "source" else "source", None)
         node = raw
         keys = dotted.split(".")
         for depth, key in enumerate(keys[:-1]):
@@ -292,6 +320,9 @@ def load(path=None, overrides=None, require_task=True, folders=None):
                     where, ".".join(keys[:depth + 1]), validate.shown(node[key])))
             node = node[key]
         node[keys[-1]] = value
+    if raw.get("sources") is not None and "source" in raw:
+        raise ConfigError("{}: source and sources: set one; source: URI is one unnamed camera, "
+                          "sources: [{{name, uri}}, ...] named ones".format(where))
     config = validate.check(raw, SPEC, where)
     if config["device_id"] is None:
         host = socket.gethostname().split(".")[0]

@@ -10,12 +10,11 @@ import signal
 import threading
 import time
 
-from edge import backends, cards, config as configuration, mqtt, references, sources, systemd
-from edge import tasks
+from edge import backends, cameras, cards, config as configuration, mqtt, references, sources
+from edge import systemd, tasks
 from edge.errors import ConfigError, EdgeError, UnavailableError
 from edge.pipeline import Pipeline
 from edge.publisher import JsonlSink, Publisher
-from edge.urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +41,22 @@ def reference_store(config):
     return store
 
 
+def batching(config, maker):
+    """Whether detection runs several cameras' frames as one batch (`pipeline.batch`)."""
+    setting = config["pipeline"]["batch"]
+    return maker.backend.batches if setting == "auto" else setting == "always"
+
+
+def open_cameras(config):
+    """[(camera name or None, unopened Source)] of the config's cameras."""
+    return [(name, sources.open_source(uri, config["max_image_pixels"]))
+            for name, uri in cameras.configured(config)]
+
+
 def build_tasks(config, maker, store, source=None):
     """The configured tasks, models fetched and checked; with a stereo source and
-    stereo.calib, the depth task last (detection asks it for `spatial`)."""
+    stereo.calib, the depth task last (detection asks it for `spatial`). `source`: a Source
+    or [(camera name, Source)] (open_cameras)."""
     from edge.tasks import depth as stereo_depth
     depth = stereo_depth.create(config, maker, source) if source is not None else None
     built = []
@@ -58,6 +70,7 @@ def build_tasks(config, maker, store, source=None):
         options = {"device": config["device_id"]}
         if task == "detect":
             options["track"] = config["track"]
+            options["batching"] = batching(config, maker)
         if task == "match":
             options.update(config["match"], store=store)
         if task == "detect" and depth is not None:
@@ -107,7 +120,7 @@ class Daemon:
         self.health = None
         self.commands = None
         self.metrics = None         # edge.metrics.MetricsServer when metrics.port is set
-        self.source_display = redact(config["source"])   # no camera passwords in health
+        self.source_display = cameras.display(config)    # no camera passwords in health
         self.generations = 0
         self.last_reload = None     # {"ts", "ok", "error"} of the latest reload, for health
         # systemd: the build child must not inherit NOTIFY_SOCKET (it would pose as us)
@@ -122,10 +135,11 @@ class Daemon:
 
     # -- the operations commands and signals use --------------------------------------
 
-    def next_frame(self, timeout=5.0):
-        """A copy of the next captured frame and its index (snapshots, references)."""
+    def next_frame(self, timeout=5.0, camera=None):
+        """A copy of the next captured frame of a camera (default: the first) and its index
+        (snapshots, references)."""
         pipeline = self.pipeline
-        return pipeline.tap(timeout) if pipeline is not None else None
+        return pipeline.tap(timeout, camera) if pipeline is not None else None
 
     def request_reload(self):
         """Check the config file now and have the main loop rebuild the pipeline from it; the
@@ -198,11 +212,11 @@ class Daemon:
 
     def _build_pipeline(self, config):
         """A new pipeline for the config; raises (and leaves the old one) when it is bad."""
-        source = sources.open_source(config["source"], config["max_image_pixels"])
+        opened = open_cameras(config)
         maker = engine_maker(config)
         store = reference_store(config) if config["matcher"] else None
-        built = build_tasks(config, maker, store, source)
-        pipeline = Pipeline(source, built, self.publisher, pool_size=config["pipeline"]["pool"],
+        built = build_tasks(config, maker, store, opened)
+        pipeline = Pipeline(opened, built, self.publisher, pool_size=config["pipeline"]["pool"],
                             max_frames=config["max_frames"], allocate=maker.allocate)
         pipeline.open()
         return pipeline, built, store, maker
@@ -263,7 +277,7 @@ class Daemon:
     def _start_pipeline(self):
         """Build the engines, then start the pipeline; False when a signal stopped us first."""
         self.generations += 1
-        self.source_display = redact(self.config["source"])
+        self.source_display = cameras.display(self.config)
         if not self.health.is_alive():
             self.health.start()        # reports the builds while they run
         if not self._prepare():

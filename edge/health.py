@@ -23,7 +23,13 @@ def verdict(report, limits):
     """(healthy, reasons) for a report under the configured limits."""
     reasons = []
     source = report["source"]
-    if source["state"] in ("reconnecting", "failed"):
+    cameras = report.get("cameras")
+    if cameras:
+        for name, camera in sorted(cameras.items()):
+            if camera["state"] in ("reconnecting", "failed"):
+                reasons.append("camera {} {}: {}".format(name, camera["state"],
+                                                         camera.get("error") or "no frames"))
+    elif source["state"] in ("reconnecting", "failed"):
         reasons.append("camera {}: {}".format(source["state"], source.get("error") or "no frames"))
     for name, task in report["tasks"].items():
         if task.get("error"):
@@ -60,6 +66,50 @@ def verdict(report, limits):
     return not reasons, reasons
 
 
+# A summary's state for several cameras: the first of these any camera is in.
+_WORST_FIRST = ("failed", "reconnecting", "opening", "open", "finished", "stopped")
+
+
+def camera_report(camera, pipeline):
+    """One camera's part of the report: state, figures, last error."""
+    capture = camera.capture
+    report = {"uri": camera.source.display, "state": capture.state, "frames": capture.frames,
+              "fps": camera.stats.summary()["fps"], "reopens": capture.reopens,
+              "dropped": sum(inbox.lanes[camera.index].dropped for inbox in pipeline.inboxes),
+              "skipped": getattr(camera.source, "skipped", 0),
+              "error": capture.last_error or (str(capture.error) if capture.error else None)}
+    unpaired = getattr(camera.source, "unpaired", None)
+    if unpaired is not None:      # stereo sources: frames that found no partner
+        report["unpaired"] = unpaired
+    return report
+
+
+def camera_reports(pipeline, display):
+    """(`source`, `cameras` or None) of the report: the one unnamed camera is `source`; named
+    cameras are `cameras` by name, and `source` sums them up (worst state, totals)."""
+    if pipeline is None:
+        return {"uri": display, "state": "stopped", "frames": 0, "reopens": 0, "dropped": 0,
+                "skipped": 0, "error": None}, None
+    reports = [(camera.name, camera_report(camera, pipeline)) for camera in pipeline.cameras]
+    if reports[0][0] is None:
+        source = dict(reports[0][1])
+        del source["fps"]                 # the detect task's fps says it
+        return source, None
+    cameras = dict(reports)
+    states = {report["state"] for report in cameras.values()}
+    errors = ["{}: {}".format(name, report["error"]) for name, report in reports
+              if report["error"]]
+    source = {"uri": display, "state": next(s for s in _WORST_FIRST if s in states),
+              "error": errors[0] if errors else None}
+    for key in ("frames", "reopens", "dropped", "skipped", "unpaired"):
+        values = [report[key] for report in cameras.values() if key in report]
+        if values:
+            source[key] = sum(values)
+    source = {key: source[key] for key in ("uri", "state", "frames", "reopens", "dropped",
+                                           "skipped", "error", "unpaired") if key in source}
+    return source, cameras
+
+
 class Health(threading.Thread):
     """Builds and publishes health reports for one running daemon."""
 
@@ -87,22 +137,12 @@ class Health(threading.Thread):
         app = self.app
         now = time.time()
         pipeline = app.pipeline
-        capture = pipeline.capture if pipeline else None
-        source = {"uri": app.source_display, "state": capture.state if capture else "stopped",
-                  "frames": capture.frames if capture else 0,
-                  "reopens": capture.reopens if capture else 0,
-                  "dropped": sum(h.dropped for h in pipeline.handoffs) if pipeline else 0,
-                  "skipped": getattr(pipeline.source, "skipped", 0) if pipeline else 0,
-                  "error": (capture.last_error or (str(capture.error) if capture.error
-                                                   else None)) if capture else None}
-        unpaired = getattr(pipeline.source, "unpaired", None) if pipeline else None
-        if unpaired is not None:      # stereo sources: frames that found no partner
-            source["unpaired"] = unpaired
+        source, cameras = camera_reports(pipeline, app.source_display)
         tasks = {}
         for runner in (pipeline.runners if pipeline else []):
             summary = runner.task.stats.summary()
-            summary.update({"model": runner.task.card.name, "queue": len(runner.handoff),
-                            "dropped": runner.handoff.dropped,
+            summary.update({"model": runner.task.card.name, "queue": len(runner.inbox),
+                            "dropped": runner.inbox.dropped,
                             "error": str(runner.error) if runner.error else None})
             summary.update(runner.task.health())
             tasks[runner.task.name] = summary
@@ -138,7 +178,8 @@ class Health(threading.Thread):
         commands = getattr(app, "commands", None)
         report = {"v": 1, "device": app.device, "ts": round(now, 3),
                   "uptime_s": round(now - app.started, 1), "state": None,
-                  "versions": self.versions, "source": source, "tasks": tasks,
+                  "versions": self.versions, "source": source,
+                  **({"cameras": cameras} if cameras else {}), "tasks": tasks,
                   "engines": engines, "mqtt": mqtt,
                   "commands": commands.counts() if commands is not None else None,
                   "reload": getattr(app, "last_reload", None), "system": system}
@@ -196,7 +237,13 @@ def summary_line(report):
     for name, task in sorted(report["tasks"].items()):
         fps = task["fps"]
         parts.append("{} {} fps".format(name, "-" if fps is None else "{:.1f}".format(fps)))
-    parts.append("source {}".format(report["source"]["state"]))
+    cameras = report.get("cameras")
+    if cameras:
+        parts.append("cameras " + ", ".join("{} {}{}".format(
+            name, camera["state"], "" if camera["fps"] is None else
+            " {:.1f} fps".format(camera["fps"])) for name, camera in sorted(cameras.items())))
+    else:
+        parts.append("source {}".format(report["source"]["state"]))
     building = [l for l, e in report["engines"].items() if e["state"] == "building"]
     if building:
         parts.append("building " + ", ".join(building))

@@ -19,7 +19,7 @@ from edge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-CAMERA = "default"      # the camera label until sources are named (multi-camera work)
+CAMERA = "default"      # the camera label of a single unnamed source
 ENGINE_STATES = ("building", "ready", "failed")
 _MS = 1000.0
 
@@ -69,18 +69,20 @@ class DaemonCollector:
         yield from self._system(family, report)
 
     def _source(self, family, report):
-        source = report["source"]
         device = self.app.device
-        for name, help_text, value in (
-                ("edge_source_frames", "Frames captured.", source["frames"]),
+        named = report.get("cameras") or {}
+        cameras = sorted(named.items()) if named else [(CAMERA, report["source"])]
+        for name, help_text, key in (
+                ("edge_source_frames", "Frames captured.", "frames"),
                 ("edge_source_dropped_frames", "Frames a live source dropped because every "
-                 "task was still busy (newest frame kept).", source["dropped"]),
+                 "task was still busy (newest frame kept).", "dropped"),
                 ("edge_source_skipped_frames", "Frames a file or folder skipped (damaged, "
-                 "too large).", source["skipped"]),
+                 "too large).", "skipped"),
                 ("edge_source_reopens", "Times the source was opened again after a "
-                 "failure.", source["reopens"])):
+                 "failure.", "reopens")):
             metric = family("counter", name, help_text, ("camera",))
-            metric.add_metric([device, CAMERA], value)
+            for camera, figures in cameras:
+                metric.add_metric([device, camera], figures.get(key, 0))
             yield metric
 
     def _tasks(self, family, report):
@@ -101,16 +103,22 @@ class DaemonCollector:
         bounds = ["{:g}".format(b / _MS) for b in BUCKETS_MS] + ["+Inf"]
         for runner in (pipeline.runners if pipeline else []):
             task = runner.task
-            values = [device, task.name, task.card.name, CAMERA]
-            summary = report["tasks"].get(task.name, {})
-            frames.add_metric(values, summary.get("frames", task.stats.count))
-            dropped.add_metric(values, summary.get("dropped", runner.handoff.dropped))
-            queue.add_metric(values, summary.get("queue", 0))
-            if summary.get("fps") is not None:
-                fps.add_metric(values, summary["fps"])
-            for metric, stage in ((infer, "infer"), (latency, "total")):
-                counts, total_ms = task.stats.histogram(stage)
-                metric.add_metric(values, list(zip(bounds, counts)), total_ms / _MS)
+            for camera in pipeline.cameras:
+                if not task.serves(camera.name):
+                    continue
+                stats = task.camera_stats.get(camera.name)
+                lane = runner.inbox.lanes[camera.index]
+                values = [device, task.name, task.card.name, camera.name or CAMERA]
+                frames.add_metric(values, stats.count if stats else 0)
+                dropped.add_metric(values, lane.dropped)
+                queue.add_metric(values, len(lane.items))
+                rate = stats.summary()["fps"] if stats else None
+                if rate is not None:
+                    fps.add_metric(values, rate)
+                for metric, stage in ((infer, "infer"), (latency, "total")):
+                    counts, total_ms = stats.histogram(stage) if stats else (
+                        [0] * len(bounds), 0.0)
+                    metric.add_metric(values, list(zip(bounds, counts)), total_ms / _MS)
         yield from (frames, dropped, queue, fps, infer, latency)
 
     def _engines(self, family, report):

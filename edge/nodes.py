@@ -8,8 +8,9 @@ how a frame maps onto the network input; `preprocess` adds the card's preprocess
 or letterbox, colour order, scale/mean/std, HWC->CHW) as the first nodes of a graph.
 
 Only operators that the TensorRT 8.2 ONNX parser accepts are used (edge/backends/trtcheck.py
-holds its list and the tests check every rewritten graph against it): Resize with a constant
-`sizes`, Pad with constant pads, Gather/Slice with constant indices, TopK with a constant K.
+holds its list and the tests check every rewritten graph against it): Resize with `sizes`
+(constant, or in a batched graph the batch's shape: a shape tensor), Pad with constant pads,
+Gather/Slice with constant indices, TopK with a constant K.
 Model families (edge/families) build their nodes from these pieces; edge.graph puts a card,
 its family and a model together.
 """
@@ -35,6 +36,7 @@ class Geometry:
     def __init__(self, card, frame_w, frame_h):
         self.reference_size = None
         self.frame_dtype = "uint8"
+        self.batched = False        # frames (batch, H, W, 3), several cameras' in one run
         net_w, net_h = card.input_size
         self.frame_w, self.frame_h = int(frame_w), int(frame_h)
         self.net_w, self.net_h = net_w, net_h
@@ -58,9 +60,12 @@ class GraphBuilder:
     """Collects nodes and constants with unique names under a prefix, in the node forms of
     `opset` (the default-domain opset of the model the nodes join)."""
 
-    def __init__(self, prefix, opset=OPSET):
+    def __init__(self, prefix, opset=OPSET, batched=False):
         self.prefix = prefix
         self.opset = opset
+        # Tensors carry a dynamic batch dimension first (several cameras' frames): shapes
+        # are built from it instead of a constant 1.
+        self.batched = batched
         self.nodes = []
         self.initializers = []
         self._count = 0
@@ -98,6 +103,12 @@ class GraphBuilder:
         return self.op("Slice", [x, self.const([start], np.int64), self.const([end], np.int64),
                                  self.const([axis], np.int64)], "slice")
 
+    def batch_shape(self, x, rest, hint="shape"):
+        """The int64 shape [batch of x, *rest] (a shape tensor: TensorRT takes it as the
+        Resize layer's output size, IResizeLayer::setInput(1))."""
+        batch = self.slice(self.op("Shape", [x], "batch_of"), 0, 1, 0)
+        return self.op("Concat", [batch, self.const(rest, np.int64, hint)], hint, axis=0)
+
     def rename_output(self, tensor, name):
         """Make the node that produces `tensor` write `name` instead."""
         for node in self.nodes:
@@ -111,7 +122,8 @@ class GraphBuilder:
 
 
 def preprocess(g, card, geometry, frame, frame_dtype="uint8"):
-    """Nodes from the (H, W, 3) BGR frame to the network input; returns its name.
+    """Nodes from the (H, W, 3) BGR frame (batched: (B, H, W, 3) frames) to the network
+    input; returns its name.
 
     The frame is uint8 as captured; `frame_dtype="float32"` is the one exception, for
     TensorRT < 8.5, which has no uint8 inputs (the backend casts on the host).
@@ -121,11 +133,16 @@ def preprocess(g, card, geometry, frame, frame_dtype="uint8"):
     x = frame
     if frame_dtype == "uint8":
         x = g.op("Cast", [frame], "to_float", to=TensorProto.FLOAT)
-    x = g.unsqueeze(x, [0], "batch")
-    x = g.op("Transpose", [x], "hwc_to_chw", perm=[0, 3, 1, 2])          # (1, 3, H, W)
+    if not geometry.batched:
+        x = g.unsqueeze(x, [0], "batch")
+    x = g.op("Transpose", [x], "hwc_to_chw", perm=[0, 3, 1, 2])          # (B, 3, H, W)
     if (geometry.new_w, geometry.new_h) != (geometry.frame_w, geometry.frame_h):
         # Resize before the colour step: fewer pixels to convert, and both are linear.
-        sizes = g.const([1, 3, geometry.new_h, geometry.new_w], np.int64, "sizes")
+        # Sizes, not scales: a float scale times the size may round to a pixel less.
+        if geometry.batched:
+            sizes = g.batch_shape(x, [3, geometry.new_h, geometry.new_w], "sizes")
+        else:
+            sizes = g.const([1, 3, geometry.new_h, geometry.new_w], np.int64, "sizes")
         x = g.op("Resize", [x, g.const([], np.float32, "roi"), g.const([], np.float32, "scales"),
                             sizes], "resize", mode="linear",
                  coordinate_transformation_mode="half_pixel")
@@ -164,12 +181,18 @@ def model_opset(model):
 
 
 def frame_input(geometry, width=None, height=None, name=FRAME_INPUT):
-    """The value info of an (H, W, 3) image input of the geometry's frame dtype."""
+    """The value info of an (H, W, 3) image input of the geometry's frame dtype
+    ((batch, H, W, 3) for a batched geometry)."""
     return frame_info(width or geometry.frame_w, height or geometry.frame_h, name,
-                       geometry.frame_dtype)
+                      geometry.frame_dtype, geometry.batched)
 
 
-def frame_info(frame_w, frame_h, name=FRAME_INPUT, dtype="uint8"):
+BATCH = "batch"       # the name of the dynamic batch dimension of batched graphs
+
+
+def frame_info(frame_w, frame_h, name=FRAME_INPUT, dtype="uint8", batched=False):
     from onnx import TensorProto, helper
     dtypes = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}
-    return helper.make_tensor_value_info(name, dtypes[dtype], [frame_h, frame_w, 3])
+    shape = [frame_h, frame_w, 3]
+    return helper.make_tensor_value_info(name, dtypes[dtype],
+                                         [BATCH] + shape if batched else shape)

@@ -1,10 +1,12 @@
-"""The pipeline: capture thread -> one thread per task -> decode thread -> publisher.
+"""The pipeline: a capture thread per camera -> one thread per task -> decode thread -> publisher.
 
-Threads: "capture" fills slots; each task's thread ("detect", "match") runs its engines on
-the slots it is handed; "decode" turns the outputs into messages and puts them on the
-publisher's queue, while the task's thread already infers the next frame; "publish" writes
-the sinks. A slot goes back to the pool when the last task that was handed it has decoded
-it (the outputs it is bound to stay valid until then).
+Threads: each camera's "capture" thread fills slots of its own pool; each task's thread
+("detect", "match") takes frames from its inbox, one lane per camera served round-robin,
+and runs its engines on them (several cameras' frames as one batch where the task batches);
+"decode" turns the outputs into messages and puts them on the publisher's queue, while the
+task's thread already infers the next frames; "publish" writes the sinks. A slot goes back to
+its camera's pool when the last task that was handed it has decoded it (the outputs it is
+bound to stay valid until then).
 """
 
 import collections
@@ -13,9 +15,9 @@ import os
 import threading
 import time
 
-from edge.capture import Capture
-from edge.errors import EdgeError
-from edge.frames import FramePool, Handoff
+from edge.cameras import Camera
+from edge.errors import EdgeError, SourceError
+from edge.frames import Inbox, release
 from edge.tasks import Side
 
 logger = logging.getLogger(__name__)
@@ -27,20 +29,23 @@ def _int_env(name):
 
 
 class TaskRunner(threading.Thread):
-    """Runs one task's engines on the frames of its hand-off until the hand-off closes."""
+    """Runs one task's engines on the frames of its inbox until every lane has closed."""
 
-    def __init__(self, task, handoff, pool, decoder, stop_event, limit=None):
+    def __init__(self, task, inbox, decoder, stop_event, limit=None, batch=1, topic=None,
+                 cameras=None):
         super().__init__(name=task.name, daemon=True)
         self.limit = limit        # stop the run after this many frames (--max-frames)
+        self.batch = batch        # frames taken at once: one per camera where the task batches
         self.on_failure = None    # called when this task fails (the pipeline decides)
         self.on_exit = None       # called from this thread as it ends
         # Fault injection for the watchdog tests: hang like a stuck inference after N frames.
         self.stall_after = _int_env("EDGE_FAULT_STALL_AFTER_FRAMES")
         self.task = task
-        self.handoff = handoff
-        self.pool = pool
+        self.inbox = inbox
         self.decoder = decoder
         self.stop_event = stop_event
+        self.topic = topic or (lambda kind, camera: kind)   # (kind, camera) -> topic
+        self.cameras = cameras    # camera name -> Camera whose figures this task's frames make
         self.inferred = 0
         self.error = None
 
@@ -53,49 +58,61 @@ class TaskRunner(threading.Thread):
 
     def _loop(self):
         while True:
-            frame = self.handoff.get(timeout=0.2)
-            if frame is None:
-                if self.handoff.closed:
-                    return
-                continue
+            want = self.batch
+            if self.limit is not None:
+                want = max(1, min(want, self.limit - self.inferred))
+            frames = self.inbox.take(timeout=0.2, limit=want)
+            if frames is None:
+                return
             try:
-                if self.stall_after is not None and self.inferred >= self.stall_after:
+                if frames and self.stall_after is not None and \
+                        self.inferred >= self.stall_after:
                     logger.warning("fault injection: task %s stalls", self.task.name)
                     self.stop_event.wait()
-                if self.error is None and not self._done():
+                if frames and self.error is None and not self._done():
                     started = time.time()
-                    inferred = self.task.infer_frame(frame)
-                    self.inferred += 1
-                    self.decoder.put((self, frame, started, time.time(), inferred))
-                    frame = None          # the decoder releases it
+                    results = self.task.infer_frames(frames)
+                    ended = time.time()
+                    self.inferred += len(frames)
+                    for frame, inferred in zip(frames, results):
+                        self.decoder.put((self, frame, started, ended, inferred))
+                    frames = []           # the decoder releases them
                     if self._done():
                         self.stop_event.set()
             except Exception as e:
-                self.fail(e, frame)
+                self.fail(e, frames[0] if frames else None)
             finally:
-                if frame is not None:
-                    self.pool.release(frame)
+                for frame in frames or ():
+                    release(frame)
 
     def decode(self, frame, started, ended, inferred):
         """Messages for an inferred frame onto the publisher's queue (decode thread).
 
         Stages (ms): capture to published, capture to inference start, inference (with the
-        slot's binding), inference end to published (the wait for and the work of decoding).
+        slot's binding; a batch's whole run), inference end to published (the wait for and
+        the work of decoding).
         """
         if self.error is not None:
             return
         try:
             messages = self.task.decode(frame, inferred)
+            publisher = self.decoder.publisher
             for message in messages:
                 if isinstance(message, Side):
-                    self.decoder.publisher.put(message.topic, message.message, qos=message.qos)
+                    publisher.put(self.topic(message.topic, frame.camera), message.message,
+                                  qos=message.qos)
                     continue
-                self.decoder.publisher.put(self.task.topic, message)
-                self.task.last_message = message
+                publisher.put(self.topic(self.task.topic, frame.camera), message)
+                self.task.last_messages[frame.camera] = message
             if messages:
                 done = time.time()
-                self.task.stats.record((done - frame.ts) * 1000.0, (started - frame.ts) * 1000.0,
-                                       (ended - started) * 1000.0, (done - ended) * 1000.0)
+                total = (done - frame.ts) * 1000.0
+                stages = (total, (started - frame.ts) * 1000.0, (ended - started) * 1000.0,
+                          (done - ended) * 1000.0)
+                self.task.stats.record(*stages)
+                self.task.stats_for(frame.camera).record(*stages)
+                if self.cameras is not None:
+                    self.cameras[frame.camera].stats.record(total)
         except Exception as e:
             self.fail(e, frame)
 
@@ -122,9 +139,8 @@ class Decoder(threading.Thread):
     Its queue needs no bound of its own: every item holds a pool slot.
     """
 
-    def __init__(self, pool, publisher):
+    def __init__(self, publisher):
         super().__init__(name="decode", daemon=True)
-        self.pool = pool
         self.publisher = publisher
         self._items = collections.deque()     # (runner, frame, started, ended, inferred)
         self._cond = threading.Condition()
@@ -153,64 +169,96 @@ class Decoder(threading.Thread):
             try:
                 runner.decode(frame, started, ended, inferred)
             finally:
-                self.pool.release(frame)
+                release(frame)
 
 
 class Pipeline:
-    """Capture, tasks and publisher for one source; `run()` returns when the run is over."""
+    """Cameras, tasks and publisher of one run; `run()` returns when the run is over.
 
-    def __init__(self, source, tasks, publisher, pool_size=6, max_frames=None, allocate=None):
-        self.source = source
+    `sources`: a Source (the one unnamed camera: today's topics and payloads) or a list of
+    (name, Source) for named cameras.
+    """
+
+    def __init__(self, sources, tasks, publisher, pool_size=6, max_frames=None, allocate=None):
+        if not isinstance(sources, (list, tuple)):
+            sources = [(None, sources)]
+        self.cameras = [Camera(i, name, source, pool_size, allocate)
+                        for i, (name, source) in enumerate(sources)]
+        self.named = {camera.name: camera for camera in self.cameras}
         self.tasks = tasks
         self.publisher = publisher
         self.stop_event = threading.Event()
         self.max_frames = max_frames
-        self.pool = FramePool(pool_size, allocate=allocate)
-        live = source.live
-        self.handoffs = [Handoff(self.pool, depth=1 if live else 2, newest=live) for _ in tasks]
-        self.decoder = Decoder(self.pool, publisher)
-        # --max-frames counts the frames the first task processed (live sources drop frames)
-        self.runners = [TaskRunner(t, h, self.pool, self.decoder, self.stop_event,
-                                   limit=max_frames if i == 0 else None)
-                        for i, (t, h) in enumerate(zip(tasks, self.handoffs))]
+        lanes = [(1, True) if camera.live else (2, False) for camera in self.cameras]
+        self.inboxes = [Inbox(lanes) for _ in tasks]
+        self.decoder = Decoder(publisher)
+        self._topics = {}
+        # --max-frames counts the frames the first task processed (live sources drop frames);
+        # the first task's frames are also each camera's figures in health
+        self.runners = [TaskRunner(t, inbox, self.decoder, self.stop_event,
+                                   limit=max_frames if i == 0 else None,
+                                   batch=len(self.cameras) if t.batching else 1,
+                                   topic=self.topic,
+                                   cameras=self.named if i == 0 else None)
+                        for i, (t, inbox) in enumerate(zip(tasks, self.inboxes))]
         self._running = len(self.runners)
+        self._capturing = len(self.cameras)
         self._lock = threading.Lock()
         for runner in self.runners:
             runner.on_failure = self._task_failed
             runner.on_exit = self._runner_ended
-        self.capture = Capture(source, self.pool, self._deliver, self.stop_event,
-                               on_exit=self._close_handoffs)
+        for camera in self.cameras:
+            camera.start_capture(lambda frame, camera=camera: self._deliver(camera, frame),
+                                 self.stop_event,
+                                 on_exit=lambda camera=camera: self._camera_ended(camera))
         self.delivered = 0
         self.idle = 0            # frames no task was due on (a matcher waiting for its rate)
         self.started = None
-        self._taps = []          # one-shot requests for a copy of the next frame
+        self._taps = []          # one-shot requests for a copy of a camera's next frame
 
-    def _deliver(self, frame):
+    def topic(self, kind, camera):
+        """The topic of a task's messages of a kind (`detections`, `events`) from a camera:
+        the kind alone for the one unnamed camera, `{kind}/{camera}` under the device."""
+        if camera is None:
+            return kind
+        key = (kind, camera)
+        topic = self._topics.get(key)
+        if topic is None:       # made once per camera and kind: nothing per frame
+            topic = self._topics[key] = self.publisher.topic("{}/{}".format(kind, camera))
+        return topic
+
+    def camera_names(self):
+        """The names of the cameras ([] for the one unnamed camera)."""
+        return [c.name for c in self.cameras if c.name is not None]
+
+    def _deliver(self, camera, frame):
         """Hand a filled slot to every task due on it; False once the run should end."""
         if self.stop_event.is_set():
             return False
         if self._taps:
-            self._serve_taps(frame)
+            self._serve_taps(camera, frame)
         now = time.monotonic()
-        due = [(r.task, r.handoff) for r in self.runners
+        due = [(r.task, r.inbox) for r in self.runners
                if r.error is None and r.task.due(frame, now)]
         frame.refs = len(due)
         if not due:
-            self.pool.release(frame)     # no task wants this frame: straight back
+            release(frame)     # no task wants this frame: straight back
             self.idle += 1
             return True
-        for _, handoff in due:
-            if not handoff.put(frame, self.stop_event):
-                self.pool.release(frame)
+        for _, inbox in due:
+            if not inbox.put(camera.index, frame, self.stop_event):
+                release(frame)
         self.delivered += 1
         return True
 
-    def tap(self, timeout=5.0):
-        """(copy of the next captured frame, its index), or None when none came in time.
+    def tap(self, timeout=5.0, camera=None):
+        """(copy of the next captured frame of a camera (default: the first), its index), or
+        None when none came in time.
 
         The copy is made only on request (snapshots, set_reference), never per frame.
         """
-        request = {"event": threading.Event(), "image": None, "index": None}
+        name = self.cameras[0].name if camera is None else camera
+        request = {"event": threading.Event(), "image": None, "index": None, "camera": name}
         self._taps.append(request)
         if not request["event"].wait(timeout):
             if request in self._taps:
@@ -218,9 +266,10 @@ class Pipeline:
             return None
         return request["image"], request["index"]
 
-    def _serve_taps(self, frame):
-        taps, self._taps = self._taps, []
+    def _serve_taps(self, camera, frame):
+        taps = [r for r in self._taps if r["camera"] == camera.name]
         for request in taps:
+            self._taps.remove(request)
             request["image"] = frame.image.copy()
             request["index"] = frame.index
             request["event"].set()
@@ -236,28 +285,54 @@ class Pipeline:
         if last:
             self.decoder.close()   # nothing more will come: decode the rest and end
 
-    def _close_handoffs(self):
-        for handoff in self.handoffs:
-            handoff.close()
+    def _camera_ended(self, camera):
+        for inbox in self.inboxes:
+            inbox.close(camera.index)
+        with self._lock:
+            self._capturing -= 1
+            last = self._capturing == 0
+        if not last and camera.capture.error is not None:
+            logger.error("camera %s failed: %s; the other cameras go on", camera.label(),
+                         camera.capture.error)
 
     def open(self):
-        """Open the source; SourceError when it cannot be."""
-        self.capture.start_source()
+        """Open every camera; SourceError when one cannot be opened, except a live camera
+        among several: that one is reopened with backoff by its thread while the others run.
+        """
+        errors = []
+        for camera in self.cameras:
+            try:
+                camera.capture.start_source()
+            except SourceError as e:
+                errors.append((camera, e))
+        live_down = [(c, e) for c, e in errors if c.live]
+        if errors and (len(errors) == len(self.cameras) or len(live_down) < len(errors)):
+            for camera in self.cameras:
+                camera.capture.abandon()
+            raise errors[0][1]
+        for camera, error in live_down:
+            camera.capture.state = "reconnecting"
+            logger.warning("camera %s cannot be opened (%s); the others start, it is retried",
+                           camera.label(), error)
 
     def prepare(self):
-        """Build or load every task's engines for the source's first frame, one after another,
-        before any frame flows (builds never overlap, and a Nano's memory holds only one).
+        """Build or load every task's engines for each camera's first frame, one after
+        another, before any frame flows (builds never overlap, and a Nano's memory holds only
+        one); a task that batches learns first how many cameras share each frame size.
 
         A task whose engine fails is failed alone, as if it had failed on a frame; the run
-        stops when every task has failed. Without a first frame yet (a live source that
+        stops when every task has failed. Without a first frame yet (a live camera that
         failed) engines are built on the first frame instead.
         """
-        frame = self.capture.prime()
-        if frame is None:
-            return
+        firsts = [frame for frame in (c.capture.prime() for c in self.cameras)
+                  if frame is not None]
+        sizes = collections.Counter((frame.width, frame.height) for frame in firsts)
         for runner in self.runners:
             try:
-                runner.task.prepare(frame)
+                runner.task.plan(sizes)
+                for frame in firsts:
+                    if runner.task.serves(frame.camera):
+                        runner.task.prepare(frame)
             except Exception as e:
                 runner.fail(e, None)
 
@@ -268,42 +343,48 @@ class Pipeline:
             runner.start()
         if not self.runners:
             self.decoder.close()
-        self.capture.start()
+        for camera in self.cameras:
+            camera.capture.start()
 
     def stop(self):
         """Ask every thread to finish the frames in flight and end."""
         self.stop_event.set()
 
     def alive(self):
-        return self.capture.is_alive() or any(r.is_alive() for r in self.runners) or \
-            self.decoder.is_alive()
+        return any(c.capture.is_alive() for c in self.cameras) or \
+            any(r.is_alive() for r in self.runners) or self.decoder.is_alive()
 
     def wait(self, timeout=None):
         """Wait until capture and tasks are done (or timeout); True when they are."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # Joins, not polling: the run's end is seen the moment its last thread ends.
-        for thread in [self.capture] + self.runners + [self.decoder]:
+        threads = [c.capture for c in self.cameras] + self.runners + [self.decoder]
+        for thread in threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not self.alive()
 
     def join(self, timeout=5.0):
         """After stop(): give threads `timeout` seconds, then return what is still queued."""
-        if self.started is None:       # stopped while preparing: only the source is open
-            self.capture.abandon()
+        if self.started is None:       # stopped while preparing: only the sources are open
+            for camera in self.cameras:
+                camera.capture.abandon()
             return
-        self.capture.join(timeout)
-        self._close_handoffs()
+        for camera in self.cameras:
+            camera.capture.join(timeout)
+        for inbox in self.inboxes:
+            inbox.close()
         for runner in self.runners:
             runner.join(timeout)
         self.decoder.close()
         self.decoder.join(timeout)
-        for handoff in self.handoffs:
-            handoff.drain()
+        for inbox in self.inboxes:
+            inbox.drain()
 
     def error(self):
-        """The first error of the run (source or task), or None."""
-        if self.capture.error is not None:
-            return self.capture.error
+        """The first error of the run (a camera's or a task's), or None."""
+        for camera in self.cameras:
+            if camera.capture.error is not None:
+                return camera.capture.error
         for runner in self.runners:
             if runner.error is not None:
                 return runner.error

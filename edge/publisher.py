@@ -100,6 +100,11 @@ class Publisher(threading.Thread):
             self.accepted += 1
             self._cond.notify()
 
+    def topic(self, suffix):
+        """The full topic of a suffix under the device (`detections/front`) for `put`: a
+        topic without "/" is taken as one under the device, any other as it is."""
+        return self.link.topic(suffix) if self.link is not None else suffix
+
     def _trim(self, keep):
         """Drop the oldest messages until at most `keep` are held (call with the lock).
 

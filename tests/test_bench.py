@@ -18,7 +18,7 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
                             "--json", str(out_json), "--plot", str(plot), "--matcher",
                             "coarse-loftr", "--reference",
                             SHARED + "/data/middlebury-motorcycle/motorcycle_left.png",
-                            timeout=300)
+                            "--cameras", "2", "--live-seconds", "0.5", timeout=300)
     assert rc == 0, err[-3000:]
     r = json.loads(out_json.read_text())
     for key in ("raw_fps", "raw_model_fps", "pipeline_fps", "pipeline_images_fps", "peer_fps",
@@ -34,3 +34,19 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
     assert tracking["objects"] == 50 and tracking["tracks"] > 0 and tracking["ms"]["p50"] > 0
     assert "growth_bytes_per_frame" in tracking and "tracking" in out
     assert "pipeline/raw" in out and plot.stat().st_size > 1000
+    cameras = r["cameras"]         # issue 16's figures: several cameras in one daemon
+    assert cameras["cameras"] == 2 and cameras["alone_fps"] > 0
+    for key in ("together", "batched"):
+        assert cameras[key + "_fps"] > 0 and 0 < cameras[key + "_fairness"] <= 1
+        assert cameras[key + "_over_alone"] > 0
+        run = cameras["per_round"][-1][key]["cameras"]
+        assert sorted(run) == ["cam0", "cam1"] and all(c["frames"] > 0 for c in run.values())
+        live = cameras["live"][key]["cameras"]
+        assert all(c["frames"] > 0 for c in live.values())
+    assert cameras["batch_engine"] == ["yolox-nano-640x480-b2"]
+    raw = cameras["raw"]           # the engines alone: N frames one at a time against one batch
+    assert raw["one_at_a_time_ms"] > 0 and raw["batch_ms"] > 0 and raw["runs"] >= 3
+    assert raw["batch_speedup"] > 0 and "engines alone on 2 frames" in out
+    memory = cameras["memory"]
+    assert memory["one_daemon_mb"] > 50 and memory["separate_daemons_mb"] > 100
+    assert "2 cameras" in out and "slowest/fastest" in out

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, mosquitto_binary
 from tools.soak import delivery, read_jsonl, start_edge
+from tools.soak import wait_until as wait
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which(
     "mosquitto_passwd") or not mosquitto_binary(), reason="needs openssl and mosquitto")
@@ -129,15 +130,6 @@ class Central:
     def close(self):
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def wait(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture

@@ -195,8 +195,8 @@ def camera_copies(payloads, camera):
 
 
 def test_devices_cameras_labels_and_scores_filter(broker, publisher, messages):
-    """Devices by topic, cameras by the `camera` field, labels and a minimum score by
-    detection (the payload narrowed to them, still valid) and by event."""
+    """Devices by topic, cameras by topic (and the `camera` field), labels and a minimum
+    score by detection (the payload narrowed to them, still valid) and by event."""
     dets = messages["pan"]["detections"]
     events = messages["pan"]["events"]
     front, rear = camera_copies(dets[:3], "front"), camera_copies(dets[3:6], "rear")
@@ -216,8 +216,8 @@ def test_devices_cameras_labels_and_scores_filter(broker, publisher, messages):
             publisher.send("edge/clip/detections", payload)
         for payload in events:
             publisher.send("edge/clip/events", payload)
-        for payload in front + rear:
-            publisher.send("edge/multi/detections", payload)
+        for payload in front + rear:        # named cameras: detections/{camera}
+            publisher.send("edge/multi/detections/" + payload["camera"], payload)
         publisher.send("edge/other/status", status)
         got = {name: list(c.messages(timeout=1)) for name, c in clients.items()}
     finally:
@@ -252,7 +252,8 @@ def test_a_share_group_splits_one_stream(broker, publisher, messages, protocol):
     workers = [edge_client.Client(broker.url, devices=["clip"], share="workers",
                                   protocol=protocol).connect() for _ in range(2)]
     try:
-        assert workers[0].subscriptions == ["$share/workers/edge/clip/detections"]
+        assert workers[0].subscriptions == ["$share/workers/edge/clip/detections",
+                                           "$share/workers/edge/clip/detections/+"]
         for payload in payloads:
             publisher.send("edge/clip/detections", payload)
         got = [[m.seq for m in w.messages(timeout=1)] for w in workers]
@@ -378,7 +379,7 @@ def test_bad_arguments_are_config_errors_naming_them(kwargs, words):
 def test_one_name_is_a_list_of_one():
     client = edge_client.Client(devices="cam1", topics="events", cameras="front",
                                 labels="person")
-    assert client.subscriptions == ["edge/cam1/events"]
+    assert client.subscriptions == ["edge/cam1/events/front"]
     assert (client.cameras, client.labels) == (["front"], ["person"])
 
 
@@ -427,10 +428,16 @@ def test_a_robot_needs_only_paho_pyyaml_and_jsonschema(broker, publisher, messag
 
 
 def test_topics_are_built_in_one_place():
-    assert edge_client.subscriptions("edge") == ["edge/+/detections"]
-    assert edge_client.subscriptions("site/a", ["cam1", "cam2"], ["detections", "events"]) == [
-        "site/a/cam1/detections", "site/a/cam1/events", "site/a/cam2/detections",
-        "site/a/cam2/events"]
+    # a single unnamed source publishes on detections, named cameras on detections/{camera}
+    assert edge_client.subscriptions("edge") == ["edge/+/detections", "edge/+/detections/+"]
+    assert edge_client.subscriptions("site/a", ["cam1", "cam2"], ["detections", "status"]) == [
+        "site/a/cam1/detections", "site/a/cam1/detections/+", "site/a/cam1/status",
+        "site/a/cam2/detections", "site/a/cam2/detections/+", "site/a/cam2/status"]
+    assert edge_client.subscriptions("edge", ["r1"], ["events", "health"],
+                                     cameras=["front", "rear"]) == [
+        "edge/r1/events/front", "edge/r1/events/rear", "edge/r1/health"]
+    assert edge_client.subscriptions("edge", ["r1"], share="g") == [
+        "$share/g/edge/r1/detections", "$share/g/edge/r1/detections/+"]
 
 
 def test_bench_client_prints_its_figures():

@@ -50,7 +50,8 @@ def test_defaults_with_a_detector(monkeypatch, tmp_path):
                            "queue": 1000, "flush_timeout": 10.0, "protocol": "3.1.1", "username": None,
                            "password_file": None, "ca_file": None, "cert_file": None,
                            "key_file": None}
-    assert cfg["pipeline"] == {"pool": 6, "threads": 0}
+    assert cfg["pipeline"] == {"pool": 6, "threads": 0, "batch": "auto"}
+    assert cfg["sources"] is None          # one unnamed camera: `source`
     # the device id defaults to the host name, made safe for MQTT topics
     assert re.match(r"^[A-Za-z0-9_.-]+$", cfg["device_id"])
 
@@ -88,6 +89,7 @@ mqtt:
 pipeline:
   pool: 8
   threads: 2
+  batch: never
 """
 
 
@@ -107,7 +109,7 @@ def test_a_file_with_every_section(tmp_path):
                            "username": "cam-1", "password_file": "/etc/edge/mqtt-password",
                            "ca_file": "/etc/edge/ca.crt", "cert_file": "/etc/edge/cam-1.crt",
                            "key_file": "/etc/edge/cam-1.key"}
-    assert cfg["pipeline"] == {"pool": 8, "threads": 2}
+    assert cfg["pipeline"] == {"pool": 8, "threads": 2, "batch": "never"}
 
 
 def test_an_empty_file_is_the_defaults(tmp_path):

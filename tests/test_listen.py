@@ -212,7 +212,8 @@ def test_count_5_json_prints_5_valid_detections_messages(live):
         assert message["device"] == "cam1"
     first = messages[0]["seq"]
     assert [m["seq"] for m in messages] == list(range(first, first + 5))
-    assert "edge listen: subscribed to edge/+/detections on " + live.broker.url in err
+    assert "edge listen: subscribed to edge/+/detections edge/+/detections/+ on " + \
+        live.broker.url in err
 
 
 def test_health_as_json_validates(live):

@@ -2,7 +2,6 @@
 prometheus-client's own parser; every name the README lists is served, and its figures agree
 with the daemon's health report."""
 
-import json
 import os
 import re
 import signal
@@ -117,6 +116,50 @@ def test_a_running_daemon_serves_its_metrics(broker, subscriber, tmp_path, model
         proc.wait(30)
         log.close()
     assert proc.returncode == 0, open(str(tmp_path / "edge.log")).read()
+
+
+def test_named_cameras_have_their_own_series(broker, subscriber, tmp_path, model_dir):
+    """Two named cameras: source and task figures per camera, adding up to the health
+    report's totals taken after the scrape (counters only grow)."""
+    port = free_port()
+    sub = subscriber("edge/duo/health")
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        "health: {interval: 1}\npipeline: {threads: 1}\nsources:\n"
+        "  - {name: front, uri: 'test://?width=320&height=240&fps=8'}\n"
+        "  - {name: rear, uri: 'test://?width=160&height=120&fps=8'}\n")
+    log = open(str(tmp_path / "edge.log"), "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "-c", str(cfg), "--detector", "yolox-nano",
+         "--model-dir", model_dir, "--mqtt", broker.url, "--device-id", "duo",
+         "--state-dir", str(tmp_path / "state"), "--metrics-port", str(port)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert sub.wait_for(lambda s: any(
+            all(c["frames"] >= 3 for c in h.get("cameras", {"-": {"frames": 0}}).values())
+            for h in s.json("health")), 60), open(str(tmp_path / "edge.log")).read()
+        families = scrape(port)
+        seen = len(sub.json("health"))
+        assert sub.wait_for(lambda s: len(s.json("health")) > seen, 10)
+        after = sub.json("health")[-1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+    labels = {"device": "duo", "task": "detect", "model": "yolox-nano"}
+    frames = {s.labels["camera"]: s.value for s in samples(
+        families["edge_task_frames"], "edge_task_frames_total", **labels)}
+    assert set(frames) == {"front", "rear"} and all(v >= 1 for v in frames.values()), frames
+    assert sum(frames.values()) <= after["tasks"]["detect"]["frames"]
+    for name in ("edge_inference_seconds", "edge_frame_latency_seconds"):
+        for camera, count in frames.items():
+            counted = samples(families[name], name + "_count", camera=camera, **labels)
+            assert count <= counted[0].value <= count + 2     # read a moment later
+    captured = {s.labels["camera"]: s.value for s in samples(
+        families["edge_source_frames"], "edge_source_frames_total")}
+    assert set(captured) == {"front", "rear"}
+    for camera, value in captured.items():
+        assert 3 <= value <= after["cameras"][camera]["frames"]
 
 
 def test_a_taken_metrics_port_is_a_config_error(tmp_path, model_dir):

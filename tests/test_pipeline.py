@@ -48,7 +48,8 @@ def test_every_frame_is_decoded_once_in_order_and_every_slot_comes_back(tmp_path
     pipeline, messages = run([detector(maker, model_dir)], str(tmp_path / "o.jsonl"))
     assert [m["frame"]["index"] for m in messages] == list(range(FRAMES))
     assert [m["seq"] for m in messages] == list(range(1, FRAMES + 1))
-    assert pipeline.pool.free == len(pipeline.pool), "no slot is left behind"
+    pool = pipeline.cameras[0].pool
+    assert pool.free == len(pool), "no slot is left behind"
     assert not pipeline.alive() and pipeline.error() is None
 
 
@@ -83,7 +84,7 @@ def test_max_frames_publishes_exactly_that_many(tmp_path, maker, model_dir):
     pipeline, messages = run([detector(maker, model_dir)], str(tmp_path / "o.jsonl"),
                              frames=200, max_frames=7)
     assert [m["frame"]["index"] for m in messages] == list(range(7))
-    assert pipeline.pool.free == len(pipeline.pool)
+    assert pipeline.cameras[0].pool.free == len(pipeline.cameras[0].pool)
 
 
 @pytest.mark.parametrize("error", [ModelError("engine x: damaged"), ZeroDivisionError("bug")])
@@ -108,4 +109,4 @@ def test_a_task_failing_in_decode_stops_alone_and_returns_its_slots(tmp_path, ma
     assert devices.count("bad") == 4, "nothing from the failed task after its failure"
     assert pipeline.runners[1].error is error and pipeline.error() is error
     assert pipeline.runners[0].error is None
-    assert pipeline.pool.free == len(pipeline.pool)
+    assert pipeline.cameras[0].pool.free == len(pipeline.cameras[0].pool)

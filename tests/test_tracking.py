@@ -16,7 +16,7 @@ import pytest
 from edge import cards, config, schemas, validate
 from edge.errors import EXIT_CONFIG, ConfigError
 from edge.frames import Frame
-from edge.tracking import CameraTracking, mot
+from edge.tracking import CameraTracking
 from edge.tracking.tracker import Tracker, assign, iou_matrix
 from tests.conftest import ROOT, run_edge
 
@@ -108,7 +108,7 @@ def test_a_single_false_positive_never_gets_an_id_and_ids_are_per_class():
 
 
 def test_a_box_of_another_class_never_continues_a_track():
-    tracking = CameraTracking(settings(), CARD, "cam1", camera="other class")
+    tracking = CameraTracking(settings(), CARD, "cam1", camera="other-class")
     ids, events = walk(tracking, lambda i: rows(person(100 + i, cls=PERSON if i < 5 else CAR)),
                        10)
     assert ids[4][0] > 0 and ids[6][0] > 0 and ids[6][0] != ids[4][0]

@@ -204,12 +204,17 @@ class PersistentSubscriber:
             return sum(1 for t, _, _, _, _ in self.messages if t.endswith("/" + suffix))
 
     def wait_for(self, predicate, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.05)
-        return predicate()
+        return wait_until(predicate, timeout)
+
+
+def wait_until(predicate, timeout):
+    """Whether `predicate()` came true within `timeout` s (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 def read_jsonl(path):

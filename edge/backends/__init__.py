@@ -32,6 +32,9 @@ class Engine:
 
     inputs = ()
     outputs = ()
+    # Engines with a batch dimension (several cameras' frames in one run) take up to `batch`
+    # frames through bind_batch/infer_batch instead of bind/infer; None: one frame per run.
+    batch = None
 
     def bind(self, frame, extra=None):
         """A binding of the slot's image (and fixed inputs by name in `extra`) to outputs."""
@@ -43,6 +46,16 @@ class Engine:
 
     def infer(self, binding):
         """Run the graph on a binding; its `outputs` hold the results afterwards."""
+        raise NotImplementedError
+
+    def bind_batch(self):
+        """A batch binding: the engine's own input buffer for `batch` frames and output
+        arrays with the batch first (`binding.outputs`), made once."""
+        raise NotImplementedError
+
+    def infer_batch(self, binding, frames):
+        """Run the graph on up to `batch` frames, copied into the binding's input in order;
+        row i of each of `binding.outputs` holds frame i's results afterwards."""
         raise NotImplementedError
 
     def close(self):
@@ -63,6 +76,9 @@ class Backend:
     # The build child may cap its own address space (RLIMIT_AS); CUDA reserves far more
     # virtual memory than it uses, so GPU backends rely on the parent's RSS + swap watch.
     limit_address_space = True
+    # Whether running several cameras' frames as one batch is faster than one by one here:
+    # what `pipeline.batch: auto` follows (edge bench --cameras measures both).
+    batches = False
 
     @classmethod
     def available(cls):
@@ -73,8 +89,9 @@ class Backend:
         """Everything about this backend and device that invalidates a built artefact."""
         return {"backend": self.name}
 
-    def build_options(self, card):
-        """Options passed to `build` in the child (precision, workspace, ...): part of the key."""
+    def build_options(self, card, batch=None):
+        """Options passed to `build` in the child (precision, workspace, the most frames of a
+        batch, ...): part of the key."""
         return {"precision": card.precision}
 
     @classmethod
@@ -86,16 +103,17 @@ class Backend:
         """
         raise NotImplementedError
 
-    def load(self, path, label, background=False):
+    def load(self, path, label, background=False, batch=None):
         """An Engine from a built artefact; ModelError when the file is unusable (rebuilt).
 
         `background`: the engine of a task that runs at its own rate beside the every-frame
         one (matching beside detection); a backend may give it fewer resources so that it
-        does not slow the every-frame task down (ONNX Runtime: one thread).
+        does not slow the every-frame task down (ONNX Runtime: one thread). `batch`: the
+        most frames one run takes, for a graph with a batch dimension (edge.graph).
         """
         raise NotImplementedError
 
-    def load_uncached(self, model, label, background=False):
+    def load_uncached(self, model, label, background=False, batch=None):
         """An Engine straight from the rewritten graph (an onnx.ModelProto), without a built
         artefact, for when the engine cache cannot be written; None when this backend needs
         its build (TensorRT: minutes, in the build child under the memory budget)."""

@@ -157,15 +157,16 @@ def one_build_at_a_time(folder, state):
 
 
 def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None,
-           reserve=DEFAULT_RESERVE, recipe=None):
+           reserve=DEFAULT_RESERVE, recipe=None, batch=None):
     """The cached artefact for a rewritten model, building it in a child when needed.
 
     `model`: the rewritten onnx.ModelProto, or a callable that makes it. With a `recipe`
     (what the model is made from, edge.tasks.recipe) an artefact recorded under it is found
-    without calling `model` (see edge.backends.cache, Recipes).
+    without calling `model` (see edge.backends.cache, Recipes). `batch`: the most frames of a
+    run, for a graph with a batch dimension.
     """
     fingerprint = backend.fingerprint()
-    options = backend.build_options(card)
+    options = backend.build_options(card, batch) if batch else backend.build_options(card)
     noted = {}
     if recipe is not None:
         noted = {"recipe_key": recipe_key(recipe, fingerprint, options),
@@ -348,16 +349,19 @@ class EngineMaker:
     def allocate(self, shape, dtype):
         return self.backend.allocate(shape, dtype)
 
-    def make(self, model, card, label, background=False, recipe=None):
+    def make(self, model, card, label, background=False, recipe=None, batch=None):
         """A loaded Engine for a rewritten model (or a callable making it, with the `recipe`
-        it is made from: see `ensure`); rebuilds once when the artefact won't load."""
+        it is made from: see `ensure`); rebuilds once when the artefact won't load.
+        `batch`: the most frames one run takes (a graph with a batch dimension), else None.
+        """
         from edge.errors import ModelError
+        batched = {"batch": batch} if batch else {}
         try:
-            path = self._ensure(model, card, label, recipe)
+            path = self._ensure(model, card, label, recipe, batch)
         except CacheUnwritable as e:
             if callable(model):
                 model = model()
-            engine = self.backend.load_uncached(model, label, background) \
+            engine = self.backend.load_uncached(model, label, background, **batched) \
                 if self.allow_uncached else None
             if engine is None:
                 raise
@@ -367,12 +371,12 @@ class EngineMaker:
                 STATES[label].update(state="ready", phase="uncached", progress=1.0, error=None)
             return engine
         try:
-            engine = self.backend.load(path, label, background)
+            engine = self.backend.load(path, label, background, **batched)
         except ModelError as e:
             logger.warning("%s; rebuilding it", e)
             self.cache.remove(path)
-            path = self._ensure(model, card, label, recipe)
-            engine = self.backend.load(path, label, background)
+            path = self._ensure(model, card, label, recipe, batch)
+            engine = self.backend.load(path, label, background, **batched)
         self.cache.hold(path, engine)      # never evicted while it runs
         return engine
 
@@ -381,9 +385,9 @@ class EngineMaker:
         read and checked against its card before)."""
         return self.cache.find("card_key", card_key) is not None
 
-    def _ensure(self, model, card, label, recipe=None):
+    def _ensure(self, model, card, label, recipe=None, batch=None):
         return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,
-                      reserve=self.reserve, recipe=recipe)
+                      reserve=self.reserve, recipe=recipe, batch=batch)
 
 
 def _tail(path, limit=300):

@@ -25,14 +25,51 @@ class Binding:
         self.fixed = fixed          # fixed input arrays, kept alive while ONNX Runtime reads them
 
 
+class BatchBinding:
+    """The engine's own input for a batch of frames and outputs with the batch first; one
+    IO binding per batch size, made on first use (views of the same arrays)."""
+
+    __slots__ = ("images", "outputs", "runs", "views")
+
+    def __init__(self, images, outputs):
+        self.images = images        # (B, H, W, 3): each frame is copied into its row
+        self.outputs = outputs      # name -> (B, ...) array, rows [:b] written by a run of b
+        self.runs = {}              # b -> IO binding of rows [:b]
+        self.views = []             # the row views bound, alive while ONNX Runtime reads them
+
+
 class OrtEngine(Engine):
     """An InferenceSession whose inputs and outputs are bound once per slot."""
 
-    def __init__(self, session, label):
+    def __init__(self, session, label, batch=None):
         self.session = session
         self.label = label
+        self.batch = batch
         self.inputs = [(i.name, i.shape, _NUMPY[i.type]) for i in session.get_inputs()]
         self.outputs = [(o.name, o.shape, _NUMPY[o.type]) for o in session.get_outputs()]
+
+    def bind_batch(self):
+        name, shape, dtype = self.inputs[0]
+        images = np.zeros((self.batch,) + tuple(shape[1:]), dtype)
+        outputs = {name: np.empty((self.batch,) + tuple(shape[1:]), dtype)
+                   for name, shape, dtype in self.outputs}
+        return BatchBinding(images, outputs)
+
+    def infer_batch(self, binding, frames):
+        count = len(frames)
+        for row, frame in enumerate(frames):
+            np.copyto(binding.images[row], frame.image, casting="unsafe")
+        io = binding.runs.get(count)
+        if io is None:
+            io = binding.runs[count] = self.session.io_binding()
+            images = binding.images[:count]
+            io.bind_cpu_input(self.inputs[0][0], images)
+            binding.views.append(images)
+            for name, _, dtype in self.outputs:
+                rows = binding.outputs[name][:count]
+                io.bind_output(name, "cpu", 0, dtype, list(rows.shape), rows.ctypes.data)
+                binding.views.append(rows)
+        self.session.run_with_iobinding(io)
 
     def bind(self, frame, extra=None):
         io = self.session.io_binding()
@@ -84,9 +121,14 @@ class OrtBackend(Backend):
         return {"backend": self.name, "onnxruntime": self.ort.__version__,
                 "machine": platform.machine(), "cpu": _cpu_model()}
 
-    def build_options(self, card):
-        # The CPU runs FP32 whatever the card asks of the GPU.
-        return {"precision": "fp32", "optimization": "all"}
+    def build_options(self, card, batch=None):
+        # The CPU runs FP32 whatever the card asks of the GPU. A batched graph's batch is
+        # dynamic, so its size changes nothing here; that it is batched is said all the
+        # same, so that no lookup ever takes a one-frame artefact for a batched one.
+        options = {"precision": "fp32", "optimization": "all"}
+        if batch:
+            options["batched"] = True
+        return options
 
     @classmethod
     def build(cls, onnx_path, out_path, options, progress):
@@ -97,7 +139,7 @@ class OrtBackend(Backend):
         onnxruntime.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
         progress("done", 1.0)
 
-    def load(self, path, label, background=False):
+    def load(self, path, label, background=False, batch=None):
         # A background engine on one thread: on two cores, a matcher on both slowed detection
         # by 12% at 1 Hz, on one by 10% (edge bench, docs in README "Performance").
         options = _session_options(self.ort, 1 if background else self.threads)
@@ -108,9 +150,9 @@ class OrtBackend(Backend):
         except Exception as e:  # ORT raises its own exception types for bad graphs
             raise ModelError("{}: ONNX Runtime cannot load {}: {}".format(
                 label, path, str(e).splitlines()[0][:300]))
-        return OrtEngine(session, label)
+        return OrtEngine(session, label, batch)
 
-    def load_uncached(self, model, label, background=False):
+    def load_uncached(self, model, label, background=False, batch=None):
         # Optimised in this process, in memory: what the build child would have cached.
         options = _session_options(self.ort, 1 if background else self.threads)
         try:
@@ -119,7 +161,7 @@ class OrtBackend(Backend):
         except Exception as e:  # ORT raises its own exception types for bad graphs
             raise ModelError("{}: ONNX Runtime cannot load the rewritten model: {}".format(
                 label, str(e).splitlines()[0][:300]))
-        return OrtEngine(session, label)
+        return OrtEngine(session, label, batch)
 
     def describe(self):
         return {"backend": self.name, "onnxruntime": self.ort.__version__, "device": "cpu"}

@@ -19,6 +19,10 @@ the engine's stream. Where the CPU itself reads the frame (TensorRT < 8.5 takes 
 the host casts each frame to float32), the frame stays in ordinary, cached memory and only the
 float32 copy is pinned: a Nano's CPU does not cache pinned memory (cc 5.3 is not I/O coherent).
 
+Batches: an engine built from a batched graph (edge.graph) has a dynamic first dimension
+and an optimisation profile of 1..max_batch frames; several cameras' frames are copied into
+its input and run at once (`bind_batch`, `infer_batch`), the batch's shape set per run.
+
 Nothing in this module has run on a GPU yet: see docs/tensorrt.md for what was checked
 against which documentation and what is UNCONFIRMED.
 """
@@ -256,6 +260,20 @@ def _check_opset(onnx_path, version_string):
                                                   version_string, limit, limit, limit))
 
 
+def _add_batch_profile(builder, network, config, batch):
+    """The optimisation profile of a batched graph: every input with a dynamic first
+    dimension takes 1 to `batch` frames, tuned for `batch` (all cameras at once). The same
+    calls from 8.2 to 10.x; without a profile a dynamic input fails the build."""
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(tensor.shape)
+        if shape and shape[0] == -1:
+            rest = shape[1:]
+            profile.set_shape(tensor.name, (1,) + rest, (batch,) + rest, (batch,) + rest)
+    config.add_optimization_profile(profile)
+
+
 def _attach_timing_cache(config, path):
     """Load the timing cache at path into the builder config, or start an empty one."""
     cache = None
@@ -311,14 +329,33 @@ class TrtBinding:
         self.owned = []            # device allocations freed when the engine closes
 
 
+class TrtBatchBinding:
+    """The input of a batched engine (its own buffer of `batch` frames, each copied into its
+    row) and its outputs with the batch first, rows [:b] written by a run of b frames."""
+
+    __slots__ = ("outputs", "addresses", "pointers", "staging", "input_device", "row_bytes",
+                 "downloads", "owned")
+
+    def __init__(self):
+        self.outputs = {}          # name -> (batch, ...) array written by every inference
+        self.addresses = {}        # tensor name -> device address bound for it
+        self.pointers = []         # device addresses in binding-index order (TensorRT < 8.5)
+        self.staging = None        # TensorRT < 8.5: float32 (batch, H, W, 3) the host casts into
+        self.input_device = None   # device buffer of the frames, where the GPU does not map them
+        self.row_bytes = 0         # bytes of one frame in the input buffer
+        self.downloads = []        # (host array, device allocation) copied out per run
+        self.owned = []            # device allocations freed when the engine closes
+
+
 class TrtEngine(Engine):
     """A deserialized engine with one execution context and one stream."""
 
-    def __init__(self, backend, engine, label):
+    def __init__(self, backend, engine, label, batch=None):
         from edge.nodes import FRAME_INPUT
         trt, cuda = backend.trt, backend.cuda
         self.backend = backend
         self.label = label
+        self.batch = batch         # an engine with a batch dimension: at most this many frames
         self.api = backend.api
         self.engine = engine
         self.context = engine.create_execution_context()
@@ -342,10 +379,16 @@ class TrtEngine(Engine):
                              "from the rewritten graph".format(label, FRAME_INPUT))
         self.inputs = frame + [t for t in inputs if t[0] != FRAME_INPUT]
         for name, shape, _ in self.inputs + self.outputs:
-            if any(d < 0 for d in shape):
-                raise ModelError("{}: tensor {!r} has a dynamic shape {}; edge builds static "
-                                 "engines, delete this one so that it is rebuilt"
-                                 .format(label, name, shape))
+            # Static, but for the first dimension of a batched engine (its profile's range).
+            fixed = shape[1:] if batch and shape and shape[0] == -1 else shape
+            if any(d < 0 for d in fixed) or (batch and (not shape or shape[0] != -1)):
+                raise ModelError("{}: tensor {!r} has the shape {}, not what edge builds {}; "
+                                 "delete this engine so that it is rebuilt".format(
+                                     label, name, shape, "(a dynamic batch first)" if batch
+                                     else "(static)"))
+        if batch and len(self.inputs) > 1:
+            raise ModelError("{}: a batched engine takes frames only; delete it so that it is "
+                             "rebuilt".format(label))
 
     def _io_tensors(self, trt, engine):
         """[(name, shape, numpy dtype, is_input)] in the engine's binding order."""
@@ -407,10 +450,24 @@ class TrtEngine(Engine):
                 cuda.memcpy_htod_async(device, host, self.stream)
                 address = int(device)
             binding.addresses[name] = address
+        self._bind_outputs(binding)
+        name, shape, dtype = self.inputs[0]
+        if dtype != np.uint8:
+            # The documented exception (TensorRT < 8.5 has no UINT8): infer casts the frame on
+            # the host into this preallocated float32 buffer, which TensorRT then reads.
+            binding.staging = backend._allocate(shape, dtype)
+        self._point_frame(binding, frame)
+        return binding
+
+    def _bind_outputs(self, binding, batch=None):
+        """The binding's output arrays (`batch` rows first for a batched engine), mapped on a
+        Jetson, else with a device buffer each copied out per run."""
+        backend, cuda = self.backend, self.backend.cuda
         for name, shape, dtype in self.outputs:
             # Nano (cc 5.3) is not I/O coherent: mapped memory is uncached for the CPU, so the
             # graph reduces its outputs (top-k boxes, mutual matches) before they land here.
-            host = backend._allocate(shape, dtype)
+            host = backend._allocate(shape if batch is None else (batch,) + tuple(shape[1:]),
+                                     dtype)
             binding.outputs[name] = host
             address = backend.mapped_pointer(host)
             if address is None:
@@ -419,13 +476,6 @@ class TrtEngine(Engine):
                 binding.downloads.append((host, device))
                 address = int(device)
             binding.addresses[name] = address
-        name, shape, dtype = self.inputs[0]
-        if dtype != np.uint8:
-            # The documented exception (TensorRT < 8.5 has no UINT8): infer casts the frame on
-            # the host into this preallocated float32 buffer, which TensorRT then reads.
-            binding.staging = backend._allocate(shape, dtype)
-        self._point_frame(binding, frame)
-        return binding
 
     def _point_frame(self, binding, frame):
         """Bind the slot's image: its own mapped address when it has one, else a device copy."""
@@ -453,6 +503,98 @@ class TrtEngine(Engine):
         self._check_open()
         with self.backend.context:
             self._point_frame(binding, frame)
+
+    # Batches: several cameras' frames in one run of an engine with a dynamic first
+    # dimension (built with an optimisation profile of 1..batch frames, TrtBackend.build).
+
+    def bind_batch(self):
+        self._check_open()
+        with self.backend.context:
+            binding = self._bind_batch()
+        self._bindings.append(binding)
+        return binding
+
+    def _bind_batch(self):
+        backend, cuda = self.backend, self.backend.cuda
+        binding = TrtBatchBinding()
+        name, shape, dtype = self.inputs[0]
+        frames = (self.batch,) + tuple(shape[1:])
+        binding.row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        address = None
+        if dtype != np.uint8:
+            # TensorRT < 8.5 (no UINT8): the host casts each frame into its row of a float32
+            # batch, mapped on a Jetson, as for single frames.
+            binding.staging = backend._allocate(frames, dtype)
+            address = backend.mapped_pointer(binding.staging)
+        if address is None:
+            # uint8 frames: one device buffer, each frame copied into its row on the GPU (from
+            # its mapped address on a Jetson, so the CPU never reads it); and the float32
+            # batch of a discrete GPU.
+            binding.input_device = cuda.mem_alloc(int(np.prod(frames)) *
+                                                  np.dtype(dtype).itemsize)
+            binding.owned.append(binding.input_device)
+            address = int(binding.input_device)
+        binding.addresses[name] = address
+        self._bind_outputs(binding, self.batch)
+        binding.pointers = [binding.addresses[n] for n in self.order]
+        return binding
+
+    def infer_batch(self, binding, frames):
+        self._check_open()
+        cuda = self.backend.cuda
+        name, shape, _ = self.inputs[0]
+        count = len(frames)
+        if not 0 < count <= self.batch:
+            raise ValueError("{}: {} frames; the engine takes 1 to {}".format(
+                self.label, count, self.batch))
+        with self._lock, self.backend.context:
+            for row, frame in enumerate(frames):
+                self._copy_row(binding, row, frame, shape)
+            if binding.staging is not None and binding.input_device is not None:
+                cuda.memcpy_htod_async(binding.input_device, binding.staging[:count],
+                                       self.stream)
+            dims = (count,) + tuple(shape[1:])
+            if self.api == "bindings":
+                # TensorRT 8.2-8.4: the context's binding dimensions, then pointers by index.
+                if not self.context.set_binding_shape(self.order.index(name), dims):
+                    raise RuntimeError("{}: TensorRT refused a batch of {} frames".format(
+                        self.label, count))
+                ok = self.context.execute_async_v2(binding.pointers, self.stream.handle)
+            else:
+                # TensorRT 8.5+/10.x: the input's shape by name, addresses by name.
+                if not self.context.set_input_shape(name, dims):
+                    raise RuntimeError("{}: TensorRT refused a batch of {} frames".format(
+                        self.label, count))
+                for tensor in self.order:
+                    self.context.set_tensor_address(tensor, binding.addresses[tensor])
+                ok = self.context.execute_async_v3(self.stream.handle)
+            if not ok:
+                raise RuntimeError("{}: TensorRT could not enqueue the inference ({})".format(
+                    self.label, _trt_logger(self.backend.trt).last_error or "see the log"))
+            for host, device in binding.downloads:
+                cuda.memcpy_dtoh_async(host[:count], device, self.stream)
+            self.stream.synchronize()
+
+    def _copy_row(self, binding, row, frame, shape):
+        """Frame `row` of a batch into the engine's input (the context is current)."""
+        backend, cuda = self.backend, self.backend.cuda
+        image = frame.image
+        if image.shape != tuple(shape[1:]):
+            raise ValueError("{}: frame is {}, the engine was built for {}".format(
+                self.label, image.shape, tuple(shape[1:])))
+        if binding.staging is not None:
+            np.copyto(binding.staging[row], image, casting="unsafe")
+            return
+        target = int(binding.input_device) + row * binding.row_bytes
+        source = backend.mapped_pointer(image)
+        if source is not None:
+            # Jetson: the copy engine reads the mapped frame; the CPU touches nothing.
+            cuda.memcpy_dtod_async(target, source, binding.row_bytes, self.stream)
+        elif backend.is_pinned(image):
+            cuda.memcpy_htod_async(target, image, self.stream)
+        else:
+            # Pageable memory cannot be copied asynchronously (see _point_frame).
+            cuda.memcpy_htod(target, image)
 
     def infer(self, binding):
         self._check_open()
@@ -493,7 +635,8 @@ class TrtEngine(Engine):
                 for device in binding.owned:
                     device.free()
                 binding.owned = []
-                binding.uploads = []
+                if isinstance(binding, TrtBinding):
+                    binding.uploads = []
                 binding.downloads = []
             self._bindings = []
             # Destroyed here, with the context current: the execution context before the engine.
@@ -508,6 +651,9 @@ class TrtBackend(Backend):
 
     name = "trt"
     suffix = ".engine"
+    # Several cameras' frames in one run: one launch of every layer for all of them, which is
+    # what DeepStream's nvstreammux batching exploits (UNCONFIRMED on a Nano: docs/tensorrt.md).
+    batches = True
     # CUDA reserves far more virtual address space than it uses, so the build child cannot run
     # under RLIMIT_AS (edge.backends.build); the parent's resident-memory watch still applies.
     limit_address_space = False
@@ -580,8 +726,11 @@ class TrtBackend(Backend):
                 "compute_capability": "{}.{}".format(major, minor), "l4t": l4t_release(),
                 "workspace_mb": self.workspace_mb}
 
-    def build_options(self, card):
-        return {"precision": card.precision, "workspace_mb": self.workspace_mb}
+    def build_options(self, card, batch=None):
+        options = {"precision": card.precision, "workspace_mb": self.workspace_mb}
+        if batch:
+            options["max_batch"] = int(batch)    # the optimisation profile: 1..max_batch frames
+        return options
 
     def describe(self):
         info = dict(self.fingerprint())
@@ -632,6 +781,9 @@ class TrtBackend(Backend):
                 logger.warning("%s: this GPU has no fast FP16; building an FP32 engine",
                                os.path.basename(onnx_path))
 
+        if options.get("max_batch"):
+            _add_batch_profile(builder, network, config, int(options["max_batch"]))
+
         cache_path = timing_cache_path(out_path, version_string)
         _attach_timing_cache(config, cache_path)
         # A refused cache is reported through the logger as an error ("A failure will be
@@ -653,7 +805,7 @@ class TrtBackend(Backend):
         _save_timing_cache(config, cache_path)
         atomic_write(out_path, serialized)
 
-    def load(self, path, label, background=False):
+    def load(self, path, label, background=False, batch=None):
         # `background` changes nothing here: the GPU serialises the engines' kernels anyway.
         try:
             with open(path, "rb") as f:
@@ -676,7 +828,7 @@ class TrtBackend(Backend):
                 raise ModelError("{}: engine file {} could not be deserialized (built by another "
                                  "TensorRT version or corrupt); it will be rebuilt".format(
                                      label, path))
-            return TrtEngine(self, engine, label)
+            return TrtEngine(self, engine, label, batch)
 
     # Frames and outputs ------------------------------------------------------------------
 

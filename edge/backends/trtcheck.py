@@ -209,9 +209,13 @@ def _resize_problems(node, constants):
     if coordinates.decode() not in _RESIZE_COORDINATES:
         found.append("{}: coordinate_transformation_mode {} (supported: {})".format(
             _name(node), coordinates.decode(), ", ".join(_RESIZE_COORDINATES)))
-    sizing = [name for name in node.input[2:4] if name]
-    if sizing and not any(name in constants for name in sizing):
-        found.append("{}: scales or sizes must be an initializer".format(_name(node)))
+    # Opset 11+: with a fourth input the 8.2 importer passes `sizes` to the layer as a tensor
+    # (IResizeLayer::setInput(1)), so it may be computed (a batched graph's [batch, 3, h, w]);
+    # without one it reads `scales` as weights ("Resize scales must be an initializer!").
+    sizes = node.input[3] if len(node.input) > 3 else ""
+    scales = node.input[2] if len(node.input) > 2 else ""
+    if not sizes and scales and scales not in constants:
+        found.append("{}: scales must be an initializer".format(_name(node)))
     return found
 
 

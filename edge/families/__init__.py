@@ -1,8 +1,10 @@
 """Model families: how a model's graph is fed and what its outputs become.
 
 A family is a small module that registers a class with `register`. The class says which
-task it serves, adds the family's nodes (built with edge.nodes) when `edge.graph.rewrite` fuses the card into the
-model (`graph_inputs`, `graph_outputs`), and nothing outside the family asks which it is.
+task it serves, adds the family's nodes (built with edge.nodes) when `edge.graph.rewrite`
+fuses the card into the model (`graph_inputs`, `graph_outputs`), and says whether those have a
+batched form (`batches`: several cameras' frames in one run); nothing outside the family asks
+which it is.
 """
 
 _FAMILIES = {}

@@ -37,6 +37,7 @@ class LoftrCoarse:
 
     name = "loftr-coarse"
     task = "match"
+    batches = False      # one frame and one reference per run (matching runs at 1 Hz)
 
     def graph_inputs(self, g, card, geometry, net_inputs, network_input):
         if len(net_inputs) != 2:

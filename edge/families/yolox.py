@@ -30,10 +30,11 @@ class Yolox(YoloFamily):
 
     def decode_boxes(self, g, card, boxes, index):
         cells, strides = grid(*card.input_size)
-        # (N, 3) cell x, cell y, stride: the picked anchors' rows, as (1, K, 3)
+        # (N, 3) cell x, cell y, stride: the picked anchors' rows, as (B, K, 3)
         table = g.const(np.concatenate([cells, strides], axis=1), hint="anchors")
-        anchors = g.unsqueeze(g.op("Gather", [table, index], "picked_anchors", axis=0), [0],
-                              "anchors_batch")
+        anchors = g.op("Gather", [table, index], "picked_anchors", axis=0)
+        if not g.batched:                   # index (K,): (K, 3) -> (1, K, 3)
+            anchors = g.unsqueeze(anchors, [0], "anchors_batch")
         stride = g.slice(anchors, 2, 3, 2)
         centre = g.op("Mul", [g.op("Add", [g.slice(boxes, 0, 2, 2), g.slice(anchors, 0, 2, 2)]),
                               stride], "centre")

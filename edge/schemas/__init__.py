@@ -38,6 +38,9 @@ _FIXED = {"status": "status", "detections": "detections", "matches": "matches",
           "health": "health", "events": "events", "depth": "depth"}
 # topics {prefix}/{device_id}/{level}/{name or id} -> kind
 _NAMED = {"cmd": "command", "reply": "reply", "snapshot": "snapshot"}
+# results of a named camera: {prefix}/{device_id}/{kind}/{camera}
+_PER_CAMERA = {"detections": "detections", "matches": "matches", "events": "events",
+               "depth": "depth"}
 HEALTH_CLIENT_LEVEL = "_health"     # `edge health` replies: {prefix}/_health/{session}/{device}
 JPEG_START = b"\xff\xd8\xff"
 
@@ -101,8 +104,9 @@ def schema(name):
 def kind_of_topic(topic, prefix="edge"):
     """The kind of message on a concrete topic, or None for a topic not of this API.
 
-    `edge/cam1/detections` -> "detections", `edge/cam1/cmd/ping` -> "command",
-    `edge/cam1/reply/42` -> "reply", `edge/cam1/snapshot/42` -> "snapshot". A reply sent to
+    `edge/cam1/detections` -> "detections", `edge/cam1/detections/front` -> "detections"
+    (camera `front`), `edge/cam1/cmd/ping` -> "command", `edge/cam1/reply/42` -> "reply",
+    `edge/cam1/snapshot/42` -> "snapshot". A reply sent to
     a request's own `reply_to` topic cannot be told from its topic (None), except the ones
     `edge health` asks for (`{prefix}/_health/{session}/{device}`).
     """
@@ -117,7 +121,7 @@ def kind_of_topic(topic, prefix="edge"):
     if len(levels) == 2:
         return _FIXED.get(levels[1])
     if len(levels) == 3:
-        return _NAMED.get(levels[1])
+        return _NAMED.get(levels[1]) or _PER_CAMERA.get(levels[1])
     return None
 
 

@@ -3,8 +3,14 @@
 A task owns its engines (one per frame size: the rewritten graph is specialised to the size
 of the frames it reads), binds each frame slot once, and turns the outputs into a message.
 It works in two steps so that decoding one frame overlaps the inference of the next:
-`infer_frame` runs the engines (the task's thread) and `decode` builds the messages from
+`infer_frames` runs the engines (the task's thread) and `decode` builds the messages from
 the outputs bound to the slot (the pipeline's decode thread), before the slot is reused.
+
+Cameras share a task and its engines: one engine per frame size serves every camera of that
+size. A task that batches (`batching`) runs the frames several cameras delivered together as
+one batch through an engine with a batch dimension, built for as many frames as there are
+cameras of that size; per-camera state (sequence numbers, newest messages, trackers) is
+keyed by camera name.
 """
 
 import collections
@@ -13,6 +19,8 @@ import json
 import logging
 import os
 import time
+
+import numpy as np
 
 from edge import models
 from edge.stats import TaskStats
@@ -93,12 +101,28 @@ class _Lazy:
         return self.value
 
 
-def engine_label(card_name, width, height, reference_size=None):
-    """The name of a card's engine for frames (and a reference) of a size: logs, files."""
+def engine_label(card_name, width, height, reference_size=None, batch=None):
+    """The name of a card's engine for frames (and a reference) of a size, and for batches of
+    up to `batch` frames: logs, files."""
     label = "{}-{}x{}".format(card_name, width, height)
     if reference_size:
         label += "-ref{}x{}".format(*reference_size)
+    if batch:
+        label += "-b{}".format(batch)
     return label
+
+
+class Unbatched:
+    """A slot's own copy of its rows of a batch's outputs (`outputs`, as a binding's): the
+    batch's buffers are the next batch's, while decoding reads this frame's after it."""
+
+    __slots__ = ("outputs",)
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+
+_UNKNOWN = object()
 
 
 class Task:
@@ -108,16 +132,28 @@ class Task:
     topic = None
     background = False   # runs at its own rate beside the every-frame task (Backend.load)
 
-    def __init__(self, card, engines, model):
+    def __init__(self, card, engines, model, batching=False):
         self.card = card
         self.maker = engines   # EngineMaker: cache, build child, backend
         self._model = model if isinstance(model, _Lazy) else _Lazy(None, model)
         self.card_key = None         # set by `create`: engines are then found by recipe
-        self.engines = collections.OrderedDict()   # (width, height) -> Engine, LRU
-        self.seq = 0
+        self.engines = collections.OrderedDict()   # (width, height, ref) -> Engine, LRU
+        self.seqs = {}               # camera name -> sequence number of its newest message
         self.frames = 0              # frames decoded into messages
         self.stats = TaskStats()
-        self.last_message = None     # the newest message, for snapshots
+        self.camera_stats = {}       # camera name -> TaskStats of its frames (metrics)
+        self.last_messages = {}      # camera name -> its newest message, for snapshots
+        self.batching = batching     # several cameras' frames in one run, where possible
+        self.sizes = {}              # (width, height) -> cameras delivering that size
+        self._batch_problem = _UNKNOWN
+        self._batches = {}           # engine key -> (engine, its batch binding)
+
+    def stats_for(self, camera):
+        """The figures of one camera's frames in this task (made at its first frame)."""
+        stats = self.camera_stats.get(camera)
+        if stats is None:
+            stats = self.camera_stats[camera] = TaskStats()
+        return stats
 
     @property
     def model(self):
@@ -129,7 +165,31 @@ class Task:
         return [self._label(*key) for key in self.engines]
 
     def _label(self, width, height, reference_size):
-        return engine_label(self.card.name, width, height, reference_size)
+        batch = None if reference_size else self.batch_for(width, height)
+        return engine_label(self.card.name, width, height, reference_size, batch)
+
+    def plan(self, sizes):
+        """How many cameras deliver each frame size ({(width, height): count}), before the
+        engines are made: a batching task builds its engines for that many frames."""
+        self.sizes = dict(sizes)
+
+    def batch_for(self, width, height):
+        """The most frames one run of the engine for this size takes: the cameras of that
+        size where the task batches and its model can (at least 2), else None."""
+        count = self.sizes.get((width, height), 0)
+        if not self.batching or count < 2:
+            return None
+        if self._batch_problem is _UNKNOWN:
+            from edge import graph          # onnx: reads the model (see the footprint notes)
+            self._batch_problem = graph.batch_problem(self.model, self.card)
+            if self._batch_problem:
+                logger.warning("%s runs one frame at a time: %s (a model exported with a "
+                               "fixed batch of 1)", self.card.name, self._batch_problem)
+        return None if self._batch_problem else count
+
+    def serves(self, camera):
+        """Whether frames of this camera are this task's at all (stereo depth: its pair's)."""
+        return True
 
     def due(self, frame, now):
         """Whether this task runs on this frame (detection: every frame)."""
@@ -148,21 +208,27 @@ class Task:
         else:
             started = time.monotonic()
             dtype = self.maker.frame_dtype
+            batch = None if reference_size else self.batch_for(width, height)
 
             def rewritten():
                 from edge import graph      # onnx: only when no engine is cached for this
                 return graph.rewrite(self.model, self.card, width, height, reference_size,
-                                     dtype)
+                                     dtype, batched=batch is not None)
             recipe = None if self.card_key is None else {
                 "card_key": self.card_key, "frame": [width, height], "frame_dtype": dtype,
-                "reference": list(reference_size) if reference_size else None}
+                "reference": list(reference_size) if reference_size else None,
+                "batch": batch}
             label = self._label(width, height, reference_size)
-            engine = self.maker.make(rewritten, self.card, label, self.background, recipe)
+            engine = self.maker.make(rewritten, self.card, label, self.background, recipe,
+                                     batch=batch)
             self.engines[key] = engine
             while len(self.engines) > MAX_ENGINES:
-                self.engines.popitem(last=False)[1].close()
-            logger.info("engine %s for %dx%d frames ready in %.1f s", self.card.name, width,
-                        height, time.monotonic() - started)
+                old_key, old = self.engines.popitem(last=False)
+                self._batches.pop(old_key, None)
+                old.close()
+            logger.info("engine %s for %dx%d frames%s ready in %.1f s", self.card.name, width,
+                        height, " in batches of up to {}".format(batch) if batch else "",
+                        time.monotonic() - started)
         return engine
 
     def binding_for(self, frame, key=None, reference=None):
@@ -193,6 +259,54 @@ class Task:
         """Run the engines on the frame; what `decode` needs (outputs stay in the slot)."""
         raise NotImplementedError
 
+    def infer_frames(self, frames):
+        """Run the engines on frames of one or more cameras; what `decode` needs for each.
+
+        Frames of one size go through that size's engine together where it takes batches
+        (one run, the batch's time as each frame's inference time), else one by one.
+        """
+        if not self.batching:
+            return [self.infer_frame(frame) for frame in frames]
+        results = [None] * len(frames)
+        groups = collections.OrderedDict()
+        for i, frame in enumerate(frames):
+            groups.setdefault((frame.width, frame.height), []).append(i)
+        for (width, height), indices in groups.items():
+            engine = self.engine_for(width, height)
+            if not engine.batch:
+                for i in indices:
+                    results[i] = self.infer_frame(frames[i])
+                continue
+            binding = self._batch_binding(engine, (width, height, None))
+            for start in range(0, len(indices), engine.batch):
+                chunk = indices[start:start + engine.batch]
+                batch = [frames[i] for i in chunk]
+                started = time.perf_counter()
+                engine.infer_batch(binding, batch)
+                infer_ms = (time.perf_counter() - started) * 1000.0
+                for row, i in enumerate(chunk):
+                    results[i] = (self._unbatched(frames[i], binding, row), infer_ms)
+        return results
+
+    def _batch_binding(self, engine, key):
+        held = self._batches.get(key)
+        if held is None or held[0] is not engine:
+            held = self._batches[key] = (engine, engine.bind_batch())
+        return held[1]
+
+    def _unbatched(self, frame, binding, row):
+        """The slot's copy of its row of the batch's outputs (arrays made once per slot)."""
+        key = (self.name, "batch")
+        held = frame.outputs.get(key)
+        if held is None or any(held.outputs[name].shape != array.shape[1:]
+                               for name, array in binding.outputs.items()):
+            held = frame.outputs[key] = Unbatched({
+                name: np.empty(array.shape[1:], array.dtype)
+                for name, array in binding.outputs.items()})
+        for name, array in binding.outputs.items():
+            np.copyto(held.outputs[name], array[row])
+        return held
+
     def decode(self, frame, inferred):
         """The list of messages to publish for an inferred frame (dicts for the task's
         topic, `Side` for another); counts the frame."""
@@ -208,18 +322,28 @@ class Task:
 
     def process(self, frame):
         """Infer and decode in the caller's thread (benchmarks, tools)."""
-        return self.decode(frame, self.infer_frame(frame))
+        return self.decode(frame, self.infer_frames([frame])[0])
+
+    def new_message(self, frame, infer_ms):
+        """The envelope of this task's next message about a frame: sequence numbers count
+        per camera, so a robot that follows one camera sees every gap."""
+        seq = self.seqs.get(frame.camera, 0) + 1
+        self.seqs[frame.camera] = seq
+        return envelope(self.device, self.card.name, seq, frame, infer_ms)
 
 
 def envelope(device, model, seq, frame, infer_ms):
-    """The fields every result message shares (DESIGN.md, MQTT)."""
-    return {
-        "v": 1,
-        "device": device,
+    """The fields every result message shares (DESIGN.md, MQTT); `camera` with named
+    cameras."""
+    message = {"v": 1, "device": device}
+    if frame.camera is not None:
+        message["camera"] = frame.camera
+    message.update({
         "model": model,
         "seq": seq,
         "frame": {"index": frame.index, "ts": round(frame.ts, 6), "width": frame.width,
                   "height": frame.height, "name": frame.name},
         "latency_ms": {"total": round((time.time() - frame.ts) * 1000.0, 3),
                        "infer": round(infer_ms, 3)},
-    }
+    })
+    return message

@@ -23,7 +23,7 @@ from edge import calibration as calibrations
 from edge import depth as depths
 from edge import disparity
 from edge.errors import ConfigError, SourceError
-from edge.tasks import Task, envelope, register
+from edge.tasks import Task, register
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,14 @@ class DepthTask(Task):
     topic = "depth"
     background = True
 
-    def __init__(self, maker, calibration, settings, device="edge", sync=False):
+    def __init__(self, maker, calibration, settings, device="edge", sync=False, camera=None):
         estimator = disparity.resolve(settings["disparity"])
         super().__init__(depths.ConversionCard("stereo-" + estimator), maker, None)
         self.calibration = calibration
         self.settings = settings
         self.device = device
         self.sync = sync                     # files/folders: every frame, detection waits
+        self.camera = camera                 # the stereo camera's name (None: unnamed)
         self.max_hz = settings["max_hz"]     # cameras: the depth rate (0: every frame)
         self.max_age = settings["max_age"]
         self.stereo = None                   # edge.depth.StereoDepth for the frame size
@@ -60,7 +61,12 @@ class DepthTask(Task):
         self.grid = depths.parse_grid(settings["grid"]) if settings["grid"] else None
         self._cells = None
 
+    def serves(self, camera):
+        return camera == self.camera
+
     def due(self, frame, now):
+        if frame.camera != self.camera:
+            return False
         if self.sync or self.max_hz <= 0:
             return True
         if self._last is None or now - self._last >= 1.0 / self.max_hz:
@@ -133,8 +139,7 @@ class DepthTask(Task):
             self.stats.record((done - frame.ts) * 1000.0, (started - frame.ts) * 1000.0,
                               (ended - started) * 1000.0, (done - ended) * 1000.0)
             return []
-        self.seq += 1
-        msg = envelope(self.device, self.card.name, self.seq, frame, matched_ms + converted_ms)
+        msg = self.new_message(frame, matched_ms + converted_ms)
         msg["latency_ms"]["disparity"] = round(matched_ms, 3)
         msg["latency_ms"]["convert"] = round(converted_ms, 3)
         msg["grid"] = {"columns": self.grid[0], "rows": self.grid[1]}
@@ -181,23 +186,34 @@ class DepthTask(Task):
         return draw.depth(latest)
 
 
-def create(config, maker, source):
-    """The depth task of a stereo run (the calibration attached to the source), or None
-    without stereo.calib; ConfigError when the source and stereo.calib disagree."""
+def create(config, maker, sources):
+    """The depth task of a stereo run (the calibration attached to its stereo source), or
+    None without stereo.calib; ConfigError when the sources and stereo.calib disagree.
+
+    `sources`: a Source (the one unnamed camera) or [(camera name, Source)]; one of them at
+    most may be a stereo pair, the one stereo.calib calibrates.
+    """
     from edge.sources.stereo import StereoSource
+    if not isinstance(sources, (list, tuple)):
+        sources = [(None, sources)]
     settings = config["stereo"]
-    stereo = isinstance(source, StereoSource)
+    pairs = [(name, source) for name, source in sources if isinstance(source, StereoSource)]
     if not settings["calib"]:
-        if stereo:
+        if pairs:
             raise ConfigError("source {}: stereo depth needs the pair's calibration; set "
                               "stereo.calib (a Middlebury calib.txt or an OpenCV stereo "
-                              "YAML/XML)".format(source.display))
+                              "YAML/XML)".format(pairs[0][1].display))
         return None
-    if not stereo:
+    if not pairs:
         raise ConfigError("stereo.calib is set but source {} has one view; use "
                           "stereo://?left=URI&right=URI (or leave stereo.calib out)".format(
-                              source.display))
+                              ", ".join(source.display for _, source in sources)))
+    if len(pairs) > 1:
+        raise ConfigError("sources: cameras {} are stereo pairs, and stereo.calib calibrates "
+                          "one; keep one stereo:// camera per daemon".format(
+                              ", ".join(name for name, _ in pairs)))
+    camera, source = pairs[0]
     calibration = calibrations.load(settings["calib"])
     source.calibrate(calibration)
     return DepthTask(maker, calibration, settings, device=config["device_id"],
-                     sync=not source.live)
+                     sync=not source.live, camera=camera)

@@ -4,7 +4,7 @@ then tracking (track ids, zones, lines, events) per camera."""
 import numpy as np
 
 from edge.families.yolo import DETECTIONS
-from edge.tasks import Side, Task, envelope, register
+from edge.tasks import Side, Task, register
 from edge.tracking import EVENT_QOS, EVENT_TOPIC
 
 
@@ -45,8 +45,9 @@ class DetectTask(Task):
     name = "detect"
     topic = "detections"
 
-    def __init__(self, card, engines, model, device="edge", track=None, depth=None):
-        super().__init__(card, engines, model)
+    def __init__(self, card, engines, model, device="edge", track=None, depth=None,
+                 batching=False):
+        super().__init__(card, engines, model, batching)
         self.device = device
         self.depth = depth      # stereo runs: the depth task (edge.tasks.depth) adds `spatial`
         self.score = card.thresholds["score"]
@@ -75,7 +76,7 @@ class DetectTask(Task):
         events = ()
         ids = None
         if self.track is not None and frame is not None:
-            ids, events = self.tracking_for(None).update(kept, frame)
+            ids, events = self.tracking_for(frame.camera).update(kept, frame)
         # NMS keeps the rows in score order: the published ones are a prefix
         published = int(np.count_nonzero(kept[:, 4] >= self.score))
         return [{"label": self.card.label(int(row[5])), "class_id": int(row[5]),
@@ -106,9 +107,8 @@ class DetectTask(Task):
     def decode(self, frame, inferred):
         binding, infer_ms = inferred
         self.frames += 1
-        self.seq += 1
-        msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
+        msg = self.new_message(frame, infer_ms)
         msg["detections"], events = self.detections(binding.outputs, frame)
-        if self.depth is not None:
+        if self.depth is not None and self.depth.serves(frame.camera):
             self.depth.add_spatial(frame, msg["detections"])
         return [msg] + [Side(EVENT_TOPIC, event, EVENT_QOS) for event in events]

@@ -14,7 +14,7 @@ import numpy as np
 from edge import nodes
 from edge.errors import SourceError
 from edge.families.loftr import MATCHES, STRIDE
-from edge.tasks import Task, envelope, register
+from edge.tasks import Task, register
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class MatchTask(Task):
         self.every = every                   # > 0: every N-th frame of the source
         self.top_k = top_k
         self.max_references = max_references
-        self._last = None
+        self._last = {}                      # camera name -> when it was last matched
         self._centres = {}                   # (width, height) -> cell centres
         self._warned = False
 
@@ -95,8 +95,9 @@ class MatchTask(Task):
             return False
         if self.every:
             return frame.index % self.every == 0
-        if self._last is None or self.max_hz <= 0 or now - self._last >= 1.0 / self.max_hz:
-            self._last = now
+        last = self._last.get(frame.camera)
+        if last is None or self.max_hz <= 0 or now - last >= 1.0 / self.max_hz:
+            self._last[frame.camera] = now      # each camera at max_hz
             return True
         return False
 
@@ -151,8 +152,7 @@ class MatchTask(Task):
                       self.centres(frame.width, frame.height))
         thresholds = self.card.thresholds
         homography, inliers = verify(rows, thresholds["ransac_px"], thresholds["min_inliers"])
-        self.seq += 1
-        msg = envelope(self.device, self.card.name, self.seq, frame, infer_ms)
+        msg = self.new_message(frame, infer_ms)
         msg["reference"] = {"name": name, "width": ref_w, "height": ref_h}
         msg["count"] = int(rows.shape[0])
         msg["inliers"] = int(inliers.sum())

@@ -100,12 +100,16 @@ class CameraTracking:
         tracker = self.tracker
         self.seq += 1
         class_id = int(tracker.class_id[slot])
-        event = {"v": 1, "device": self.device, "model": self.card.name, "seq": self.seq,
-                 "type": kind, "ts": round(float(self.seen_ts[slot]), 6),
-                 "frame_index": int(tracker.seen[slot]), "track_id": int(tracker.track_id[slot]),
-                 "label": self.card.label(class_id), "class_id": class_id,
-                 "score": round(float(tracker.score[slot]), 4),
-                 "box": [round(float(v), 2) for v in tracker.box[slot]]}
+        event = {"v": 1, "device": self.device}
+        if self.camera is not None:       # named cameras (config `sources`)
+            event["camera"] = self.camera
+        event.update({"model": self.card.name, "seq": self.seq,
+                      "type": kind, "ts": round(float(self.seen_ts[slot]), 6),
+                      "frame_index": int(tracker.seen[slot]),
+                      "track_id": int(tracker.track_id[slot]),
+                      "label": self.card.label(class_id), "class_id": class_id,
+                      "score": round(float(tracker.score[slot]), 4),
+                      "box": [round(float(v), 2) for v in tracker.box[slot]]})
         if kind.startswith("zone_"):
             event["zone"] = name
         elif kind == "line_cross":

@@ -321,3 +321,72 @@ def test_edge_run_builds_every_engine_before_frames_flow(model_dir, tmp_path):
     with open(str(jsonl)) as f:
         frames = [json.loads(l)["frame"]["index"] for l in f if '"detections"' in l]
     assert frames == [0, 1, 2, 3, 4]
+
+
+# -- batches: several cameras' frames in one run (issue 16) -----------------------------------
+
+def test_a_batched_engine_gives_each_frame_what_the_single_engine_gives(backend, engines,
+                                                                         model_dir, tmp_path):
+    """An engine built with an optimisation profile of 1..3 frames, run on three cameras'
+    frames (640x480) and then on two: each row matches the one-frame engine's result."""
+    import cv2
+    import onnx
+    from edge.tasks.detect import select
+    names = sorted(os.listdir(COCO8_VAL))[:3]
+    images = [cv2.resize(read_image(os.path.join(COCO8_VAL, n)), (640, 480)) for n in names]
+    card, model, single = engines("yolox-nano", 640, 480)
+    onnx_path = str(tmp_path / "yolox-nano-640x480-b3.onnx")
+    onnx.save(graph.rewrite(model, card, 640, 480, frame_dtype=backend.frame_dtype,
+                            batched=True), onnx_path)
+    out_path = str(tmp_path / "yolox-nano-640x480-b3.engine")
+    options = backend.build_options(card, 3)
+    assert options["max_batch"] == 3
+    TrtBackend.build(onnx_path, out_path, options, lambda *_: None)
+    engine = backend.load(out_path, "yolox-nano-640x480-b3", batch=3)
+    try:
+        frames = []
+        for i, image in enumerate(images):
+            frame = Frame(i, image.shape, backend.allocate)
+            frame.image[...] = image
+            frames.append(frame)
+        binding = engine.bind_batch()
+        assert binding.outputs["detections"].shape == (3, 200, 6)
+        iou = card.thresholds["iou"]
+        for count in (3, 2, 1):
+            engine.infer_batch(binding, frames[:count])
+            for row, image in enumerate(images[:count]):
+                _, alone = trt_binding(backend, single, image)
+                want = select(alone.outputs["detections"], card.thresholds["score"] + 0.1,
+                              iou)[:10]
+                got = select(binding.outputs["detections"][row],
+                             card.thresholds["score"] - 0.1, iou)
+                for box in want:
+                    same = got[got[:, 5] == box[5]]
+                    assert same.shape[0], (count, row, box)
+                    assert np.abs(same[:, :4] - box[:4]).max(axis=1).min() <= BOX_PX
+        if backend.zero_copy and backend.frame_dtype == "uint8":
+            # the frames stay where the camera wrote them: the GPU copies them into the batch
+            assert backend.mapped_pointer(frames[0].image) is not None
+            assert binding.staging is None and binding.input_device is not None
+    finally:
+        engine.close()
+
+
+def test_edge_run_batches_three_cameras_on_the_gpu(model_dir, tmp_path):
+    """Three named cameras of one size on TensorRT: one engine with a batch dimension
+    (`-b3`), built before frames flow, every frame of each camera once."""
+    import collections
+    import json
+    from tests.conftest import run_edge
+    jsonl = tmp_path / "out.jsonl"
+    args = ["run", "--backend", "trt", "--detector", "yolox-nano", "--state-dir", str(tmp_path),
+            "--model-dir", model_dir, "--jsonl", str(jsonl)]
+    for name, frames in (("a", 6), ("b", 4), ("c", 5)):
+        args += ["--source", "{}=test://?width=640&height=480&fps=0&frames={}".format(
+            name, frames)]
+    code, out, err = run_edge(*args, timeout=1800)
+    assert code == 0, err[-3000:]
+    assert "engine yolox-nano-640x480-b3 built in" in err
+    with open(str(jsonl)) as f:
+        messages = [json.loads(l) for l in f if '"detections"' in l]
+    assert collections.Counter(m["camera"] for m in messages) == {"a": 6, "b": 4, "c": 5}
