@@ -20,10 +20,12 @@ def assert_user_error(result, code):
 
 @pytest.fixture
 def edge_run(model_dir):
-    """`edge run` on the coco8 val images with the session's models; extra args appended."""
+    """`edge run` on the coco8 val images (unless args name a --source: --source repeats
+    for several cameras) with the session's models; extra args appended."""
     def run(*args):
-        return run_edge("run", "--model-dir", model_dir, "--backend", "ort", "--source",
-                        COCO8_VAL, *args)
+        source = [] if "--source" in args else ["--source", COCO8_VAL]
+        return run_edge("run", "--model-dir", model_dir, "--backend", "ort",
+                        *(source + list(args)))
     return run
 
 
