@@ -366,6 +366,16 @@ def test_fewer_id_switches_and_no_lower_mota_or_idf1_than_tuned_norfair(comparis
     assert ours["idf1"] >= theirs["idf1"], comparison[name]
 
 
+def test_perfect_association_bounds_both_trackers(comparison):
+    """The oracle (true identities on the same detections, gaps filled as edge's) scores
+    above both trackers: what is left to win is association, not the detections."""
+    for name, r in comparison.items():
+        oracle = r["oracle"]
+        assert oracle["switches"] == 0, name
+        assert oracle["idf1"] > max(r["edge"]["idf1"], r["norfair"]["idf1"]) + 0.05, r
+        assert oracle["mota"] > max(r["edge"]["mota"], r["norfair"]["mota"]), r
+
+
 @pytest.mark.parametrize("name", [
     "TUD-Campus",
     # measured +0.016 (README, Tracking): on this sequence edge is level with tuned norfair

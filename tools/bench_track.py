@@ -25,8 +25,11 @@ distance, Frigate's size-normalised distance), hit_counter_max, initialization_d
 lowest score it is fed and its output (objects with a detection in the frame, every object
 it returns, or the first with the gaps filled in as edge's); the best IDF1 (then MOTA) is
 reported. "live" rows compare what a live run publishes: edge without filling in
-(`--no-fill`), norfair's best without the filled output. Metrics: IDF1, MOTA and ID switches
-by motmetrics (IoU >= 0.5 to match, its MOTChallenge setting).
+(`--no-fill`), norfair's best without the filled output. The "oracle" row is perfect
+association on the same detections (true identities, false positives dropped, gaps filled in
+as edge's): how much of what is lost is the trackers' association, not the detections.
+Metrics: IDF1, MOTA and ID switches by motmetrics (IoU >= 0.5 to match, its MOTChallenge
+setting).
 """
 
 import argparse
@@ -104,8 +107,9 @@ def visibility(boxes, grid=(8, 16)):
     return shares
 
 
-def detector_like(gt, seed):
-    """(n, 6) rows frame, x, y, w, h, score: the ground truth as a detector would see it."""
+def detector_like(gt, seed, with_ids=False):
+    """(n, 6) rows frame, x, y, w, h, score: the ground truth as a detector would see it;
+    with_ids: also (n,) each box's true identity (0: a false positive), for the oracle."""
     rng = np.random.RandomState(seed)
     out = []
     score = np.empty(gt.shape[0])
@@ -136,14 +140,17 @@ def detector_like(gt, seed):
     w = w * np.exp(rng.normal(0, JITTER, w.size))
     h = h * np.exp(rng.normal(0, JITTER, h.size))
     out.append(np.stack([true[:, 0], cx - w / 2, cy - h / 2, w, h, score[keep]], 1))
+    ids = [true[:, 1]]
     for frame in np.unique(gt[:, 0]):
         for _ in range(rng.poisson(FALSE_PER_FRAME)):
             size = gt[rng.randint(gt.shape[0]), 4:6]
             x = rng.uniform(0, IMAGE_SIZE[0] - size[0])
             y = rng.uniform(0, IMAGE_SIZE[1] - size[1])
             out.append(np.array([[frame, x, y, size[0], size[1], rng.uniform(0.1, 0.7)]]))
+            ids.append(np.zeros(1))
     dets = np.concatenate(out)
-    return dets[np.argsort(dets[:, 0], kind="stable")]
+    order = np.argsort(dets[:, 0], kind="stable")
+    return (dets[order], np.concatenate(ids)[order]) if with_ids else dets[order]
 
 
 # -- the trackers ----------------------------------------------------------------------------
@@ -152,6 +159,15 @@ def run_edge(dets):
     """edge's tracker with its defaults, as `edge track --size 640x480`: results rows
     frame, id, x, y, w, h."""
     return mot.track(dets, size=IMAGE_SIZE)
+
+
+def run_oracle(dets, ids):
+    """What perfect association makes of the same detections: every true box under its true
+    identity, false positives dropped, gaps filled in as edge's (the same MAX_GAP). Not a
+    tracker: the bound any tracker's association works towards on these detections."""
+    true = ids > 0
+    rows = np.column_stack([dets[true, 0], ids[true], dets[true, 1:5]])
+    return mot.interpolate(rows, MAX_GAP)
 
 
 def frigate_distance(detection, tracked_object):
@@ -247,12 +263,13 @@ def compare(grid=None, seed=SEED, sequences=SEQUENCES):
     out = {}
     for name in sequences:
         gt = ground_truth(name)
-        dets = detector_like(gt, seed)
+        dets, ids = detector_like(gt, seed, with_ids=True)
         started = time.perf_counter()
         ours = evaluate(gt, run_edge(dets))
+        oracle = evaluate(gt, run_oracle(dets, ids))
         live = evaluate(gt, mot.track(dets, size=IMAGE_SIZE, fill_gaps=False))
         tuned = tune_norfair(gt, dets, grid or FULL_GRID)
-        out[name] = {"edge": ours, "norfair": tuned["best"][1],
+        out[name] = {"edge": ours, "norfair": tuned["best"][1], "oracle": oracle,
                      "norfair_settings": tuned["best"][0],
                      "edge_live": live, "norfair_live": tuned["live"][1] if tuned["live"]
                      else None,
@@ -276,6 +293,8 @@ def table(results):
     for name, r in results.items():
         rows = [("edge", r["edge"], ""), ("norfair", r["norfair"], "{} (best of {})".format(
             _settings(r["norfair_settings"]), r["norfair_settings_tried"]))]
+        rows.append(("oracle", r["oracle"], "true identities, false positives dropped, "
+                     "gaps filled: what perfect association reaches"))
         if r.get("norfair_live"):
             rows += [("edge live", r["edge_live"], ""),
                      ("norfair live", r["norfair_live"], _settings(r["norfair_live_settings"]))]
