@@ -227,7 +227,8 @@ SPEC = {
         "confirm_score": Field(float, default=1.5, min=0.0, max=100.0,
                                help="sum of the scores of those frames' boxes, at least"),
         "max_lost": Field(int, default=30, min=0, max=100000,
-                          help="frames a track lives unseen before it ends"),
+                          help="frames a track lives unseen before it ends (at most 10 "
+                          "for a track seen in fewer than 6 frames)"),
         "max_tracks": Field(int, default=256, min=1, max=65536,
                             help="tracks held at once per camera (memory is fixed)"),
         "anchor": Field(str, default="bottom", choices=("bottom", "center"),
