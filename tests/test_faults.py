@@ -665,6 +665,7 @@ def rate(messages, start, end):
     return sum(1 for m in messages if start <= m["frame"]["ts"] < end) / (end - start)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("qos", [0, 1])
 def test_slow_subscriber_never_slows_the_pipeline(tmp_path, broker, model_dir, qos):
     """A robot whose on_message takes 0.5 s subscribes halfway through: the daemon's result

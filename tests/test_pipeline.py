@@ -53,6 +53,7 @@ def test_every_frame_is_decoded_once_in_order_and_every_slot_comes_back(tmp_path
     assert not pipeline.alive() and pipeline.error() is None
 
 
+@pytest.mark.timing
 def test_decoding_overlaps_the_next_inference(tmp_path, maker, model_dir):
     """While a frame is decoded (slowly here), the task's thread already infers the next."""
     task = detector(maker, model_dir)

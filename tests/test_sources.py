@@ -84,6 +84,7 @@ def test_pattern_defaults_and_live():
     assert open_source("test://?frames=2").live is False
 
 
+@pytest.mark.timing
 def test_pattern_is_paced():
     source = open_source("test://?width=64&height=48&fps=50")
     source.open()
