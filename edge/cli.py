@@ -209,17 +209,12 @@ def _frame_size(size, source_uri, max_pixels=None):
             pass
         raise ConfigError("--size {!r}: expected WIDTHxHEIGHT, e.g. 1280x720".format(size))
     from edge import sources
-    from edge.frames import Frame
     source = sources.open_source(source_uri, max_pixels)
-    source.open()
-    try:
-        frame = Frame(0, (2, 2, 3))
-        if not source.read_into(frame):
-            raise ConfigError("source {} gave no frame to learn the size from; pass --size "
-                              "WxH".format(source.display))
-        return frame.width, frame.height
-    finally:
-        source.close()
+    frame = sources.first_frame(source)
+    if frame is None:
+        raise ConfigError("source {} gave no frame to learn the size from; pass --size "
+                          "WxH".format(source.display))
+    return frame.width, frame.height
 
 
 class _ProgressPrinter:
@@ -354,7 +349,6 @@ def _depth(args):
     import numpy as np
     from edge import calibration, config, daemon, depth, sources
     from edge.errors import ConfigError
-    from edge.frames import Frame
     overrides = {"backend": args.backend, "state_dir": args.state_dir, "stereo.calib": args.calib}
     cfg = config.load(args.config, overrides, require_task=False)
     for path in (args.left, args.right):
@@ -369,12 +363,10 @@ def _depth(args):
                                                            "right": args.right}),
                                  cfg["max_image_pixels"])
     source.calibrate(calib)
-    source.open()
-    frame = Frame(0, (2, 2, 3))
-    try:
-        source.read_into(frame)
-    finally:
-        source.close()
+    frame = sources.first_frame(source)
+    if frame is None:
+        raise ConfigError("edge depth: {} and {} gave no pair of images".format(
+            args.left, args.right))
     maker = daemon.engine_maker(cfg)
     stereo = depth.StereoDepth(calib, maker, frame.width, frame.height, cfg["stereo"])
     slot = stereo.slot()

@@ -125,12 +125,8 @@ class Subscriber:
             return [json.loads(p) for t, p, _ in self.messages if t.endswith("/" + suffix)]
 
     def wait_for(self, predicate, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.05)
-        return predicate(self)
+        from tools.soak import wait_until
+        return wait_until(lambda: predicate(self), timeout)
 
     def close(self):
         self.client.loop_stop()

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, free_port, mosquitto_binary
-from tools.soak import delivery, read_jsonl, start_edge
+from tools.soak import delivery, read_jsonl, start_edge, start_mosquitto
 from tools.soak import wait_until as wait
 
 pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which(
@@ -70,22 +69,12 @@ class Broker:
         return open(os.path.join(self.folder, self.name + ".log"), errors="replace").read()
 
     def start(self):
-        log = open(os.path.join(self.folder, self.name + ".log"), "ab")
-        deadline = time.monotonic() + 15
-        while True:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", self.conf], stdout=log,
-                                         stderr=subprocess.STDOUT)
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                    log.close()
-                    return self
-                except OSError:
-                    time.sleep(0.05)
-            if time.monotonic() >= deadline:
-                log.close()
-                pytest.fail("{} did not start: {}".format(self.name, self.log()))
-            time.sleep(0.2)      # the port in TIME_WAIT after a stop: try again
+        try:
+            self.proc = start_mosquitto(self.conf, self.port,
+                                        os.path.join(self.folder, self.name + ".log"), 15)
+        except RuntimeError:
+            pytest.fail("{} did not start: {}".format(self.name, self.log()))
+        return self
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -26,7 +26,7 @@ from edge import client as edge_client
 from edge import cli, listen, schemas
 from tests import recorded
 from tests.conftest import ROOT, free_port, run_edge
-from tools.soak import Mosquitto, delivery, read_jsonl, start_edge
+from tools.soak import Mosquitto, delivery, read_jsonl, start_edge, wait_until
 
 README_URL = "mqtt://broker:1883"
 
@@ -114,12 +114,7 @@ class Listener:
         raise AssertionError("edge listen did not subscribe: " + self.err())
 
     def wait_for(self, predicate, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(0.05)
-        return predicate(self)
+        return wait_until(lambda: predicate(self), timeout)
 
     def stop(self):
         """Ctrl-C (unless it ended by itself); the exit status."""

@@ -19,7 +19,7 @@ from edge.backends import trtcheck
 from edge.commands import Commands
 from edge.errors import EXIT_CONFIG, ConfigError, SourceError
 from edge.frames import Frame
-from edge.sources import open_source
+from edge.sources import first_frame, open_source
 from edge.tasks.depth import DepthTask
 from tests.conftest import ROOT, SHARED, run_edge
 
@@ -46,12 +46,8 @@ def truth_depth():
 
 
 def read_one(source):
-    source.open()
-    frame = Frame(0, (2, 2, 3))
-    try:
-        assert source.read_into(frame)
-    finally:
-        source.close()
+    frame = first_frame(source)
+    assert frame is not None
     return frame
 
 

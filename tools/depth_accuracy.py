@@ -27,7 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from edge import config, daemon, depth, sources  # noqa: E402
-from edge.frames import Frame  # noqa: E402
 
 TARGETS = {"density": (">=", 0.80), "median_error_percent": ("<=", 1.0),
            "over_5_percent_share": ("<=", 0.08), "motorcycle_z_error_percent": ("<=", 5.0)}
@@ -52,12 +51,7 @@ def measure(data, detector="yolox-nano", state_dir=None, model_dir=None, mirror=
     source = sources.open_source("stereo://?" + urlencode({"left": left, "right": right}))
     maker = daemon.engine_maker(cfg)
     detect, stereo = daemon.build_tasks(cfg, maker, None, source)
-    source.open()
-    frame = Frame(0, (2, 2, 3))
-    try:
-        source.read_into(frame)
-    finally:
-        source.close()
+    frame = sources.first_frame(source)
     stereo.prepare(frame)
     stereo.process(frame)
     message = detect.process(frame)[0]

@@ -80,28 +80,10 @@ class Mosquitto:
         return "mqtt://127.0.0.1:{}".format(self.port)
 
     def start(self, timeout=10.0):
-        binary = mosquitto_binary()
-        if binary is None:
-            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-        log = open(os.path.join(self.folder, "mosquitto.log"), "ab")
-        deadline = time.monotonic() + timeout
-        while True:
-            # The port may still be in TIME_WAIT right after a stop: retry the start.
-            self.proc = subprocess.Popen([binary, "-c", self.conf], stdout=log,
-                                         stderr=subprocess.STDOUT)
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                    self.starts += 1
-                    log.close()
-                    return self
-                except OSError:
-                    time.sleep(0.05)
-            if time.monotonic() >= deadline:
-                log.close()
-                self.stop()
-                raise RuntimeError("mosquitto did not start on port {}".format(self.port))
-            time.sleep(0.2)
+        self.proc = start_mosquitto(self.conf, self.port,
+                                    os.path.join(self.folder, "mosquitto.log"), timeout)
+        self.starts += 1
+        return self
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -115,6 +97,31 @@ class Mosquitto:
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None
+
+
+def start_mosquitto(conf, port, log_path, timeout=10.0):
+    """mosquitto with config file `conf`, once it accepts connections on 127.0.0.1:port (its
+    output appended to log_path); RuntimeError when it does not within `timeout` s."""
+    binary = mosquitto_binary()
+    if binary is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    deadline = time.monotonic() + timeout
+    with open(log_path, "ab") as log:
+        while True:
+            # The port may still be in TIME_WAIT right after a stop: retry the start.
+            proc = subprocess.Popen([binary, "-c", conf], stdout=log, stderr=subprocess.STDOUT)
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    return proc
+                except OSError:
+                    time.sleep(0.05)
+            if time.monotonic() >= deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                raise RuntimeError("mosquitto did not start on port {}".format(port))
+            time.sleep(0.2)
 
 
 def _paho_client(client_id, clean_session):

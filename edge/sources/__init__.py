@@ -103,3 +103,15 @@ def open_source(uri, max_pixels=None):
     source = cls(uri, location, params)
     source.max_pixels = max_pixels or imagefiles.DEFAULT_MAX_PIXELS
     return source
+
+
+def first_frame(source):
+    """Open the source, read its first frame into a Frame of its own and close it: the
+    Frame, or None when the source gave none (what tools size their engines by)."""
+    from edge.frames import Frame
+    frame = Frame(0, (2, 2, 3))         # read_into sizes it to the source's frames
+    source.open()
+    try:
+        return frame if source.read_into(frame) else None
+    finally:
+        source.close()
