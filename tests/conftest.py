@@ -1,5 +1,6 @@
 """Shared fixtures: a real Mosquitto broker on a free loopback port, models, images."""
 
+import functools
 import json
 import os
 import shutil
@@ -153,6 +154,49 @@ def model_dir(tmp_path_factory):
     subprocess.check_call([sys.executable, "-m", "edge", "models", "fetch", "--mirror", MODELS,
                            "--model-dir", folder], stdout=subprocess.DEVNULL)
     return folder
+
+
+def np_dtype(elem_type):
+    """The numpy dtype of an ONNX element type (TensorProto.FLOAT, ...), on every onnx the
+    tests run with: helper.tensor_dtype_to_np_dtype came in 1.13 (JetPack 4.6 has 1.11),
+    onnx.mapping, 1.11's way, is gone from the newest."""
+    from onnx import helper
+    if hasattr(helper, "tensor_dtype_to_np_dtype"):
+        return helper.tensor_dtype_to_np_dtype(elem_type)
+    from onnx import mapping
+    return mapping.TENSOR_TYPE_TO_NP_TYPE[elem_type]
+
+
+def newest_opset(wanted, run=False):
+    """`wanted`, or the newest default-domain opset the installed onnx knows (with `run`, and
+    ONNX Runtime loads) if that is older: JetPack 4.6's onnx 1.11 knows 16 (its version
+    converter crashes past it), its onnxruntime 1.10 loads up to 15."""
+    import onnx
+    opset = min(wanted, onnx.defs.onnx_opset_version())
+    return _runtime_opset(opset) if run else opset
+
+
+@functools.lru_cache()
+def _runtime_opset(opset):
+    """The newest opset up to `opset` at which ONNX Runtime (where installed) loads a model."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return opset
+    from onnx import TensorProto, helper
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              info[:1], info[1:])
+    for version in range(opset, 11, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
+        model.ir_version = 8       # what onnxruntime 1.10 reads
+        try:
+            onnxruntime.InferenceSession(model.SerializeToString(),
+                                         providers=["CPUExecutionProvider"])
+            return version
+        except Exception:  # noqa: BLE001 (its error for an opset newer than it knows)
+            continue
+    return 11
 
 
 def run_edge(*args, timeout=120, env=None):

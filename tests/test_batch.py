@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge import cards, graph, models
 from edge.backends import cache, trt, trtcheck
 from edge.frames import Frame
-from tests.conftest import run_edge
+from tests.conftest import np_dtype, run_edge
 from tests.test_trt_export import VERSIONS
 from tests.test_trt_shim import FakeEngine, FakeExecution, fake_tensorrt_backend
 
@@ -41,7 +41,7 @@ def test_batched_graphs_are_what_tensorrt_imports(yolox, version, frame_dtype):
     (frame,), (out,) = batched.graph.input, batched.graph.output
     dims = lambda info: [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]  # noqa
     assert dims(frame) == ["batch", 480, 640, 3] and dims(out) == ["batch", 200, 6]
-    assert helper.tensor_dtype_to_np_dtype(frame.type.tensor_type.elem_type) == frame_dtype
+    assert np_dtype(frame.type.tensor_type.elem_type) == frame_dtype
     # the letterbox's size comes from the batch's shape (a shape tensor), not a constant
     resize = next(n for n in batched.graph.node if n.op_type == "Resize")
     assert resize.input[3] not in {t.name for t in batched.graph.initializer}

@@ -16,13 +16,17 @@ import onnxruntime as ort
 import pytest
 
 from edge import cards, graph, nodes
-from tests.conftest import COCO8_ALL, SHARED
+from tests.conftest import COCO8_ALL, SHARED, newest_opset
 
 PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
 
 
-def run(model, feeds):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def run(model, feeds, optimise=True):
+    options = ort.SessionOptions()
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
 
 
@@ -148,7 +152,10 @@ def test_graph_uses_only_opset_11_operators_tensorrt_8_2_parses(model_dir):
 
 def _rewritten_outputs(model_dir, opset):
     """Outputs of the rewritten detector and matcher graphs, the models converted to `opset`
-    with onnx's version converter as a newer exporter would have written them."""
+    with onnx's version converter as a newer exporter would have written them. Without ONNX
+    Runtime's graph optimisations, which depend on the opset and its release (onnxruntime 1.10
+    fuses LoFTR's layer norms at opset 11 but not at 15, newer releases' basic level rewrites
+    opset 17 differently: a float rounding apart), so that only the graphs are compared."""
     import onnx
     from onnx import version_converter
     results = {}
@@ -164,16 +171,20 @@ def _rewritten_outputs(model_dir, opset):
         if card.task == "match":
             rewritten = graph.rewrite(model, card, w, h, (w, h))
             assert nodes.model_opset(rewritten) == opset
-            results[card_name] = run(rewritten, {"frame": frame, "reference": reference})
+            results[card_name] = run(rewritten, {"frame": frame, "reference": reference},
+                                     optimise=False)
         else:
             for path in COCO8_ALL[:4]:
                 image = cv2.imread(path)
                 rewritten = graph.rewrite(model, card, image.shape[1], image.shape[0])
-                results[path] = run(rewritten, {"frame": image})
+                results[path] = run(rewritten, {"frame": image}, optimise=False)
     return results
 
 
-@pytest.mark.parametrize("opset", [13, 17, 19])
+# Opsets 17 and 19 as far as the installed onnx and ONNX Runtime know them: 15 with
+# JetPack 4.6's onnx 1.11 and onnxruntime 1.10 (the test ids say which ran)
+@pytest.mark.parametrize("opset", sorted({newest_opset(o, run=True) for o in (13, 17, 19)}),
+                         ids="opset{}".format)
 def test_models_exported_at_newer_opsets_give_identical_outputs(model_dir, opset):
     """A default YOLOv8/YOLO11 export is opset 17-19: the nodes edge adds take that opset's
     forms (Unsqueeze's axes an input from 13, ReduceMax's from 18), and the results are the

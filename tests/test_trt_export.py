@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from edge.backends import trtcheck
-from tests.conftest import run_edge
+from tests.conftest import newest_opset, np_dtype, run_edge
 
 # (TensorRT version, frame dtype it takes): JetPack 4.6.1 (the Nano), 5.0, 5.1, 6.0, 6.1+.
 VERSIONS = [("8.2.1.8", np.float32), ("8.4.1.5", np.float32), ("8.5.2.2", np.uint8),
@@ -52,7 +52,7 @@ def test_exported_graphs_are_what_tensorrt_imports(exported, version, frame_dtyp
                   if i.name not in {t.name for t in model.graph.initializer}]
         assert {i.name for i in inputs} <= {"frame", "reference"}
         for tensor in inputs:
-            dtype = helper.tensor_dtype_to_np_dtype(tensor.type.tensor_type.elem_type)
+            dtype = np_dtype(tensor.type.tensor_type.elem_type)
             assert dtype == frame_dtype, (path, tensor.name)
 
 
@@ -73,19 +73,21 @@ def test_no_exported_graph_compares_floats_for_equality(exported):
     assert equals == len(VERSIONS)       # the matcher's one Equal, in each export
 
 
-def test_a_model_at_opset_17_exports_for_tensorrt_8_5_but_not_8_2(tmp_path, model_dir):
+@pytest.mark.parametrize("opset", [newest_opset(17)], ids="opset{}".format)
+def test_a_newer_opset_model_exports_for_tensorrt_8_5_but_not_8_2(tmp_path, model_dir, opset):
     """TensorRT 8.2 imports up to opset 13: its ReduceMax would ignore opset 18's axes input
-    (an axes attribute is all it reads), so a newer model is refused, not built wrongly."""
+    (an axes attribute is all it reads), so a newer model is refused, not built wrongly.
+    At opset 17, or 16 where onnx knows no newer (1.11, JetPack 4.6's): the test id says."""
     from onnx import version_converter
     from edge import cards, graph
     card = cards.load("yolox-nano")
     model = version_converter.convert_version(
-        onnx.load(os.path.join(model_dir, "yolox_nano.onnx")), 17)
+        onnx.load(os.path.join(model_dir, "yolox_nano.onnx")), opset)
     assert trtcheck.problems(graph.rewrite(model, card, 640, 480), (8, 5)) == []
     problems = trtcheck.problems(graph.rewrite(model, card, 640, 480, frame_dtype="float32"),
                                  (8, 2))
-    assert problems == ["opset 17: TensorRT 8.2 imports up to opset 13; export the model at "
-                        "opset 13 or lower"]
+    assert problems == ["opset {}: TensorRT 8.2 imports up to opset 13; export the model at "
+                        "opset 13 or lower".format(opset)]
 
 
 def test_export_refuses_a_tensorrt_edge_does_not_support(tmp_path, model_dir):
@@ -139,6 +141,43 @@ def test_checker_finds_operators_and_types_the_8_2_parser_does_not_import():
                    [_info("x", TensorProto.INT32, [4])], [_info("y", TensorProto.INT64, [1])])
     assert trtcheck.problems(model, (8, 2)) == [
         "node am (ArgMax): input type INT32 is not imported (supported: FP32, FP16)"]
+
+
+def test_checker_checks_every_input_type_not_only_the_first():
+    """operators.md's type list covers the inputs of the operator's data type in the ONNX
+    schema: Where's X and Y (its first input is the BOOL condition), every input of Concat;
+    indices, shapes and axes need only be types the parser has."""
+    where = _model([helper.make_node("Where", ["c", "x", "y"], ["o"], name="pick")],
+                   [_info("c", TensorProto.BOOL, [4]), _info("x", TensorProto.INT8, [4]),
+                    _info("y", TensorProto.INT8, [4])], [_info("o", TensorProto.INT8, [4])])
+    assert trtcheck.problems(where, (8, 2)) == [
+        "node pick (Where): input 1 (x) type INT8 is not imported (supported: FP32, FP16, "
+        "INT32, BOOL)"]
+    concat = _model([helper.make_node("Concat", ["a", "b"], ["o"], name="cat", axis=0)],
+                    [_info("a", TensorProto.BOOL, [2]), _info("b", TensorProto.BOOL, [2])],
+                    [_info("o", TensorProto.BOOL, [4])])
+    assert trtcheck.problems(concat, (8, 2)) == []
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    fill = _model([helper.make_node("ConstantOfShape", ["shape"], ["zeros"], name="fill"),
+                   helper.make_node("TopK", ["zeros", "k"], ["v", "i"], name="top", axis=0)],
+                  [_info("shape", TensorProto.INT64, [1])],
+                  [_info("v", TensorProto.FLOAT, [2]), _info("i", TensorProto.INT64, [2])],
+                  [k])
+    assert trtcheck.problems(fill, (8, 2)) == [], "a shape or a K is no data input"
+    steps = _model([helper.make_node("Range", ["a", "b", "d"], ["o"], name="r")],
+                   [_info(n, TensorProto.FLOAT, []) for n in "abd"],
+                   [_info("o", TensorProto.FLOAT, [None])])
+    assert trtcheck.problems(steps, (8, 2))[0] == (
+        "node r (Range): input 0 (a) is floating-point, which Range takes only as an "
+        "initializer")
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(0, np.uint8), "zero")
+    quantize = _model([helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"],
+                                        name="q")],
+                      [_info("x", TensorProto.FLOAT, [4])], [_info("q", TensorProto.UINT8, [4])],
+                      [scale, zero])
+    assert "node q (QuantizeLinear): input 2 (zero) type UINT8 is not a type TensorRT's " \
+        "parser imports" in trtcheck.problems(quantize, (8, 2))
 
 
 def test_checker_finds_constants_the_parser_needs_and_resize_modes_it_lacks():

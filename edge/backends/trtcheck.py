@@ -9,6 +9,9 @@ machine without a GPU. The rules come from the onnx-tensorrt sources at each rel
   8.2 is the oldest version edge supports and the newest a Jetson Nano runs, so its list
   binds every graph. INT64 and DOUBLE count as INT32 and FP32: "TensorRT will attempt to
   cast down INT64 to INT32 and DOUBLE down to FLOAT" (the same page).
+- Every input's type, not only the first: the list covers the inputs of the operator's
+  data type variable in the ONNX schema (`_TABLE_INPUTS` lists the exceptions), and the
+  other inputs (indices, shapes, axes) must be types the parser has at all.
 - `PARSER_OPSETS`: the newest opset each parser documents ("supports operators up to Opset
   13" at 8.2, 17 at 8.4-8.6, "opset 9 to opset 20" at 10.0). Beyond it a parser may import
   a node in an older form without a word: 8.2's ReduceMax reads only the `axes` attribute
@@ -86,6 +89,19 @@ _TYPES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.DO
           TensorProto.BOOL: "BOOL", TensorProto.UINT8: "UINT8"}
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
+# Which inputs the table's types are about. operators.md gives one type list per operator;
+# the ONNX schema says which inputs share a type: by default the list covers every input of
+# the first input's type variable (Concat's and Sum's all, Clip's min and max, Pad's value)
+# and not the others (Gather's indices, TopK's K, Resize's sizes, Reshape's shape), which
+# need only be types the parser has. The exceptions, op -> input positions the list covers:
+# Where's list is its X and Y (the condition is BOOL); ConstantOfShape's FP32 is its output
+# (the `value` attribute), its input is a shape.
+_TABLE_INPUTS = {"Where": (1, 2), "ConstantOfShape": ()}
+# operators.md restrictions about one input's type: Range takes floating-point start, limit
+# and delta only as initializers.
+_FLOAT_CONSTANT_INPUTS = {"Range": (0, 1, 2)}
+_NO_TYPE_RULE = ("Shape", "Size")   # they read only the shape of their input
+
 # Inputs that the 8.2 parser needs as initializers (operators.md "Restrictions" and the
 # importers): op -> input positions.
 _CONSTANT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Slice": (3,), "Squeeze": (1,),
@@ -126,7 +142,7 @@ def problems(model, version=(8, 2)):
             constants.update(node.output)
     found.extend(_input_problems(graph, constants, types, version, label))
     for node in graph.node:
-        found.extend(_node_problems(node, types, constants, version))
+        found.extend(_node_problems(node, types, constants, version, opset))
     return found
 
 
@@ -169,7 +185,73 @@ def _input_problems(graph, constants, types, version, label):
     return found
 
 
-def _node_problems(node, types, constants, version):
+def _table_positions(node, opset):
+    """Positions of the node's inputs that the table's type list is about (see
+    _TABLE_INPUTS); from the ONNX schema at the model's opset, or input 0 alone where the
+    schema is unknown."""
+    if node.op_type in _TABLE_INPUTS:
+        return [i for i in _TABLE_INPUTS[node.op_type] if i < len(node.input)]
+    from onnx import defs
+    try:
+        formal = defs.get_schema(node.op_type, opset, "").inputs
+    except Exception:  # noqa: BLE001 (onnx raises SchemaError; older releases others)
+        formal = []
+    if not formal:
+        return [0] if node.input else []
+    variadic = defs.OpSchema.FormalParameterOption.Variadic
+    kinds = []
+    for i in range(len(node.input)):
+        if i < len(formal):
+            kinds.append(_type_str(formal[i]))
+        elif formal[-1].option == variadic:
+            kinds.append(_type_str(formal[-1]))     # Concat, Sum, Max, ...: all one variable
+        else:
+            kinds.append(None)
+    return [i for i, kind in enumerate(kinds) if kind is not None and kind == kinds[0]]
+
+
+def _type_str(parameter):
+    """A schema input's type variable ("T"): `type_str` in newer onnx, `typeStr` in 1.11
+    (JetPack 4.6's)."""
+    return getattr(parameter, "type_str", None) or parameter.typeStr
+
+
+def _type_problems(node, types, constants, version, supported, opset):
+    """Every input's type: those the table covers against its list, the others against the
+    types the parser has at all (INT64 and DOUBLE cast down, no UINT8 but a cast frame)."""
+    found = []
+    reported = set()
+    covered = [] if node.op_type in _NO_TYPE_RULE else _table_positions(node, opset)
+    for position, name in enumerate(node.input):
+        elem = types.get(name) if name else None
+        if not elem or elem in reported:
+            continue
+        kind = _TYPES.get(elem)
+        if kind == "UINT8" and node.op_type == "Cast" and position == 0 and \
+                tuple(version[:2]) >= UINT8_INPUTS:
+            kind = "FP32"    # 8.5+: UINT8 inputs are cast (the input rule checks the target)
+        where = "input" if position == 0 else "input {} ({})".format(position, name)
+        if position in covered:
+            if kind in supported.split():
+                continue
+            found.append("{}: {} type {} is not imported (supported: {})".format(
+                _name(node), where, TensorProto.DataType.Name(elem),
+                supported.replace(" ", ", ")))
+        elif node.op_type not in _NO_TYPE_RULE and kind in (None, "UINT8"):
+            found.append("{}: {} type {} is not a type TensorRT's parser imports".format(
+                _name(node), where, TensorProto.DataType.Name(elem)))
+        else:
+            continue
+        reported.add(elem)
+    for position in _FLOAT_CONSTANT_INPUTS.get(node.op_type, ()):
+        name = node.input[position] if position < len(node.input) else ""
+        if name and types.get(name) in _FLOATS and name not in constants:
+            found.append("{}: input {} ({}) is floating-point, which {} takes only as an "
+                         "initializer".format(_name(node), position, name, node.op_type))
+    return found
+
+
+def _node_problems(node, types, constants, version, opset):
     if node.domain not in ("", "ai.onnx"):
         return ["{}: domain {!r} is not imported by the ONNX parser".format(_name(node),
                                                                             node.domain)]
@@ -177,14 +259,8 @@ def _node_problems(node, types, constants, version):
     if supported is None:
         return ["{}: TensorRT 8.2's ONNX parser does not import {}".format(_name(node),
                                                                          node.op_type)]
-    found = []
+    found = _type_problems(node, types, constants, version, supported, opset)
     elem = types.get(node.input[0]) if node.input and node.input[0] else None
-    kind = _TYPES.get(elem)
-    if kind == "UINT8" and node.op_type == "Cast" and tuple(version[:2]) >= UINT8_INPUTS:
-        kind = "FP32"        # 8.5+: UINT8 inputs are cast (the input rule checks the target)
-    if elem and node.op_type not in ("Shape", "Size") and kind not in supported.split():
-        found.append("{}: input type {} is not imported (supported: {})".format(
-            _name(node), TensorProto.DataType.Name(elem), supported.replace(" ", ", ")))
     if node.op_type == "Equal" and elem in _FLOATS:
         found.append("{}: Equal compares floating-point tensors, which an FP16 engine may "
                      "compute at different precisions; compare indices instead".format(
