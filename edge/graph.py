@@ -53,6 +53,10 @@ def rewrite(model, card, frame_w, frame_h, reference_size=None, frame_dtype="uin
         model = with_batch(model)[0]
     else:
         model = _copy(model)
+    # The family's own changes to the model's nodes (LoFTR: FP16-safe attention), on the copy.
+    rewrite_model = getattr(family, "rewrite_model", None)
+    if rewrite_model is not None:
+        rewrite_model(model)
     graph = model.graph
     g = GraphBuilder("edge", model_opset(model), batched)
     net_inputs = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]

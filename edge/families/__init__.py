@@ -4,7 +4,8 @@ A family is a small module that registers a class with `register`. The class say
 task it serves, adds the family's nodes (built with edge.nodes) when `edge.graph.rewrite`
 fuses the card into the model (`graph_inputs`, `graph_outputs`), and says whether those have a
 batched form (`batches`: several cameras' frames in one run); nothing outside the family asks
-which it is.
+which it is. A family may also rewrite the model's own nodes first (`rewrite_model(model)`,
+optional: Coarse LoFTR makes its attention FP16-safe there).
 """
 
 _FAMILIES = {}
