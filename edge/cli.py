@@ -83,6 +83,7 @@ def _build(args):
     print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
                                          sorted(maker.backend.describe().items()) if v)))
     store = daemon.reference_store(cfg)
+    made = []
     for name in names:
         card = cards.load(name)
         options = {"store": store} if card.task == "match" else {
@@ -90,12 +91,21 @@ def _build(args):
         task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
                             device=cfg["device_id"], **options)
         task.plan(sizes)          # the engines the daemon makes for its cameras
+        refs = [None] if card.task == "detect" else [store.get(n) for n in store.names()]
+        if not refs:
+            print("{}: no reference stored: matcher engines are built per reference size; "
+                  "give --reference IMAGE".format(card.name))
+        made.append((card, task, refs))
+    # Every engine built first, one at a time, then each loaded and run once: as the daemon
+    # does, no build runs beside a loaded engine.
+    for card, task, refs in made:
+        for width, height in sorted(sizes):
+            for ref in refs:
+                task.ensure_engine(width, height, None if ref is None else
+                                   (ref.shape[1], ref.shape[0]))
+    for card, task, refs in made:
         for width, height in sorted(sizes):
             frame = Frame(0, (height, width, 3), maker.allocate)
-            refs = [None] if card.task == "detect" else [store.get(n) for n in store.names()]
-            if not refs:
-                print("{}: no reference stored: matcher engines are built per reference size; "
-                      "give --reference IMAGE".format(card.name))
             for ref in refs:
                 # one run proves the engine loads and executes
                 engine = task.engine_for(width, height) if ref is None else None
@@ -239,8 +249,8 @@ class _ProgressPrinter:
             bar = "[{}{}] {:3.0f}% ".format("#" * filled, "." * (20 - filled), 100 * fraction)
         line = "building {}: {}{} {:.1f} s".format(state.label, bar, state.phase, state.elapsed)
         if state.state != "building":
-            line = "building {}: {} after {:.1f} s".format(state.label, state.state,
-                                                          state.elapsed)
+            line = "building {}: {} after {:.1f} s, peak {:.0f} MiB ({})".format(
+                state.label, state.state, state.elapsed, state.peak_mb, state.counted)
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if state.state != "building" else ""))
         else:
@@ -387,6 +397,8 @@ def _doctor(args):
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
     cfg = _beside_the_service(args.config, overrides)
+    if args.memory:
+        return doctor.memory(cfg)
     names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c] or \
         sorted(cards.available())
     return doctor.doctor(cfg, names, write_reference=args.write_reference)
@@ -545,6 +557,9 @@ def parser():
     dr.add_argument("--model-dir", help="folder of model files")
     dr.add_argument("--mirror", help="local folder to fetch models from")
     dr.add_argument("--state-dir", help="folder for engines")
+    dr.add_argument("--memory", action="store_true",
+                    help="print only the memory plan of the config on this board, each figure "
+                         "with its source (docs/memory.md); exit 1 when it does not fit")
     dr.add_argument("--write-reference", action="store_true",
                     help="store this run's outputs as the reference (maintainers)")
     dr.set_defaults(func=_doctor)

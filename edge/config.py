@@ -97,6 +97,15 @@ def _odd(value):
     return None if value % 2 else "an odd number (the block has a centre pixel)"
 
 
+def _tactic_sources(value):
+    from edge.backends.trt import parse_tactic_sources
+    try:
+        parse_tactic_sources(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _camera_name(value):
     from edge.cameras import name_problem
     return name_problem(value)
@@ -180,12 +189,20 @@ SPEC = {
         "dir": Field(str, default=None, nullable=True,
                      help="built engines; default {state_dir}/engines"),
         "budget_mb": Field(int, default=2048, min=64, max=1 << 20,
-                           help="memory the engine build may use (RSS + swap, or the fall in "
-                                "MemAvailable + SwapFree if larger)"),
+                           help="memory the engine build process may use itself (RSS + "
+                                "swap, plus its GPU memory where readable); no other "
+                                "process's memory counts"),
         "reserve_mb": Field(int, default=128, min=0, max=1 << 20,
-                            help="memory + swap a build must leave to the rest of the system"),
+                            help="memory + swap a build must leave to the rest of the "
+                                 "system: less before it starts refuses it, less while it "
+                                 "runs stops it"),
         "workspace_mb": Field(int, default=256, min=0, max=1 << 20,
                               help="TensorRT builder workspace"),
+        "tactic_sources": Field(str, default="auto", check=_tactic_sources,
+                                help="TensorRT tactic sources: auto (a Jetson: TensorRT's own "
+                                     "kernels, no cuBLAS/cuDNN; elsewhere TensorRT's "
+                                     "defaults), default, or edits such as "
+                                     "-CUDNN,-CUBLAS,-CUBLAS_LT or +CUBLAS"),
         "build_timeout": Field(float, default=3600.0, min=1.0,
                                help="seconds before a build is given up"),
         "cache_mb": Field(int, default=1024, min=1, max=1 << 20,

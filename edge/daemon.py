@@ -24,7 +24,8 @@ def engine_maker(config):
     from edge.backends.build import EngineMaker
     from edge.backends.cache import EngineCache
     backend = backends.select(config["backend"], threads=config["pipeline"]["threads"],
-                              workspace_mb=config["engine"]["workspace_mb"])
+                              workspace_mb=config["engine"]["workspace_mb"],
+                              tactic_sources=config["engine"]["tactic_sources"])
     engine = config["engine"]
     return EngineMaker(backend, EngineCache(engine["dir"], engine["cache_mb"]),
                        engine["budget_mb"] * 2 ** 20, engine["build_timeout"],
@@ -83,11 +84,14 @@ def build_tasks(config, maker, store, source=None):
 
 
 def _system_status():
-    """edge.system's report, sampled CPU included; None where the module is not usable."""
+    """(edge.system's report, sampled CPU included; closing it; the build watch's reader of
+    a process's GPU memory, through jtop where it runs); Nones where edge.system is not
+    usable."""
     try:
         from edge import system
     except ImportError:
-        return None, None
+        return None, None, None
+    from edge.backends.build import gpu_memory_reader
     sampler = system.CpuSampler()
     client = system.open_jtop()
 
@@ -96,7 +100,7 @@ def _system_status():
         if report.get("source") != "jtop":
             report["cpu_percent"] = sampler.sample()
         return report
-    return status, lambda: system.close_jtop(client)
+    return status, lambda: system.close_jtop(client), gpu_memory_reader(client)
 
 
 class Daemon:
@@ -117,6 +121,7 @@ class Daemon:
         self.tasks = []
         self.store = None
         self.maker = None
+        self._gpu_memory = None   # a build process's GPU memory, from the system's readers
         self.health = None
         self.commands = None
         self.metrics = None         # edge.metrics.MetricsServer when metrics.port is set
@@ -225,7 +230,7 @@ class Daemon:
         from edge.commands import Commands
         from edge.health import Health
         config = self.config
-        status, close = _system_status()
+        status, close, self._gpu_memory = _system_status()
         self._close_system = close or (lambda: None)
         self.health = Health(self, config["health"]["interval"], config["health"],
                              system_status=status,
@@ -296,6 +301,8 @@ class Daemon:
         in a thread, while this one keeps systemd's start job extended and watches for a
         stop; False when a signal came first (the build child dies with us)."""
         errors = []
+        if self._gpu_memory is not None:
+            self.maker.gpu_memory = self._gpu_memory    # jtop's table, once it is open
 
         def prepare():
             try:

@@ -133,6 +133,18 @@ class DepthSlot:
         return self.binding.outputs[OUTPUT]
 
 
+def conversion(calibration, width, height, settings):
+    """(disparity estimator, card, conversion graph, engine label) for frames of this size."""
+    estimator = disparity.create(settings["disparity"], width, height,
+                                 settings["min_disparity"], settings["num_disparities"],
+                                 settings["block_size"])
+    card = ConversionCard("stereo-{}".format(estimator.name))
+    model = conversion_model(width, height, calibration, estimator.scale_inverse,
+                             estimator.lowest_valid, settings["depth_min_mm"],
+                             settings["depth_max_mm"])
+    return estimator, card, model, "{}-{}x{}".format(card.name, width, height)
+
+
 class StereoDepth:
     """Depth maps for frames of one size: estimator, conversion engine and buffers made once.
 
@@ -146,14 +158,8 @@ class StereoDepth:
         self.calibration = calibration
         self.settings = settings
         self.width, self.height = width, height
-        self.estimator = disparity.create(settings["disparity"], width, height,
-                                          settings["min_disparity"],
-                                          settings["num_disparities"], settings["block_size"])
-        self.card = ConversionCard("stereo-{}".format(self.estimator.name))
-        self.model = conversion_model(width, height, calibration,
-                                      self.estimator.scale_inverse, self.estimator.lowest_valid,
-                                      settings["depth_min_mm"], settings["depth_max_mm"])
-        self.label = "{}-{}x{}".format(self.card.name, width, height)
+        self.estimator, self.card, self.model, self.label = conversion(calibration, width,
+                                                                       height, settings)
         self.engine = maker.make(self.model, self.card, self.label, background=True)
         self.left = np.zeros((height, width), np.uint8)    # grey, rectified
         self.right = np.zeros((height, width), np.uint8)

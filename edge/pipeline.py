@@ -316,9 +316,10 @@ class Pipeline:
                            camera.label(), error)
 
     def prepare(self):
-        """Build or load every task's engines for each camera's first frame, one after
-        another, before any frame flows (builds never overlap, and a Nano's memory holds only
-        one); a task that batches learns first how many cameras share each frame size.
+        """Build every task's engines for each camera's first frame, one after another, then
+        load them, before any frame flows: builds never overlap, and none runs while the
+        daemon holds a loaded engine (a Nano 2GB holds a build or the engines, not both). A
+        task that batches learns first how many cameras share each frame size.
 
         A task whose engine fails is failed alone, as if it had failed on a frame; the run
         stops when every task has failed. Without a first frame yet (a live camera that
@@ -327,14 +328,18 @@ class Pipeline:
         firsts = [frame for frame in (c.capture.prime() for c in self.cameras)
                   if frame is not None]
         sizes = collections.Counter((frame.width, frame.height) for frame in firsts)
-        for runner in self.runners:
-            try:
-                runner.task.plan(sizes)
-                for frame in firsts:
-                    if runner.task.serves(frame.camera):
-                        runner.task.prepare(frame)
-            except Exception as e:
-                runner.fail(e, None)
+        for step in ("build", "prepare"):
+            for runner in self.runners:
+                if runner.error is not None:
+                    continue
+                try:
+                    if step == "build":
+                        runner.task.plan(sizes)
+                    for frame in firsts:
+                        if runner.task.serves(frame.camera):
+                            getattr(runner.task, step)(frame)
+                except Exception as e:
+                    runner.fail(e, None)
 
     def start(self):
         self.started = time.monotonic()

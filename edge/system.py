@@ -231,6 +231,36 @@ def read_meminfo(root="/"):
     return memory, {"total_mb": _mib(swap_total), "used_mb": _mib(swap_used)}
 
 
+# Per-process GPU memory on a Jetson: nvmap's table in debugfs, as jetson-stats 4.x and 7.x
+# read it (jtop/core/processes.py, read_process_table: "user process PID size" rows, sizes
+# like "42376K"). debugfs is root's alone (mode 0700): the jtop service runs as root and
+# hands the same figures to members of the `jtop` group over its socket (jetson.processes,
+# field 8, KiB), which is how a service running as another user can see them.
+NVMAP_CLIENTS = "sys/kernel/debug/nvmap/iovmm/maps"
+NVMAP_ROW_RE = re.compile(r"^\S+\s+\S+\s+(\d+)\s+(\d+)([KMG])\s*$")
+_UNIT_KIB = {"K": 1, "M": 1024, "G": 1024 * 1024}
+
+
+def process_gpu_memory(pid, jtop_client=None, root="/"):
+    """Bytes of GPU (nvmap) memory process `pid` holds on a Jetson; 0 when it holds none,
+    None where no figure can be read (not a Jetson, debugfs not readable and no jtop)."""
+    text = _read(_path(root, NVMAP_CLIENTS))
+    if text is not None:
+        kib = 0
+        for line in text.splitlines():
+            match = NVMAP_ROW_RE.match(line.strip())
+            if match and int(match.group(1)) == pid:
+                kib += int(match.group(2)) * _UNIT_KIB[match.group(3)]
+        return kib * 1024
+    if jtop_client is not None:
+        try:
+            rows = jtop_client.processes
+            return sum(int(row[8]) for row in rows if int(row[0]) == pid) * 1024
+        except Exception as exc:             # a closed client, another shape: no figure
+            logger.debug("jtop processes not usable: %r", exc)
+    return None
+
+
 def read_gpu_load(root="/"):
     """iGPU load in percent from its per-mille `load` file, or None."""
     for relative in GPU_LOAD_FILES:

@@ -70,7 +70,9 @@ class ReportingBackend(OrtBackend):
 @register
 class HiddenHungryBackend(OrtBackend):
     """Takes memory that is not in its RSS, as CUDA and nvmap allocations on a Jetson are
-    not: pages of a tmpfs file it writes (`EDGE_TEST_SHM_FILE`) and never maps."""
+    not: pages of a tmpfs file it writes (`EDGE_TEST_SHM_FILE`) and never maps. With
+    `EDGE_TEST_NVMAP_ROOT` it also keeps that root's nvmap table (the Jetson driver's
+    debugfs file, edge.system.NVMAP_CLIENTS) saying how much it holds, as the driver would."""
     name = "test-hidden-hungry"
     limit_address_space = False
 
@@ -78,10 +80,21 @@ class HiddenHungryBackend(OrtBackend):
     def build(cls, onnx_path, out_path, options, progress):
         import os
         chunk = b"\x01" * (8 * 2 ** 20)
+        table = os.environ.get("EDGE_TEST_NVMAP_ROOT")
+        if table:
+            from edge.system import NVMAP_CLIENTS
+            table = os.path.join(table, NVMAP_CLIENTS)
+            os.makedirs(os.path.dirname(table), exist_ok=True)
         with open(os.environ["EDGE_TEST_SHM_FILE"], "wb") as f:
-            for _ in range(160):            # 1.25 GiB at most
+            for i in range(160):            # 1.25 GiB at most
                 f.write(chunk)
                 f.flush()
+                if table:
+                    with open(table + ".new", "w") as t:
+                        t.write("PROCESS PID SIZE\nroot Xorg 812 26112K\n"
+                                "edge python3 {} {}K\ntotal {}K\n".format(
+                                    os.getpid(), (i + 1) * 8192, (i + 1) * 8192 + 26112))
+                    os.rename(table + ".new", table)
                 time.sleep(0.01)
         progress("build", 1.0)
 

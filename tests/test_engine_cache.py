@@ -158,15 +158,38 @@ def _cmdline(pid):
         return ""
 
 
-def test_budget_larger_than_memory_and_swap_is_refused_with_advice(tmp_path, rewritten):
+def test_a_build_the_system_cannot_give_what_it_needs_is_refused_with_advice(tmp_path,
+                                                                              rewritten):
+    """The pre-check asks for the build's estimate on top of engine.reserve_mb, not for the
+    whole budget: a budget above the board's memory is no reason to refuse (the build takes
+    what it needs), a reserve the board cannot keep is; the advice is the system's case."""
     card, model = rewritten
+    path = maker(tmp_path, budget=1 << 50).make(model, card, "yolox-nano-320x240")
+    assert path is not None and len(artefacts(tmp_path)) == 2
+    huge_reserve = EngineMaker(OrtBackend(), EngineCache(str(tmp_path / "other")), 2 * GiB,
+                               reserve=1 << 50)
     with pytest.raises(BuildError) as info:
-        maker(tmp_path, budget=1 << 50).make(model, card, "yolox-nano-320x240")
+        huge_reserve.make(model, card, "yolox-nano-320x240")
     message = str(info.value)
-    assert "memory + swap is available" in message and "swap file" in message
-    assert "workspace_mb" in message and "smaller input" in message
+    assert "expected to need about" in message and "memory + swap available" in message
+    assert "engine.reserve_mb" in message and "swap file" in message
+    assert "smaller input" in message and "raise engine.budget_mb" not in message
     assert info.value.exit_code == 70
-    assert artefacts(tmp_path) == []
+    assert not os.path.exists(str(tmp_path / "other")) or \
+        glob.glob(str(tmp_path / "other" / "*.onnx")) == []
+
+
+def test_advice_is_true_to_the_case():
+    board = building.meminfo_kib("MemTotal", "SwapTotal") * 1024
+    over_small = building.advice("budget", 400 * 2 ** 20, {"workspace_mb": 256})
+    assert "raise engine.budget_mb (now 400; this board has" in over_small
+    assert "lower engine.workspace_mb (now 256)" in over_small
+    over_all = building.advice("budget", 2 * board, {"precision": "fp32"})
+    assert "raise engine.budget_mb" not in over_all and "swap file" in over_all
+    assert "workspace_mb" not in over_all
+    low = building.advice("system", 2 * board, {}, reserve=128 * 2 ** 20)
+    assert "raise engine.budget_mb" not in low and "lower engine.reserve_mb (now 128)" in low
+    assert "multi-user.target" in low and "swap file" in low
 
 
 def test_build_over_budget_is_killed_and_reported_daemon_survives(tmp_path, rewritten):
@@ -175,7 +198,8 @@ def test_build_over_budget_is_killed_and_reported_daemon_survives(tmp_path, rewr
     with pytest.raises(BuildError) as info:
         hungry.make(model, card, "hungry-320x240")
     message = str(info.value)
-    assert "over its budget of 400 MiB" in message and "add swap" in message
+    # the build itself needed more: the budget is what to raise, where the board has more
+    assert "over its budget of 400 MiB" in message and "raise engine.budget_mb (now 400" in message
     assert building.STATES["hungry-320x240"].state == "failed"
     assert building.STATES["hungry-320x240"].peak_mb > 300
     assert artefacts(tmp_path) == []
@@ -187,7 +211,8 @@ def test_address_space_limit_stops_a_build_that_needs_more(tmp_path, rewritten):
     with pytest.raises(BuildError) as info:
         maker(tmp_path, budget=64 * 2 ** 20).make(model, card, "tiny-320x240")
     print(info.value)
-    assert "out of memory" in str(info.value) and "add swap" in str(info.value)
+    assert "out of memory" in str(info.value)
+    assert "raise engine.budget_mb (now 64" in str(info.value)    # its limit, not the board's
     assert artefacts(tmp_path) == []
 
 
@@ -204,10 +229,10 @@ def test_edge_build_shows_progress_then_reuses_the_cache(tmp_path, model_dir):
     assert rc == 0 and "building" not in err, "the second run loads the cached engine"
 
 
-def test_edge_run_with_a_budget_that_cannot_fit_exits_70(tmp_path, model_dir):
+def test_edge_run_with_a_reserve_the_board_cannot_keep_exits_70(tmp_path, model_dir):
     from tests.conftest import run_edge
     config = tmp_path / "edge.yaml"
-    config.write_text("engine: {budget_mb: 1048576}\n")    # 1 TiB
+    config.write_text("engine: {reserve_mb: 1048576}\n")    # 1 TiB
     rc, out, err = run_edge("run", "-c", str(config), "--detector", "yolox-nano", "--source",
                             "test://?frames=2", "--state-dir", str(tmp_path), "--model-dir",
                             model_dir, "--jsonl", str(tmp_path / "o.jsonl"))
@@ -341,21 +366,27 @@ def test_engines_are_built_one_at_a_time(tmp_path, rewritten, monkeypatch):
         assert start >= end, "two builds ran at once: {}".format(intervals)
 
 
-def test_memory_the_build_takes_outside_its_rss_counts(tmp_path, rewritten, monkeypatch):
-    """On a Jetson the builder's CUDA and nvmap memory is not in its RSS; the watch sees it
-    in the fall of MemAvailable + SwapFree (here: tmpfs pages the child writes, unmapped)."""
+def test_gpu_memory_the_build_holds_outside_its_rss_counts(tmp_path, rewritten, monkeypatch):
+    """On a Jetson the builder's CUDA and nvmap memory is not in its RSS; the watch reads the
+    child's row of nvmap's table (edge.system.process_gpu_memory, here on a recorded root
+    whose table the child keeps as the driver would, beside tmpfs pages it really holds)."""
+    from edge import system
     card, model = rewritten
     shm = "/dev/shm/edge-test-{}".format(os.getpid())
+    root = str(tmp_path / "root")
     monkeypatch.setenv("EDGE_TEST_SHM_FILE", shm)
+    monkeypatch.setenv("EDGE_TEST_NVMAP_ROOT", root)
+    hidden = maker(tmp_path, build_backends.HiddenHungryBackend(), budget=300 * 2 ** 20)
+    hidden.gpu_memory = lambda pid: system.process_gpu_memory(pid, root=root)
     try:
         with pytest.raises(BuildError) as info:
-            maker(tmp_path, build_backends.HiddenHungryBackend(), budget=300 * 2 ** 20).make(
-                model, card, "hidden-320x240")
+            hidden.make(model, card, "hidden-320x240")
     finally:
         if os.path.exists(shm):
             os.unlink(shm)
     assert "over its budget of 300 MiB" in str(info.value)
     assert building.STATES["hidden-320x240"].peak_mb > 250
+    assert building.STATES["hidden-320x240"].counted == "RSS + swap + GPU"
     assert artefacts(tmp_path) == []
 
 
@@ -374,8 +405,10 @@ def test_a_build_that_leaves_the_system_too_little_memory_is_stopped(tmp_path, r
         if os.path.exists(shm):
             os.unlink(shm)
     message = str(info.value)
-    assert "under the {:.0f} MiB kept for the rest of it (engine.reserve_mb)".format(
+    assert "stopped to protect the rest of the board" in message
+    assert "under the {:.0f} MiB kept for it (engine.reserve_mb)".format(
         reserve / 2 ** 20) in message and "add swap" in message
+    assert "raise engine.budget_mb" not in message
 
 
 def test_every_engine_is_built_before_frames_flow(tmp_path, model_dir):
@@ -397,6 +430,9 @@ def test_every_engine_is_built_before_frames_flow(tmp_path, model_dir):
     running = first("running yolox-nano, coarse-loftr on")
     assert first("engine yolox-nano-320x240 built in") < running
     assert first("engine coarse-loftr-320x240-ref741x500 built in") < running
+    # every build before any load: no build runs beside a loaded engine
+    assert first("engine coarse-loftr-320x240-ref741x500 built in") < \
+        first("engine yolox-nano for 320x240 frames ready")
     with open(str(jsonl)) as f:
         messages = [json.loads(line) for line in f]
     detections = [m["frame"]["index"] for m in messages if "detections" in m]

@@ -5,8 +5,11 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
+
+from tests.test_memoryplan import LXDE, NANO_RELEASE, fake_board
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "install-jetson")
@@ -272,3 +275,48 @@ def test_uninstall_purge(untouched):
 def test_data_options_need_uninstall():
     result = run("--dry-run", "--force", "--purge")
     assert result.returncode == 2
+
+
+@pytest.fixture
+def nano_2gb(tmp_path):
+    """A Nano 2GB without swap (zram turned off), LXDE running: files the installer reads
+    (device tree, L4T release, meminfo) and the tree the memory plan reads. PYTHON is this
+    test's Python, which has PyYAML: a dry run plans with the checkout, not the venv."""
+    root = fake_board(tmp_path / "root", "NVIDIA Jetson Nano 2GB Developer Kit", NANO_RELEASE,
+                      total_mib=1980, available_mib=1270, processes=LXDE, graphical=True)
+    return {"EDGE_INSTALL_ROOT": root, "PYTHON": sys.executable,
+            "EDGE_INSTALL_DT_MODEL": os.path.join(root, "proc", "device-tree", "model"),
+            "EDGE_INSTALL_TEGRA_RELEASE": os.path.join(root, "etc", "nv_tegra_release"),
+            "EDGE_INSTALL_MEMINFO": os.path.join(root, "proc", "meminfo")}
+
+
+def test_a_config_that_does_not_fit_the_board_is_a_loud_warning(nano_2gb, tmp_path, untouched):
+    """cuBLAS and cuDNN in the build, both tasks, no swap: the plan does not fit a Nano 2GB.
+    The installer says so, with what to change, and still succeeds."""
+    config = tmp_path / "edge.yaml"
+    config.write_text("source: /dev/video0\ndetector: yolox-nano\nmatcher: coarse-loftr\n"
+                      "engine:\n  tactic_sources: default\n")
+    result = run("--dry-run", env=dict(nano_2gb, EDGE_INSTALL_CONFIG=str(config)))
+    assert result.returncode == 0, result.stderr
+    assert "== memory plan" in result.stderr
+    assert "    board    Jetson Nano 2GB (NVIDIA Jetson Nano 2GB Developer Kit)" in result.stderr
+    assert "    memory   DOES NOT FIT: build: " in result.stderr
+    warning = next(l for l in result.stderr.splitlines() if "DOES NOT FIT THIS BOARD" in l)
+    assert warning.startswith("install-jetson: warning: *** {}".format(config))
+    assert "sudo edge doctor --memory" in warning
+    changes = [l.strip() for l in result.stderr.splitlines() if l.strip().startswith("change ")]
+    text = "\n".join(changes)
+    assert "engine.tactic_sources: auto" in text and "/var/swapfile" in text
+    assert "set-default multi-user.target" in text
+    # the plan changes nothing: no command of its own
+    assert not any("edge.doctor" in c for c in commands(result.stdout))
+
+
+def test_the_shipped_config_fits_a_nano_2gb(nano_2gb, untouched):
+    """A first install plans the config it installs (systemd/edge.yaml): it fits."""
+    result = run("--dry-run", env=nano_2gb)
+    assert result.returncode == 0, result.stderr
+    assert "    memory   fits" in result.stderr
+    assert "install-jetson: memory plan: {}/systemd/edge.yaml fits this board".format(ROOT) in \
+        result.stderr
+    assert "DOES NOT FIT" not in result.stderr

@@ -94,6 +94,12 @@ class Backend:
         batch, ...): part of the key."""
         return {"precision": card.precision}
 
+    def build_estimate(self, model_size, options):
+        """Bytes a build of a `model_size`-byte rewritten graph with these options is expected
+        to need (edge.memoryplan): what the pre-check asks of the system before it starts."""
+        from edge import memoryplan
+        return memoryplan.ort_build(model_size)
+
     @classmethod
     def build(cls, onnx_path, out_path, options, progress):
         """Build the artefact from the ONNX file into out_path; runs in the build child.

@@ -6,13 +6,15 @@ child process (`python -m edge.backends.buildjob`): its memory goes back to the 
 it ends, and if it crashes or is killed, the daemon only reports it. The budget is enforced
 twice: the child limits its own address space (RLIMIT_AS) where the backend allows it (CUDA
 reserves huge virtual ranges, so TensorRT builds cannot), and the parent watches the child's
-memory and kills it when it goes over. That watch reads two figures, because on a Jetson the
-CUDA and pinned allocations of the builder (nvmap) do not show in its RSS: the child's RSS +
-swap, and how much the system's MemAvailable + SwapFree fell since the build started; the
-larger counts. It also stops the build when the system has less than `engine.reserve_mb`
-left, so the daemon and the desktop keep memory to run in, and the child asks the kernel to
+memory and kills it when it goes over. The budget counts the child's own memory and nothing
+else: its RSS + swap, plus, on a Jetson, its CUDA and pinned allocations (nvmap, outside its
+RSS) where they can be read (debugfs as root, or the jtop service: edge.system); what other
+programs allocate meanwhile is never charged to it. The board is protected separately: the
+watch stops the build when the whole system has less than `engine.reserve_mb` of memory +
+swap left, so the daemon and the rest keep memory to run in, and the child asks the kernel to
 pick it first when memory runs out anyway (oom_score_adj 1000, edge.backends.buildjob).
-Before starting, the budget is checked against the memory and swap available.
+Before starting, the system must have what the build is expected to need (the backend's
+estimate, edge.memoryplan) on top of the reserve.
 
 One engine is built at a time: a detector and a matcher each pass the budget check alone
 and together would not fit a Nano 2GB. A lock serialises the builds of this process, and a
@@ -61,7 +63,8 @@ class BuildState:
         self.started = time.time()
         self.elapsed = 0.0
         self.error = None
-        self.peak_mb = 0.0
+        self.peak_mb = 0.0             # the build process's own memory at its highest
+        self.counted = "RSS + swap"    # what that figure holds (GPU where nvmap is readable)
 
     def as_dict(self):
         return {"state": self.state, "phase": self.phase, "progress": self.progress,
@@ -79,33 +82,68 @@ class BuildState:
                 logger.exception("build progress listener failed")
 
 
-def memory_available():
-    """Bytes of memory the system can still give: MemAvailable + SwapFree (None if unknown)."""
+def meminfo_kib(*names):
+    """The sum of /proc/meminfo fields (kB, i.e. KiB) such as MemAvailable; None if unknown."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        kib = int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])
-        return kib * 1024
+        return sum(int(info[name].split()[0]) for name in names)
     except (OSError, KeyError, ValueError):
         return None
 
 
-def advice(label, budget):
-    """What to do when a build does not fit (Jetson Nano 2GB first)."""
-    return ("add swap (a 4 GB swap file on a Nano 2GB: sudo fallocate -l 4G /var/swapfile && "
-            "sudo chmod 600 /var/swapfile && sudo mkswap /var/swapfile && sudo swapon "
-            "/var/swapfile), lower engine.workspace_mb, raise engine.budget_mb (now {:.0f}) if "
-            "the memory is there, or use a smaller input size in the card".format(
-                budget / 2 ** 20))
+def memory_available():
+    """Bytes of memory the system can still give: MemAvailable + SwapFree (None if unknown)."""
+    kib = meminfo_kib("MemAvailable", "SwapFree")
+    return None if kib is None else kib * 1024
 
 
-def check_budget(label, budget):
-    """BuildError with advice when less memory + swap is available than the budget."""
+SWAP_FILE = ("add swap (a 4 GB swap file on a Nano 2GB: sudo fallocate -l 4G /var/swapfile && "
+             "sudo chmod 600 /var/swapfile && sudo mkswap /var/swapfile && sudo swapon "
+             "/var/swapfile; docs/memory.md)")
+FREE_MEMORY = ("stop other programs or the desktop (sudo systemctl set-default "
+               "multi-user.target, then reboot)")
+
+
+def advice(case, budget, options=None, reserve=DEFAULT_RESERVE):
+    """What to do about a build that does not fit, true to the `case`: "budget" (the build
+    itself went over engine.budget_mb) or "system" (the board has too little left for it)."""
+    options = options or {}
+    board_kib = meminfo_kib("MemTotal", "SwapTotal")
+    board = None if board_kib is None else board_kib * 1024
+    steps = []
+    if case == "budget":
+        if board is None or budget < board:
+            steps.append("raise engine.budget_mb (now {:.0f}{}) if the memory is there".format(
+                budget / 2 ** 20, "" if board is None else
+                "; this board has {:.0f} MiB of memory + swap".format(board / 2 ** 20)))
+        else:
+            steps.append(SWAP_FILE)
+    else:
+        steps += [FREE_MEMORY, SWAP_FILE]
+        if reserve:
+            steps.append("lower engine.reserve_mb (now {:.0f}) if the rest of the board needs "
+                         "less".format(reserve / 2 ** 20))
+    if options.get("workspace_mb"):
+        steps.append("lower engine.workspace_mb (now {})".format(options["workspace_mb"]))
+    steps.append("use a smaller input size in the card")
+    return ", ".join(steps[:-1]) + " or " + steps[-1]
+
+
+def check_memory(label, need, budget, reserve=DEFAULT_RESERVE, options=None):
+    """BuildError when the system cannot give a build what it is expected to need (`need`
+    bytes: edge.memoryplan's estimate) and still keep engine.reserve_mb for the rest."""
     available = memory_available()
-    if available is not None and available < budget:
-        raise BuildError("engine {}: the build may need up to {:.0f} MiB but only {:.0f} MiB of "
-                         "memory + swap is available; {}".format(
-                             label, budget / 2 ** 20, available / 2 ** 20, advice(label, budget)))
+    if available is not None and available - reserve < need:
+        raise BuildError("engine {}: the build is expected to need about {:.0f} MiB, but the "
+                         "system has {:.0f} MiB of memory + swap available and keeps {:.0f} MiB "
+                         "of it for the rest of the board (engine.reserve_mb); {}".format(
+                             label, need / 2 ** 20, available / 2 ** 20, reserve / 2 ** 20,
+                             advice("system", budget, options, reserve)))
+    if need > budget:
+        logger.warning("engine %s: the build is expected to need about %.0f MiB, over "
+                       "engine.budget_mb (%.0f); it may be stopped", label, need / 2 ** 20,
+                       budget / 2 ** 20)
 
 
 def process_kib(pid, *names):
@@ -118,9 +156,20 @@ def process_kib(pid, *names):
         return 0
 
 
-def _child_memory(pid):
-    """Resident + swapped bytes of a process (0 when gone)."""
-    return process_kib(pid, "VmRSS", "VmSwap") * 1024
+def own_memory(pid, gpu_memory=None):
+    """(bytes, whether GPU memory is in it) a process holds itself: resident + swapped, plus
+    its GPU (nvmap) allocations where `gpu_memory(pid)` can read them (a Jetson's builder
+    keeps its CUDA allocations there, outside its RSS). 0 when the process is gone."""
+    used = process_kib(pid, "VmRSS", "VmSwap") * 1024
+    gpu = gpu_memory(pid) if gpu_memory is not None else None
+    return used + (gpu or 0), gpu is not None
+
+
+def gpu_memory_reader(jtop_client=None):
+    """A `gpu_memory(pid)` for the build watch: edge.system's nvmap reading (debugfs, or the
+    jtop service's table through `jtop_client`)."""
+    from edge import system
+    return lambda pid: system.process_gpu_memory(pid, jtop_client)
 
 
 @contextlib.contextmanager
@@ -157,13 +206,14 @@ def one_build_at_a_time(folder, state):
 
 
 def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None,
-           reserve=DEFAULT_RESERVE, recipe=None, batch=None):
+           reserve=DEFAULT_RESERVE, recipe=None, batch=None, gpu_memory=None):
     """The cached artefact for a rewritten model, building it in a child when needed.
 
     `model`: the rewritten onnx.ModelProto, or a callable that makes it. With a `recipe`
     (what the model is made from, edge.tasks.recipe) an artefact recorded under it is found
     without calling `model` (see edge.backends.cache, Recipes). `batch`: the most frames of a
-    run, for a graph with a batch dimension.
+    run, for a graph with a batch dimension. `gpu_memory(pid)`: the build process's GPU memory
+    (bytes, None where unreadable), counted in its budget.
     """
     fingerprint = backend.fingerprint()
     options = backend.build_options(card, batch) if batch else backend.build_options(card)
@@ -198,7 +248,7 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
                 return path
             state.update(phase="starting")
             return _build(backend, model_bytes, path, key, material, options, cache, budget,
-                          state, timeout, progress, reserve)
+                          state, timeout, progress, reserve, gpu_memory)
     except BuildError as e:
         state.update(state="failed", error=str(e))
         raise
@@ -210,15 +260,15 @@ def _as_json(value):
 
 
 def _build(backend, model_bytes, path, key, material, options, cache, budget, state, timeout,
-           progress, reserve):
+           progress, reserve, gpu_memory):
     try:
         run_child(backend, model_bytes, path, options, budget, state, timeout, progress,
-                  reserve)
+                  reserve, gpu_memory)
         state.update(phase="storing")
         cache.store(path, path + ".build", key, material)
         state.update(state="ready", phase="done", progress=1.0)
-        logger.info("engine %s built in %.1f s (peak %.0f MiB)", state.label, state.elapsed,
-                    state.peak_mb)
+        logger.info("engine %s built in %.1f s (peak %.0f MiB, %s)", state.label, state.elapsed,
+                    state.peak_mb, state.counted)
         return path
     finally:
         for leftover in (path + ".build", path + ".onnx"):
@@ -227,10 +277,16 @@ def _build(backend, model_bytes, path, key, material, options, cache, budget, st
 
 
 def run_child(backend, model_bytes, path, options, budget, state, timeout=None, progress=None,
-              reserve=DEFAULT_RESERVE):
-    """Run one build in `python -m edge.backends.buildjob`; BuildError on any failure."""
+              reserve=DEFAULT_RESERVE, gpu_memory=None):
+    """Run one build in `python -m edge.backends.buildjob`; BuildError on any failure.
+
+    The budget counts the child's own memory (`own_memory`) and nothing else: what other
+    programs allocate meanwhile is theirs. The board is protected by engine.reserve_mb
+    instead: when the system as a whole runs that low, the build is stopped.
+    """
     label = state.label
-    check_budget(label, budget)
+    check_memory(label, backend.build_estimate(len(model_bytes), options), budget, reserve,
+                 options)
     onnx_path = path + ".onnx"
     log_path = path + ".log"
     try:
@@ -240,7 +296,6 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
         log = open(log_path, "wb")
     except OSError as e:     # a full or read-only engine folder: one line that names it
         raise unwritable(label, os.path.dirname(path), e)
-    available_at_start = memory_available()
     events_r, events_w = os.pipe()
     spec = {"backend": backend.name, "module": type(backend).__module__, "onnx": onnx_path,
             "out": path + ".build", "options": options, "events_fd": events_w,
@@ -253,32 +308,33 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
     os.close(events_w)
     child.stdin.write(json.dumps(spec).encode())
     child.stdin.close()
-    killed = []
+    killed = []       # (case, what happened) of a build the watch stopped
     events = []
+    gpu_seen = []
 
     def watch():
-        # Kill the child when it goes over the budget or the timeout, or leaves the system
-        # too little memory: the daemon stays alive.
+        # Kill the child when it goes over the budget or the timeout, or when the system has
+        # less than the reserve left: the daemon and the rest of the board stay alive.
         beat = 0
         while child.poll() is None:
-            available = memory_available()
-            # What the system lost since the start counts too: CUDA and nvmap allocations of
-            # the builder are not in its RSS on a Jetson.
-            fallen = 0 if None in (available, available_at_start) else \
-                available_at_start - available
-            used = max(_child_memory(child.pid), fallen)
+            used, with_gpu = own_memory(child.pid, gpu_memory)
+            if with_gpu and not gpu_seen:
+                gpu_seen.append(True)
             state.peak_mb = max(state.peak_mb, used / 2 ** 20)
+            available = memory_available()
             if used > budget:
-                killed.append("used {:.0f} MiB, over its budget of {:.0f} MiB".format(
-                    used / 2 ** 20, budget / 2 ** 20))
+                killed.append(("budget", "used {:.0f} MiB, over its budget of {:.0f} MiB".format(
+                    used / 2 ** 20, budget / 2 ** 20)))
                 child.send_signal(signal.SIGKILL)
             elif available is not None and available < reserve:
-                killed.append("left the system {:.0f} MiB of memory + swap, under the {:.0f} MiB "
-                              "kept for the rest of it (engine.reserve_mb)".format(
-                                  available / 2 ** 20, reserve / 2 ** 20))
+                killed.append(("system", "was stopped to protect the rest of the board: the "
+                               "system had {:.0f} MiB of memory + swap left, under the {:.0f} "
+                               "MiB kept for it (engine.reserve_mb), while the build itself "
+                               "used {:.0f} MiB".format(available / 2 ** 20, reserve / 2 ** 20,
+                                                        used / 2 ** 20)))
                 child.send_signal(signal.SIGKILL)
             elif timeout and time.time() - state.started > timeout:
-                killed.append("ran longer than {:.0f} s".format(timeout))
+                killed.append(("time", "ran longer than {:.0f} s".format(timeout)))
                 child.send_signal(signal.SIGKILL)
             beat += 1
             if beat % 10 == 0:
@@ -299,6 +355,7 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
                     progress(state)
     rc = child.wait()
     watcher.join()
+    state.counted = "RSS + swap + GPU" if gpu_seen else "RSS + swap"
     errors = [e for e in events if e.get("event") == "error"]
     if rc == 0 and not errors and os.path.exists(path + ".build"):
         os.unlink(log_path)
@@ -306,8 +363,10 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
     tail = _tail(log_path)
     # Under RLIMIT_AS a library may die before Python can report it (OpenBLAS at import).
     out_of_memory = bool(spec["rlimit_as"] and re.search(r"memory|bad_alloc", tail, re.I))
+    case = "budget"
     if killed:
-        reason = "the build process {}".format(killed[0])
+        case, what = killed[0]
+        reason = "the build process {}".format(what)
     elif errors and errors[-1].get("kind") == "memory":
         reason = "the build ran out of memory ({})".format(errors[-1].get("message"))
     elif errors:
@@ -316,15 +375,21 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
         reason = "the build ran out of memory under its limit of {:.0f} MiB ({})".format(
             budget / 2 ** 20, tail[:120])
     elif rc < 0:
+        # The OOM killer: the whole board ran out, not the build's own budget.
+        case = "system"
         reason = "the build process was killed by signal {} (the OOM killer?)".format(-rc)
     else:
         reason = "the build process failed with exit status {}{}".format(
             rc, ": " + tail if tail else "")
-    memoryish = (killed or rc < 0 or out_of_memory or
+    memoryish = ((killed and case != "time") or rc < 0 or out_of_memory or
                  (errors and errors[-1].get("kind") == "memory"))
     if memoryish:
         os.unlink(log_path)     # the reason is the memory, not what the library printed
-        raise BuildError("engine {}: {}; {}".format(label, reason, advice(label, budget)))
+        raise BuildError("engine {}: {}; {}".format(label, reason,
+                                                    advice(case, budget, options, reserve)))
+    if killed:
+        os.unlink(log_path)
+        raise BuildError("engine {}: {}; raise engine.build_timeout".format(label, reason))
     raise BuildError("engine {}: {}; the build's output is in {}".format(label, reason,
                                                                           log_path))
 
@@ -338,6 +403,9 @@ class EngineMaker:
         self.budget = budget
         self.timeout = timeout
         self.reserve = reserve
+        # The build process's GPU (nvmap) memory on a Jetson, where it can be read: the daemon
+        # gives it its jtop client (gpu_memory_reader).
+        self.gpu_memory = gpu_memory_reader()
         # A backend that can load the rewritten graph itself (ONNX Runtime) runs uncached
         # when the cache cannot be written; `edge build`, whose job is the cache, says no.
         self.allow_uncached = True
@@ -380,6 +448,16 @@ class EngineMaker:
         self.cache.hold(path, engine)      # never evicted while it runs
         return engine
 
+    def ensure(self, model, card, label, recipe=None, batch=None):
+        """Build the artefact `make` would load into the cache, loading nothing: its path,
+        or None where the cache cannot be written and `make` will run the model uncached."""
+        try:
+            return self._ensure(model, card, label, recipe, batch)
+        except CacheUnwritable:
+            if self.allow_uncached:
+                return None      # `make` loads the graph itself where the backend can
+            raise
+
     def knows(self, card_key):
         """Whether an artefact made from this card and model is cached (so the model was
         read and checked against its card before)."""
@@ -387,7 +465,8 @@ class EngineMaker:
 
     def _ensure(self, model, card, label, recipe=None, batch=None):
         return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,
-                      reserve=self.reserve, recipe=recipe, batch=batch)
+                      reserve=self.reserve, recipe=recipe, batch=batch,
+                      gpu_memory=self.gpu_memory)
 
 
 def _tail(path, limit=300):

@@ -23,6 +23,11 @@ Batches: an engine built from a batched graph (edge.graph) has a dynamic first d
 and an optimisation profile of 1..max_batch frames; several cameras' frames are copied into
 its input and run at once (`bind_batch`, `infer_batch`), the batch's shape set per run.
 
+Tactic sources (`engine.tactic_sources`): on a Jetson the builder is kept off cuBLAS and cuDNN
+by default (about 650 MiB together on a Nano 2GB), so the build does not load them and its
+engines do not need them; docs/tensorrt.md, "Tactic sources and libraries", says what each
+version's run time then loads.
+
 Nothing in this module has run on a GPU yet: see docs/tensorrt.md for what was checked
 against which documentation and what is UNCONFIRMED.
 """
@@ -88,6 +93,147 @@ def api_for(version_string):
 def frame_dtype_for(version_string):
     """The frame dtype of the rewritten graph: float32 before 8.5 (no UINT8 there), else uint8."""
     return "float32" if _known(version_string)[:2] < UINT8_INPUTS else "uint8"
+
+
+# -- Tactic sources (config `engine.tactic_sources`) -----------------------------------------
+#
+# TacticSource members and the release that added each: enum TacticSource in
+# include/NvInferRuntime.h at NVIDIA/TensorRT tags 8.2.1 (CUBLAS, CUBLAS_LT, CUDNN), 8.4.1
+# (+ EDGE_MASK_CONVOLUTIONS), 8.5.1 (+ JIT_CONVOLUTIONS); 8.6.1 and v10.x have the same five,
+# CUBLAS and CUDNN "Deprecated in TensorRT 10.0", CUBLAS_LT "Deprecated in TensorRT 9.0".
+# (No 8.3 tag exists to check: the backend asks the installed `trt.TacticSource` itself.)
+TACTIC_SOURCES = (("CUBLAS", (8, 2)), ("CUBLAS_LT", (8, 2)), ("CUDNN", (8, 2)),
+                  ("EDGE_MASK_CONVOLUTIONS", (8, 4)), ("JIT_CONVOLUTIONS", (8, 5)))
+_SOURCE_ALIASES = {"CUBLASLT": "CUBLAS_LT"}     # trtexec's spelling (8.2.1 sampleOptions.cpp)
+# The sources that are libraries of their own, by edge.memoryplan's FIGURES name: what
+# `auto` turns off on a Jetson. "Init cuBLAS/cuBLASLt" is one figure for both cuBLAS sources.
+LIBRARY_SOURCES = (("CUBLAS", "cublas"), ("CUBLAS_LT", "cublas"), ("CUDNN", "cudnn"))
+LIBRARIES_OFF_BY_DEFAULT = (10, 0)   # 10.0 header: CUBLAS, CUDNN "Disabled by default"
+CUBLAS_LT_OFF_BY_DEFAULT = (10, 1)   # "Enabled by default" at v10.0.0, "Disabled" from v10.1.0
+
+
+def tactic_sources_of(version):
+    """The TacticSource names TensorRT `version` ((major, minor)) has, in enum order."""
+    return tuple(name for name, since in TACTIC_SOURCES if tuple(version[:2]) >= since)
+
+
+def parse_tactic_sources(text):
+    """`auto`, `default`, or a tuple of (sign, NAME) edits of TensorRT's default sources from
+    a trtexec-style list such as "-CUDNN,-CUBLAS,+CUBLAS_LT"; ValueError saying what is wrong."""
+    words = str(text).strip()
+    if words.lower() in ("auto", "default"):
+        return words.lower()
+    known = [name for name, _ in TACTIC_SOURCES]
+    edits = []
+    for item in words.split(","):
+        item = item.strip()
+        if len(item) < 2 or item[0] not in "+-":
+            raise ValueError("auto, default, or a list of tactic sources each prefixed with + "
+                             "(enable) or - (disable), e.g. -CUDNN,-CUBLAS,-CUBLAS_LT (got {!r} "
+                             "in it)".format(item))
+        name = item[1:].strip().upper()
+        name = _SOURCE_ALIASES.get(name, name)
+        if name not in known:
+            raise ValueError("{!r} is not a tactic source; known: {}".format(
+                item[1:], ", ".join(known)))
+        edits.append((item[0], name))
+    return tuple(edits)
+
+
+def format_tactic_sources(edits):
+    """The one spelling of a list of edits (the last edit of a source wins, enum order), or
+    "default" when there are none: what the build options and the engine cache key hold."""
+    final = dict((name, sign) for sign, name in edits)
+    text = ",".join(final[name] + name for name, _ in TACTIC_SOURCES if name in final)
+    return text or "default"
+
+
+def resolve_tactic_sources(setting, version, integrated, available=None):
+    """The build's tactic sources for the setting `setting` (config `engine.tactic_sources`)
+    on TensorRT `version` ((major, minor)): "default" (TensorRT's own) or a normalised edit
+    list. `auto` turns the library sources off on an integrated GPU (a Jetson, whose CPU and
+    GPU share the memory cuBLAS and cuDNN take) and leaves TensorRT's defaults elsewhere.
+    `available`: the names this TensorRT has (default: those of its release). ValueError when
+    a listed source is not in this version."""
+    have = tuple(available) if available is not None else tactic_sources_of(version)
+    parsed = parse_tactic_sources(setting)
+    if parsed == "default" or (parsed == "auto" and not integrated):
+        return "default"
+    if parsed == "auto":
+        return format_tactic_sources(
+            [("-", name) for name, _ in LIBRARY_SOURCES if name in have])
+    missing = [name for _, name in parsed if name not in have]
+    if missing:
+        raise ValueError("TensorRT {}.{} has no tactic source {} (it has {}); remove it from "
+                         "the list or use auto".format(version[0], version[1],
+                                                       ", ".join(missing), ", ".join(have)))
+    return format_tactic_sources(parsed)
+
+
+def default_tactic_sources(version):
+    """The library sources TensorRT `version` enables when none are set: CUBLAS and CUDNN
+    before 10.0 (8.2.1 NvInfer.h, setTacticSources: "By default, kCUBLAS and kCUDNN are
+    always enabled"), with CUBLAS_LT "for x86 platforms as well as non-x86 platforms when
+    CUDA >= 11.0" (counted as on: not on a Nano's CUDA 10.2, on Orin's CUDA 11.4); only
+    CUBLAS_LT in 10.0; none from 10.1 (v10.1.0 NvInferRuntime.h)."""
+    version = tuple(version[:2])
+    if version < LIBRARIES_OFF_BY_DEFAULT:
+        return frozenset(("CUBLAS", "CUBLAS_LT", "CUDNN"))
+    if version < CUBLAS_LT_OFF_BY_DEFAULT:
+        return frozenset(("CUBLAS_LT",))
+    return frozenset()
+
+
+def tactic_libraries(version, resolved):
+    """The libraries ("cublas", "cudnn": edge.memoryplan's names) a build with the resolved
+    tactic sources `resolved` loads on TensorRT `version`, in that order."""
+    enabled = set(default_tactic_sources(version))
+    if resolved != "default":
+        for sign, name in parse_tactic_sources(resolved):
+            if sign == "+":
+                enabled.add(name)
+            else:
+                enabled.discard(name)
+    libraries = []
+    for name, library in LIBRARY_SOURCES:
+        if name in enabled and library not in libraries:
+            libraries.append(library)
+    return tuple(libraries)
+
+
+def _apply_tactic_sources(trt, config, resolved):
+    """Set the resolved sources on a builder config as edits of its defaults
+    (`get_tactic_sources`, `set_tactic_sources(mask)` -> bool: pyCore.cpp 8.2.1 to v10.16);
+    the bit of a source is `1 << int(trt.TacticSource.X)` (pyCoreDoc.h, set_tactic_sources)."""
+    if resolved == "default":
+        return
+    mask = int(config.get_tactic_sources())
+    for sign, name in parse_tactic_sources(resolved):
+        member = getattr(trt.TacticSource, name, None)
+        if member is None:
+            raise RuntimeError("TensorRT {} has no tactic source {}; set engine.tactic_sources "
+                               "to auto".format(trt.__version__, name))
+        bit = 1 << int(member)
+        mask = mask | bit if sign == "+" else mask & ~bit
+    # "will not be updated if the provided value is invalid" (NvInfer.h, setTacticSources)
+    if not config.set_tactic_sources(mask):
+        raise RuntimeError("TensorRT {} refused the tactic sources {} (engine.tactic_sources); "
+                           "set it to default".format(trt.__version__, resolved))
+    members = [getattr(trt.TacticSource, name, None) for name, _ in LIBRARY_SOURCES]
+    if not any(m is not None and mask >> int(m) & 1 for m in members):
+        _core_without_libraries(trt, config)
+
+
+def _core_without_libraries(trt, config):
+    """With cuBLAS, cuBLAS LT and cuDNN all off, also set 8.5's and 8.6's preview feature
+    DISABLE_EXTERNAL_TACTIC_SOURCES_FOR_CORE_0805 (NvInfer.h 8.5.1: off by default; v8.6.1:
+    on by default; gone in v10.0.0), as NVIDIA's answer for running 8.5 without those
+    libraries does (NVIDIA/TensorRT#3376). By the header's words it only keeps the core off
+    sources that are off already; it is set because that answer sets it, at no cost."""
+    features = getattr(trt, "PreviewFeature", None)
+    feature = getattr(features, "DISABLE_EXTERNAL_TACTIC_SOURCES_FOR_CORE_0805", None)
+    if feature is not None and hasattr(config, "set_preview_feature"):
+        config.set_preview_feature(feature, True)
 
 
 def timing_cache_path(out_path, version_string):
@@ -179,14 +325,25 @@ class CudaContext:
     """The device's primary context, made current around a block: one pop for each push.
 
     TensorRT runs on the CUDA runtime, which uses the primary context; retaining it here
-    means TensorRT and pycuda share one context and the same device pointers.
+    means TensorRT and pycuda share one context and the same device pointers. It is retained
+    (created) at the first block, not before: the daemon builds every engine before it loads
+    one, and on TensorRT < 8.5 frames are ordinary memory, so on a Nano the daemon holds no
+    CUDA context (its libraries and state, hundreds of MiB: docs/memory.md) while the build
+    child needs the memory. Device queries (name, attributes) need no context.
     """
 
     def __init__(self, cuda, device):
         self._cuda = cuda
-        self.context = device.retain_primary_context()   # pycuda 2020.1+; not made current
+        self._device = device
+        self._lock = threading.Lock()
+        self.context = None
 
     def __enter__(self):
+        if self.context is None:
+            with self._lock:
+                if self.context is None:
+                    # pycuda 2020.1+; retained, not made current
+                    self.context = self._device.retain_primary_context()
         self.context.push()
         return self
 
@@ -658,7 +815,11 @@ class TrtBackend(Backend):
     # under RLIMIT_AS (edge.backends.build); the parent's resident-memory watch still applies.
     limit_address_space = False
 
-    def __init__(self, threads=0, workspace_mb=256, **_):
+    # The build's tactic sources, resolved from `engine.tactic_sources`: "default" leaves
+    # TensorRT's own (and the build options, so the engine cache key, as they were).
+    tactic_sources = "default"
+
+    def __init__(self, threads=0, workspace_mb=256, tactic_sources="auto", **_):
         import pycuda.driver as cuda
         import tensorrt as trt
         self.trt = trt
@@ -680,7 +841,26 @@ class TrtBackend(Backend):
         # mapped buffer would be read over PCIe on every access.
         self.zero_copy = self.integrated and bool(
             self.device.get_attribute(attribute.CAN_MAP_HOST_MEMORY))
+        self.tactic_sources = self._tactic_sources(tactic_sources)
         self._init_state()
+
+    def _tactic_sources(self, setting):
+        """The resolved `engine.tactic_sources` for this TensorRT and GPU; ConfigError when it
+        names a source this version lacks (the installed enum decides, not a table)."""
+        have = [name for name, _ in TACTIC_SOURCES
+                if getattr(self.trt.TacticSource, name, None) is not None]
+        try:
+            resolved = resolve_tactic_sources(setting, parse_version(self.version),
+                                              self.integrated, have)
+        except ValueError as e:
+            raise ConfigError("engine.tactic_sources: {}".format(e))
+        edits = () if resolved == "default" else parse_tactic_sources(resolved)
+        libraries = dict(LIBRARY_SOURCES)
+        if parse_version(self.version)[:2] >= LIBRARIES_OFF_BY_DEFAULT and any(
+                sign == "+" and name in libraries for sign, name in edits):
+            logger.warning("engine.tactic_sources %s: TensorRT %s deprecates the cuBLAS and "
+                           "cuDNN tactic sources", resolved, self.version)
+        return resolved
 
     def _init_state(self):
         self._pinned = {}                  # data address -> (weakref to array, device address)
@@ -728,13 +908,28 @@ class TrtBackend(Backend):
 
     def build_options(self, card, batch=None):
         options = {"precision": card.precision, "workspace_mb": self.workspace_mb}
+        if self.tactic_sources != "default":
+            # Only when restricted: an engine built with TensorRT's defaults keeps its key.
+            options["tactic_sources"] = self.tactic_sources
         if batch:
             options["max_batch"] = int(batch)    # the optimisation profile: 1..max_batch frames
         return options
 
+    def build_estimate(self, model_size, options):
+        from edge import memoryplan
+        # The builder loads (and initialises) cuBLAS and cuDNN only where the build's tactic
+        # sources enable them: TensorRT's defaults by version, then engine.tactic_sources.
+        version = parse_version(self.version)
+        libraries = tactic_libraries(version, options.get("tactic_sources", "default"))
+        return memoryplan.trt_build(model_size, int(options.get("workspace_mb", 256)),
+                                    memoryplan.builder_libraries(version, libraries))
+
     def describe(self):
         info = dict(self.fingerprint())
-        info.update({"zero_copy": self.zero_copy, "frame_dtype": self.frame_dtype})
+        # Not in fingerprint(): that is the key's device part, and the build options carry
+        # the sources already. zero_copy is false once a mapping failed (copies since).
+        info.update({"zero_copy": self.zero_copy and not self._warned_unmapped,
+                     "frame_dtype": self.frame_dtype, "tactic_sources": self.tactic_sources})
         return info
 
     @classmethod
@@ -781,6 +976,9 @@ class TrtBackend(Backend):
                 logger.warning("%s: this GPU has no fast FP16; building an FP32 engine",
                                os.path.basename(onnx_path))
 
+        sources = options.get("tactic_sources", "default")
+        _apply_tactic_sources(trt, config, sources)
+
         if options.get("max_batch"):
             _add_batch_profile(builder, network, config, int(options["max_batch"]))
 
@@ -797,9 +995,14 @@ class TrtBackend(Backend):
             progress("build", None)   # 8.x: no progress interface, the phase is all we know
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise RuntimeError("TensorRT {} could not build {}: {}".format(
+            hint = ""
+            if sources != "default":
+                # A layer whose only implementations are cuDNN's or cuBLAS's has none left.
+                hint = ("; if no implementation was found for a layer, set "
+                        "engine.tactic_sources: default (built with {})".format(sources))
+            raise RuntimeError("TensorRT {} could not build {}: {}{}".format(
                 version_string, os.path.basename(onnx_path),
-                log.last_error or "no reason given (out of memory? lower workspace_mb)"))
+                log.last_error or "no reason given (out of memory? lower workspace_mb)", hint))
 
         progress("serialize", None)
         _save_timing_cache(config, cache_path)
@@ -844,19 +1047,27 @@ class TrtBackend(Backend):
         """A zeroed pinned array, mapped into the GPU on a Jetson; the caller pushed the context."""
         cuda = self.cuda
         address = None
+        array = None
         if self.zero_copy:
-            array = cuda.pagelocked_empty(shape, dtype, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+            # UNCONFIRMED whether the primary context always allows mapping. Either step may
+            # fail: pycuda turns a failed cuMemHostAlloc / cuMemHostGetDevicePointer into a
+            # cuda.Error subclass (wrap_cudadrv.cpp translate_cuda_error, v2022.1: MemoryError
+            # for CUDA_ERROR_OUT_OF_MEMORY, LogicError for most other codes). Fall back to a
+            # copy per inference rather than fail.
             try:
-                # cuMemHostGetDevicePointer: where the GPU sees these same bytes.
-                address = int(array.base.get_device_pointer())
+                array = cuda.pagelocked_empty(shape, dtype,
+                                              mem_flags=cuda.host_alloc_flags.DEVICEMAP)
             except cuda.Error as e:
-                # UNCONFIRMED whether the primary context always allows mapping; fall back to a
-                # copy per inference rather than fail.
-                if not self._warned_unmapped:
-                    logger.warning("mapped memory unavailable (%s): frames will be copied to the "
-                                   "GPU", _one_line(e))
-                    self._warned_unmapped = True
-        else:
+                self._unmapped(e)
+            if array is not None:
+                try:
+                    # cuMemHostGetDevicePointer: where the GPU sees these same bytes.
+                    address = int(array.base.get_device_pointer())
+                except cuda.Error as e:
+                    self._unmapped(e)
+        if array is None:
+            # Ordinary pinned memory: copied on the engine's stream. An error here (memory
+            # really exhausted) is the caller's.
             array = cuda.pagelocked_empty(shape, dtype)
         array.fill(0)
         key = array.__array_interface__["data"][0]
@@ -871,6 +1082,13 @@ class TrtBackend(Backend):
         with self._pinned_lock:
             self._pinned[key] = (weakref.ref(array, forget), address)
         return array
+
+    def _unmapped(self, error):
+        """Note that mapped memory failed (once in the log): this buffer is copied instead."""
+        if not self._warned_unmapped:
+            logger.warning("mapped memory unavailable (%s): frames will be copied to the GPU",
+                           _one_line(error))
+            self._warned_unmapped = True
 
     def _free_pinned(self, allocation):
         """Free an array's pinned memory when the array dies, with the context current.

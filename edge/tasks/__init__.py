@@ -195,9 +195,37 @@ class Task:
         """Whether this task runs on this frame (detection: every frame)."""
         return True
 
+    def build(self, frame):
+        """Build, without loading, the engines `prepare` loads for frames like this one: the
+        pipeline builds every task's engines before it loads any, so that no build runs
+        beside loaded engines (together they would not fit a Nano 2GB)."""
+        self.ensure_engine(frame.width, frame.height)
+
     def prepare(self, frame):
         """Build or load the engines frames like this one need, before the pipeline runs."""
         self.engine_for(frame.width, frame.height)
+
+    def ensure_engine(self, width, height, reference_size=None):
+        """Build the artefact of `engine_for(width, height, reference_size)` into the cache
+        (nothing when it is there or loaded), loading nothing."""
+        if (width, height, reference_size) not in self.engines:
+            rewritten, label, recipe, batch = self._engine_recipe(width, height, reference_size)
+            self.maker.ensure(rewritten, self.card, label, recipe, batch)
+
+    def _engine_recipe(self, width, height, reference_size):
+        """(a callable making the rewritten graph, label, recipe, batch) of an engine."""
+        dtype = self.maker.frame_dtype
+        batch = None if reference_size else self.batch_for(width, height)
+
+        def rewritten():
+            from edge import graph      # onnx: only when no engine is cached for this
+            return graph.rewrite(self.model, self.card, width, height, reference_size,
+                                 dtype, batched=batch is not None)
+        recipe = None if self.card_key is None else {
+            "card_key": self.card_key, "frame": [width, height], "frame_dtype": dtype,
+            "reference": list(reference_size) if reference_size else None,
+            "batch": batch}
+        return rewritten, self._label(width, height, reference_size), recipe, batch
 
     def engine_for(self, width, height, reference_size=None):
         """The engine for frames of this size, rewriting and loading it on first use."""
@@ -207,18 +235,7 @@ class Task:
             self.engines.move_to_end(key)
         else:
             started = time.monotonic()
-            dtype = self.maker.frame_dtype
-            batch = None if reference_size else self.batch_for(width, height)
-
-            def rewritten():
-                from edge import graph      # onnx: only when no engine is cached for this
-                return graph.rewrite(self.model, self.card, width, height, reference_size,
-                                     dtype, batched=batch is not None)
-            recipe = None if self.card_key is None else {
-                "card_key": self.card_key, "frame": [width, height], "frame_dtype": dtype,
-                "reference": list(reference_size) if reference_size else None,
-                "batch": batch}
-            label = self._label(width, height, reference_size)
+            rewritten, label, recipe, batch = self._engine_recipe(width, height, reference_size)
             engine = self.maker.make(rewritten, self.card, label, self.background, recipe,
                                      batch=batch)
             self.engines[key] = engine

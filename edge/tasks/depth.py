@@ -74,6 +74,13 @@ class DepthTask(Task):
             return True
         return False
 
+    def build(self, frame):
+        if self.stereo is None:
+            self.calibration.check_size(frame.width, frame.height, "the stereo source")
+            _, card, model, label = depths.conversion(self.calibration, frame.width,
+                                                      frame.height, self.settings)
+            self.maker.ensure(model, card, label)
+
     def prepare(self, frame):
         self.stereo_for(frame.width, frame.height)
 

@@ -101,15 +101,28 @@ class MatchTask(Task):
             return True
         return False
 
+    def build(self, frame):
+        for size in self._reference_sizes():
+            self.ensure_engine(frame.width, frame.height, size)
+
     def prepare(self, frame):
         """The engines for the stored references (none yet: built when one is set)."""
+        for size in self._reference_sizes():
+            self.engine_for(frame.width, frame.height, size)
+
+    def _reference_sizes(self):
+        """(width, height) of each stored reference, once each (an unreadable one is skipped)."""
+        sizes = []
         for name in self.store.names()[:self.max_references] if self.store else []:
             try:
                 reference = self.store.get(name)
             except SourceError as e:
                 logger.warning("matcher: %s", e)
                 continue
-            self.engine_for(frame.width, frame.height, (reference.shape[1], reference.shape[0]))
+            size = (reference.shape[1], reference.shape[0])
+            if size not in sizes:
+                sizes.append(size)
+        return sizes
 
     def centres(self, width, height):
         key = (width, height)

@@ -19,7 +19,7 @@ from edge import cards, graph, models  # noqa: E402
 from edge.backends.trt import TrtBackend, timing_cache_path  # noqa: E402
 from edge.errors import ModelError  # noqa: E402
 from edge.frames import Frame  # noqa: E402
-from tests.conftest import COCO8_VAL, SHARED  # noqa: E402
+from tests.conftest import COCO8_VAL, ROOT, SHARED, newest_opset  # noqa: E402
 
 _REASON = TrtBackend.available()
 if _REASON is not None:
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.gpu
 PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
 BOX_PX = 4.0          # FP16 vs FP32: same boxes within a few source pixels
 SCORE = 0.02          # and scores within this
-MATCH_AGREEMENT = 0.8  # share of ONNX Runtime's mutual pairs TensorRT finds too
+MATCH_AGREEMENT = 0.95  # share of ONNX Runtime's mutual pairs TensorRT finds too (FP16-safe)
 
 
 def read_image(path):
@@ -70,7 +70,9 @@ def engines(backend, model_dir, tmp_path_factory):
             assert seen[0] == "parse" and "build" in seen and seen[-1] == "serialize"
             assert all(f is None or 0.0 <= f <= 1.0 for _, f in phases)
             assert os.path.isfile(out_path)
-            built[key] = (card, model, backend.load(out_path, stem))
+            loaded = backend.load(out_path, stem)
+            loaded.path = out_path       # for the tests that load it in another process
+            built[key] = (card, model, loaded)
         return built[key]
 
     yield get
@@ -247,6 +249,38 @@ def test_corrupt_engine_is_a_model_error_that_says_rebuild(backend, tmp_path):
     assert "it will be rebuilt" in str(info.value)
 
 
+def test_an_engine_built_without_the_libraries_runs_without_them(backend, engines):
+    """engine.tactic_sources auto on a Jetson: the engine needs none of cuBLAS, cuBLAS LT and
+    cuDNN (ICudaEngine.tactic_sources), and a process that only loads it and makes its
+    execution context never logs TensorRT's "Init cuBLAS" / "Init cuDNN" (what a Nano 2GB
+    pays ~1 GB for on TensorRT 8.2). This settles docs/tensorrt.md's UNCONFIRMED item on the
+    run time; on a discrete GPU (auto: TensorRT's defaults) it only records what loads."""
+    import subprocess
+    import sys
+    from edge.backends import trt as trt_module
+    image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
+    _, _, engine = engines("yolox-nano", image.shape[1], image.shape[0])
+    required = int(engine.engine.tactic_sources)
+    libraries = [name for name, _ in trt_module.LIBRARY_SOURCES
+                 if required >> int(getattr(backend.trt.TacticSource, name)) & 1]
+    code = ("import logging, sys\n"
+            "logging.basicConfig(level=logging.DEBUG, format='%(message)s', stream=sys.stdout)\n"
+            "from edge.backends.trt import TrtBackend\n"
+            "TrtBackend(workspace_mb=256).load(sys.argv[1], 'probe').close()\n")
+    proc = subprocess.run([sys.executable, "-c", code, engine.path], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, cwd=ROOT, timeout=600)
+    log = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, log[-2000:]
+    initialised = [line for line in log.splitlines() if "Init cuBLAS" in line or
+                   "Init cuDNN" in line]
+    print("TensorRT {}: engine sources {}; at load: {}".format(
+        backend.version, libraries or "none", initialised or "no library initialised"))
+    if backend.tactic_sources == "-CUBLAS,-CUBLAS_LT,-CUDNN":
+        assert libraries == [], "built with {}".format(backend.tactic_sources)
+        assert initialised == [], ("TensorRT {} initialises libraries its engine does not "
+                                   "use: fix docs/tensorrt.md".format(backend.version))
+
+
 def test_fingerprint_names_the_device(backend):
     fingerprint = backend.fingerprint()
     assert fingerprint["backend"] == "trt"
@@ -257,30 +291,34 @@ def test_fingerprint_names_the_device(backend):
     assert fingerprint["workspace_mb"] == 256
 
 
-def test_a_model_at_opset_17_builds_where_the_parser_imports_it(backend, model_dir, tmp_path):
+@pytest.mark.parametrize("opset", [newest_opset(17, run=True)], ids="opset{}".format)
+def test_a_newer_opset_model_builds_where_the_parser_imports_it(backend, model_dir, tmp_path,
+                                                                 opset):
     """Newer exports (YOLOv8/YOLO11: opset 17-19) get nodes in their opset's forms; TensorRT
-    8.2 imports up to opset 13 and is refused before its parser could import them wrongly."""
+    8.2 imports up to opset 13 and is refused before its parser could import them wrongly.
+    At opset 17, or the newest below it that onnx and ONNX Runtime know (15 with JetPack
+    4.6's onnx 1.11 and onnxruntime 1.10): the test id says."""
     import onnx
     from onnx import version_converter
     from edge.backends import trtcheck
     from edge.backends.trt import parse_version
     card = cards.load("yolox-nano")
     model = version_converter.convert_version(
-        onnx.load(models.ensure(card, model_dir, fetch_missing=False)), 17)
+        onnx.load(models.ensure(card, model_dir, fetch_missing=False)), opset)
     image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
     height, width = image.shape[:2]
-    onnx_path = str(tmp_path / "yolox-opset17.onnx")
+    onnx_path = str(tmp_path / "yolox-opset{}.onnx".format(opset))
     onnx.save(graph.rewrite(model, card, width, height, frame_dtype=backend.frame_dtype),
               onnx_path)
-    out_path = str(tmp_path / "yolox-opset17.engine")
-    if trtcheck.parser_opset(parse_version(backend.version)) < 17:
+    out_path = str(tmp_path / "yolox-opset{}.engine".format(opset))
+    if trtcheck.parser_opset(parse_version(backend.version)) < opset:
         with pytest.raises(RuntimeError) as info:
             TrtBackend.build(onnx_path, out_path, backend.build_options(card),
                              lambda *_: None)
         assert "imports up to opset 13" in str(info.value)
         return
     TrtBackend.build(onnx_path, out_path, backend.build_options(card), lambda *_: None)
-    engine = backend.load(out_path, "opset17")
+    engine = backend.load(out_path, "opset{}".format(opset))
     try:
         _, binding = trt_binding(backend, engine, image)
         expected = ort_outputs(card, model, tmp_path, image)["detections"]
