@@ -79,6 +79,7 @@ def _build(args):
         return _export_onnx(cfg, names, sizes, args.export_onnx, args.tensorrt)
     maker = daemon.engine_maker(cfg)
     maker.allow_uncached = False        # filling the cache is this command's job
+    maker.backoff = False               # and trying now, after failed builds too
     building.add_listener(_ProgressPrinter())
     print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
                                          sorted(maker.backend.describe().items()) if v)))

@@ -17,7 +17,7 @@ import re
 import threading
 
 from edge.errors import ConfigError, SinkError, SourceError
-from edge.files import atomic_write
+from edge.files import atomic_write, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class ReferenceStore:
     def _scan(self):
         if not os.path.isdir(self.folder):
             return []
+        remove_stale_temporaries(self.folder)   # a write cut short by kill -9
         return sorted(f[:-4] for f in os.listdir(self.folder)
                       if f.endswith(".png") and NAME.match(f[:-4]))
 

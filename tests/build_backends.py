@@ -105,3 +105,17 @@ class ArtefactOnlyBackend(OrtBackend):
 
     def load_uncached(self, model, label, background=False):
         return None
+
+
+@register
+class FailingBackend(OrtBackend):
+    """Fails its build with an error (as a parser would) while the file named by
+    `EDGE_TEST_FAIL_FILE` exists; else builds as ONNX Runtime does."""
+    name = "test-failing"
+
+    @classmethod
+    def build(cls, onnx_path, out_path, options, progress):
+        import os
+        if os.path.exists(os.environ.get("EDGE_TEST_FAIL_FILE", "")):
+            raise RuntimeError("the test says this build fails")
+        super(FailingBackend, cls).build(onnx_path, out_path, options, progress)

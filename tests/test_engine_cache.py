@@ -34,7 +34,9 @@ def maker(tmp_path, backend=None, budget=2 * GiB):
 
 
 def artefacts(tmp_path):
-    return sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "engines" / "*")))
+    """The engine folder's artefacts and side files (not the records of failed builds)."""
+    return sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "engines" / "*"))
+                  if not p.endswith(building.FAILED_SUFFIX))
 
 
 def test_key_changes_with_everything_that_invalidates_an_engine(rewritten):
@@ -287,6 +289,41 @@ def test_build_child_dies_with_the_daemon(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_build_child_dies_with_the_daemon_from_its_first_moment(tmp_path):
+    """The parent-death signal is set before the child's interpreter starts: a daemon killed
+    while its build child is still starting (here: stopped, so that it cannot set anything
+    itself) takes the child with it. Set by the child's own Python it came 1.5-2 s late on
+    a loaded board, and a stopped child outlived its daemon for good."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON_BUILDING,
+                               os.path.join(MODELS, "yolox_nano.onnx"),
+                               str(tmp_path / "engines")], cwd=root)
+    children = []
+    try:
+        deadline = time.time() + 30
+        while not children and time.time() < deadline and daemon.poll() is None:
+            children = [p for p in (int(p) for p in os.listdir("/proc") if p.isdigit())
+                        if _cmdline(p).endswith("edge.backends.buildjob") and
+                        _parent(p) == daemon.pid]
+            time.sleep(0.005)
+        assert children, "the build child started"
+        os.kill(children[0], signal.SIGSTOP)      # frozen wherever its start-up was
+        daemon.kill()
+        daemon.wait(10)
+        deadline = time.time() + 5
+        while time.time() < deadline and _alive(children[0]):
+            time.sleep(0.05)
+        assert not _alive(children[0]), "the build child outlived its daemon"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _parent(pid):
     try:
         return int(open("/proc/{}/stat".format(pid)).read().rsplit(")", 1)[1].split()[1])
@@ -462,3 +499,41 @@ def test_cache_past_its_budget_drops_the_least_recently_used_never_one_in_use(tm
     total = sum(os.path.getsize(str(tmp_path / "engines" / f)) for f in artefacts(tmp_path))
     assert total <= 9 * 2 ** 20
     running.infer(running.bind(Frame(0, (240, 320, 3))))
+
+
+def test_a_failed_build_is_retried_only_after_a_growing_wait(tmp_path, rewritten, monkeypatch):
+    """A build that failed is not run again at once (a daemon restarted by systemd every 5 s
+    would rebuild a minutes-long engine in a loop): the next attempt, in this process or the
+    next, waits, the wait doubling per failure and said in the build's state; `edge build`
+    (backoff off) tries at once, and a success forgets the failures."""
+    card, model = rewritten
+    monkeypatch.setattr(building, "BACKOFF_FIRST", 1.0)
+    fail = tmp_path / "fail"
+    fail.write_text("")
+    monkeypatch.setenv("EDGE_TEST_FAIL_FILE", str(fail))
+    with pytest.raises(BuildError):
+        maker(tmp_path, build_backends.FailingBackend()).make(model, card, "retry-320x240")
+    (record,) = glob.glob(str(tmp_path / "engines" / "*.failed"))
+    artefact = record[:-len(building.FAILED_SUFFIX)]
+    assert building.last_failure(artefact)["attempts"] == 1
+    phases = []
+    building.add_listener(lambda state: phases.append(state.phase)
+                          if state.label == "retry-320x240" else None)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BuildError):     # a new process's maker: the same record
+            maker(tmp_path, build_backends.FailingBackend()).make(model, card, "retry-320x240")
+        waited = time.monotonic() - started
+    finally:
+        building._listeners.pop()
+    assert waited >= 1.0 and any(p.startswith("waiting 1 s to retry after 1 failed attempt")
+                                 for p in phases), phases
+    assert building.last_failure(artefact)["attempts"] == 2
+    assert building.backoff_s(2) == 2.0 and building.backoff_s(20) == building.BACKOFF_MAX
+    fail.unlink()                           # the cause fixed: `edge build` tries at once
+    now = maker(tmp_path, build_backends.FailingBackend())
+    now.backoff = False
+    started = time.monotonic()
+    assert now.make(model, card, "retry-320x240") is not None
+    assert time.monotonic() - started < 2.0, "no wait for the third attempt"
+    assert glob.glob(str(tmp_path / "engines" / "*.failed")) == []

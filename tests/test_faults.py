@@ -658,6 +658,24 @@ def test_temporary_files_of_killed_writers_are_cleaned_live_ones_kept(tmp_path):
     assert sorted(os.listdir(str(folder))) == ["m.onnx.json.tmp.{}".format(os.getppid())]
 
 
+def test_a_reference_write_cut_short_by_kill_leaves_nothing_after_a_restart(tmp_path):
+    """A kill -9 while a reference was stored leaves `NAME.png.tmp.PID` (tens of MB): the
+    next start's store removes those of dead writers and keeps the references."""
+    from edge.references import ReferenceStore
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / "references"
+    folder.mkdir()
+    image = cv2.imread(os.path.join(PAIR, "motorcycle_left.png"))
+    cv2.imwrite(str(folder / "dock.png"), image)
+    (folder / "dock.png.tmp.{}".format(dead.pid)).write_bytes(b"\x89PNG" + b"\0" * 2 ** 20)
+    (folder / "gate.png.tmp.{}".format(os.getppid())).write_bytes(b"\x89PNG")   # alive
+    store = ReferenceStore(str(tmp_path))
+    assert store.names() == ["dock"]
+    assert sorted(os.listdir(str(folder))) == ["dock.png",
+                                               "gate.png.tmp.{}".format(os.getppid())]
+
+
 # --- consumers that cannot keep up ----------------------------------------------------------
 
 def rate(messages, start, end):

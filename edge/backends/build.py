@@ -35,7 +35,9 @@ import sys
 import threading
 import time
 
+from edge.backends.buildjob import death_signal_preexec
 from edge.backends.cache import make_key, recipe_key, unwritable
+from edge.files import atomic_write
 from edge.errors import BuildError, CacheUnwritable
 
 logger = logging.getLogger(__name__)
@@ -205,15 +207,71 @@ def one_build_at_a_time(folder, state):
         _BUILD_LOCK.release()
 
 
+# A build that failed is not tried again at once: a daemon whose only engine cannot be built
+# exits, systemd restarts it 5 s later, and a minutes-long build that failed for memory would
+# run again and again. The failure is kept beside the artefact it was for (`<artefact>.failed`,
+# so a changed configuration, a new key, starts afresh) and the next attempt, in this process
+# or the next, waits 30 s, then 1, 2, 4 ... minutes, at most 30; `edge build` tries at once.
+FAILED_SUFFIX = ".failed"
+BACKOFF_FIRST = 30.0     # s before the first retry
+BACKOFF_MAX = 1800.0     # s at most between attempts
+
+
+def backoff_s(attempts):
+    """Seconds to wait after `attempts` failed builds of one artefact."""
+    return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, attempts - 1))
+
+
+def last_failure(path):
+    """{"attempts", "last" (unix s), "error"} of the failed builds of this artefact, or None."""
+    try:
+        with open(path + FAILED_SUFFIX, "r", encoding="utf-8") as f:
+            record = json.load(f)
+        return record if isinstance(record.get("attempts"), int) and \
+            isinstance(record.get("last"), (int, float)) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _note_failure(path, error):
+    record = last_failure(path) or {"attempts": 0}
+    record.update(attempts=record["attempts"] + 1, last=time.time(), error=str(error))
+    try:
+        atomic_write(path + FAILED_SUFFIX, json.dumps(record).encode())
+    except OSError:          # a full or read-only folder: this process still waits
+        pass
+    return record
+
+
+def _wait_after_failure(path, state):
+    """Wait out the backoff of this artefact's failed builds, saying so in its state."""
+    record = last_failure(path)
+    if record is None:
+        return
+    until = record["last"] + backoff_s(record["attempts"])
+    if until <= time.time():
+        return
+    logger.warning("engine %s: its last build failed (attempt %d: %s); the next waits %.0f s "
+                   "(engine build backoff: docs/memory.md; `edge build` tries now)",
+                   state.label, record["attempts"], record.get("error"), until - time.time())
+    while time.time() < until:
+        state.update(phase="waiting {:.0f} s to retry after {} failed attempt{}".format(
+            until - time.time(), record["attempts"], "" if record["attempts"] == 1 else "s"),
+            error=record.get("error"))
+        time.sleep(min(1.0, max(0.0, until - time.time())))
+    state.update(phase="starting", error=None)
+
+
 def ensure(backend, model, card, label, cache, budget, timeout=None, progress=None,
-           reserve=DEFAULT_RESERVE, recipe=None, batch=None, gpu_memory=None):
+           reserve=DEFAULT_RESERVE, recipe=None, batch=None, gpu_memory=None, backoff=True):
     """The cached artefact for a rewritten model, building it in a child when needed.
 
     `model`: the rewritten onnx.ModelProto, or a callable that makes it. With a `recipe`
     (what the model is made from, edge.tasks.recipe) an artefact recorded under it is found
     without calling `model` (see edge.backends.cache, Recipes). `batch`: the most frames of a
     run, for a graph with a batch dimension. `gpu_memory(pid)`: the build process's GPU memory
-    (bytes, None where unreadable), counted in its budget.
+    (bytes, None where unreadable), counted in its budget. `backoff`: wait after failed
+    builds of this artefact (see BACKOFF_FIRST); False tries at once (`edge build`).
     """
     fingerprint = backend.fingerprint()
     options = backend.build_options(card, batch) if batch else backend.build_options(card)
@@ -239,6 +297,8 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
         return path
     state = BuildState(label)
     STATES[label] = state
+    if backoff:
+        _wait_after_failure(path, state)     # outside the lock: other builds go on
     try:
         with one_build_at_a_time(cache.folder, state):
             if cache.lookup(path, key):        # built by whoever held the lock before us
@@ -247,11 +307,20 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
                 state.update(state="ready", phase="done", progress=1.0)
                 return path
             state.update(phase="starting")
-            return _build(backend, model_bytes, path, key, material, options, cache, budget,
-                          state, timeout, progress, reserve, gpu_memory)
-    except BuildError as e:
+            built = _build(backend, model_bytes, path, key, material, options, cache, budget,
+                           state, timeout, progress, reserve, gpu_memory)
+    except CacheUnwritable as e:       # the folder, not the build: nothing to wait for
         state.update(state="failed", error=str(e))
         raise
+    except BuildError as e:
+        record = _note_failure(path, e)
+        state.update(state="failed", error=str(e))
+        logger.info("engine %s: build attempt %d failed; the next waits %.0f s", label,
+                    record["attempts"], backoff_s(record["attempts"]))
+        raise
+    if os.path.exists(path + FAILED_SUFFIX):
+        os.unlink(path + FAILED_SUFFIX)
+    return built
 
 
 def _as_json(value):
@@ -304,7 +373,8 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
     with log:
         child = subprocess.Popen([sys.executable, "-m", "edge.backends.buildjob"],
                                  stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                 pass_fds=(events_w,), close_fds=True)
+                                 pass_fds=(events_w,), close_fds=True,
+                                 preexec_fn=death_signal_preexec())
     os.close(events_w)
     child.stdin.write(json.dumps(spec).encode())
     child.stdin.close()
@@ -409,6 +479,8 @@ class EngineMaker:
         # A backend that can load the rewritten graph itself (ONNX Runtime) runs uncached
         # when the cache cannot be written; `edge build`, whose job is the cache, says no.
         self.allow_uncached = True
+        # Wait after failed builds of an artefact (BACKOFF_FIRST); `edge build` tries at once.
+        self.backoff = True
 
     @property
     def frame_dtype(self):
@@ -466,7 +538,7 @@ class EngineMaker:
     def _ensure(self, model, card, label, recipe=None, batch=None):
         return ensure(self.backend, model, card, label, self.cache, self.budget, self.timeout,
                       reserve=self.reserve, recipe=recipe, batch=batch,
-                      gpu_memory=self.gpu_memory)
+                      gpu_memory=self.gpu_memory, backoff=self.backoff)
 
 
 def _tail(path, limit=300):

@@ -36,7 +36,7 @@ import re
 import weakref
 
 from edge.errors import CacheUnwritable
-from edge.files import atomic_write, fsync_dir
+from edge.files import atomic_write, fsync_dir, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +77,6 @@ def _sha256_file(path):
     return digest.hexdigest()
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:          # alive, but another user's
-        return True
-    return True
-
-
 def unwritable(name, folder, error):
     """The error for an engine folder that cannot be written (a full disk, permissions)."""
     return CacheUnwritable("engine {}: cannot write it in {} ({}); free space there or set "
@@ -108,19 +98,7 @@ class EngineCache:
         """Remove temporary files (`*.tmp.<pid>`) of processes that died while writing them
         (SIGKILL, power cut); they were never trusted, only taking space."""
         self._cleaned = True
-        try:
-            names = os.listdir(self.folder)
-        except OSError:
-            return
-        for name in names:
-            match = re.search(r"\.tmp\.(\d+)$", name)
-            if match and int(match.group(1)) != os.getpid() and \
-                    not _pid_alive(int(match.group(1))):
-                try:
-                    os.unlink(os.path.join(self.folder, name))
-                    logger.info("removed %s, left by a process that was killed", name)
-                except OSError:
-                    pass
+        remove_stale_temporaries(self.folder)
 
     def paths(self, label, fingerprint, options, key, suffix):
         path = os.path.join(self.folder, file_name(label, fingerprint, options, key, suffix))
