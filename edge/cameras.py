@@ -35,8 +35,8 @@ def configured(config):
 def display(config):
     """The config's cameras for logs and health: the URI, or NAME=URI, ... (no passwords)."""
     from edge.urls import redact
-    return ", ".join(redact(uri) if name is None else "{}={}".format(name, redact(uri))
-                     for name, uri in configured(config))
+    return ", ".join(redact(uri, uri) if name is None else
+                     "{}={}".format(name, redact(uri, uri)) for name, uri in configured(config))
 
 
 def parse_flags(values):

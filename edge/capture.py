@@ -8,6 +8,7 @@ at all fails the start with its SourceError.
 
 import logging
 import threading
+import traceback
 
 from edge.errors import SourceError
 
@@ -100,7 +101,7 @@ class Capture(threading.Thread):
         except Exception as exc:
             self.source.close()
             self.state = "reconnecting" if retrying else "failed"
-            self.last_error = str(exc)
+            self.last_error = self.source.shown(str(exc))
             raise
         self._opened = True
         self.state = "open"
@@ -121,7 +122,9 @@ class Capture(threading.Thread):
             self.error = exc
             self.state = "failed"
             if not isinstance(exc, SourceError):   # a SourceError is reported by the pipeline
-                logger.exception("capture from %s failed", self.source.display)
+                # the traceback as text, so that a URL it quotes shows no password
+                logger.error("capture from %s failed: %s", self.source.display,
+                             self.source.shown(traceback.format_exc().rstrip()))
         finally:
             if self.first is not None:        # stopped before it started
                 self.pool.release(self.first)
@@ -169,11 +172,11 @@ class Capture(threading.Thread):
         # Close, wait, reopen until it works or the pipeline stops; the wait doubles per
         # failure and goes back to the minimum after the next good frame.
         self.state = "reconnecting"
-        self.last_error = str(exc)
+        self.last_error = self.source.shown(str(exc))
         self.source.close()
         while True:
             logger.warning("source %s failed (%s); reopening in %.1f s",
-                           self.source.display, exc, self._backoff)
+                           self.source.display, self.last_error, self._backoff)
             if self.stop_event.wait(self._backoff):
                 return
             self._backoff = min(self._backoff * 2, self.backoff_max)
@@ -181,8 +184,7 @@ class Capture(threading.Thread):
                 self.source.open()
             except SourceError as again:
                 self.source.close()
-                exc = again
-                self.last_error = str(again)
+                self.last_error = self.source.shown(str(again))
                 continue
             self.reopens += 1
             self.state = "open"

@@ -369,7 +369,7 @@ def _depth(args):
     if not args.out.lower().endswith((".npy", ".png")):
         raise ConfigError("--out {}: use a .npy (float32 mm, NaN unknown) or .png (16-bit mm, "
                           "0 unknown) name".format(args.out))
-    calib = calibration.load(cfg["stereo"]["calib"])
+    calib = calibration.load(cfg["stereo"]["calib"], cfg["max_image_pixels"])
     source = sources.open_source("stereo://?" + urlencode({"left": args.left,
                                                            "right": args.right}),
                                  cfg["max_image_pixels"])
@@ -639,7 +639,7 @@ def _main(argv):
     except EdgeError as e:
         if args.debug:
             logger.exception("failed")
-        print("edge: error: {}".format(e), file=sys.stderr)
+        print("edge: error: {}".format(_shown(e, args)), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
@@ -647,5 +647,14 @@ def _main(argv):
         if args.debug:
             raise
         print("edge: internal error: {}: {} (run with --debug for the traceback)".format(
-            type(e).__name__, e), file=sys.stderr)
+            type(e).__name__, _shown(e, args)), file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _shown(error, args):
+    """An error's text with the password of every URL it may quote hidden: those of the
+    command line (--mqtt, --source) wherever they appear, any other URL's by its form."""
+    from edge.urls import redact
+    known = [v for v in [getattr(args, "mqtt", None)] + list(getattr(args, "source", None) or [])
+             if isinstance(v, str)]
+    return redact(str(error), *(known + [v.partition("=")[2] for v in known]))   # NAME=URI

@@ -1,12 +1,15 @@
 """The command channel: requests on `{prefix}/{device}/cmd/{name}`, replies as DESIGN.md says.
 
 paho's callback only hands the raw request to a bounded queue; the "commands" thread parses,
-checks, rate-limits and runs it, and every request it takes gets exactly one reply, an error
-reply for anything malformed. Requests beyond the queue (a flood) are dropped without a reply
-and counted (health: `commands.dropped`). `health` requests have a queue and a rate budget of
-their own, so a flood of other commands never starves an operator's health probe. A handler
-never names files or URLs: references and snapshots come from frames and stay under the
-state folder.
+checks, rate-limits and runs it. A request within the rate budget (`commands.rate`,
+`commands.burst`) runs and gets exactly one reply. A refused one (malformed, or over the rate)
+gets its error reply only within a second budget of the same size: past it, as past the
+queue (a flood), it is dropped without a reply and counted (health: `commands.dropped`), so
+a flood costs a few replies a second, never a flood of them. `health` requests have a queue
+and both budgets of their own, so a flood of other commands never starves an operator's
+health probe; and replies travel in the publisher's control lane, apart from the results.
+A handler never names files or URLs: references and snapshots come from frames and stay
+under the state folder.
 """
 
 import base64
@@ -19,6 +22,7 @@ import time
 
 from edge import mqtt
 from edge.errors import EdgeError
+from edge.urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +82,16 @@ class RateLimit:
         self.tokens = float(burst)
         self.last = time.monotonic()
 
-    def allow(self, now=None):
+    def ready(self, now=None):
+        """Whether a request would be allowed now (nothing taken)."""
         now = time.monotonic() if now is None else now
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = max(self.last, now)
+        return self.tokens >= 1.0
+
+    def allow(self, now=None):
+        """Take one request's token; False when there is none."""
+        if self.ready(now):
             self.tokens -= 1.0
             return True
         return False
@@ -96,15 +105,17 @@ class Commands(threading.Thread):
         self.app = app
         self.max_bytes = max_bytes
         self.snapshot_bytes = snapshot_bytes
-        self.limit = RateLimit(rate, burst)
-        self.health_limit = RateLimit(rate, burst)     # health's own budget
-        self.dropped = 0            # requests dropped unanswered: their queue was full
+        # (requests run, refusals answered): each a budget of its own; health has both apart
+        self.budgets = {False: (RateLimit(rate, burst), RateLimit(rate, burst)),
+                        True: (RateLimit(rate, burst), RateLimit(rate, burst))}
+        self.dropped = 0            # requests left unanswered: queue full, or refused past
+                                    # the budget of error replies
         self.rate_limited = 0       # requests answered `rate_limited`
-        self.handled = 0
+        self.handled = 0            # requests answered (run, or refused with a reply)
         self._queue = collections.deque()
         self._health_queue = collections.deque()
         self._cond = threading.Condition()
-        self._stop = False
+        self._stopping = False      # (not `_stop`: threading.Thread has a method of that name)
         self.handlers = {
             "ping": self.ping, "health": self.health, "snapshot": self.snapshot,
             "set_reference": self.set_reference, "list_references": self.list_references,
@@ -130,41 +141,67 @@ class Commands(threading.Thread):
     def run(self):
         while True:
             with self._cond:
-                while not self._queue and not self._health_queue and not self._stop:
+                while not self._queue and not self._health_queue and not self._stopping:
                     self._cond.wait(0.5)
-                if self._stop:
+                if self._stopping:
                     return
                 queue = self._health_queue or self._queue     # health probes first
                 name, payload, reply_topic, correlation, broadcast = queue.popleft()
             try:
-                topic, reply = self.handle(name, payload, reply_topic, broadcast=broadcast)
-                self.app.publisher.put(topic, reply, qos=1, jsonl=False,
-                                       properties=mqtt.reply_properties(correlation))
+                answer = self.handle(name, payload, reply_topic, broadcast=broadcast)
+                if answer is not None:
+                    self.app.publisher.control(answer[0], answer[1],
+                                               properties=mqtt.reply_properties(correlation))
             except Exception:   # the command thread outlives every request
                 logger.exception("command %s failed", name)
 
     def stop(self):
         with self._cond:
-            self._stop = True
+            self._stopping = True
             self._cond.notify()
 
     def counts(self):
-        """What health reports of the command channel."""
-        return {"handled": self.handled, "dropped": self.dropped,
+        """What health reports of the command channel: requests answered, requests left
+        without a reply (queue full, refused past the budget, or their reply dropped in the
+        publisher's control lane), requests answered `rate_limited`."""
+        publisher = getattr(self.app, "publisher", None)
+        lost = publisher.control_dropped if publisher is not None else 0
+        return {"handled": self.handled, "dropped": self.dropped + lost,
                 "rate_limited": self.rate_limited}
 
     def reply_topic(self, request_id):
         return self.app.link.topic("reply/{}".format(request_id or "unknown"))
 
     def handle(self, name, payload, reply_topic=None, now=None, broadcast=False):
-        """(topic, reply dict) for one raw request; never raises for bad input.
+        """(topic, reply dict) for one raw request, or None when it gets no reply; never
+        raises for bad input.
 
+        A request runs within the rate budget; a refused one (malformed, over the rate) is
+        answered within the refusal budget, else dropped unanswered and counted: a flood
+        costs its budgets' worth of replies, and requests past both are not even parsed.
         `reply_topic`: the MQTT 5 response topic, if the request had one.
         `broadcast`: the request went to every device (`{prefix}/_all/cmd/{name}`): the
         reply goes to its `reply_to` (or response topic) plus `/{device_id}`, so that the
         answers of a fleet arrive apart, each on a topic the device alone may write.
         """
+        now = time.monotonic() if now is None else now
+        limit, refusals = self.budgets[name == "health"]
+        if not limit.ready(now) and not refusals.ready(now):
+            self.dropped += 1
+            return None
+        taken = []
+        topic, reply = self._answer(name, payload, reply_topic, now, broadcast, limit, taken)
+        if not taken and not refusals.allow(now):
+            self.dropped += 1
+            return None
         self.handled += 1
+        if not reply["ok"] and reply["error"]["code"] == "rate_limited":
+            self.rate_limited += 1
+        return topic, reply
+
+    def _answer(self, name, payload, reply_topic, now, broadcast, limit, taken):
+        """(topic, reply) for a request; appends to `taken` once it passed the rate budget
+        (from then on it is answered whatever happens)."""
         if broadcast and reply_topic is not None:
             reply_topic = self._for_this_device(reply_topic)
         response_problem = None if reply_topic is None else self._reply_to_problem(reply_topic)
@@ -198,9 +235,9 @@ class Commands(threading.Thread):
                 topic = wanted
             if request_id is None:
                 raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
-            if not (self.health_limit if name == "health" else self.limit).allow(now):
-                self.rate_limited += 1
+            if not limit.allow(now):
                 raise CommandError("rate_limited", "too many commands; retry in a second")
+            taken.append(True)
             if broadcast and name not in mqtt.BROADCAST_COMMANDS:
                 raise CommandError("bad_request", "{!r} is not taken on {}: only {}; send it "
                                    "to {}".format(name[:64], self.app.link.broadcast_topic(""),
@@ -214,11 +251,12 @@ class Commands(threading.Thread):
             return topic, {"v": 1, "id": request_id, "ok": True, "result": result}
         except CommandError as e:
             error = {"code": e.code, "message": str(e)}
-        except EdgeError as e:
-            error = {"code": "failed", "message": str(e)}
+        except EdgeError as e:     # (a reload's error may quote a camera's URL)
+            error = {"code": "failed", "message": redact(str(e))}
         except Exception as e:   # a bug in a handler: say so, keep running
             logger.exception("command %s failed", name[:64])
-            error = {"code": "internal", "message": "{}: {}".format(type(e).__name__, e)[:300]}
+            error = {"code": "internal",
+                     "message": redact("{}: {}".format(type(e).__name__, e))[:300]}
         return topic, {"v": 1, "id": request_id, "ok": False, "error": error}
 
     def reply_namespaces(self):
@@ -242,6 +280,12 @@ class Commands(threading.Thread):
         if not any(value.startswith(n) and len(value) > len(n) for n in namespaces):
             return "must be a topic under {} (replies go nowhere else)".format(
                 " or ".join(n + "..." for n in namespaces))
+        health = namespaces[1]
+        if value.startswith(health) and not re.match(
+                r"[^/]+/{}\Z".format(re.escape(self.app.device)), value[len(health):]):
+            # `edge health` files an answer by its topic's last level: under another
+            # device's name this one would answer as that device, on a looser broker than ours
+            return "must be {}<session>/{} (this device's answer)".format(health, self.app.device)
         return None
 
     # Handlers: (args, request id) -> result dict; CommandError for a bad request.
@@ -312,7 +356,7 @@ class Commands(threading.Thread):
             result["camera"] = camera
         if binary:
             topic = self.app.link.topic("snapshot/{}".format(request_id))
-            self.app.publisher.put(topic, data, qos=1, jsonl=False)
+            self.app.publisher.control(topic, data)     # before its reply, in the same lane
             result["topic"] = topic
         else:
             result["data"] = base64.b64encode(data).decode("ascii")

@@ -15,6 +15,7 @@ from edge import systemd, tasks
 from edge.errors import ConfigError, EdgeError, UnavailableError
 from edge.pipeline import Pipeline
 from edge.publisher import JsonlSink, Publisher
+from edge.urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +151,21 @@ class Daemon:
         """Check the config file now and have the main loop rebuild the pipeline from it; the
         EdgeError of a config that does not load (the running one stays)."""
         try:
-            configuration.load(self.config_path, self.overrides)
+            self._load_checked()
         except EdgeError as e:
             self._reloaded(e)
             raise
         self.reload_event.set()
+
+    def _load_checked(self):
+        """The config file loaded, and the files it names that a rebuild would read and can
+        be checked without opening a camera (the stereo calibration); an EdgeError, while
+        the running pipeline is still untouched, when one is bad."""
+        config = configuration.load(self.config_path, self.overrides)
+        if config["stereo"]["calib"]:
+            from edge import calibration
+            calibration.load(config["stereo"]["calib"], config["max_image_pixels"], maps=False)
+        return config
 
     def _reloaded(self, error=None):
         """Keep a reload's outcome for health (the operator who asked learns it there)."""
@@ -346,7 +357,7 @@ class Daemon:
         self.notifier.reloading("reloading")
         self.ready = False        # READY=1 again once the new pipeline works
         try:
-            config = configuration.load(self.config_path, self.overrides)
+            config = self._load_checked()
         except EdgeError as e:
             self._reloaded(e)
             return False
@@ -360,7 +371,10 @@ class Daemon:
         try:
             new = self._build_pipeline(config)
             self._reloaded()
-        except EdgeError as e:
+        except Exception as e:  # an EdgeError, or a bug: the running configuration comes back
+            if not isinstance(e, EdgeError):
+                logger.exception("reload: building the pipeline failed")
+                e = EdgeError("internal error: {}: {}".format(type(e).__name__, e))
             self._reloaded(e)
             config, new = self.config, self._build_pipeline(self.config)
         self.config = config
@@ -396,7 +410,8 @@ class Daemon:
         if self.publisher is not None and self.publisher.is_alive():
             self.publisher.flush(min(2.0, self.config["mqtt"]["flush_timeout"]))
         if self.link is not None:
-            self.link.stop(reason[:200])
+            # redacted whole, then cut: a URL cut before its `@` would escape redaction
+            self.link.stop(redact(reason)[:200])
         if self.jsonl is not None:
             self.jsonl.close()
         self._close_system()

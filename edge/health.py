@@ -11,12 +11,28 @@ import threading
 import time
 
 from edge import __version__
+from edge.urls import redacted
 
 logger = logging.getLogger(__name__)
 
 # The reason a device gives while its broker is away: reported locally (logs, systemd STATUS=,
 # `edge doctor`), never as the `status` topic's reason, which nobody could read meanwhile.
 MQTT_DOWN = "mqtt broker unreachable"
+
+
+TEXT_MAX = 1000    # characters of one string in a report (an exception's text can be any)
+
+
+def _bounded(value):
+    """The report with every string cut to TEXT_MAX characters: robots drop a report with a
+    string past the API document's maxLength (16384), and a verdict quotes errors."""
+    if isinstance(value, str):
+        return value if len(value) <= TEXT_MAX else value[:TEXT_MAX - 1] + "\u2026"
+    if isinstance(value, dict):
+        return {key: _bounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_bounded(item) for item in value]
+    return value
 
 
 def verdict(report, limits):
@@ -110,6 +126,20 @@ def camera_reports(pipeline, display):
     return source, cameras
 
 
+def _source_uris(app):
+    """The URIs of the daemon's cameras, as configured and as running (a reload may differ)."""
+    pipeline = app.pipeline
+    uris = []
+    for camera in (pipeline.cameras if pipeline is not None else []):
+        uris.append(camera.source.uri)
+        uris.extend(side.uri for side in getattr(camera.source, "sides", ()))   # stereo
+    config = getattr(app, "config", None)
+    if config:
+        from edge import cameras
+        uris.extend(uri for _, uri in cameras.configured(config))
+    return uris
+
+
 class Health(threading.Thread):
     """Builds and publishes health reports for one running daemon."""
 
@@ -183,6 +213,9 @@ class Health(threading.Thread):
                   "engines": engines, "mqtt": mqtt,
                   "commands": commands.counts() if commands is not None else None,
                   "reload": getattr(app, "last_reload", None), "system": system}
+        # Cameras' errors may quote their URLs (a camera's, FFmpeg's, an exception's text):
+        # no password reaches the report, its verdict, `status` or the log.
+        report = _bounded(redacted(report, *_source_uris(app)))
         healthy, reasons = verdict(report, self.limits)
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"
@@ -211,7 +244,7 @@ class Health(threading.Thread):
             self.app.link.set_status(*status)
         self.status = status
         if self.app.publisher is not None:
-            self.app.publisher.put("health", report, retain=True, qos=1, jsonl=False)
+            self.app.publisher.control("health", report, retain=True)
         return report
 
     def run(self):

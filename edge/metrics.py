@@ -155,7 +155,7 @@ class DaemonCollector:
         commands = report.get("commands")
         if commands:
             metric = family("counter", "edge_commands", "Command requests by outcome: "
-                            "handled, dropped (queue full, no reply), rate_limited.",
+                            "handled, dropped (no reply: queue full or past the reply budget), rate_limited.",
                             ("outcome",))
             for outcome in ("handled", "dropped", "rate_limited"):
                 metric.add_metric([device, outcome], commands[outcome])

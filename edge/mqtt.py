@@ -12,6 +12,7 @@ import threading
 import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from edge import urls
 from edge.errors import ConfigError
 from edge.urls import redact
 
@@ -28,12 +29,22 @@ PACKET_HEADROOM = 8192
 
 
 def parse_url(url, qos=0, keepalive=30):
-    """Broker settings from `mqtt[s]://[user[:password]@]host[:port][?qos=0|1&keepalive=S]`."""
+    """Broker settings from `mqtt[s]://[user[:password]@]host[:port][?qos=0|1&keepalive=S]`.
+
+    The userinfo ends at the URL's last `@` (edge.urls.split), so a password may hold any
+    character, `/ ? # @ :` included, written as it is or percent-encoded (%2F for /); only
+    the rest of the URL goes through urllib, whose errors therefore never quote the password.
+    """
+    shown = redact(url, url)
+
     def bad(reason):
         return ConfigError("mqtt url {!r}: {}; expected mqtt://[user[:password]@]host[:port]"
-                           "[?qos=0|1&keepalive=S] or mqtts://...".format(redact(url), reason))
+                           "[?qos=0|1&keepalive=S] or mqtts://...{}".format(
+                               shown, reason, _PASSWORD_HINT if password else ""))
+    head, userinfo, rest = urls.split(url)
+    user, _, password = (userinfo or "").partition(":")
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(url if head is None else head + rest)
         port = parts.port
     except ValueError as e:
         raise bad(str(e))
@@ -58,9 +69,15 @@ def parse_url(url, qos=0, keepalive=30):
         raise bad("keepalive must be 5..3600 seconds")
     return {"host": parts.hostname, "port": port or DEFAULT_PORTS[parts.scheme],
             "tls": parts.scheme == "mqtts", "qos": qos, "keepalive": keepalive,
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password else None,
-            "display": redact(url)}
+            "username": unquote(user) if user else None,
+            "password": unquote(password) if password else None,
+            "display": shown}
+
+
+# Where a password is better kept than in a URL (which `ps`, shell histories and configs
+# show), said by every error about a URL that holds one.
+_PASSWORD_HINT = "; better keep the password out of the URL: mqtt.password_file " \
+                 "(--password-file) or EDGE_MQTT_PASSWORD"
 
 
 PASSWORD_ENV = "EDGE_MQTT_PASSWORD"
@@ -261,10 +278,12 @@ def probe(settings, protocol="3.1.1", timeout=5.0, client_id=None):
 
 
 def status_payload(device, state, since, reason=None):
-    """The `status` message (retained; also the last will)."""
+    """The `status` message (retained; also the last will). A reason quoting a URL (the
+    error a daemon ended with) never shows its password."""
     from edge import __version__
     return json.dumps({"v": 1, "device": device, "state": state, "since": round(since, 3),
-                       "reason": reason, "version": __version__},
+                       "reason": None if reason is None else redact(reason),
+                       "version": __version__},
                       separators=(",", ":")).encode()
 
 
@@ -323,7 +342,7 @@ class MqttLink:
             self.client.connect_async(self.settings["host"], self.settings["port"],
                                       self.settings["keepalive"], **options)
         except (OSError, ValueError) as e:
-            self.last_error = str(e)
+            self.last_error = redact(str(e))
         self.client.loop_start()
 
     def set_status(self, state, reason=None):

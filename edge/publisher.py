@@ -1,6 +1,9 @@
 """The publisher: a bounded queue between the tasks and the sinks (MQTT, JSONL).
 
 `put` never blocks a task: when the queue is full the oldest message is dropped and counted.
+Results have that queue to themselves: replies to commands, snapshots and health reports
+(`control`) wait in a small lane of their own, sent first, so a flood of commands can never
+displace a detection (nor a result backlog a health probe's answer).
 One thread ("publish") serialises each message once, appends it to the JSONL file, and hands
 it to MQTT when connected. While the broker is away, messages wait in the same bounded queue
 (oldest dropped first, counted) and leave in order after the reconnect.
@@ -12,9 +15,10 @@ a reconnect: no new message is handed to paho until the ones it is re-sending fr
 previous connection are acknowledged (paho would otherwise send new ones first: our
 on_connect runs before its re-send loop). QoS 0 messages are at most once.
 
-Memory: at most `limit` messages wait (oldest dropped first), and paho holds at most
-`window` more that it was handed and the broker has not acknowledged yet (those can no longer
-be dropped), so paho's own queue never grows beyond that either.
+Memory: at most `limit` results and CONTROL_LIMIT control messages wait (oldest dropped
+first), and paho holds at most `window` + CONTROL_WINDOW more that it was handed and the
+broker has not acknowledged yet (those can no longer be dropped), so paho's own queue never
+grows beyond that either.
 """
 
 import collections
@@ -33,6 +37,10 @@ _NO_CONN = 4           # not connected: paho keeps a QoS > 0 message and sends i
 _QUEUE_SIZE = 15       # paho's own queue is full: it did not take the message
 
 WINDOW = 20            # messages handed to paho at once (paho's default max_inflight_messages)
+CONTROL_WINDOW = 20    # control messages handed to paho at once, apart from WINDOW
+CONTROL_LIMIT = 64     # replies, snapshots and health reports waiting; oldest dropped first.
+                       # The command budgets (commands.rate and burst, for requests run and for
+                       # refusals answered, health apart) keep them to a few dozen a second.
 RESEND_WAIT_S = 30.0   # longest wait for paho's re-sends before new messages go out anyway
 
 
@@ -71,7 +79,8 @@ class Publisher(threading.Thread):
         self.qos = qos
         self.limit = limit
         self.window = max(1, min(WINDOW, limit // 4))
-        self.dropped = 0            # messages dropped because the queue was full
+        self.dropped = 0            # results dropped because the queue was full
+        self.control_dropped = 0    # control messages dropped because their lane was full
         self.failed = 0             # messages that could not be serialised or published (bugs)
         self.sent = 0               # handed to paho (MQTT) or written (JSONL only)
         self.accepted = 0
@@ -79,7 +88,11 @@ class Publisher(threading.Thread):
         # (topic, message, retain, qos, to_jsonl, properties)
         self._queue = collections.deque()
         self._outbox = collections.deque()    # (topic, payload, retain, qos, properties)
-        self._inflight = collections.deque()  # (paho MessageInfo, qos, connection number)
+        self._control = collections.deque()   # the same, for `control`: serialised already
+        # (paho MessageInfo, qos, connection number, control lane?): each lane has its own
+        # window, so replies waiting for their acknowledgement (which a flood of requests on
+        # the same connection delays) never hold back a QoS 0 result, nor results a reply
+        self._inflight = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._processing = 0        # messages taken from the queue, not yet in the outbox
@@ -98,6 +111,27 @@ class Publisher(threading.Thread):
             self._queue.append((topic, message, retain, self.qos if qos is None else qos,
                                 jsonl, properties))
             self.accepted += 1
+            self._cond.notify()
+
+    def control(self, topic, message, retain=False, properties=None):
+        """Queue a reply, a snapshot or a health report (QoS 1) in the control lane, apart
+        from the results; never blocks. When the lane is full the oldest is dropped (counted
+        in `control_dropped`); without MQTT there is nowhere to send it (never to JSONL)."""
+        try:
+            payload = message if isinstance(message, bytes) else json.dumps(
+                message, separators=(",", ":")).encode()
+        except (TypeError, ValueError):     # a bug in a handler: lose one message
+            logger.exception("cannot serialise a message for %s", topic)
+            self.failed += 1
+            return
+        with self._cond:
+            self.accepted += 1
+            if self.link is None:
+                return
+            while len(self._control) >= CONTROL_LIMIT:
+                self._control.popleft()
+                self.control_dropped += 1
+            self._control.append((topic, payload, retain, 1, properties))
             self._cond.notify()
 
     def topic(self, suffix):
@@ -126,7 +160,7 @@ class Publisher(threading.Thread):
         return len(self._queue) + self._processing - self._doomed + len(self._outbox)
 
     def _held(self):
-        return self._waiting() + len(self._inflight)
+        return self._waiting() + len(self._control) + len(self._inflight)
 
     @property
     def depth(self):
@@ -139,8 +173,8 @@ class Publisher(threading.Thread):
             with self._cond:
                 if not self._queue and not self._stopping:
                     # Poll faster while a backlog drains: acknowledgements free the window.
-                    draining = self._outbox and self.link is not None and \
-                        self.link.connected.is_set()
+                    draining = (self._outbox or self._control) and self.link is not None \
+                        and self.link.connected.is_set()
                     self._cond.wait(0.005 if draining else 0.05)
                 batch = list(self._queue)
                 self._queue.clear()
@@ -203,7 +237,7 @@ class Publisher(threading.Thread):
         resending = False
         kept = collections.deque()
         for entry in self._inflight:
-            info, qos, number = entry
+            info, qos, number, _ = entry
             if info.is_published():
                 continue
             if number != connection:
@@ -225,13 +259,14 @@ class Publisher(threading.Thread):
                            RESEND_WAIT_S)
             with self._cond:
                 self._inflight = collections.deque(
-                    (i, q, connection) for i, q, _ in kept)
+                    (i, q, connection, c) for i, q, _, c in kept)
             self._resend_since = None
             return False
         return True
 
     def _send(self):
-        """Hand queued payloads to paho while connected, keeping their order."""
+        """Hand queued payloads to paho while connected, keeping the order of each lane;
+        the control lane first (a few small messages a second at most)."""
         if self.link is None:
             return
         connection = self.link.connects
@@ -239,9 +274,12 @@ class Publisher(threading.Thread):
             return
         while self.link.connected.is_set():
             with self._cond:
-                if not self._outbox or len(self._inflight) >= self.window:
+                busy = sum(1 for entry in self._inflight if entry[3])
+                control = bool(self._control) and busy < CONTROL_WINDOW
+                lane = self._control if control else self._outbox
+                if not control and (not lane or len(self._inflight) - busy >= self.window):
                     return
-                topic, payload, retain, qos, properties = self._outbox[0]
+                topic, payload, retain, qos, properties = lane[0]
                 full = topic if "/" in topic else self.link.topic(topic)
                 try:
                     if properties is None:
@@ -249,15 +287,15 @@ class Publisher(threading.Thread):
                     else:
                         info = self.link.publish(full, payload, qos, retain, properties)
                 except (ValueError, TypeError) as e:   # a topic paho refuses: drop that one
-                    self._outbox.popleft()
+                    lane.popleft()
                     self.failed += 1
                     logger.error("mqtt: cannot publish on %r: %s", full[:100], e)
                     continue
                 taken = info.rc == _OK or (qos > 0 and info.rc == _NO_CONN)
                 if not taken:
                     return     # paho's queue is full or the link just dropped: retry later
-                self._outbox.popleft()
-                self._inflight.append((info, qos, connection))
+                lane.popleft()
+                self._inflight.append((info, qos, connection, control))
                 self.sent += 1
 
     def flush(self, timeout):

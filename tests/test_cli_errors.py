@@ -101,6 +101,20 @@ def test_broker_password_is_not_shown_even_when_the_url_does_not_parse(edge_run,
     assert "s3cret" not in line and "me:***@" in line, line
 
 
+@pytest.mark.parametrize("url", ["mqtt://me:s3/cr3t@127.0.0.1:notaport",
+                                 "mqtt://me:s3?cr3t#x@127.0.0.1:1883?qos=5",
+                                 "mqtt://me:s3[cr3t@[::1", "mqtt://me:s3 cr3t@host:1883/x"])
+@pytest.mark.parametrize("command", ["run", "health", "listen"])
+def test_a_password_with_reserved_characters_is_not_shown(edge_run, url, command):
+    """urllib ends the authority at the first / ? or #: its errors quoted pieces of such a
+    password ("Port could not be cast to integer value as 's3'")."""
+    result = edge_run("--detector", "yolox-nano", "--mqtt", url) if command == "run" else \
+        run_edge(command, "ghost", "--mqtt", url)
+    line = assert_user_error(result, 78)
+    assert "s3" not in line and "cr3t" not in line and "me:***@" in line, line
+    assert "EDGE_MQTT_PASSWORD" in line, "the fix: keep the password out of the URL"
+
+
 def test_broker_not_reachable(edge_run, tmp_path):
     url = "mqtt://127.0.0.1:{}".format(free_port())      # nothing listens there
     config = write_config(tmp_path, "mqtt: {flush_timeout: 2}\n")

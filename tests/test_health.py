@@ -197,13 +197,25 @@ def test_retained_commands_are_ignored(broker, subscriber, device):
 
 
 def test_commands_are_rate_limited(device):
+    """A burst over commands.burst: the budget runs, as many refusals again are answered
+    `rate_limited`, the rest get no reply and are counted (commands.dropped)."""
     dev, sub = device(config="commands: {rate: 1, burst: 3}\n")
-    for i in range(8):
+    for i in range(12):
         sub.client.publish("edge/cam1/cmd/ping", json.dumps({"id": "q{}".format(i)}), qos=1)
-    assert sub.wait_for(lambda s: len([t for t, _, _ in s.messages if "/reply/q" in t]) == 8, 10)
-    codes = [json.loads(p).get("error", {}).get("code") for t, p, _ in sub.messages
-             if "/reply/q" in t]
-    assert codes.count("rate_limited") >= 4 and codes.count(None) >= 3
+
+    def codes(s):
+        with s.lock:
+            return [json.loads(p).get("error", {}).get("code") for t, p, _ in s.messages
+                    if "/reply/q" in t]
+    assert sub.wait_for(lambda s: len(codes(s)) >= 6, 10)
+    import time
+    time.sleep(0.5)      # the rest are refused by now (health probes are taken first)
+    health = command(sub, "cam1", "health", {"id": "h1"})["result"]["commands"]
+    answered = codes(sub)
+    assert answered.count(None) >= 3 and answered.count("rate_limited") >= 3, answered
+    assert len(answered) < 12, "refusals past the budget get no reply: {}".format(answered)
+    assert health["dropped"] == 12 - len(answered), (health, answered)
+    assert health["rate_limited"] == answered.count("rate_limited"), (health, answered)
 
 
 def test_a_command_flood_neither_starves_health_probes_nor_goes_uncounted(device, broker):

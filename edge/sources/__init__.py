@@ -9,7 +9,7 @@ edge.capture.
 import os
 
 from edge.errors import ConfigError
-from edge.urls import redact
+from edge.urls import redact, split, userinfo
 
 _KINDS = {}
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -38,9 +38,18 @@ class Source:
 
     def __init__(self, uri, location, params):
         self.uri = uri
-        self.display = redact(uri)   # for logs and messages: no camera password
+        self.display = redact(uri, uri)   # for logs and messages: no camera password
         self.location = location   # the part after scheme:// (path, host, device)
         self.params = params       # query parameters, str -> str
+
+    def shown(self, text):
+        """`text` (an error about this source, a path made from its URI) as logs and
+        messages may show it: the URI's password hidden wherever it appears. A location read
+        from a URI with a user name or password (where a / ? or # in the password cut it
+        short, it is a piece of the password) is named by the URI instead."""
+        if self.location and self.location in text and userinfo(self.uri) is not None:
+            text = text.replace(self.location, self.display)
+        return redact(text, self.uri)
 
     def open(self):
         """Open the device or file; raises SourceError with a fix."""
@@ -77,10 +86,22 @@ def parse_uri(uri):
         if path.startswith("/dev/video"):
             return "v4l2", path, {}
         return "file", path, {}
-    parts = urlsplit(uri)
+    # Kind and parameters from the URI without its user name and password: a password may
+    # hold / ? # & = [ ], which must neither become parameters (nor be quoted as such) nor
+    # make the URI unreadable (urllib takes a [ in it for an IPv6 host).
+    head, info, rest = split(uri)
+    try:
+        parts = urlsplit(uri if info is None else head + rest)
+    except ValueError as e:       # a bad IPv6 host, as in rtsp://[::1/stream
+        raise ConfigError("source {!r}: not a valid URI ({}); check it (a [ or ] in a user "
+                          "name or password is written %5B, %5D)".format(redact(uri, uri), e))
     scheme = parts.scheme.lower()
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     if scheme in ("file", "images", "v4l2"):
+        try:
+            parts = urlsplit(uri)      # the path as it always was read
+        except ValueError:
+            pass
         location = (parts.netloc + parts.path) if parts.netloc else parts.path
         return scheme, os.path.expanduser(location), params
     if scheme == "rtsp":
@@ -99,7 +120,7 @@ def open_source(uri, max_pixels=None):
     cls = _KINDS.get(scheme)
     if cls is None:
         raise ConfigError("source {!r}: unknown kind {!r}; use one of {}".format(
-            redact(uri), scheme, ", ".join(s + "://" for s in sorted(_KINDS))))
+            redact(uri, uri), scheme, ", ".join(s + "://" for s in sorted(_KINDS))))
     source = cls(uri, location, params)
     source.max_pixels = max_pixels or imagefiles.DEFAULT_MAX_PIXELS
     return source

@@ -54,20 +54,20 @@ class ImageFolderSource(Source):
             names = sorted(os.listdir(self.folder))
         except FileNotFoundError:
             raise SourceError("image folder {} does not exist; check the --source path".format(
-                self.folder)) from None
+                self.shown(self.folder))) from None
         except OSError as exc:
             raise SourceError("image folder {} cannot be read ({}); check its permissions".format(
-                self.folder, exc.strerror)) from None
+                self.shown(self.folder), exc.strerror)) from None
         self.paths = [os.path.join(self.folder, name) for name in names
                       if name.lower().endswith(EXTENSIONS)
                       and os.path.isfile(os.path.join(self.folder, name))]
         if not self.paths:
             raise SourceError("image folder {} holds no {} files; put images there or "
                               "choose another folder".format(
-                                  self.folder, "/".join(e[1:] for e in EXTENSIONS)))
+                                  self.shown(self.folder), "/".join(e[1:] for e in EXTENSIONS)))
         self._next = 0
         self._delivered_this_pass = 0
-        logger.info("image folder %s: %d images", self.folder, len(self.paths))
+        logger.info("image folder %s: %d images", self.shown(self.folder), len(self.paths))
 
     def read_into(self, frame):
         """Decode the next readable image into `frame`; False after the last one."""
@@ -77,14 +77,15 @@ class ImageFolderSource(Source):
                     # A folder where nothing decodes is a mistake, not an empty run (and
                     # looping over it would spin forever).
                     raise SourceError("none of the {} images in {} can be decoded; replace "
-                                      "them".format(len(self.paths), self.folder))
+                                      "them".format(len(self.paths), self.shown(self.folder)))
                 if not self.loop:
                     return False
                 self._next = 0
                 self._delivered_this_pass = 0
             path = self.paths[self._next]
             self._next += 1
-            image = _decode(path, self.max_pixels, warn=path not in self._bad)
+            image = _decode(path, self.max_pixels, warn=path not in self._bad,
+                            show=self.shown)
             if image is None:
                 self._bad.add(path)      # named once in the log, counted every pass
                 self.skipped += 1
@@ -99,27 +100,33 @@ class ImageFolderSource(Source):
             return True
 
 
-def _decode(path, max_pixels, warn=True):
+def _decode(path, max_pixels, warn=True, show=None):
     # (H, W, 3) uint8 BGR, or None after one warning: IMREAD_COLOR turns grey, 16-bit and
-    # 4-channel images into 8-bit BGR.
+    # 4-channel images into 8-bit BGR. `show(path)`: the path as logs show it (no password;
+    # called only to log, never per good frame).
     log = logger.warning if warn else logger.debug
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        log("skipped image %s: cannot be read (%s)", path, exc.strerror)
+        log("skipped image %s: cannot be read (%s)", _shown(path, show), exc.strerror)
         return None
     if not data:
-        log("skipped image %s: the file is empty", path)
+        log("skipped image %s: the file is empty", _shown(path, show))
         return None
     if _truncated_jpeg(data):
-        log("skipped image %s: truncated JPEG (the image data has no end marker)", path)
+        log("skipped image %s: truncated JPEG (the image data has no end marker)",
+            _shown(path, show))
         return None
     try:
         return imagefiles.decode(data, "image " + path, max_pixels)
     except SourceError as exc:
-        log("skipped %s", exc)
+        log("skipped %s", _shown(str(exc), show))
         return None
+
+
+def _shown(text, show):
+    return text if show is None else show(text)
 
 
 def _truncated_jpeg(data):

@@ -150,15 +150,17 @@ class StereoSource(Source):
         while self._next < len(self._pairs):
             left_path, right_path = self._pairs[self._next]
             self._next += 1
-            left, right = (_decode(left_path, self.max_pixels),
-                           _decode(right_path, self.max_pixels))
+            left, right = (_decode(path, self.max_pixels, show=side.shown)
+                           for side, path in zip(self.sides, (left_path, right_path)))
             if left is None or right is None:
                 self.skipped += 1
                 continue
             if left.shape != right.shape:
                 raise SourceError("{}: {} is {}x{} but {} is {}x{}; the views of a pair must be "
-                                  "the same size".format(self.display, left_path, left.shape[1],
-                                                         left.shape[0], right_path,
+                                  "the same size".format(self.display,
+                                                         self.sides[0].shown(left_path),
+                                                         left.shape[1], left.shape[0],
+                                                         self.sides[1].shown(right_path),
                                                          right.shape[1], right.shape[0]))
             return self._deliver(frame, left, right, time.time(), os.path.basename(left_path))
         if self._pairs and self.skipped == len(self._pairs):

@@ -19,12 +19,16 @@ import numpy as np
 from edge.errors import ConfigError, SourceError
 from edge.sources import Source, register
 from edge.sources.pattern import MAX_SIZE, check_params, int_param
+from edge.urls import split, userinfo
 
 logger = logging.getLogger(__name__)
 
 # Milliseconds; a network stream that hangs must fail the read so the capture thread reopens it.
 OPEN_TIMEOUT_MS = 10000
 READ_TIMEOUT_MS = 5000
+# Said when a stream with / ? or # in its credentials cannot be opened (never which one).
+_ENCODE_HINT = "; a / ? or # in the user name or password must be percent-encoded " \
+               "(%2F %3F %23)"
 # Frames of a file that fail to decode in a row before it is taken as ended: a damaged stretch
 # is skipped (and counted) when later frames decode again.
 MAX_BAD_FRAMES = 25
@@ -42,6 +46,12 @@ class VideoCaptureSource(Source):
     def _capture(self):
         """An opened cv2.VideoCapture; raises SourceError with a fix."""
         raise NotImplementedError
+
+    def reserved(self):
+        """Whether the URL's user name or password holds / ? or #: FFmpeg ends the address
+        at the first of them, so the camera never gets the credentials as written."""
+        info = userinfo(self.uri)
+        return info is not None and any(c in info for c in "/?#")
 
     def open(self):
         """Open the capture and learn the stream's frame size."""
@@ -136,11 +146,12 @@ class VideoFileSource(VideoCaptureSource):
         import cv2
         if not os.path.isfile(self.path):
             raise SourceError("video file {} does not exist; check the --source path".format(
-                self.path))
+                self.shown(self.path)))
         cap = _open_capture(self.path, cv2.CAP_ANY)
         if cap is None:
             raise SourceError("video file {}: cannot decode it; convert it to H.264 MP4 or "
-                              "MJPG AVI (ffmpeg -i IN -c:v libx264 OUT.mp4)".format(self.path))
+                              "MJPG AVI (ffmpeg -i IN -c:v libx264 OUT.mp4)".format(
+                                  self.shown(self.path)))
         self._expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         return cap
 
@@ -157,7 +168,8 @@ class VideoFileSource(VideoCaptureSource):
     def _read_good(self):
         if self._bad_run:
             logger.warning("video file %s: %d frame(s) after frame %d do not decode "
-                           "(damaged); skipped", self.path, self._bad_run, self._index - 1)
+                           "(damaged); skipped", self.shown(self.path), self._bad_run,
+                           self._index - 1)
             self.skipped += self._bad_run
             self._index += self._bad_run      # frame indices keep their place in the file
             self._bad_run = 0
@@ -166,10 +178,11 @@ class VideoFileSource(VideoCaptureSource):
         # End of file. No frame at all, or fewer than the header promised, means a bad file.
         if self._index == 0:
             raise SourceError("video file {}: cannot decode any frame; check the file plays "
-                              "(ffplay FILE) or convert it to H.264 MP4".format(self.path))
+                              "(ffplay FILE) or convert it to H.264 MP4".format(
+                                  self.shown(self.path)))
         if self._index < self._expected:
             logger.warning("video file %s ended after %d of %d frames: truncated or corrupt",
-                           self.path, self._index, self._expected)
+                           self.shown(self.path), self._index, self._expected)
             self._expected = 0    # warn once
         return False
 
@@ -190,7 +203,7 @@ class V4l2Source(VideoCaptureSource):
         import cv2
         if not os.path.exists(self.device):
             raise SourceError("camera {} does not exist; list cameras with "
-                              "`v4l2-ctl --list-devices`".format(self.device))
+                              "`v4l2-ctl --list-devices`".format(self.shown(self.device)))
         cap = _open_capture(self.device, cv2.CAP_V4L2)
         match = re.match(r"/dev/video(\d+)$", self.device)
         if cap is None and match:
@@ -199,7 +212,7 @@ class V4l2Source(VideoCaptureSource):
         if cap is None:
             raise SourceError("camera {} cannot be opened; check it is a capture device not "
                               "used by another program, and that this user is in the video "
-                              "group".format(self.device))
+                              "group".format(self.shown(self.device)))
         for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.width),
                             (cv2.CAP_PROP_FRAME_HEIGHT, self.height),
                             (cv2.CAP_PROP_FPS, self.fps)):
@@ -225,7 +238,8 @@ class RtspSource(VideoCaptureSource):
         cap = _open_capture(self.url, cv2.CAP_FFMPEG, _timeouts())
         if cap is None:
             raise SourceError("stream {} cannot be opened; check the address, credentials and "
-                              "that the camera is reachable (ffplay URL)".format(self.display))
+                              "that the camera is reachable (ffplay URL){}".format(
+                                  self.display, _ENCODE_HINT if self.reserved() else ""))
         return cap
 
 
@@ -244,7 +258,8 @@ class HttpSource(VideoCaptureSource):
         cap = _open_capture(self.url, cv2.CAP_FFMPEG, _timeouts())
         if cap is None:
             raise SourceError("stream {} cannot be opened; check the address, credentials and "
-                              "that the camera serves it (ffplay URL)".format(self.display))
+                              "that the camera serves it (ffplay URL){}".format(
+                                  self.display, _ENCODE_HINT if self.reserved() else ""))
         return cap
 
 
@@ -254,10 +269,14 @@ class HttpsSource(HttpSource):
 
 
 def _without_params(url, names):
-    parts = urlsplit(url)
+    # The user name and password are set aside and put back as written: urllib would take a
+    # ? or # in a password for the query, and a [ for an IPv6 host.
+    head, info, rest = split(url)
+    parts = urlsplit(url if info is None else head + rest)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
              if k not in names]
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    clean = urlunsplit(parts._replace(query=urlencode(query)))
+    return clean if info is None else clean[:len(head)] + info + "@" + clean[len(head):]
 
 
 def csi_pipeline(sensor_id, width, height, fps, flip):
@@ -287,7 +306,7 @@ class CsiSource(VideoCaptureSource):
         check_params(self, ("width", "height", "fps", "flip"))
         if location and not location.isdigit():
             raise ConfigError("source {!r}: the CSI sensor must be a number, as in csi://0".format(
-                uri))
+                self.display))
         self.sensor_id = int(location or 0)
         self.width = int_param(self, "width", 1280, 1, MAX_SIZE)
         self.height = int_param(self, "height", 720, 1, MAX_SIZE)
