@@ -85,7 +85,7 @@ def bench_depth(cfg, maker, card, stereo_uri, calib_path, width, height, link, q
     """The depth figures as a dict (see the module's docstring)."""
     from edge import tasks
     pairs, native = load_pairs(stereo_uri, width, height)
-    calibration = calibrations.load(calib_path)
+    calibration = calibrations.load(calib_path, cfg["max_image_pixels"])
     calibration.check_size(native[0], native[1], "bench source {}".format(stereo_uri))
     calibration = scaled(calibration, width, height)
     settings = cfg["stereo"]

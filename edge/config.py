@@ -21,11 +21,52 @@ def _prefix(value):
     return None if _TOPIC_PREFIX.match(value) else "MQTT topic levels without + # or spaces"
 
 
-_REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+# Bounds of track.zones and track.lines. Every zone and line is tested on every tracked
+# object in every frame, so their number and points are the per-frame cost (README,
+# Tracking: at these limits under 1 ms a frame with 50 objects on the development host,
+# under 6 ms with 256).
+# Real use has margin: a car park's spaces (tens of 4-point zones), a hand-drawn area (a
+# dozen points; a traced outline a few dozen), a few doors and lanes.
+MAX_ZONES = 100
+MAX_ZONE_POINTS = 64
+MAX_ALL_ZONE_POINTS = 1024         # of all zones together: the edges every point is tested on
+MAX_LINES = 100
+MAX_COORDINATE = 1e6               # pixels either way: a zone may reach past the frame
+# A configuration with every zone and line at those limits is some 30-50 KB; the YAML parser
+# takes about a second per 60 KB (pure Python), so a file larger than this is refused unread.
+MAX_CONFIG_BYTES = 128 * 1024
 
 
 def _region_name(value):
     return None if _REGION_NAME.match(value) else "1-64 letters, digits, _ . - (no spaces)"
+
+
+class _Listed(Field):
+    """A list Field that says what it holds in its own words (points, zones, lines)."""
+
+    def __init__(self, words, **kwargs):
+        super().__init__(list, **kwargs)
+        self.words = words
+
+    def describe(self):
+        return self.words
+
+
+def _finite_point(point):
+    if all(abs(v) <= MAX_COORDINATE for v in point):     # False for nan; never an overflow
+        return None
+    return "finite numbers from -{0:.0f} to {0:.0f} (pixels; no .nan or .inf)".format(
+        MAX_COORDINATE)
+
+
+def _zone_points(points):
+    if len(points) < 3:
+        return "a zone needs at least 3 points"
+    if len(points) > MAX_ZONE_POINTS:
+        return "a zone has at most {} points (got {})".format(MAX_ZONE_POINTS, len(points))
+    return None
 
 
 def _normalized_outside(item):
@@ -41,41 +82,105 @@ def _labels_empty(item):
     return None
 
 
+def _crossing_edges(points):
+    """(i, j) of the first two edges of a polygon that cross (edge i runs from points[i] to
+    the next point), or None. Edges that only touch do not count: the even-odd test is
+    well defined there."""
+    import numpy as np
+    p = np.array(points, np.float64)
+    d = np.roll(p, -1, axis=0) - p
+    # side[i, j]: z of edge i x (point j - start of edge i): which side of edge i point j is
+    side = d[:, None, 0] * (p[None, :, 1] - p[:, None, 1]) - \
+        d[:, None, 1] * (p[None, :, 0] - p[:, None, 0])
+    # edge j's ends on strictly opposite sides of edge i
+    apart = side * np.roll(side, -1, axis=1) < 0
+    crossing = np.triu(apart & apart.T, 2)          # each pair once; neighbours share a point
+    crossing[0, -1] = False                         # the last edge's neighbour is the first
+    found = np.argwhere(crossing)
+    return tuple(int(v) for v in found[0]) if found.size else None
+
+
+def _collinear(points):
+    (x0, y0) = points[0]
+    far = max(points, key=lambda q: abs(q[0] - x0) + abs(q[1] - y0))
+    dx, dy = far[0] - x0, far[1] - y0
+    return all(dx * (y - y0) - dy * (x - x0) == 0 for x, y in points)
+
+
 def _zone(item):
-    """Rules across a zone's keys: a polygon of 3 or more points with an area."""
+    """Rules across a zone's keys: a simple polygon (no edges crossing) with an area."""
     points = item["points"]
-    if len(points) < 3:
-        return "points", "a zone needs at least 3 points"
+    crossed = _crossing_edges(points)
+    if crossed is not None:
+        i, j = crossed
+        n = len(points)
+        return "points", ("edges cross (points[{}] to points[{}] and points[{}] to points[{}]); "
+                          "a zone's outline must not cross itself: list the points in order "
+                          "around the zone").format(i, (i + 1) % n, j, (j + 1) % n)
     twice_area = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in
                      zip(points, points[1:] + points[:1]))
     if twice_area == 0:
-        return "points", "the points enclose no area (all on one line)"
+        if _collinear(points):
+            return "points", "the points enclose no area (all on one line)"
+        return "points", "the points enclose no area (the outline runs back over itself)"
     return _normalized_outside(item) or _labels_empty(item)
 
 
 def _line(item):
-    """Rules across a line's keys: two different points."""
-    if item["points"][0] == item["points"][1]:
+    """Rules across a line's keys: two different points; a side the line has."""
+    (x1, y1), (x2, y2) = item["points"]
+    if (x1, y1) == (x2, y2):
         return "points", "the two points are the same (a zero-length line)"
+    direction = item["direction"]
+    if direction in ("to_left", "to_right") and y1 == y2:
+        return "direction", ("a horizontal line has no left or right side; use to_top or "
+                             "to_bottom")
+    if direction in ("to_top", "to_bottom") and x1 == x2:
+        return "direction", ("a vertical line has no top or bottom side; use to_left or "
+                             "to_right")
     return _normalized_outside(item) or _labels_empty(item)
 
 
-_POINT = Field(list, length=2)
+def _zones_bounded(zones):
+    if len(zones) > MAX_ZONES:
+        return "at most {} zones (got {})".format(MAX_ZONES, len(zones))
+    total = sum(len(zone["points"]) for zone in zones)
+    if total > MAX_ALL_ZONE_POINTS:
+        return "at most {} points in all zones together (got {}); use fewer points or " \
+               "fewer zones".format(MAX_ALL_ZONE_POINTS, total)
+    return None
+
+
+def _lines_bounded(lines):
+    if len(lines) > MAX_LINES:
+        return "at most {} lines (got {})".format(MAX_LINES, len(lines))
+    return None
+
+
+_POINT = Field(list, length=2, check=_finite_point)
 _LABELS = Field(list, default=None, nullable=True, items=Field(str),
                 help="the detector's labels this counts; null: every class")
+DIRECTIONS = ("both", "to_left", "to_right", "to_top", "to_bottom", "left_to_right",
+              "right_to_left")
 ZONE = {
     "name": Field(str, check=_region_name, help="name in events and health"),
-    "points": Field(list, items=_POINT, help="polygon [[x, y], ...], 3 or more points"),
+    "points": _Listed("a list of 3 to {} points [[x, y], ...]".format(MAX_ZONE_POINTS),
+                      items=_POINT, check=_zone_points,
+                      help="polygon [[x, y], ...]: 3 to 64 points, edges not crossing"),
     "normalized": Field(bool, default=False, help="points in 0..1 of the frame's width and "
                                                   "height instead of pixels"),
     "labels": _LABELS,
 }
 LINE = {
     "name": Field(str, check=_region_name, help="name in events and health"),
-    "points": Field(list, length=2, items=_POINT, help="[[x1, y1], [x2, y2]]"),
+    "points": _Listed("a list of 2 points [[x1, y1], [x2, y2]]", length=2, items=_POINT,
+                      help="[[x1, y1], [x2, y2]]"),
     "normalized": Field(bool, default=False, help="points in 0..1 of the frame"),
-    "direction": Field(str, default="both", choices=("both", "left_to_right", "right_to_left"),
-                       help="crossings counted, walking from the first point to the second"),
+    "direction": Field(str, default="both", choices=DIRECTIONS,
+                       help="crossings counted: to_left | to_right (a line that is not "
+                            "horizontal) or to_top | to_bottom (not vertical), the side of "
+                            "the line in the picture a crossing ends on; left_to_right | "
+                            "right_to_left, walking from the first point to the second"),
     "labels": _LABELS,
 }
 
@@ -250,10 +355,13 @@ SPEC = {
                             help="tracks held at once per camera (memory is fixed)"),
         "anchor": Field(str, default="bottom", choices=("bottom", "center"),
                         help="point of a box that zones and lines test"),
-        "zones": Field(list, default=[], items=ZONE, item_check=_zone, unique="name",
-                       help="polygons: events when a track enters or leaves"),
-        "lines": Field(list, default=[], items=LINE, item_check=_line, unique="name",
-                       help="segments: events when a track crosses"),
+        "zones": _Listed("a list of at most {} zones {{name, points, ...}}".format(MAX_ZONES),
+                         default=[], items=ZONE, item_check=_zone, unique="name",
+                         check=_zones_bounded,
+                         help="polygons: events when a track enters or leaves"),
+        "lines": _Listed("a list of at most {} lines {{name, points, ...}}".format(MAX_LINES),
+                         default=[], items=LINE, item_check=_line, unique="name",
+                         check=_lines_bounded, help="segments: events when a track crosses"),
     },
     "stereo": {
         "calib": Field(str, default=None, nullable=True,
@@ -317,6 +425,14 @@ def load(path=None, overrides=None, require_task=True, folders=None):
     where = "config {}".format(path) if path else "config"
     raw = {}
     if path:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = 0                # load_yaml says what is wrong with the path
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError("{}: {} bytes, more than a configuration holds (at most {}, "
+                              "every zone and line at its limits included); check that -c "
+                              "names the config file".format(where, size, MAX_CONFIG_BYTES))
         raw = validate.load_yaml(path, "config")
         if raw is None:
             raw = {}

@@ -220,7 +220,7 @@ def create(config, maker, sources):
                           "one; keep one stereo:// camera per daemon".format(
                               ", ".join(name for name, _ in pairs)))
     camera, source = pairs[0]
-    calibration = calibrations.load(settings["calib"])
+    calibration = calibrations.load(settings["calib"], config["max_image_pixels"])
     source.calibrate(calibration)
     return DepthTask(maker, calibration, settings, device=config["device_id"],
                      sync=not source.live, camera=camera)

@@ -6,9 +6,16 @@ filter's box rather than the raw detection so that box jitter does not flicker a
 and out of a zone or back and forth over a line. Only confirmed tracks matched in the frame
 move; a track found again after an occlusion crosses a line it passed while hidden.
 
-Line directions: walking along the line from its first point to its second, `left_to_right`
-is a crossing from the left-hand side to the right-hand side (in the image, y down: for a
-line drawn from left to right, moving downwards).
+Line directions: `to_left`, `to_right`, `to_top`, `to_bottom` name the side of the line in
+the picture that a crossing ends on (a line that is not horizontal has a left and a right
+side, one that is not vertical a top and a bottom side). Events and counts keep the older
+names: walking along the line from its first point to its second, `left_to_right` is a
+crossing from the left-hand side to the right-hand side (in the image, y down: for a line
+drawn downwards, a move to the left of the picture); `counted_crossing` turns one into the
+other.
+
+Every zone and line is tested in one numpy pass over all of them (edge.config bounds their
+number and points: MAX_ZONES, ...); Python runs per event only.
 """
 
 import numpy as np
@@ -16,32 +23,84 @@ import numpy as np
 DIRECTIONS = ("left_to_right", "right_to_left")
 
 
+def counted_crossing(line):
+    """The crossing (one of DIRECTIONS) a line's `direction` counts; None for both.
+
+    The picture's point (x + 1, y) lies on the walker's right-hand side when the line runs
+    upwards (dy < 0), and (x, y + 1) when it runs rightwards (dx > 0); normalised points
+    scale x and y by positive factors, so the signs hold at every frame size.
+    """
+    direction = line["direction"]
+    if direction == "both":
+        return None
+    if direction in DIRECTIONS:
+        return direction
+    (x1, y1), (x2, y2) = line["points"]
+    if direction in ("to_left", "to_right"):
+        right_hand = (direction == "to_right") == (y2 - y1 < 0)
+    else:
+        right_hand = (direction == "to_bottom") == (x2 - x1 > 0)
+    return DIRECTIONS[0] if right_hand else DIRECTIONS[1]
+
+
 def polygon_edges(polygon):
-    """(4, p) x1, y1, x2, y2 of the edges of a polygon (p, 2), for `polygon_contains`."""
+    """(4, p) x1, y1, x2, y2 of the edges of a polygon (p, 2)."""
     return np.stack([polygon[:, 0], polygon[:, 1], np.roll(polygon[:, 0], -1),
                      np.roll(polygon[:, 1], -1)])
 
 
-def polygon_contains(points, edges):
-    """(k,) bool: which points (k, 2) lie inside the polygon of `edges` (even-odd rule)."""
-    x = points[:, 0:1]
-    y = points[:, 1:2]
-    x1, y1, x2, y2 = edges
-    straddles = (y1 > y) != (y2 > y)
-    dy = np.where(y2 == y1, 1.0, y2 - y1)          # never used where it was 0 (no straddle)
-    crossing = x < (x2 - x1) * (y - y1) / dy + x1
-    return (np.count_nonzero(straddles & crossing, axis=1) % 2) == 1
+class ZoneEdges:
+    """The edges of every zone in pixels (made once per frame size), and which points lie
+    inside each zone.
+
+    The even-odd rule: a point is inside when an odd number of edges straddle its row
+    (y1 <= y < y2, either way round) to its right. With the points sorted by y, the points an
+    edge straddles are one slice of them, so only those (point, edge) pairs are computed: at
+    the config's limits a few thousand rather than points x edges (256 x 1024).
+    """
+
+    def __init__(self, polygons):
+        x1, y1, x2, y2 = np.concatenate([polygon_edges(p) for p in polygons], axis=1)
+        self.zones = len(polygons)
+        self.owner = np.repeat(np.arange(self.zones), [len(p) for p in polygons])
+        self.x1, self.y1, self.dx = x1, y1, x2 - x1
+        self.dy = np.where(y2 == y1, 1.0, y2 - y1)     # never used where it was 0: no row
+        self.low, self.high = np.minimum(y1, y2), np.maximum(y1, y2)
+
+    def contains(self, points):
+        """(k, z) bool: which points (k, 2) lie inside each zone."""
+        x, y = points[:, 0], points[:, 1]
+        order = np.argsort(y)                      # nan last, inside no slice
+        rows = y[order]
+        first = np.searchsorted(rows, self.low)
+        counts = np.searchsorted(rows, self.high) - first
+        # (point, edge) pairs edge by edge: edge e with sorted points first[e] .. + counts[e];
+        # per-edge values repeated rather than gathered (half the time)
+        point = np.take(order, np.arange(counts.sum()) -
+                        np.repeat(np.cumsum(counts) - counts - first, counts))
+        at = np.take(y, point)                     # -> x where the edge crosses that row
+        at -= np.repeat(self.y1, counts)
+        at *= np.repeat(self.dx, counts)
+        at /= np.repeat(self.dy, counts)
+        at += np.repeat(self.x1, counts)
+        right = np.take(x, point) < at
+        cells = point[right] * self.zones + np.repeat(self.owner, counts)[right]
+        odd = np.bincount(cells, minlength=points.shape[0] * self.zones) & 1
+        return odd.astype(bool).reshape(points.shape[0], self.zones)
 
 
-def _cross(origin, direction, points):
-    """z of direction x (points - origin), per point."""
-    return direction[0] * (points[:, 1] - origin[1]) - direction[1] * (points[:, 0] - origin[0])
-
-
-def _cross_rows(origins, directions, point):
-    """z of directions x (point - origins), per row."""
-    return directions[:, 0] * (point[1] - origins[:, 1]) - \
-        directions[:, 1] * (point[0] - origins[:, 0])
+def _class_mask(classes):
+    """(z, n + 1) bool: which class ids each zone counts (column n: every id from n on,
+    which no zone names); None when every zone counts every class."""
+    if all(c is None for c in classes):
+        return None
+    n = 1 + max([int(c.max()) for c in classes if c is not None and c.size] or [0])
+    mask = np.ones((len(classes), n + 1), bool)
+    for i, ids in enumerate(classes):
+        if ids is not None:
+            mask[i] = False
+            mask[i, ids] = True
+    return mask
 
 
 class Regions:
@@ -60,9 +119,13 @@ class Regions:
         self.point = np.zeros((capacity, 2), np.float64)
         self.zone_counts = [{"inside": 0, "entered": 0, "left": 0} for _ in zones]
         self.line_counts = [dict.fromkeys(DIRECTIONS, 0) for _ in lines]
+        self.counted = [counted_crossing(l) for l in lines]   # None: both ways
+        self._zone_mask = _class_mask(zone_classes)
+        self._line_sets = [None if c is None else frozenset(int(v) for v in c)
+                           for c in line_classes]
         self._size = None
-        self._polygons = []
-        self._segments = []
+        self._edges = None          # ZoneEdges in pixels of this size
+        self._ends = None           # (2, l, 2): each line's first and second point, pixels
 
     def _scale(self, width, height):
         """Pixel coordinates for this frame size (normalised ones scale with the frame)."""
@@ -73,8 +136,10 @@ class Regions:
         def pixels(item):
             points = np.array(item["points"], np.float64)
             return points * (width, height) if item["normalized"] else points
-        self._polygons = [polygon_edges(pixels(z)) for z in self.zones]
-        self._segments = [pixels(l) for l in self.lines]
+        if self.zones:
+            self._edges = ZoneEdges([pixels(z) for z in self.zones])
+        if self.lines:
+            self._ends = np.stack([pixels(l) for l in self.lines], axis=1)
 
     def anchors(self, boxes):
         """(k, 2) anchor points of boxes (k, 4) x1, y1, x2, y2."""
@@ -82,6 +147,12 @@ class Regions:
         out[:, 0] = (boxes[:, 0] + boxes[:, 2]) * 0.5
         out[:, 1] = boxes[:, 3] if self.anchor == "bottom" else (boxes[:, 1] + boxes[:, 3]) * 0.5
         return out
+
+    def _sides(self, points):
+        """(k, l) bool: which points lie on each line's right-hand side (or on it)."""
+        a, b = self._ends
+        d = b - a
+        return d[:, 0] * (points[:, 1:2] - a[:, 1]) - d[:, 1] * (points[:, 0:1] - a[:, 0]) >= 0
 
     def start(self, slots, classes, boxes, width, height, emit):
         """Tracks just confirmed: enter the zones they are in; no crossing yet."""
@@ -91,8 +162,8 @@ class Regions:
         points = self.anchors(boxes)
         self.point[slots] = points
         self.inside[slots] = False
-        for i, segment in enumerate(self._segments):
-            self.side[slots, i] = _cross(segment[0], segment[1] - segment[0], points) >= 0
+        if self.lines:
+            self.side[slots] = self._sides(points)
         self._zones(slots, classes, points, emit)
 
     def move(self, slots, classes, boxes, width, height, emit):
@@ -102,43 +173,50 @@ class Regions:
             return
         self._scale(width, height)
         points = self.anchors(boxes)
-        before = self.point[slots]
-        for i, (segment, classes_in) in enumerate(zip(self._segments, self.line_classes)):
-            a, b = segment
-            side = _cross(a, b - a, points) >= 0
-            flipped = np.flatnonzero(side != self.side[slots, i])
-            self.side[slots, i] = side
-            if flipped.size == 0:
-                continue
-            # the path from the last point to this one must pass between the line's ends
-            path = points[flipped] - before[flipped]
-            ends_a = _cross_rows(before[flipped], path, a)
-            ends_b = _cross_rows(before[flipped], path, b)
-            through = flipped[(ends_a >= 0) != (ends_b >= 0)]
-            if classes_in is not None:
-                through = through[np.isin(classes[through], classes_in)]
-            direction = self.lines[i]["direction"]
-            for k in through:
-                crossed = DIRECTIONS[0] if side[k] else DIRECTIONS[1]
-                if direction in ("both", crossed):
-                    self.line_counts[i][crossed] += 1
-                    emit(slots[k], "line_cross", self.lines[i]["name"], crossed)
+        if self.lines:
+            self._lines(slots, classes, points, emit)
         self.point[slots] = points
         self._zones(slots, classes, points, emit)
 
+    def _lines(self, slots, classes, points, emit):
+        side = self._sides(points)
+        # (line, row) of the tracks now on the other side of a line, line by line
+        lines, rows = np.nonzero((side != self.side[slots]).T)
+        self.side[slots] = side
+        if not lines.size:
+            return
+        # the path from the last point to this one must pass between the line's ends
+        before = self.point[slots[rows]]
+        path = points[rows] - before
+        a, b = self._ends[0][lines] - before, self._ends[1][lines] - before
+        ends_a = path[:, 0] * a[:, 1] - path[:, 1] * a[:, 0]
+        ends_b = path[:, 0] * b[:, 1] - path[:, 1] * b[:, 0]
+        through = (ends_a >= 0) != (ends_b >= 0)
+        for i, k in zip(lines[through], rows[through]):
+            if self._line_sets[i] is not None and int(classes[k]) not in self._line_sets[i]:
+                continue
+            crossed = DIRECTIONS[0] if side[k, i] else DIRECTIONS[1]
+            if self.counted[i] in (None, crossed):
+                self.line_counts[i][crossed] += 1
+                emit(slots[k], "line_cross", self.lines[i]["name"], crossed)
+
     def _zones(self, slots, classes, points, emit):
-        for i, (polygon, classes_in) in enumerate(zip(self._polygons, self.zone_classes)):
-            inside = polygon_contains(points, polygon)
-            if classes_in is not None:
-                inside &= np.isin(classes, classes_in)
-            changed = np.flatnonzero(inside != self.inside[slots, i])
-            self.inside[slots, i] = inside
+        if not self.zones:
+            return
+        inside = self._edges.contains(points)
+        if self._zone_mask is not None:
+            n = self._zone_mask.shape[1] - 1
+            ids = np.where((classes >= 0) & (classes < n), classes, n)
+            inside &= self._zone_mask[:, ids].T
+        # (zone, row) of the tracks that entered or left, zone by zone
+        zones, rows = np.nonzero((inside != self.inside[slots]).T)
+        self.inside[slots] = inside
+        for i, k in zip(zones, rows):
             counts = self.zone_counts[i]
-            for k in changed:
-                kind = "zone_enter" if inside[k] else "zone_leave"
-                counts["entered" if inside[k] else "left"] += 1
-                counts["inside"] += 1 if inside[k] else -1
-                emit(slots[k], kind, self.zones[i]["name"], None)
+            kind = "zone_enter" if inside[k, i] else "zone_leave"
+            counts["entered" if inside[k, i] else "left"] += 1
+            counts["inside"] += 1 if inside[k, i] else -1
+            emit(slots[k], kind, self.zones[i]["name"], None)
 
     def end(self, slot, emit):
         """A track ended: it leaves the zones it was in."""
