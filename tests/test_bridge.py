@@ -1,8 +1,11 @@
 """The broker cluster example (systemd/mosquitto-site.conf -> mosquitto-central.conf) on two
-real Mosquitto brokers: a device on the site broker (its own credentials, ACL %u), the
-bridge over TLS with the site's credentials (central ACL), `edge health --all` and a robot's
-subscriber on the central broker, and no QoS 1 message lost across a restart of the site
-broker, which holds the bridge.
+real Mosquitto brokers: devices on the site broker (their own credentials, mosquitto-acl), the
+bridge over TLS with the site's credentials (mosquitto-central-acl), robots and operators on
+the central broker. Every topic of the API document crosses the bridge to the accounts meant
+to read it; another site's credentials neither read this site's commands nor write its
+devices' topics; no account takes the bridge's client id or writes its link state; and, with
+a real device, `edge health --all` at the centre and no QoS 1 message lost across a restart
+of the site broker, which holds the bridge.
 
 The shipped files are used as they are except for ports, paths, the central broker's address
 and the site's password; the bridge's restart_timeout is shortened from 2-30 s to 1-2 s so
@@ -11,7 +14,6 @@ the test does not wait for its back-off.
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, free_port, mosquitto_binary
+from tests.test_acl import USERS, Client, api_topics, password_file, shipped
 from tools.soak import delivery, read_jsonl, start_edge, start_mosquitto
 from tools.soak import wait_until as wait
 
@@ -29,29 +32,15 @@ pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which(
     "mosquitto_passwd") or not mosquitto_binary(), reason="needs openssl and mosquitto")
 
 SYSTEMD = os.path.join(ROOT, "systemd")
-SITE_USERS = {"cam1": "cam1-secret"}
-CENTRAL_USERS = {"site-a": "site-a-secret", "robot-arm": "robot-secret",
-                 "operator-1": "operator-secret"}
+SITE_USERS = {name: USERS[name] for name in ("cam1", "cam2")}
+CENTRAL_USERS = {name: USERS[name] for name in ("site-a", "site-b", "robot-arm", "robot-cart",
+                                                "operator-1", "operator-2")}
+LINK = "$SYS/broker/connection/site-a/state"
 
 
 def openssl(*args, cwd):
     subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-
-
-def passwords(path, users):
-    for i, (user, password) in enumerate(sorted(users.items())):
-        subprocess.check_call(["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) +
-                              [path, user, password])
-
-
-def shipped(name, replacements):
-    """A shipped file with each (regex, value) replaced exactly once."""
-    text = open(os.path.join(SYSTEMD, name)).read()
-    for pattern, value in replacements:
-        text, count = re.subn(pattern, lambda m: value, text)
-        assert count == 1, (name, pattern)
-    return text
 
 
 class Broker:
@@ -121,9 +110,10 @@ class Central:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    d = str(tmp_path)
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA and the central broker's certificate for 127.0.0.1: (folder, ca.crt)."""
+    d = str(tmp_path_factory.mktemp("certs"))
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
             "/CN=edge-central-ca", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout",
@@ -134,11 +124,17 @@ def cluster(tmp_path):
             "-CAcreateserial", "-days", "2", "-out", "central.crt", "-extfile", "central.ext",
             cwd=d)
     os.chmod(os.path.join(d, "central.key"), 0o644)
-    central_dir, site_dir = os.path.join(d, "central"), os.path.join(d, "site")
+    return d, os.path.join(d, "ca.crt")
+
+
+@pytest.fixture
+def cluster(tmp_path, certs):
+    d, ca = certs
+    central_dir, site_dir = str(tmp_path / "central"), str(tmp_path / "site")
     os.makedirs(central_dir)
     os.makedirs(site_dir)
-    passwords(os.path.join(central_dir, "passwd"), CENTRAL_USERS)
-    passwords(os.path.join(site_dir, "passwd"), SITE_USERS)
+    password_file(os.path.join(central_dir, "passwd"), CENTRAL_USERS)
+    password_file(os.path.join(site_dir, "passwd"), SITE_USERS)
     shutil.copy(os.path.join(SYSTEMD, "mosquitto-central-acl"), os.path.join(central_dir, "acl"))
     shutil.copy(os.path.join(SYSTEMD, "mosquitto-acl"), os.path.join(site_dir, "acl"))
     central_port, site_port = free_port(), free_port()
@@ -146,7 +142,7 @@ def cluster(tmp_path):
         (r"(?m)^listener 8883$", "listener {} 127.0.0.1".format(central_port)),
         (r"(?m)^password_file .*$", "password_file " + os.path.join(central_dir, "passwd")),
         (r"(?m)^acl_file .*$", "acl_file " + os.path.join(central_dir, "acl")),
-        (r"(?m)^cafile .*$", "cafile " + os.path.join(d, "ca.crt")),
+        (r"(?m)^cafile .*$", "cafile " + ca),
         (r"(?m)^certfile .*$", "certfile " + os.path.join(d, "central.crt")),
         (r"(?m)^keyfile .*$", "keyfile " + os.path.join(d, "central.key")),
         (r"(?m)^persistence_location .*$", "persistence_location {}/".format(central_dir))]))
@@ -157,20 +153,127 @@ def cluster(tmp_path):
         (r"(?m)^persistence_location .*$", "persistence_location {}/".format(site_dir))])
     site_conf += "\n" + shipped("mosquitto-site.conf", [
         (r"(?m)^address .*$", "address 127.0.0.1:{}".format(central_port)),
-        (r"(?m)^bridge_cafile .*$", "bridge_cafile " + os.path.join(d, "ca.crt")),
+        (r"(?m)^bridge_cafile .*$", "bridge_cafile " + ca),
         (r"(?m)^remote_password .*$", "remote_password " + CENTRAL_USERS["site-a"]),
         (r"(?m)^restart_timeout .*$", "restart_timeout 1 2")])
     site = Broker(site_dir, "site", site_port, site_conf)
     central.start()
     site.start()
-    yield central, site, d
+    yield central, site, ca
     site.stop()
     central.stop()
 
 
+@pytest.fixture
+def clients():
+    """make(port, user, ...): connected Clients, closed at the end."""
+    made = []
+
+    def make(*args, **kwargs):
+        c = Client(*args, **kwargs).wait_ready()
+        assert c.refused is None, (args, c.refused)
+        made.append(c)
+        return c
+    yield make
+    for c in made:
+        c.close()
+
+
+def link_up(central, ca, clients, user="operator-2"):
+    """An operator's client on the central broker once the bridge says it is up (retained 1)."""
+    watcher = clients(central.port, user, topics=[LINK], ca=ca)
+    assert watcher.wait_for(LINK, b"1", 20), central.log()
+    return watcher
+
+
+def test_every_topic_crosses_the_bridge_to_the_accounts_meant_to_read_it(cluster, clients):
+    """cam1 with two named cameras on the site broker: at the centre robots get results,
+    events, depth, status and health of both cameras, operators those and the answers; the
+    commands of an operator at the centre reach cam1, the fleet-wide one every device."""
+    central, site, ca = cluster
+    link_up(central, ca, clients)
+    published, commands = api_topics("cam1")
+    robot = clients(central.port, "robot-arm", topics=["edge/#"], ca=ca)
+    operator = clients(central.port, "operator-1", topics=["edge/#"], ca=ca)
+    cam1 = clients(site.port, "cam1", topics=["edge/#"])
+    cam2 = clients(site.port, "cam2", topics=["edge/#"])
+    for topic in published:
+        cam1.publish(topic, topic.encode())
+    cam1.publish("edge/cam1/status", b"end")
+    assert robot.wait_for("edge/cam1/status", b"end") and operator.wait_for(
+        "edge/cam1/status", b"end"), site.log() + central.log()
+    assert operator.topics_received() == list(published) + ["edge/cam1/status"]
+    assert robot.topics_received() == [t for t, robots in published.items() if robots] + [
+        "edge/cam1/status"]
+    for topic in commands:
+        operator.publish(topic, topic.encode())
+    operator.publish("edge/cam2/cmd/ping", b"end")
+    assert cam2.wait_for("edge/cam2/cmd/ping", b"end") and cam1.wait_for(
+        commands[-1], commands[-1].encode())
+    time.sleep(0.2)
+    assert cam1.topics_received() == commands
+    assert cam2.topics_received() == [t for t in commands if "/_all/" in t] + [
+        "edge/cam2/cmd/ping"]
+
+
+def test_a_site_reads_and_writes_its_own_devices_only(cluster, clients):
+    """site-b's credentials at the centre (a compromised site broker): cam1's commands (site-a's)
+    never reach it, its writes to cam1's topics, cam1's `edge health` answers and site-a's
+    link state reach nobody; its own device cam3's go through."""
+    central, site, ca = cluster
+    watcher = link_up(central, ca, clients)
+    operator = clients(central.port, "operator-1", topics=["edge/#", "$SYS/broker/#"], ca=ca)
+    robot = clients(central.port, "robot-arm", topics=["edge/#"], ca=ca)
+    site_b = clients(central.port, "site-b", topics=["edge/#", "$SYS/#"], ca=ca)
+    cam1 = clients(site.port, "cam1", topics=["edge/cam1/cmd/#"])
+    for device in ("cam1", "cam3"):
+        operator.publish("edge/{}/cmd/ping".format(device), device.encode())
+    operator.publish("edge/_all/cmd/ping", b"all")
+    assert cam1.wait_for("edge/cam1/cmd/ping", b"cam1"), "site-a reads its device's command"
+    assert site_b.wait_for("edge/_all/cmd/ping", b"all")
+    assert site_b.topics_received() == ["edge/cam3/cmd/ping", "edge/_all/cmd/ping"]
+
+    forged = b'{"v": 1, "device": "cam1", "state": "offline", "forged": true}'
+    for topic in api_topics("cam1")[0]:
+        site_b.publish(topic, forged, retain=topic.endswith("/status"))
+    site_b.publish(LINK, b"0", retain=True)
+    site_b.publish("$SYS/broker/connection/site-b/state", b"1", retain=True)
+    site_b.publish("edge/cam3/status", b"cam3", retain=True)
+    assert robot.wait_for("edge/cam3/status", b"cam3")
+    assert operator.wait_for("edge/cam3/status", b"cam3")
+    time.sleep(0.2)
+    assert robot.received() == [b"cam3"]
+    with operator.lock:
+        states = [(t, p) for t, p, _ in operator.messages if t.startswith("$SYS/")]
+        forgeries = [t for t, p, _ in operator.messages if p == forged]
+    assert forgeries == []
+    assert states == [(LINK, b"1"), ("$SYS/broker/connection/site-b/state", b"1")]
+    assert watcher.received(LINK) == [b"1"]
+
+
+def test_no_account_takes_the_bridges_client_id(cluster, clients):
+    """An account connecting with client id site-a (robot-cart, site-b's bridge credentials)
+    gets its own user name as client id: the bridge stays connected, its link state stays 1."""
+    central, site, ca = cluster
+    watcher = link_up(central, ca, clients)
+    operator = clients(central.port, "operator-1", topics=["edge/+/status"], ca=ca)
+    cam1 = clients(site.port, "cam1")
+    for user in ("robot-cart", "site-b"):
+        for attempt in range(3):
+            intruder = clients(central.port, user, client_id="site-a", ca=ca,
+                               clean_session=False)
+            intruder.publish(LINK, b"0", retain=True)
+            intruder.close()
+    payload = b'{"after": "intruders"}'
+    cam1.publish("edge/cam1/status", payload)
+    assert operator.wait_for("edge/cam1/status", payload), site.log()
+    assert watcher.received(LINK) == [b"1"]
+    assert "already connected" not in central.log(), central.log()
+    assert site.log().count("Connecting bridge (step 1)") == 1, site.log()
+
+
 def test_a_site_bridged_to_the_central_broker(cluster, tmp_path, model_dir):
-    central, site, d = cluster
-    ca = os.path.join(d, "ca.crt")
+    central, site, ca = cluster
     robot = Central(central.port, ca, ["edge/+/detections", "edge/+/status"])
     # The bridge is up: its link state, which the central ACL lets it write by its client id
     # (%c), says 1 (retained).
