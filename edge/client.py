@@ -14,6 +14,17 @@ let through), and hands it on as a plain object: `Detections`, `Event`, `Depth`,
 `Status` or `Health` (namedtuples; `payload` holds the checked dict). Cameras, labels and a
 minimum score narrow what arrives.
 
+Peers are not trusted. Who sent a message is its topic: `device` (and `camera`, on a
+camera's topic) come from the topic, and a payload that names another device or camera is
+dropped (`forged` in stats()). A payload larger than `max_payload` bytes is dropped on
+paho's thread before anything reads it (`oversized`). (MQTT 5's Maximum Packet Size, which
+would keep it off the wire, is not asked for: Mosquitto 2.0 keeps an in-flight slot for
+each QoS 1 message it drops for that reason, and after 20 of them it sends the session
+nothing more.) The rest is parsed as strict JSON (no NaN or Infinity) and checked against
+the document's bounds (finite numbers, maximum lengths, a depth grid of its declared
+shape) by edge.schemas.check, in time proportional to its size (`invalid`). Log lines
+about dropped messages come at a bounded rate (a burst of 10, then one per 6 s).
+
 Sessions are persistent (MQTT 3.1.1 clean_session=False, MQTT 5 clean start off with a
 session expiry), so the broker queues QoS 1 messages while the client is away: across
 reconnects and broker restarts (a broker with persistence), and, with a `session` name,
@@ -29,14 +40,14 @@ message still arrives.
 """
 
 import collections
-import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
 
-from edge import config, mqtt, schemas
+from edge import config, mqtt, peertext, schemas
 from edge.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +59,22 @@ TOPICS = ("detections", "matches", "events", "depth", "status", "health")
 CAMERA_TOPICS = ("detections", "matches", "events", "depth")
 # Topics whose messages carry labels and scores (`labels`, `min_score` narrow them).
 LABELLED_TOPICS = ("detections", "events")
+_CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")    # config sources[].name
 DEFAULT_SESSION_EXPIRY = 24 * 3600      # s: how long an MQTT 5 broker keeps a named session
+# Bytes of the largest payload taken. The largest messages a device sends within the API
+# document's bounds, as it writes them (compact JSON):
+#   depth: a grid of 256 x 256 cells (stereo.grid's most), each up to 8 digits   0.6 MB
+#   detections: a card's 3840 candidates (its most), each with `spatial` and a
+#     256-character label (the document's most; class names are far shorter)     1.5 MB
+#   matches: about 40 bytes a match: match.top_k 500 (the default)                0.02 MB
+#     (top_k up to about 50 000 fits; a robot of a device with more passes max_payload)
+#   health: a report of 64 cameras with their errors                             ~0.1 MB
+# 2 MiB holds each with margin; 8 MiB (the example broker's limit) would let one message of
+# a rogue cost the robot a quarter of a second to parse and check, 2 MiB a sixteenth.
+DEFAULT_MAX_PAYLOAD = 2 * 1024 * 1024
+_MAX_PACKET = 268435455     # bytes: the largest MQTT packet
+_LOG_BURST = 10             # log lines about dropped messages at once ...
+_LOG_EVERY = 6.0            # ... then one per this many seconds
 _CLOSED = object()
 
 
@@ -147,49 +173,79 @@ def _detection(data):
                          spatial["x"], spatial["y"], spatial["z"]))
 
 
-def _detections(data, topic, retained):
-    return Detections(data["device"], data.get("camera"), data["model"], data["seq"],
+def _detections(data, device, camera, topic, retained):
+    return Detections(device, camera, data["model"], data["seq"],
                       _frame(data["frame"]), data["latency_ms"],
                       [_detection(d) for d in data["detections"]], topic, retained, data)
 
 
-def _event(data, topic, retained):
-    return Event(data["device"], data.get("camera"), data["model"], data["seq"], data["type"],
+def _event(data, device, camera, topic, retained):
+    return Event(device, camera, data["model"], data["seq"], data["type"],
                  data["ts"], data["frame_index"], data["track_id"], data["label"],
                  data["class_id"], data["score"], tuple(data["box"]), data.get("zone"),
                  data.get("line"), data.get("direction"), topic, retained, data)
 
 
-def _depth(data, topic, retained):
-    return Depth(data["device"], data.get("camera"), data["model"], data["seq"],
+def _depth(data, device, camera, topic, retained):
+    return Depth(device, camera, data["model"], data["seq"],
                  _frame(data["frame"]), data["grid"]["columns"], data["grid"]["rows"],
                  tuple(data["range_mm"]), data["depth_mm"], topic, retained, data)
 
 
-def _matches(data, topic, retained):
-    return Matches(data["device"], data.get("camera"), data["model"], data["seq"],
+def _matches(data, device, camera, topic, retained):
+    return Matches(device, camera, data["model"], data["seq"],
                    _frame(data["frame"]), data["reference"], data["count"], data["inliers"],
                    data["homography"], data["matches"], topic, retained, data)
 
 
-def _status(data, topic, retained):
-    return Status(data["device"], data["state"], data["since"], data["reason"],
+def _status(data, device, camera, topic, retained):
+    return Status(device, data["state"], data["since"], data["reason"],
                   data["version"], topic, retained, data)
 
 
-def _health(data, topic, retained):
-    return Health(data["device"], data["ts"], data["state"], data["verdict"]["healthy"],
+def _health(data, device, camera, topic, retained):
+    return Health(device, data["ts"], data["state"], data["verdict"]["healthy"],
                   data["verdict"]["reasons"], topic, retained, data)
 
 
 PARSERS = {"detections": _detections, "events": _event, "depth": _depth,
            "matches": _matches, "status": _status, "health": _health}
+_FROM_PAYLOAD = object()
 
 
-def parse(topic_name, payload, topic="", retained=False):
+def parse(topic_name, payload, topic="", retained=False, device=_FROM_PAYLOAD,
+          camera=_FROM_PAYLOAD):
     """The object for a payload (a dict) of one of TOPICS; KeyError or TypeError when it
-    lacks what the API promises (check it first: edge.schemas.validate)."""
-    return PARSERS[topic_name](payload, topic, retained)
+    lacks what the API promises (check it first: edge.schemas.check). `device` and
+    `camera`: the sender as the topic names it (what a Client passes); left out, the
+    payload's own (for payloads that came some other way: files, tests)."""
+    if device is _FROM_PAYLOAD:
+        device = payload["device"]
+    if camera is _FROM_PAYLOAD:
+        camera = payload.get("camera")
+    return PARSERS[topic_name](payload, device, camera, topic, retained)
+
+
+def sender(topic, prefix="edge"):
+    """(kind, device, camera) a concrete topic names: camera None on a topic without one;
+    (None, None, None) for a topic not of TOPICS under this prefix."""
+    name = schemas.kind_of_topic(topic, prefix)
+    if name not in TOPICS:
+        return None, None, None
+    levels = topic[len(prefix.rstrip("/")) + 1:].split("/")
+    return name, levels[0], levels[2] if len(levels) == 3 else None
+
+
+def forgery(payload, device, camera):
+    """Why a payload is not from the device (and camera) its topic names, or None: who
+    sent a message is its topic, never its payload."""
+    if payload.get("device") != device:
+        return "the payload says device {}, the topic {}".format(
+            peertext.text(payload.get("device"), 64), device)
+    if payload.get("camera") != camera:
+        return "the payload says camera {}, the topic {}".format(
+            peertext.text(payload.get("camera"), 64), camera or "none")
+    return None
 
 
 def subscriptions(prefix, devices=None, topics=("detections",), share=None, cameras=None):
@@ -263,17 +319,20 @@ class Client:
     receive; session: a name (1-64 letters, digits, _ . -) for a session the broker keeps
     across restarts of this program (MQTT 5: for `session_expiry` s), None for one that
     ends with close(); protocol "3.1.1" or "5"; validate: check each payload against the
-    API document (needs jsonschema); queue_size: messages held for a slow consumer; share:
-    a group name, for consumers that split one stream (MQTT shared subscriptions); username,
-    password_file, ca_file, cert_file, key_file: as `edge health`'s flags (the password
-    also from EDGE_MQTT_PASSWORD).
+    API document (False: only strict JSON, the size and the sender are checked);
+    queue_size: messages held for a slow consumer; share: a group name, for consumers that
+    split one stream (MQTT shared subscriptions); max_payload: bytes of the largest payload
+    taken (DEFAULT_MAX_PAYLOAD, 2 MiB: the largest message a device sends within the
+    document's bounds, with margin); username, password_file, ca_file, cert_file, key_file:
+    as `edge health`'s flags (the password also from EDGE_MQTT_PASSWORD).
     """
 
     def __init__(self, url="mqtt://localhost:1883", devices=None, topics=("detections",),
                  cameras=None, labels=None, min_score=None, prefix="edge", session=None,
                  session_expiry=DEFAULT_SESSION_EXPIRY, protocol="3.1.1", validate=True,
                  queue_size=1000, share=None, username=None, password_file=None,
-                 ca_file=None, cert_file=None, key_file=None):
+                 ca_file=None, cert_file=None, key_file=None,
+                 max_payload=DEFAULT_MAX_PAYLOAD):
         self.settings = mqtt.with_credentials(
             mqtt.parse_url(url), username, password_file, ca_file, cert_file, key_file,
             where="edge.client")
@@ -300,12 +359,11 @@ class Client:
             raise ConfigError("edge.client: protocol {!r}: \"3.1.1\" or \"5\"".format(protocol))
         if not isinstance(queue_size, int) or queue_size < 1:
             raise ConfigError("edge.client: queue_size {!r}: at least 1".format(queue_size))
-        if validate:
-            try:
-                import jsonschema  # noqa: F401  (edge.schemas.validate imports it when called)
-            except ImportError:
-                raise ConfigError("edge.client: checking payloads needs jsonschema: pip install "
-                                  "'jsonschema>=3.2' (or edge[client]), or pass validate=False")
+        if isinstance(max_payload, bool) or not isinstance(max_payload, int) or \
+                not 1 <= max_payload <= _MAX_PACKET:
+            raise ConfigError("edge.client: max_payload {!r}: bytes, 1 to {}".format(
+                max_payload, _MAX_PACKET))
+        self.max_payload = max_payload
         self.validate = validate
         self.protocol = protocol
         self.session = session
@@ -316,7 +374,9 @@ class Client:
         self._callbacks = {}
         self._lock = threading.Lock()
         self._counts = collections.Counter()
-        self._invalid_seen = collections.Counter()    # (topic, reason) -> times
+        self._log_tokens = float(_LOG_BURST)  # log lines about dropped messages allowed now
+        self._log_time = time.monotonic()
+        self._log_held = 0                  # dropped messages not logged since the last line
         self._subscribed = threading.Event()
         self._refused = None        # why the broker refused the connection or subscription
         self._cause = None          # why the broker cannot be reached (last connect failure)
@@ -345,6 +405,7 @@ class Client:
         client.on_message = self._on_message
         options = {}
         if self.protocol == "5":
+            # (no MaximumPacketSize: see the module's docstring)
             options = {"clean_start": False, "properties": mqtt.packet_properties(
                 "CONNECT", SessionExpiryInterval=int(self.session_expiry))}
         self._paho = client
@@ -428,6 +489,13 @@ class Client:
 
     def _on_message(self, client, userdata, message):
         try:
+            # the size first, before anything reads the payload: a rogue's 100 MB never
+            # reaches the queue, the JSON parser or the check
+            if len(message.payload) > self.max_payload:
+                self._count("oversized")
+                self._dropped(message.topic, "{} bytes, over max_payload {}".format(
+                    len(message.payload), self.max_payload))
+                return
             self._put((message.topic, message.payload, bool(message.retain)))
         except Exception:   # never let an exception end paho's network thread
             logger.exception("edge.client: on_message failed")
@@ -475,26 +543,36 @@ class Client:
                 yield message
 
     def _decode(self, topic, raw, retained):
-        """The message object for a raw MQTT message, or None (not asked for, invalid)."""
+        """The message object for a raw MQTT message, or None (not asked for, invalid,
+        forged)."""
         self._count("received")
-        name = schemas.kind_of_topic(topic, self.prefix)
-        device = topic[len(self.prefix) + 1:].split("/", 1)[0]
+        name, device, camera = sender(topic, self.prefix)
         if name not in self.topics or (self.devices and device not in self.devices):
             # (a named session may keep subscriptions an earlier run of the program made)
             self._count("filtered")
             return None
         if not raw:
             return None     # a retained message being cleared (a retired device)
+        if config._device_id(device) or (camera is not None and
+                                         not _CAMERA_NAME.match(camera)):
+            return self._invalid(topic, "the topic names no valid device or camera")
         try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return self._invalid(topic, "not UTF-8 JSON")
+            payload = schemas.loads(raw)
+        except ValueError as e:
+            return self._invalid(topic, "not UTF-8 JSON: {}".format(e))
+        if not isinstance(payload, dict):
+            return self._invalid(topic, "{} payload: not a JSON object".format(name))
         try:
             if self.validate:
-                schemas.validate(name, payload, strict=False)
-            message = parse(name, payload, topic, retained)
+                schemas.check(name, payload, strict=False)
         except ValueError as e:
             return self._invalid(topic, str(e))
+        forged = forgery(payload, device, camera if name in CAMERA_TOPICS else None)
+        if forged:
+            self._count("forged")
+            return self._dropped(topic, "not from its topic's sender: " + forged)
+        try:
+            message = parse(name, payload, topic, retained, device, camera)
         except (KeyError, TypeError, IndexError, AttributeError) as e:
             return self._invalid(topic, "{} payload: {}: {}".format(name, type(e).__name__, e))
         message = narrow(message, self.cameras, self.labels, self.min_score)
@@ -503,16 +581,27 @@ class Client:
         return message
 
     def _invalid(self, topic, reason):
-        """Count an invalid message; log each problem the first time and every 100th."""
+        """Count an invalid message and log it (at a bounded rate)."""
         self._count("invalid")
+        return self._dropped(topic, reason)
+
+    def _dropped(self, topic, reason):
+        """Log a dropped message: a burst of _LOG_BURST lines, then one per _LOG_EVERY s
+        (a flood of bad messages must not flood the log); what was not logged is counted
+        in the next line. The topic and the reason are a peer's text: escaped, bounded."""
         with self._lock:
-            if len(self._invalid_seen) > 1000:   # a flood of distinct problems: start over
-                self._invalid_seen.clear()
-            self._invalid_seen[(topic, reason)] += 1
-            seen = self._invalid_seen[(topic, reason)]
-        if seen == 1 or seen % 100 == 0:
-            logger.warning("edge.client: ignored an invalid message on %s%s: %s", topic,
-                           " ({} times)".format(seen) if seen > 1 else "", reason)
+            now = time.monotonic()
+            self._log_tokens = min(float(_LOG_BURST), self._log_tokens +
+                                   (now - self._log_time) / _LOG_EVERY)
+            self._log_time = now
+            if self._log_tokens < 1.0:
+                self._log_held += 1
+                return None
+            self._log_tokens -= 1.0
+            held, self._log_held = self._log_held, 0
+        logger.warning("edge.client: ignored a message on %s: %s%s", peertext.text(topic),
+                       peertext.text(reason, 300), " ({} more ignored since the last line; "
+                       "see stats())".format(held) if held else "")
         return None
 
     def on(self, topic, callback):
@@ -544,14 +633,16 @@ class Client:
                                      getattr(callback, "__name__", callback), message.topic)
 
     def stats(self):
-        """Counts: received (taken from the queue), delivered, filtered, invalid, dropped
-        (the queue was full), callback_errors, connects, sessions_lost (reconnects to a
-        broker that had forgotten the session)."""
+        """Counts: received (taken from the queue), delivered, filtered, invalid (not strict
+        JSON, or outside the API document), forged (a device or camera other than its
+        topic's), oversized (over max_payload: dropped unread, never queued), dropped (the
+        queue was full), callback_errors, connects, sessions_lost (reconnects to a broker
+        that had forgotten the session)."""
         with self._lock:
             counts = dict(self._counts)
         return {key: counts.get(key, 0) for key in (
-            "received", "delivered", "filtered", "invalid", "dropped", "callback_errors",
-            "connects", "sessions_lost")}
+            "received", "delivered", "filtered", "invalid", "forged", "oversized", "dropped",
+            "callback_errors", "connects", "sessions_lost")}
 
     def _count(self, key):
         with self._lock:

@@ -1,21 +1,29 @@
-"""`edge listen`: what robots receive, as readable lines or JSON lines, filtered (edge.client)."""
+"""`edge listen`: what robots receive, as readable lines or JSON lines, filtered (edge.client).
+
+Messages come checked by edge.client (strict JSON, the API document's bounds, the sender
+from the topic); every string in them is still a peer's text, printed through
+edge.peertext.text (escaped, bounded), and times through peertext.when. JSON lines are
+json.dumps of the checked payload: escaped by JSON itself, at most the client's max_payload.
+"""
 
 import json
 import sys
-import time
 
 from edge import client as edge_client
 from edge.errors import EXIT_OK, ConfigError
+from edge.peertext import text as _text
+from edge.peertext import when
 
 CONNECT_TIMEOUT = 5.0       # s: for a broker that does not answer (a refusal ends it at once)
 
 
 def _who(message):
-    return message.device + ("/" + message.camera if message.camera else "")
+    return _text(message.device) + ("/" + _text(message.camera) if message.camera else "")
 
 
 def _detection_text(d):
-    text = "{} {:.2f} [{}]".format(d.label, d.score, " ".join("{:.0f}".format(v) for v in d.box))
+    text = "{} {:.2f} [{}]".format(_text(d.label), d.score,
+                                   " ".join("{:.0f}".format(v) for v in d.box))
     if d.track_id is not None:
         text += " track {}".format(d.track_id)
     if d.spatial is not None:
@@ -28,7 +36,7 @@ def _detection_text(d):
 def _frame_text(message):
     frame = message.frame
     return "seq {} frame {}{}".format(message.seq, frame.index,
-                                      " " + frame.name if frame.name else "")
+                                      " " + _text(frame.name) if frame.name else "")
 
 
 def _detections_line(message):
@@ -38,10 +46,10 @@ def _detections_line(message):
 
 
 def _event_line(message):
-    where = " ".join(str(v) for v in (message.zone, message.line, message.direction) if v)
+    where = " ".join(_text(v) for v in (message.zone, message.line, message.direction) if v)
     return "{} event seq {} frame {}: track {} {} {}{}".format(
-        _who(message), message.seq, message.frame_index, message.track_id, message.label,
-        message.type, " " + where if where else "")
+        _who(message), message.seq, message.frame_index, message.track_id, _text(message.label),
+        _text(message.type), " " + where if where else "")
 
 
 def _depth_line(message):
@@ -55,20 +63,21 @@ def _depth_line(message):
 
 def _matches_line(message):
     return "{} matches {}: reference {}, {} matches, {} inliers, homography {}".format(
-        _who(message), _frame_text(message), message.reference["name"], message.count,
+        _who(message), _frame_text(message), _text(message.reference["name"]), message.count,
         message.inliers, "found" if message.homography else "none")
 
 
 def _status_line(message):
     return "{} status {} since {}{}".format(
-        message.device, message.state,
-        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(message.since)),
-        " ({})".format(message.reason) if message.reason else "")
+        _text(message.device), _text(message.state), when(message.since),
+        " ({})".format(_text(message.reason)) if message.reason else "")
 
 
 def _health_line(message):
-    return "{} health {}: {}".format(message.device, message.state, "healthy" if message.healthy
-                                     else "; ".join(message.reasons) or "unhealthy")
+    reasons = "; ".join(_text(r) for r in message.reasons[:10]) + (
+        "; and {} more".format(len(message.reasons) - 10) if len(message.reasons) > 10 else "")
+    return "{} health {}: {}".format(_text(message.device), _text(message.state),
+                                     "healthy" if message.healthy else reasons or "unhealthy")
 
 
 LINES = {"detections": _detections_line, "events": _event_line, "depth": _depth_line,

@@ -12,6 +12,12 @@ A fleet is asked with one message: `--all` publishes a single request on
 The answers are collected as they come, and the command ends as soon as every device whose
 retained status is not offline has answered, or at the timeout. Devices of a version without
 the broadcast are asked on their own `cmd/health` at half the timeout.
+
+What devices send is a peer's data. A device is the one its topic names: a reply whose
+report names another device is malformed, a retained status whose `device` is not its
+topic's is no status. Payloads are strict JSON (NaN and Infinity refused) of at most
+MAX_PAYLOAD bytes; every string printed goes through edge.peertext (escaped, bounded), every
+time through peertext.when.
 """
 
 import json
@@ -20,12 +26,20 @@ import threading
 import time
 import uuid
 
-from edge import mqtt
+from edge import config, mqtt, peertext, schemas
 
 logger = logging.getLogger(__name__)
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_SILENT = 0, 1, 2
-_MALFORMED = object()       # a reply whose payload is not JSON
+MAX_PAYLOAD = 2 * 1024 * 1024   # bytes of a reply or status taken (edge.client's default)
+MAX_STATE = 64                  # characters of a report's `state` (its values are words)
+
+
+class _Malformed:
+    """A reply that is no strict JSON, or too large to read: still a (bad) answer."""
+
+    def __init__(self, why):
+        self.why = why
 
 
 class Asker:
@@ -75,21 +89,30 @@ class Asker:
     def _on_message(self, client, userdata, message):
         try:
             parts = message.topic.split("/")
+            device = parts[-2] if message.topic.endswith("/status") else parts[-1]
+            if config._device_id(device):
+                return      # no device has this name (a rogue's topic): nothing to list
             if message.topic.endswith("/status") and not message.payload:
                 with self.lock:     # a retained status being cleared: the device is retired
                     self.statuses.pop(parts[-2], None)
                 return
-            try:
-                payload = json.loads(message.payload.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                payload = _MALFORMED    # a reply that is no JSON is still a (bad) answer
+            if len(message.payload) > MAX_PAYLOAD:
+                payload = _Malformed("{} bytes, over {}".format(len(message.payload),
+                                                                 MAX_PAYLOAD))
+            else:
+                try:
+                    payload = schemas.loads(message.payload)
+                except ValueError as e:
+                    payload = _Malformed("not UTF-8 JSON: {}".format(_short(str(e), 80)))
             with self.lock:
                 if message.topic.endswith("/status"):
-                    self.statuses[parts[-2]] = payload if isinstance(payload, dict) else {}
+                    # who sent it is its topic: a status that names another device is none
+                    trusted = isinstance(payload, dict) and payload.get("device") == parts[-2]
+                    self.statuses[parts[-2]] = payload if trusted else {}
                 elif "/_health/" in message.topic:
                     self.replies[parts[-1]] = payload
         except Exception:   # never let an exception end paho's network thread
-            logger.exception("edge health: message on %s", message.topic)
+            logger.exception("edge health: message on %s", peertext.text(message.topic))
 
     def start(self, timeout):
         from edge.errors import UnavailableError
@@ -179,7 +202,7 @@ def check(url, devices, prefix="edge", timeout=5.0, all_devices=False, credentia
         asker.close()
     if all_devices:
         devices = sorted(set(devices) | set(statuses) | set(replies))
-    results = {device: _result(replies.get(device), statuses.get(device) or {}, timeout)
+    results = {device: _result(device, replies.get(device), statuses.get(device) or {}, timeout)
                for device in devices}
     if not results or any(not r["answered"] for r in results.values()):
         code = EXIT_SILENT
@@ -190,22 +213,20 @@ def check(url, devices, prefix="edge", timeout=5.0, all_devices=False, credentia
     return results, code
 
 
-def _result(reply, status, timeout):
+def _result(device, reply, status, timeout):
     """One device's result from its reply (None: no answer) and its retained status."""
     if reply is None:
         if status.get("state") == "offline":
             reason = status.get("reason")
-            since = status.get("since")
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(
-                since, (int, float)) and not isinstance(since, bool) and \
-                0 <= since < 2 ** 33 else "an unknown time"
             return {"answered": False, "healthy": False, "state": "offline", "report": None,
-                    "reasons": ["offline since {}{}".format(when, " ({})".format(
-                        _short(reason)) if isinstance(reason, str) else "")]}
+                    "reasons": ["offline since {}{}".format(
+                        peertext.when(status.get("since")), " ({})".format(
+                            _short(reason)) if isinstance(reason, str) else "")]}
+        state = status.get("state")
         return {"answered": False, "healthy": False, "report": None,
-                "state": status.get("state") if isinstance(status.get("state"), str) else None,
+                "state": state if isinstance(state, str) and len(state) <= MAX_STATE else None,
                 "reasons": ["no answer within {:.0f} s".format(timeout)]}
-    problem = _problem(reply)
+    problem = _problem(reply, device)
     if problem is not None:
         return {"answered": True, "healthy": False, "state": None, "report": None,
                 "reasons": ["malformed health reply ({}); is it an edge device of a "
@@ -218,10 +239,10 @@ def _result(reply, status, timeout):
             "reasons": [_short(r) for r in report["verdict"]["reasons"]], "report": report}
 
 
-def _problem(reply):
+def _problem(reply, device):
     """What is wrong with a reply to `health` (a rogue or old device), or None."""
-    if reply is _MALFORMED:
-        return "not UTF-8 JSON"
+    if isinstance(reply, _Malformed):
+        return reply.why
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         return "not a reply object with `ok`"
     if not reply["ok"]:
@@ -237,17 +258,24 @@ def _problem(reply):
             not isinstance(verdict.get("reasons"), list) or \
             not all(isinstance(r, str) for r in verdict["reasons"]):
         return "no `verdict` with `healthy` and `reasons`"
-    if not isinstance(report.get("state"), str):
-        return "no `state`"
+    if not isinstance(report.get("state"), str) or len(report["state"]) > MAX_STATE:
+        return "no `state` (a word of at most {} characters)".format(MAX_STATE)
+    if "device" in report and report["device"] != device:
+        # who sent it is its topic (the one topic the example ACL lets that device write)
+        return "the report names device {}".format(peertext.text(report["device"], 64))
     return None
 
 
 def _short(text, limit=200):
+    """A peer's string, at most `limit` characters (as data: escaped when printed)."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _number(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A figure of a report to show: a number of at most 9 digits before the point, else
+    None (a rogue's 1e300 would print 301 of them)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        -1e9 < value < 1e9 else None
 
 
 def _mapping(value):
@@ -256,20 +284,26 @@ def _mapping(value):
 
 def table(results):
     """A readable table: device, state, fps per task, temperature, verdict. Parts of a report
-    that are missing or of the wrong type show as `-`."""
+    that are missing or of the wrong type show as `-`; every string of a device's is
+    escaped and bounded (edge.peertext), at most 8 tasks and 10 reasons a row."""
+    text = peertext.text
     rows = [("DEVICE", "STATE", "FPS", "TEMP C", "MEM %", "VERDICT")]
     for device, r in sorted(results.items()):
         report = r["report"] or {}
-        tasks = _mapping(report.get("tasks"))
-        fps = " ".join("{}={}".format(n, "-" if _number(_mapping(t).get("fps")) is None
+        tasks = sorted(_mapping(report.get("tasks")).items())
+        fps = " ".join("{}={}".format(text(n, 32), "-" if _number(_mapping(t).get("fps")) is None
                                       else _mapping(t)["fps"])
-                       for n, t in sorted(tasks.items())) or "-"
+                       for n, t in tasks[:8]) + (" ..." if len(tasks) > 8 else "") or "-"
         system = _mapping(report.get("system"))
         temps = [v for v in _mapping(system.get("temperatures")).values()
                  if _number(v) is not None]
         memory = _number(_mapping(system.get("memory")).get("used_percent"))
-        verdict = "healthy" if r["healthy"] else "; ".join(r["reasons"]) or "unhealthy"
-        rows.append((device, r["state"] or ("silent" if not r["answered"] else "-"), fps,
+        reasons = [text(reason) for reason in r["reasons"][:10]]
+        if len(r["reasons"]) > 10:
+            reasons.append("and {} more".format(len(r["reasons"]) - 10))
+        verdict = "healthy" if r["healthy"] else "; ".join(reasons) or "unhealthy"
+        rows.append((text(device, 64), text(r["state"], MAX_STATE) if r["state"] else
+                     ("silent" if not r["answered"] else "-"), fps,
                      "{:.0f}".format(max(temps)) if temps else "-",
                      "-" if memory is None else "{:.0f}".format(memory), verdict))
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]

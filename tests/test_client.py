@@ -110,14 +110,18 @@ def test_every_topic_arrives_as_plain_objects(broker, publisher, messages):
             sent += [(topic, p) for p in payloads]
     assert any(d.get("spatial") for _, p in sent if "detections" in p for d in p["detections"])
     assert any(d["track_id"] for _, p in sent if "detections" in p for d in p["detections"])
+    def where(topic, payload):      # a named camera's messages go to {topic}/{camera}
+        return "edge/{}/{}".format(payload["device"], topic) + (
+            "/" + payload["camera"] if "camera" in payload else "")
     with edge_client.Client(broker.url, topics=edge_client.TOPICS) as client:
         for topic, payload in sent:
-            publisher.send("edge/{}/{}".format(payload["device"], topic), payload)
+            publisher.send(where(topic, payload), payload)
         got = list(client.messages(count=len(sent), timeout=10))
         assert len(got) == len(sent)
         for message, (topic, payload) in zip(got, sent):
             check_object(message, topic, payload)
-            assert message.topic == "edge/{}/{}".format(payload["device"], topic)
+            assert message.topic == where(topic, payload)
+            assert message.camera == payload.get("camera")
         assert client.stats()["invalid"] == 0
 
 
@@ -178,8 +182,10 @@ def test_invalid_payloads_are_skipped_counted_and_named(broker, publisher, messa
     extra = dict(good, camera="front", future_key={"anything": 1})
     with caplog.at_level(logging.WARNING, logger="edge.client"):
         with edge_client.Client(broker.url) as client:
-            for payload in (b"\xff not json", wrong_box, newer, extra, good):
+            for payload in (b"\xff not json", wrong_box, newer):
                 publisher.send("edge/clip/detections", payload)
+            publisher.send("edge/clip/detections/front", extra)
+            publisher.send("edge/clip/detections", good)
             got = list(client.messages(timeout=1))
             stats = client.stats()
     assert [m.payload for m in got] == [extra, good]
@@ -190,8 +196,10 @@ def test_invalid_payloads_are_skipped_counted_and_named(broker, publisher, messa
     assert "detections[0].box[0]" in text and "at v" in text
 
 
-def camera_copies(payloads, camera):
-    return [dict(p, camera=camera) for p in payloads]
+def camera_copies(payloads, camera, device="multi"):
+    """A device with named cameras: its messages name the camera (and the device) their
+    topic names."""
+    return [dict(p, camera=camera, device=device) for p in payloads]
 
 
 def test_devices_cameras_labels_and_scores_filter(broker, publisher, messages):
@@ -395,26 +403,31 @@ def run_python(code, env=None):
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
-def test_without_jsonschema_it_says_how_to_install_it():
+def test_without_jsonschema_payloads_are_checked_all_the_same():
+    """edge.schemas.check is plain Python: a robot needs no jsonschema to check payloads."""
     rc, out, err = run_python(
         "import sys; sys.modules['jsonschema'] = None\n"
-        "from edge.client import Client\n"
-        "try:\n    Client()\nexcept Exception as e:\n    print(e)\n"
-        "print(Client(validate=False).topics)\n")
+        "from edge import client, schemas\n"
+        "print(client.Client().validate)\n"
+        "example = schemas.document()['components']['messages']['Status']['examples'][0]\n"
+        "schemas.check('status', example['payload'], strict=False)\n"
+        "try:\n    schemas.check('status', dict(example['payload'], since='soon'))\n"
+        "except ValueError as e:\n    print(e)\n")
     assert rc == 0, err
-    assert "pip install 'jsonschema>=3.2'" in out and "validate=False" in out
-    assert "('detections',)" in out
+    assert out.splitlines() == ["True", "status payload: at since: 'soon' is not of type "
+                                        "'number'"], out
 
 
-def test_a_robot_needs_only_paho_pyyaml_and_jsonschema(broker, publisher, messages):
+def test_a_robot_needs_only_paho_and_pyyaml(broker, publisher, messages):
     """Receiving and checking messages imports none of the device's libraries (numpy,
-    OpenCV, ONNX, ONNX Runtime, scipy, psutil): a robot can install edge with --no-deps."""
+    OpenCV, ONNX, ONNX Runtime, scipy, psutil), nor jsonschema: a robot can install edge
+    with --no-deps."""
     code = ("import sys\nfrom edge.client import Client\n"
             "with Client('{}', devices=['clip']) as c:\n"
             "    print('ready', flush=True)\n"
             "    print([m.seq for m in c.messages(count=1, timeout=20)])\n"
-            "print(sorted(m for m in ('numpy', 'cv2', 'onnx', 'onnxruntime', 'scipy', 'psutil')"
-            " if m in sys.modules))\n").format(broker.url)
+            "print(sorted(m for m in ('numpy', 'cv2', 'onnx', 'onnxruntime', 'scipy', 'psutil',"
+            " 'jsonschema') if m in sys.modules))\n").format(broker.url)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
@@ -450,3 +463,269 @@ def test_bench_client_prints_its_figures():
         assert re.search(r"  {} +\d+\.\d+ ms a message".format(step), out), out
     assert re.search(r"through the broker: 50 messages at \d+ a second \(QoS 1; dropped 0, "
                      r"invalid 0\)", out), out
+
+
+# -- hostile peers (issue 23): who sent a message is its topic; sizes, numbers and shapes
+#    bounded; nothing slow or bad delays the next good message -----------------------------
+
+def example(name, index=0):
+    """A copy of an example payload of the API document."""
+    return json.loads(json.dumps(DOC["components"]["messages"][name]["examples"][index][
+        "payload"]))
+
+
+def detections_of(count, device="cam1"):
+    """The document's stereo detections example with `count` objects (valid up to a card's
+    3840 candidates)."""
+    message = example("Detections", 2)
+    message["device"] = device
+    first = message["detections"][0]
+    message["detections"] = [dict(first, track_id=i + 1) for i in range(count)]
+    return message
+
+
+def raw_json(payload, **tokens):
+    """A payload as bytes with placeholders replaced by raw JSON tokens (NaN, 1e400, ...),
+    which json.dumps would not write as such."""
+    text = json.dumps(payload)
+    for placeholder, token in tokens.items():
+        text = text.replace('"{}"'.format(placeholder), token)
+    return text.encode()
+
+
+def test_the_sender_is_the_topic_never_the_payload(broker, publisher, caplog):
+    """A robot publishes on its own topics with `"device": "cam1"` (a person at 0.99, a fake
+    `cam1 online`): nothing of it reaches the consumer as cam1's. The same for a camera a
+    payload names against its topic's. Genuine messages arrive, the device and camera taken
+    from the topic; the forgeries are counted and logged at a bounded rate."""
+    det = example("Detections")                 # device cam1, no camera
+    status = json.loads(mqtt.status_payload("cam1", "online", time.time()).decode())
+    multi = dict(example("Detections", 1), device="multi", camera="front")
+    with caplog.at_level(logging.WARNING, logger="edge.client"):
+        with edge_client.Client(broker.url, topics=["detections", "status"]) as client:
+            publisher.send("edge/robot-arm/detections", det)
+            publisher.send("edge/robot-arm/status", status)
+            publisher.send("edge/multi/detections/front", dict(multi, camera="rear"))
+            publisher.send("edge/multi/detections", multi)      # a camera on the plain topic
+            publisher.send("edge/cam1/detections", det)
+            publisher.send("edge/multi/detections/front", multi)
+            got = list(client.messages(timeout=1))
+            stats = client.stats()
+    assert [(m.kind, m.device, m.camera) for m in got] == [("detections", "cam1", None),
+                                                           ("detections", "multi", "front")]
+    assert stats["forged"] == 4 and stats["delivered"] == 2 and stats["invalid"] == 0
+    assert "edge/robot-arm/detections" in caplog.text and "cam1" in caplog.text
+
+
+def test_log_lines_about_bad_messages_come_at_a_bounded_rate(broker, publisher, caplog):
+    """300 forgeries from 300 topics (each a problem of its own) make a handful of log
+    lines, not 300: the counts are in stats()."""
+    det = example("Detections")
+    with caplog.at_level(logging.WARNING, logger="edge.client"):
+        with edge_client.Client(broker.url) as client:
+            for i in range(300):
+                publisher.send("edge/r{}/detections".format(i), det)
+            publisher.send("edge/cam1/detections", det)
+            got = list(client.messages(count=1, timeout=10))
+            stats = client.stats()
+    assert [m.device for m in got] == ["cam1"] and stats["forged"] == 300
+    lines = [r for r in caplog.records if r.name == "edge.client"]
+    assert 1 <= len(lines) <= 20, len(lines)
+
+
+# Payloads outside what the API document allows: (name, topic, raw bytes). Each one passed
+# before issue 23 (json accepts NaN and Infinity, and nothing bounded ids or strings).
+def _hostile():
+    det = example("Detections", 2)              # with `spatial`
+    event = example("Event")
+    depth = example("Depth")
+    matches = example("Matches")
+    status = example("Status")
+
+    def changed(payload, change):
+        payload = json.loads(json.dumps(payload))
+        change(payload)
+        return payload
+
+    def first(m):
+        return m["detections"][0]
+    cases = [
+        ("score NaN", "detections", raw_json(changed(det, lambda m: first(m).update(
+            score="X")), X="NaN")),
+        ("box Infinity", "detections", raw_json(changed(det, lambda m: first(m)["box"].__setitem__(
+            2, "X")), X="Infinity")),
+        ("box -Infinity", "detections", raw_json(changed(det, lambda m: first(m)["box"].__setitem__(
+            0, "X")), X="-Infinity")),
+        ("box 1e400", "detections", raw_json(changed(det, lambda m: first(m)["box"].__setitem__(
+            1, "X")), X="1e400")),
+        ("spatial NaN", "detections", raw_json(changed(det, lambda m: first(m)["spatial"].update(
+            x="X")), X="NaN")),
+        ("frame ts NaN", "detections", raw_json(changed(det, lambda m: m["frame"].update(
+            ts="X")), X="NaN")),
+        ("frame ts 1e300", "detections", json.dumps(changed(det, lambda m: m["frame"].update(
+            ts=1e300))).encode()),
+        ("latency Infinity", "detections", raw_json(changed(det, lambda m: m["latency_ms"].update(
+            total="X")), X="Infinity")),
+        ("track id 10^300", "detections", json.dumps(changed(det, lambda m: first(m).update(
+            track_id=10 ** 300))).encode()),
+        ("seq 10^300", "detections", json.dumps(changed(det, lambda m: m.update(
+            seq=10 ** 300))).encode()),
+        ("frame index 10^30", "detections", json.dumps(changed(det, lambda m: m["frame"].update(
+            index=10 ** 30))).encode()),
+        ("class id 5000 digits", "detections", raw_json(changed(det, lambda m: first(m).update(
+            class_id="X")), X="9" * 5000)),
+        ("label of 1 MB", "detections", json.dumps(changed(det, lambda m: first(m).update(
+            label="x" * 1000000))).encode()),
+        ("frame name of 1 MB", "detections", json.dumps(changed(det, lambda m: m["frame"].update(
+            name="y" * 1000000))).encode()),
+        ("model of 1 MB", "detections", json.dumps(changed(det, lambda m: m.update(
+            model="m" * 1000000))).encode()),
+        ("5000 detections", "detections", json.dumps(detections_of(5000)).encode()),
+        ("event ts Infinity", "events", raw_json(changed(event, lambda m: m.update(ts="X")),
+                                                 X="Infinity")),
+        ("event zone of 1 MB", "events", json.dumps(changed(example("Event", 1), lambda m: m.update(
+            zone="z" * 1000000))).encode()),
+        ("depth grid with a row missing", "depth", json.dumps(changed(
+            depth, lambda m: m["depth_mm"].pop())).encode()),
+        ("depth grid with a short row", "depth", json.dumps(changed(
+            depth, lambda m: m["depth_mm"][1].pop())).encode()),
+        ("depth grid with a long row", "depth", json.dumps(changed(
+            depth, lambda m: m["depth_mm"][0].append(1000))).encode()),
+        ("depth grid of 10^300 columns", "depth", json.dumps(changed(
+            depth, lambda m: m["grid"].update(columns=10 ** 300))).encode()),
+        ("depth NaN", "depth", raw_json(changed(depth, lambda m: m["range_mm"].__setitem__(
+            0, "X")), X="NaN")),
+        ("homography Infinity", "matches", raw_json(changed(
+            matches, lambda m: m["homography"].__setitem__(8, "X")), X="Infinity")),
+        ("match NaN", "matches", raw_json(changed(
+            matches, lambda m: m["matches"][0].__setitem__(4, "X")), X="NaN")),
+        ("count 10^300", "matches", json.dumps(changed(
+            matches, lambda m: m.update(count=10 ** 300))).encode()),
+        ("status since NaN", "status", raw_json(changed(status, lambda m: m.update(
+            since="X")), X="NaN")),
+        ("status since 1e300", "status", json.dumps(changed(status, lambda m: m.update(
+            since=1e300))).encode()),
+        ("status reason of 1 MB", "status", json.dumps(changed(status, lambda m: m.update(
+            reason="r" * 1000000))).encode()),
+        ("nested 100000 deep", "status", b"[" * 100000 + b"]" * 100000),
+    ]
+    return cases
+
+
+HOSTILE = _hostile()
+
+
+def test_non_finite_numbers_huge_ids_and_malformed_grids_are_refused(broker, publisher):
+    """NaN and Infinity (which Python's json accepts), numbers past the document's maxima,
+    strings and arrays past its maxLength and maxItems, a depth grid whose rows do not match
+    its size: none reaches a callback; each is counted as invalid, and a good message
+    after them arrives."""
+    topics = sorted({topic for _, topic, _ in HOSTILE})
+    with edge_client.Client(broker.url, topics=topics) as client:
+        for name, topic, raw in HOSTILE:
+            publisher.send("edge/cam1/" + topic, raw)
+        publisher.send("edge/cam1/detections", example("Detections"))
+        got = list(client.messages(timeout=2))
+        stats = client.stats()
+    assert [(m.kind, m.seq) for m in got] == [("detections", example("Detections")["seq"])], \
+        [m.payload for m in got if m.kind != "detections" or m.seq != 17][:1]
+    assert stats["invalid"] == len(HOSTILE), stats
+
+
+def test_every_hostile_case_is_refused_by_the_check_alone():
+    """The same cases without a broker: strict JSON (no NaN, no Infinity, no huge
+    integers) and the document's bounds, each with a reason."""
+    for name, topic, raw in HOSTILE:
+        with pytest.raises(ValueError):
+            schemas.check(topic, schemas.loads(raw), strict=False)
+            pytest.fail(name)
+
+
+@pytest.mark.timing
+def test_a_huge_message_is_dropped_unread_and_does_not_delay_the_next(broker, publisher):
+    """An 8 MB detections message (under the example broker's 8 MiB limit) from a rogue
+    device, then a real device's message: the big one is dropped on paho's thread by its
+    size (never parsed or queued), the real one arrives at once."""
+    big = json.dumps(detections_of(50000, device="rogue")).encode()
+    assert 7.5e6 < len(big) < 8 * 1024 * 1024
+    good = example("Detections")
+    with edge_client.Client(broker.url) as client:
+        publisher.send("edge/rogue/detections", big)
+        sent = time.monotonic()
+        publisher.send("edge/cam1/detections", good)
+        got = list(client.messages(count=1, timeout=30))
+        delay = time.monotonic() - sent
+        stats = client.stats()
+    assert [m.device for m in got] == ["cam1"]
+    assert stats["oversized"] == 1 and stats["received"] == 1, stats
+    assert delay < 1.0, delay
+
+
+@pytest.mark.timing
+def test_twenty_invalid_messages_do_not_delay_the_next_by_much(broker, publisher):
+    """20 invalid messages just under the client's size limit (too many detections: the
+    check fails at once), then 20 invalid ones of 8 MB (dropped by size), then a good
+    one: it arrives within a small bound."""
+    client = edge_client.Client(broker.url)
+    limit = client.max_payload
+    per = len(json.dumps(detections_of(2))) - len(json.dumps(detections_of(1)))
+    count = limit // per
+    while len(json.dumps(detections_of(count))) > limit:
+        count -= 10
+    near = json.dumps(detections_of(count, device="rogue")).encode()
+    assert limit * 0.99 < len(near) <= limit and count > 3840
+    over = json.dumps(detections_of(50000, device="rogue")).encode()
+    good = example("Detections")
+    with client:
+        for _ in range(20):
+            publisher.send("edge/rogue/detections", near)
+        for _ in range(20):
+            publisher.send("edge/rogue/detections", over)
+        sent = time.monotonic()
+        publisher.send("edge/cam1/detections", good)
+        got = list(client.messages(count=1, timeout=30))
+        delay = time.monotonic() - sent
+        stats = client.stats()
+    assert [m.device for m in got] == ["cam1"]
+    assert stats["invalid"] == 20 and stats["oversized"] == 20, stats
+    assert delay < 5.0, delay     # 2.0 s on the 2-core development host: parsing 2 MiB, 20 times
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_many_oversized_messages_do_not_stall_the_session(broker, publisher, protocol):
+    """25 oversized QoS 1 messages, then a good one, which arrives. (With MQTT 5's Maximum
+    Packet Size in its CONNECT, Mosquitto 2.0 would drop them for the client but keep
+    their in-flight slots: after 20 the session got nothing more. The client asks for no
+    maximum and drops them itself.)"""
+    with edge_client.Client(broker.url, protocol=protocol, max_payload=1000) as client:
+        for _ in range(25):
+            publisher.send("edge/rogue/detections", b"x" * 200000)
+        publisher.send("edge/cam1/detections", example("Detections"))
+        got = list(client.messages(count=1, timeout=10))
+        stats = client.stats()
+    assert [m.device for m in got] == ["cam1"] and stats["oversized"] == 25, stats
+
+
+def test_max_payload_is_an_argument_with_a_documented_default(broker, publisher):
+    """The limit covers the largest messages a device sends within the document's bounds
+    (a 256x256 depth grid, detections at a card's 3840 candidates); a smaller one drops
+    more, and a bad value is a ConfigError."""
+    assert edge_client.DEFAULT_MAX_PAYLOAD == edge_client.Client().max_payload
+    depth = example("Depth")
+    depth["grid"] = {"columns": 256, "rows": 256}
+    depth["depth_mm"] = [[10000000] * 256 for _ in range(256)]
+    largest = [depth, detections_of(3840)]
+    for payload in largest:
+        raw = json.dumps(payload, separators=(",", ":")).encode()
+        assert len(raw) < edge_client.DEFAULT_MAX_PAYLOAD
+        started = time.perf_counter()
+        schemas.check(payload.get("grid") and "depth" or "detections", schemas.loads(raw))
+        assert time.perf_counter() - started < 1.0
+    with edge_client.Client(broker.url, max_payload=1000) as client:
+        publisher.send("edge/cam1/detections", detections_of(20))
+        publisher.send("edge/cam1/detections", example("Detections"))
+        got = list(client.messages(count=1, timeout=10))
+        assert client.stats()["oversized"] == 1 and [m.seq for m in got] == [17]
+    for bad in (0, -1, "1MB", 1.5):
+        with pytest.raises(ConfigError, match="max_payload"):
+            edge_client.Client(max_payload=bad)

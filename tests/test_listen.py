@@ -372,3 +372,97 @@ def test_readable_lines_in_the_readme_have_the_shape_listen_prints():
     assert {line.split()[1] for line in made} == set(SHAPES)
     for line in sample + made:
         assert re.match(SHAPES[line.split()[1]], line), line
+
+
+# -- hostile peers (issue 23) ----------------------------------------------------------------
+
+def publish_raw(port, messages):
+    """Publish (topic, payload bytes, retain) at QoS 1, each acknowledged by the broker."""
+    from edge.mqtt import make_client
+    client = make_client("hostile-{}".format(time.monotonic_ns()))
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    try:
+        for topic, payload, retain in messages:
+            info = client.publish(topic, payload, qos=1, retain=retain)
+            info.wait_for_publish(5)
+            assert info.is_published(), topic
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def status_of(device, **changes):
+    payload = {"v": 1, "device": device, "state": "online", "since": 1795545400.125,
+               "reason": None, "version": "0.1.0"}
+    payload.update(changes)
+    return payload
+
+
+def test_a_retained_status_with_a_wild_since_does_not_end_listen(broker):
+    """`since` 1e300, NaN or Infinity in a retained status (json accepts them): `edge
+    listen` goes on and prints the good status, instead of ending with exit 1."""
+    publish_raw(broker.port, [
+        ("edge/cam1/status", json.dumps(status_of("cam1", since=1e300)).encode(), True),
+        ("edge/cam2/status", json.dumps(status_of("cam2", since=float("nan"))).encode(), True),
+        ("edge/cam3/status", json.dumps(status_of("cam3", since=-float("inf"))).encode(), True),
+        ("edge/cam4/status", json.dumps(status_of("cam4")).encode(), True)])
+    rc, out, err = run_edge("listen", "--mqtt", broker.url, "--topic", "status", "--count", "1",
+                            timeout=60)
+    assert rc == 0, err
+    assert out.startswith("cam4 status online since ") and len(out.splitlines()) == 1, out
+
+
+def test_times_out_of_range_print_as_unknown():
+    for since in (1e300, -1e300, float("nan"), float("inf"), 2 ** 70):
+        status = edge_client.Status("cam1", "online", since, None, "0.1.0", "", False, {})
+        assert listen.line(status) == "cam1 status online since an unknown time"
+
+
+def test_hostile_text_is_printed_escaped_and_bounded(broker, tmp_path):
+    """Escape codes, carriage returns, newlines that would forge a line of another device,
+    bidi overrides in labels, frame names and reasons print escaped, each message on one
+    line of bounded length; 1 MB strings, a zone name outside the document's pattern and a
+    status that claims another device's name are not printed at all."""
+    det = json.loads(json.dumps(schemas.document()["components"]["messages"]["Detections"][
+        "examples"][0]["payload"]))
+    event = json.loads(json.dumps(schemas.document()["components"]["messages"]["Event"][
+        "examples"][1]["payload"]))
+    det["detections"][0]["label"] = "\x1b[2J\x1b[31mperson\ncam9 detections seq 1 frame 0: " \
+                                    "nothing"
+    det["frame"]["name"] = "x\ry\x07\u202e.png"
+    huge = json.loads(json.dumps(det))
+    huge["detections"][0]["label"] = "x" * 1000000
+    event["label"] = "car\x1b[0m\u2028cam9 event"
+    bad_zone = dict(event, zone="dock\x1b[0m")
+    listener = Listener(tmp_path, edge_listen(broker.url, "cam1", "rogue", "--topic", "detections",
+                                              "--topic", "status", "--topic", "events"),
+                        "hostile")
+    try:
+        listener.wait_subscribed()
+        publish_raw(broker.port, [
+            ("edge/cam1/detections", json.dumps(det).encode(), False),
+            ("edge/cam1/detections", json.dumps(huge).encode(), False),
+            ("edge/cam1/status", json.dumps(status_of(
+                "cam1", state="degraded", reason="\x1b]0;owned\x07\ncam9 status online since "
+                "2026-01-01 00:00:00")).encode(), False),
+            ("edge/rogue/status", json.dumps(status_of("cam1")).encode(), False),
+            ("edge/cam1/events", json.dumps(bad_zone).encode(), False),
+            ("edge/cam1/events", json.dumps(event).encode(), False),
+            ("edge/cam1/status", json.dumps(status_of("cam1", reason="end")).encode(), False)])
+        assert listener.wait_for(lambda li: "(end)" in open(li.out_path, "rb").read().decode(
+            "utf-8", "replace"), 20), listener.err()
+    finally:
+        listener.stop()
+    with open(listener.out_path, "rb") as f:
+        out = f.read()
+    text = out.decode("utf-8")
+    for bad in ("\x1b", "\x07", "\r", "\u202e", "\u2028"):
+        assert bad not in text, (bad, text)
+    lines = text.splitlines()
+    assert [line.split()[:2] for line in lines] == [["cam1", "detections"], ["cam1", "status"],
+                                                   ["cam1", "event"], ["cam1", "status"]], text
+    assert all(len(line) < 1000 for line in lines)
+    assert "\\x1b[2J\\x1b[31mperson\\ncam9 detections" in lines[0]
+    assert "x\\ry\\x07\\u202e.png" in lines[0]
+    assert "\\u2028cam9 event" in lines[2]

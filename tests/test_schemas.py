@@ -426,8 +426,12 @@ def test_broadcast_requests_are_answered_on_reply_to_plus_the_device():
     assert topic == "edge/_health/s1/cam1" and reply["ok"] and reply["result"]["device"] == "cam1"
     assert schemas.kind_of_topic(topic) == "reply"
     assert schemas.kind_of_topic(app.link.broadcast_topic("health")) == "command"
-    # the same request on the device's own topic is answered where it says
-    assert commands.handle("ping", json.dumps(request).encode())[0] == "edge/_health/s1"
+    # on the device's own topic a reply_to under _health must already end in this device
+    # (`edge health DEV`'s form; edge health files answers by that level)
+    direct = dict(request, reply_to="edge/_health/s1/cam1")
+    assert commands.handle("ping", json.dumps(direct).encode())[0] == "edge/_health/s1/cam1"
+    topic, reply = commands.handle("ping", json.dumps(request).encode())
+    assert topic == "edge/cam1/reply/health-s1" and reply["error"]["code"] == "bad_request"
     # MQTT 5 response topic: the device is appended as well
     topic, reply = commands.handle("ping", b'{"id": "p5"}', "edge/_health/s5", broadcast=True)
     assert topic == "edge/_health/s5/cam1" and reply["ok"]
@@ -520,7 +524,7 @@ def broken(change):
     return message
 
 
-@pytest.mark.parametrize("kind, payload, where, reason", [
+BROKEN = [
     ("detections", broken(lambda m: m.pop("v")), "(the payload)", "'v' is a required property"),
     ("detections", broken(lambda m: m.update(v=2)), "v", "1 was expected"),
     ("detections", broken(lambda m: m["detections"][0].update(box="12,40,200,470")),
@@ -549,7 +553,10 @@ def broken(change):
         "payload"].items() if k != "line"}, "(the payload)", "'line' is a required property"),
     ("events", dict(DOC["components"]["messages"]["Event"]["examples"][2]["payload"],
                     zone="dock"), "(the payload)", "should not be valid"),
-])
+]
+
+
+@pytest.mark.parametrize("kind, payload, where, reason", BROKEN)
 def test_broken_payloads_are_refused_with_path_and_reason(kind, payload, where, reason):
     with pytest.raises(ValueError) as info:
         schemas.validate(kind, payload)
@@ -607,7 +614,7 @@ def test_every_message_of_a_live_device_validates(broker, tmp_path, model_dir):
         if kind == "snapshot":
             schemas.validate(kind, payload)
         else:
-            schemas.validate(kind, json.loads(payload.decode("utf-8")))
+            assert agree(kind, schemas.loads(payload)) is None, (topic, payload[:200])
     assert set(kinds) == {"status", "detections", "matches", "health", "command", "reply",
                           "snapshot"}, kinds
 
@@ -643,7 +650,7 @@ def test_every_message_of_a_live_stereo_device_validates(broker, tmp_path, model
         kind = schemas.kind_of_topic(topic)
         assert kind is not None, topic
         kinds.add(kind)
-        schemas.validate(kind, json.loads(payload.decode("utf-8")))
+        assert agree(kind, schemas.loads(payload)) is None, (topic, payload[:200])
     assert {"detections", "depth", "health", "reply"} <= kinds
     depth = sub.json("depth")[0]
     assert depth["model"] == "stereo-sgbm" and len(depth["depth_mm"]) == 6
@@ -651,3 +658,245 @@ def test_every_message_of_a_live_stereo_device_validates(broker, tmp_path, model
     assert all(h["source"]["unpaired"] >= 0 for h in sub.json("health"))
     reply = sub.json("reply/s1")[0]
     assert reply["ok"] and reply["result"]["frame"]["width"] == 2 * 741
+
+
+# -- bounds (issue 23): what is valid is written down, and both checks hold to it -----------
+
+def test_the_documented_bounds_are_the_code_s_limits():
+    """maxItems and maximum where the daemon's own limits set them: a card's candidates
+    (detections per frame), match.top_k (matches per message), stereo.grid (cells)."""
+    from edge import cards, config
+    detections = COMPONENTS["Detections"]["properties"]["detections"]
+    assert detections["maxItems"] == cards.SPEC["candidates"].max == 3840
+    assert COMPONENTS["Matches"]["properties"]["matches"]["maxItems"] == \
+        config.SPEC["match"]["top_k"].max
+    grid = COMPONENTS["Depth"]["properties"]["grid"]["properties"]
+    assert grid["columns"]["maximum"] == grid["rows"]["maximum"] == 256
+    depth_mm = COMPONENTS["Depth"]["properties"]["depth_mm"]
+    assert depth_mm["maxItems"] == depth_mm["items"]["maxItems"] == 256
+    assert depth_mm["items"]["items"]["maximum"] == config.SPEC["stereo"]["depth_max_mm"].max
+    # a file name of an image folder: 255 bytes on Linux (NAME_MAX), with margin
+    assert COMPONENTS["Frame"]["properties"]["name"]["maxLength"] >= 1024
+
+
+def every_node_robots_get():
+    """(path, schema) of every schema node in the payloads robots and `edge health` get,
+    the components they refer to included."""
+    names, todo = set(), ["Status", "Detections", "Matches", "Depth", "Event", "Health",
+                          "ReplyOk", "ReplyError"]
+    while todo:
+        name = todo.pop()
+        if name in names:
+            continue
+        names.add(name)
+        for path, node in walk(COMPONENTS[name], (name,)):
+            if isinstance(node, dict) and isinstance(node.get("$ref"), str):
+                todo.append(node["$ref"].rsplit("/", 1)[1])
+    for name in sorted(names):
+        for item in walk(COMPONENTS[name], (name,)):
+            yield item
+
+
+def test_every_string_array_and_number_of_a_device_s_message_is_bounded():
+    """Robots receive only what the document bounds: each string has maxLength (or an
+    enum, a const or a pattern of bounded length), each array maxItems, each integer a
+    maximum."""
+    unbounded = []
+    for path, node in every_node_robots_get():
+        if not isinstance(node, dict) or path[-1:] == ("properties",) or "$ref" in node:
+            continue
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        if "string" in types and not ({"maxLength", "enum", "const"} & set(node)) and \
+                not re.search(r"\{\d+,\d+\}(\$|\(\?!\[\\s\\S\]\))$", node.get("pattern", "")):
+            unbounded.append(("string", path))
+        if "array" in types and "maxItems" not in node:
+            unbounded.append(("array", path))
+        if "integer" in types and "maximum" not in node and "const" not in node:
+            unbounded.append(("integer", path))
+    assert not unbounded, unbounded
+
+
+def agree(kind, payload, strict=True):
+    """Whether the payload is valid, by the fast check and by jsonschema (validate); they
+    must agree."""
+    outcomes = []
+    for check in (schemas.check, schemas.validate):
+        try:
+            check(kind, payload, strict=strict)
+            outcomes.append(None)
+        except ValueError as e:
+            outcomes.append(str(e))
+    assert (outcomes[0] is None) == (outcomes[1] is None), (kind, outcomes)
+    return outcomes[0]
+
+
+def test_check_and_jsonschema_agree_on_examples_and_broken_payloads():
+    for name, message in DOC["components"]["messages"].items():
+        component = message["payload"]["$ref"].rsplit("/", 1)[1]
+        for example in message.get("examples", []):
+            if component != "SnapshotImage":
+                assert agree(component, example["payload"]) is None, name
+    for kind, payload, where, reason in BROKEN:
+        problem = agree(kind, payload)
+        assert problem.startswith("{} payload: at {}: ".format(kind, where)), problem
+        assert re.search(reason, problem), problem
+
+
+@pytest.mark.parametrize("system_status, root", [
+    (system.system_status, "/"),
+    (lambda: system.from_sysfs(NANO), NANO),
+    (lambda: system.from_sysfs(ORIN), ORIN),
+    (lambda: system.empty_status("sysfs"), "/"),
+])
+def test_check_and_jsonschema_agree_on_health_reports(system_status, root):
+    backend = select("ort").describe()
+    for limits in (LIMITS, dict(LIMITS, temperature_c=20.0, memory_percent=1.0)):
+        report = Health(App(), 10.0, limits, system_status=system_status,
+                        versions=system.versions(backend, root=root)).report()
+        assert agree("health", json.loads(json.dumps(report))) is None
+        assert agree("health", json.loads(json.dumps(report)), strict=False) is None
+
+
+def test_the_largest_legitimate_messages_are_valid_and_cheap_to_check():
+    """A depth grid of 256 x 256 cells at the farthest depth, detections at a card's 3840
+    candidates with long labels and 3-D positions, matches at top_k: valid by both checks,
+    and the fast one takes well under a second."""
+    depth = json.loads(json.dumps(DOC["components"]["messages"]["Depth"]["examples"][0][
+        "payload"]))
+    depth["grid"] = {"columns": 256, "rows": 256}
+    depth["depth_mm"] = [[10000000] * 256 for _ in range(256)]
+    det = json.loads(json.dumps(DOC["components"]["messages"]["Detections"]["examples"][2][
+        "payload"]))
+    det["frame"]["name"] = "n" * 255 + ".png"
+    det["detections"] = [dict(det["detections"][0], track_id=i + 1, label="l" * 128)
+                         for i in range(3840)]
+    matches = json.loads(json.dumps(DOC["components"]["messages"]["Matches"]["examples"][0][
+        "payload"]))
+    matches["matches"] = [[1234.56, 987.65, 4321.09, 876.54, 0.8073]] * 25000
+    for kind, payload in (("depth", depth), ("detections", det), ("matches", matches)):
+        assert agree(kind, payload, strict=False) is None
+        started = time.perf_counter()
+        schemas.check(kind, payload, strict=False)
+        assert time.perf_counter() - started < 0.5, kind
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b'{"a": NaN}', "NaN"),
+    (b'{"a": Infinity}', "Infinity"),
+    (b'{"a": -Infinity}', "-Infinity"),
+    (b'{"v": 1, "device": "cam1", "state": "online", "since": 1e400, "reason": null, '
+     b'"version": "0.1.0"}', "at since: inf is not a finite number"),
+    (b'{"a": ' + b"9" * 5000 + b"}", "digits"),
+    (b"[" * 100000 + b"]" * 100000, "nested"),
+    (b"\xff", "UTF-8"),
+])
+def test_loads_is_strict_json(raw, problem):
+    with pytest.raises(ValueError, match=problem):
+        payload = schemas.loads(raw)
+        schemas.check("status", payload)
+
+
+def test_nan_and_infinity_fail_validate_too():
+    """jsonschema takes NaN for a number: validate (what the tests check every published
+    message with) refuses it, so a daemon that ever published one would fail them."""
+    status = json.loads(mqtt.status_payload("cam1", "online", time.time()))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="at since: .* finite"):
+            schemas.validate("status", dict(status, since=value))
+
+
+def test_detections_from_an_image_folder_with_long_file_names_validate(tmp_path, model_dir):
+    """File names of 255 bytes (Linux's most) in an image folder: the messages name them
+    and stay valid."""
+    import shutil
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, name in enumerate(sorted(os.listdir(COCO8_VAL))[:2]):
+        shutil.copy(os.path.join(COCO8_VAL, name),
+                    str(folder / ("{}".format(i) * 251 + ".jpg")))
+    jsonl = str(tmp_path / "out.jsonl")
+    rc, _, err = run_edge("run", "--source", str(folder), "--detector", "yolox-nano",
+                          "--jsonl", jsonl, "--model-dir", model_dir,
+                          "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    messages = read_jsonl(jsonl)
+    assert len(messages) == 2 and all(len(m["frame"]["name"]) == 255 for m in messages)
+    for message in messages:
+        assert agree("detections", message) is None
+
+
+def mutations(payload, rng, count):
+    """`count` copies of a payload, each with one value somewhere replaced, a key dropped
+    or a key added."""
+    paths = [path for path, _ in walk(payload) if path]
+    odd = [None, True, 0, -1, 1.5, 2 ** 60, "", "x" * 300, [], [1, 2], {}, {"k": 1}, 1e11,
+           "online", -0.5]
+    for _ in range(count):
+        copy_ = json.loads(json.dumps(payload))
+        path = paths[rng.randint(len(paths))]
+        parent = copy_
+        for part in path[:-1]:
+            parent = parent[part]
+        action = rng.randint(3)
+        if action == 0:
+            parent[path[-1]] = odd[rng.randint(len(odd))]
+        elif action == 1 and isinstance(parent, dict):
+            parent.pop(path[-1])
+        elif isinstance(parent, dict):
+            parent["extra_key"] = odd[rng.randint(len(odd))]
+        else:
+            parent.append(odd[rng.randint(len(odd))])
+        yield copy_
+
+
+def test_check_and_jsonschema_agree_on_random_damage():
+    """A few thousand damaged copies of every example and of a health report: the fast
+    check and jsonschema give the same verdict, strict and not."""
+    rng = np.random.RandomState(23)
+    report = Health(App(), 10.0, LIMITS, system_status=lambda: system.from_sysfs(NANO),
+                    versions=system.versions(select("ort").describe(), root=NANO)).report()
+    cases = [("health", json.loads(json.dumps(report)))]
+    for name, message in DOC["components"]["messages"].items():
+        component = message["payload"]["$ref"].rsplit("/", 1)[1]
+        if component != "SnapshotImage":
+            cases += [(component, e["payload"]) for e in message.get("examples", [])]
+    checked = 0
+    for kind, payload in cases:
+        for damaged in mutations(payload, rng, 150):
+            for strict in (True, False):
+                agree(kind, damaged, strict)
+                checked += 1
+    assert checked > 5000
+
+
+def test_a_health_report_bounds_every_text_it_quotes():
+    """An error of any length (an exception's text, a build's output) is cut in the report,
+    so no report grows past what robots accept (the document's maxLength)."""
+    from edge.backends import build as building
+    state = building.BuildState("huge-320x240")
+    state.update(state="failed", error="engine huge-320x240: " + "x" * 20000)
+    building.STATES[state.label] = state
+    try:
+        app = App()
+        report = Health(app, 10.0, LIMITS).report()
+    finally:
+        del building.STATES[state.label]
+    error = report["engines"]["huge-320x240"]["error"]
+    assert error.startswith("engine huge-320x240: xxx") and len(error) == 1000
+    assert all(len(reason) <= 2000 for reason in report["verdict"]["reasons"])
+    schemas.validate("health", json.loads(json.dumps(report)))
+    assert schemas.check("health", json.loads(json.dumps(report))) is None
+
+
+def test_a_name_with_a_trailing_newline_is_no_valid_name():
+    """`$` also matches before a final newline in Python's re: the document's name patterns
+    end in (?![\\s\\S]), so jsonschema and the client's check both refuse "door\\n"."""
+    example = schemas.document()["components"]["messages"]["Event"]["examples"][0]["payload"]
+    event = json.loads(json.dumps(example))
+    schemas.validate("events", event)
+    event["line"] = "door\n"
+    with pytest.raises(ValueError):
+        schemas.validate("events", event)
+    with pytest.raises(ValueError):
+        schemas.check("events", event)

@@ -25,6 +25,9 @@ END = "<!-- api:end -->"
 NOTE = ("<!-- Rendered by tools/render_api.py from edge/schemas/asyncapi.yaml: edit that file "
         "and run `python tools/render_api.py`. -->")
 REF = "#/components/schemas/"
+# The bound every integer has unless it says less (the document's description says so):
+# not repeated in every row.
+JSON_SAFE = 2 ** 53 - 1
 # Fields every request has, documented once rather than per command.
 COMMON_ARGUMENTS = ("id", "reply_to")
 
@@ -108,8 +111,9 @@ def type_of(doc, node):
     words = []
     for kind in types:
         if kind == "array" and "items" in node:
-            count = node.get("minItems")
-            size = "{} ".format(count) if count and count == node.get("maxItems") else ""
+            count, most = node.get("minItems"), node.get("maxItems")
+            size = "{} ".format(count) if count and count == most else \
+                "up to {} ".format(most) if most else ""
             words.append("array of {}{}".format(size, plural(type_of(doc, node["items"]))))
         elif kind == "object" and isinstance(node.get("additionalProperties"), dict) and \
                 not node.get("properties"):
@@ -117,14 +121,20 @@ def type_of(doc, node):
                 node.get("x-key", "name"), type_of(doc, node["additionalProperties"])))
         elif kind == "string" and "enum" in node:
             words.append(" \\| ".join(code(v) for v in node["enum"]))
+        elif kind == "string" and "maxLength" in node:
+            words.append("string of at most {} characters".format(node["maxLength"]))
         else:
             words.append(kind)
     text = " or ".join(words)
     low, high = node.get("minimum"), node.get("maximum")
+    if high == JSON_SAFE:
+        high = None
     if low is not None and high is not None:
         text += " {}..{}".format(low, high)
     elif low is not None:
         text += " >= {}".format(low)
+    elif high is not None:
+        text += " <= {}".format(high)
     if "pattern" in node:
         text += ", `{}`".format(node["pattern"].replace("|", "\\|"))
     return text
