@@ -260,33 +260,7 @@ EngineMaker(build_backends.QuietBackend(), EngineCache(sys.argv[2]), 2 ** 31).ma
 def test_build_child_dies_with_the_daemon(tmp_path):
     """SIGKILL of the daemon (the OOM killer, kill -9) takes its build child with it, so no
     orphaned build keeps the memory the restarted daemon needs."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    daemon = subprocess.Popen([sys.executable, "-c", DAEMON_BUILDING,
-                               os.path.join(MODELS, "yolox_nano.onnx"),
-                               str(tmp_path / "engines")], cwd=root)
-    children = []
-    try:
-        deadline = time.time() + 30
-        while not children and time.time() < deadline and daemon.poll() is None:
-            children = [p for p in (int(p) for p in os.listdir("/proc") if p.isdigit())
-                        if _cmdline(p).endswith("edge.backends.buildjob") and
-                        _parent(p) == daemon.pid]
-            time.sleep(0.05)
-        assert children, "the build child started"
-        daemon.kill()
-        daemon.wait(10)
-        deadline = time.time() + 5
-        while time.time() < deadline and _alive(children[0]):
-            time.sleep(0.05)
-        assert not _alive(children[0]), "the build child outlived its daemon"
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-        for pid in children:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    _kill_daemon_mid_build(tmp_path, freeze_child=False)
 
 
 def test_build_child_dies_with_the_daemon_from_its_first_moment(tmp_path):
@@ -294,6 +268,13 @@ def test_build_child_dies_with_the_daemon_from_its_first_moment(tmp_path):
     while its build child is still starting (here: stopped, so that it cannot set anything
     itself) takes the child with it. Set by the child's own Python it came 1.5-2 s late on
     a loaded board, and a stopped child outlived its daemon for good."""
+    _kill_daemon_mid_build(tmp_path, freeze_child=True)
+
+
+def _kill_daemon_mid_build(tmp_path, freeze_child):
+    """Start a daemon building, SIGKILL it as soon as its build child exists (that child
+    first frozen by SIGSTOP, wherever its start-up was, with `freeze_child`), and assert the
+    child is gone within 5 s."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,7 +290,8 @@ def test_build_child_dies_with_the_daemon_from_its_first_moment(tmp_path):
                         _parent(p) == daemon.pid]
             time.sleep(0.005)
         assert children, "the build child started"
-        os.kill(children[0], signal.SIGSTOP)      # frozen wherever its start-up was
+        if freeze_child:
+            os.kill(children[0], signal.SIGSTOP)
         daemon.kill()
         daemon.wait(10)
         deadline = time.time() + 5
@@ -531,9 +513,14 @@ def test_a_failed_build_is_retried_only_after_a_growing_wait(tmp_path, rewritten
     assert building.last_failure(artefact)["attempts"] == 2
     assert building.backoff_s(2) == 2.0 and building.backoff_s(20) == building.BACKOFF_MAX
     fail.unlink()                           # the cause fixed: `edge build` tries at once
-    now = maker(tmp_path, build_backends.FailingBackend())
-    now.backoff = False
-    started = time.monotonic()
-    assert now.make(model, card, "retry-320x240") is not None
-    assert time.monotonic() - started < 2.0, "no wait for the third attempt"
+    phases = []
+    building.add_listener(lambda state: phases.append(state.phase)
+                          if state.label == "retry-320x240" else None)
+    try:
+        now = maker(tmp_path, build_backends.FailingBackend())
+        now.backoff = False
+        assert now.make(model, card, "retry-320x240") is not None
+    finally:
+        building._listeners.pop()
+    assert phases and not any(p.startswith("waiting") for p in phases), phases
     assert glob.glob(str(tmp_path / "engines" / "*.failed")) == []
