@@ -255,8 +255,9 @@ SPEC = {
                        help="image file matched as a reference in this run (not stored)"),
     "max_frames": Field(int, default=None, nullable=True, min=1),
     "max_image_pixels": Field(int, default=imagefiles.DEFAULT_MAX_PIXELS, min=1, max=1 << 30,
-                              help="larger images (folder frames, references) are refused "
-                                   "from their header, before decoding"),
+                              help="larger images (folder frames, file:// images, "
+                                   "references) and video or camera frames are refused from "
+                                   "their header or container, before decoding"),
     "jsonl": Field(str, default=None, nullable=True, help="also append messages to this file"),
     "log_level": Field(str, default="info", choices=("debug", "info", "warning", "error")),
     "mqtt": {
@@ -274,7 +275,9 @@ SPEC = {
         "qos": Field(int, default=0, choices=(0, 1)),
         "keepalive": Field(int, default=30, min=5, max=3600),
         "protocol": Field(str, default="3.1.1", choices=("3.1.1", "5"),
-                          help="5: commands honour response topic and correlation data"),
+                          help="5: commands honour response topic and correlation data "
+                               "(Mosquitto >= 1.6; Ubuntu 18.04's 1.4 speaks 3.1.1 only); "
+                               "both bound large commands alike (docs/broker.md)"),
         "queue": Field(int, default=1000, min=1, max=1000000,
                        help="messages held while the broker is slow or away"),
         "flush_timeout": Field(float, default=10.0, min=0.0, max=600.0,
@@ -328,7 +331,9 @@ SPEC = {
                       help="commands per second on average (token bucket)"),
         "burst": Field(int, default=10, min=1, max=1000),
         "max_bytes": Field(int, default=65536, min=256, max=1 << 20,
-                           help="largest request accepted"),
+                           help="largest request accepted; of a larger message the device "
+                                "keeps only this + 8 KiB (the rest is read and dropped) and "
+                                "answers too_large"),
         "snapshot_bytes": Field(int, default=262144, min=1024, max=4 << 20,
                                 help="default size cap of a snapshot JPEG"),
     },

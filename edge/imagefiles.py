@@ -56,6 +56,20 @@ def _webp(data):
     return None
 
 
+def format_of(data):
+    """"JPEG", "PNG", "BMP" or "WebP" from the first 12 bytes of a file (its signature),
+    None for anything else (a video container, TIFF, ...)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:2] == b"BM":
+        return "BMP"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def size(data):
     """(width, height) from the header of JPEG, PNG, BMP or WebP bytes; None otherwise."""
     if data[:3] == b"\xff\xd8\xff":

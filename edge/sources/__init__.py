@@ -34,7 +34,8 @@ class Source:
 
     scheme = None
     live = True           # live sources keep the newest frame and drop; finite ones never drop
-    max_pixels = None     # images larger than this are refused (kinds that decode files)
+    max_pixels = None     # images and video frames larger than this are refused, from the
+                          # header or container before decoding (config max_image_pixels)
 
     def __init__(self, uri, location, params):
         self.uri = uri
@@ -112,7 +113,7 @@ def parse_uri(uri):
 def open_source(uri, max_pixels=None):
     """The Source for `uri` (not yet opened); SourceError for an unknown kind.
 
-    `max_pixels`: config `max_image_pixels`, for the kinds that decode image files.
+    `max_pixels`: config `max_image_pixels`, for the kinds that decode images or video.
     """
     from edge import imagefiles
     _load_builtin()

@@ -1,8 +1,10 @@
 """test:// - a synthetic moving pattern, for trying the pipeline without a camera.
 
 `test://?width=640&height=480&fps=30&frames=N`: a fixed gradient with a bright square that
-bounces around it. `fps=0` runs as fast as the pipeline takes frames; `frames=N` ends after N
-frames (a finite source that never drops), otherwise it is endless and live.
+bounces around it. `frames=N` ends after N frames (a finite source that never drops), otherwise
+it is endless. With `fps` > 0 it is live, like a camera: the tasks get the newest frame and the
+others are dropped (counted). `fps=0` runs as fast as the pipeline takes frames: a frame is drawn
+only when the pipeline has room for it, as a file is read, so nothing is drawn to be dropped.
 """
 
 import logging
@@ -52,7 +54,10 @@ class PatternSource(Source):
         self.height = int_param(self, "height", 480, 1, MAX_SIZE)
         self.fps = int_param(self, "fps", 30, 0, 1000)
         self.frames = int_param(self, "frames", 0, 1, 10 ** 9)   # 0: endless
-        self.live = self.frames == 0
+        # Live only when paced by a clock. At fps=0 a live lane would have it draw frames as
+        # fast as the CPU allows, nearly all of them dropped unread (15 000 a second, halving
+        # the detector's rate); a lane that waits for room, as a file's, paces it instead.
+        self.live = self.frames == 0 and self.fps > 0
         self._index = 0
         self._background = None
         self._next_due = 0.0

@@ -1,10 +1,12 @@
 """stereo:// - two views per frame: the left one in `frame.image`, the right one in `frame.right`.
 
 - `stereo://?left=URI&right=URI`: two sources. Two image files, or two folders paired in
-  sorted-name order (a pair where either side does not decode is skipped and counted); two
-  video files frame by frame; two cameras or streams paired by capture time: each camera is
-  read by its own thread, and a frame with no partner within `tolerance_ms` (default 20:
-  two free-running 30 fps cameras are at most 17 ms apart) is dropped and counted.
+  sorted-name order (a pair where either side does not decode, or whose two images differ in
+  size, is skipped, logged and counted); two video files frame by frame; two cameras or
+  streams paired by capture time: each camera is read by its own thread, and a frame with no
+  partner within `tolerance_ms` (default 20: two free-running 30 fps cameras are at most
+  17 ms apart) is dropped and counted. Videos and cameras of two sizes stay an error: every
+  frame would differ, so the fix is the mode, not a skip.
 - `stereo://?source=URI&layout=side-by-side`: one camera whose frames hold both views, left
   half and right half (USB stereo cameras).
 URIs inside the query keep their own query percent-encoded (`test://%3Fwidth%3D320`).
@@ -67,7 +69,8 @@ class StereoSource(Source):
         self.live = any(side.live for side in self.sides)
         self.calibration = None
         self._unpaired = 0       # frames dropped: no partner (within the tolerance, or at all)
-        self.skipped = 0         # image pairs skipped because a side does not decode
+        self.skipped = 0         # image pairs skipped: a side does not decode, sizes differ
+        self._last_skip = None   # why the latest pair was skipped (for "none can be used")
         self._index = 0
         self._pairs = None       # image files: [(left path, right path)]
         self._next = 0
@@ -154,18 +157,23 @@ class StereoSource(Source):
                            for side, path in zip(self.sides, (left_path, right_path)))
             if left is None or right is None:
                 self.skipped += 1
+                self._last_skip = "a side does not decode"
                 continue
             if left.shape != right.shape:
-                raise SourceError("{}: {} is {}x{} but {} is {}x{}; the views of a pair must be "
-                                  "the same size".format(self.display,
-                                                         self.sides[0].shown(left_path),
-                                                         left.shape[1], left.shape[0],
-                                                         self.sides[1].shown(right_path),
-                                                         right.shape[1], right.shape[0]))
+                # One pair taken at another resolution is as unusable as one that does not
+                # decode, and the pairs after it are still good: skipped and counted alike.
+                self.skipped += 1
+                self._last_skip = "{} is {}x{} but {} is {}x{}".format(
+                    self.sides[0].shown(left_path), left.shape[1], left.shape[0],
+                    self.sides[1].shown(right_path), right.shape[1], right.shape[0])
+                logger.warning("%s: skipped the pair %s (the views of a pair must be the same "
+                               "size)", self.display, self._last_skip)
+                continue
             return self._deliver(frame, left, right, time.time(), os.path.basename(left_path))
         if self._pairs and self.skipped == len(self._pairs):
-            raise SourceError("{}: none of the {} image pairs decodes; replace them".format(
-                self.display, len(self._pairs)))
+            raise SourceError("{}: none of the {} image pairs can be used (the last: {}); "
+                              "replace them".format(self.display, len(self._pairs),
+                                                    self._last_skip))
         return False
 
     def _read_lockstep(self, frame):

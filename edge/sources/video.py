@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from edge import imagefiles
 from edge.errors import ConfigError, SourceError
 from edge.sources import Source, register
 from edge.sources.pattern import MAX_SIZE, check_params, int_param
@@ -54,15 +55,40 @@ class VideoCaptureSource(Source):
         return info is not None and any(c in info for c in "/?#")
 
     def open(self):
-        """Open the capture and learn the stream's frame size."""
+        """Open the capture and learn the stream's frame size; SourceError when its frames
+        have more pixels than `max_image_pixels`."""
         import cv2
         self.close()
         self._cap = self._capture()
         width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         self._size = (height, width) if width > 0 and height > 0 else None
+        if self._size is not None:
+            # From the container or the camera's mode, before the first frame is decoded: a
+            # 2.7 MB MJPEG AVI can hold 12000x12000 frames, 432 MB each once decoded into
+            # every slot of the pool.
+            try:
+                self._check_size(width, height)
+            except SourceError:
+                self.close()
+                raise
         logger.info("opened %s (%s)", self.display,
                     "{}x{}".format(width, height) if self._size else "size unknown")
+
+    def _check_size(self, width, height):
+        limit = self.max_pixels or imagefiles.DEFAULT_MAX_PIXELS
+        if width * height > limit:
+            raise SourceError("{}: {}x{} pixels a frame, over the limit of {} "
+                              "(max_image_pixels); {} or raise max_image_pixels".format(
+                                  self._what(), width, height, limit, self._smaller()))
+
+    def _what(self):
+        """The source as its errors name it."""
+        return self.display
+
+    def _smaller(self):
+        """How to get smaller frames from this kind of source (the fix for `_check_size`)."""
+        return "set the camera or stream to a smaller resolution"
 
     def read_into(self, frame):
         """Decode the next frame into `frame`; False at the end of a file."""
@@ -78,7 +104,9 @@ class VideoCaptureSource(Source):
                 return self._read_failed()
         if image is not frame.image:
             # The stream's size differs from the slot's (or was unknown): copy once and decode
-            # in place from the next frame on.
+            # in place from the next frame on. A size the container did not tell (or a stream
+            # that changed mode) is checked here, before the slots are sized to it.
+            self._check_size(image.shape[1], image.shape[0])
             if image.ndim == 2:
                 import cv2
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
@@ -147,6 +175,7 @@ class VideoFileSource(VideoCaptureSource):
         if not os.path.isfile(self.path):
             raise SourceError("video file {} does not exist; check the --source path".format(
                 self.shown(self.path)))
+        self._check_image_header()
         cap = _open_capture(self.path, cv2.CAP_ANY)
         if cap is None:
             raise SourceError("video file {}: cannot decode it; convert it to H.264 MP4 or "
@@ -154,6 +183,28 @@ class VideoFileSource(VideoCaptureSource):
                                   self.shown(self.path)))
         self._expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         return cap
+
+    def _check_image_header(self):
+        # An image given as file:// is opened by OpenCV as a one-frame video. Its size is
+        # read from its header first, as for image folders: a backend may decode the first
+        # frame while opening (GStreamer prerolls), and a 746 KB PNG can hold 16000x16000.
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(12)
+                if imagefiles.format_of(head) is None:
+                    return         # a video: its container's size is checked once open
+                data = head + f.read()     # a JPEG's size may follow 64 KB segments of EXIF
+        except OSError as e:
+            raise SourceError("video file {}: cannot be read ({})".format(
+                self.shown(self.path), e.strerror or e))
+        imagefiles.check(data, "image file " + self.shown(self.path),
+                         self.max_pixels or imagefiles.DEFAULT_MAX_PIXELS)
+
+    def _what(self):
+        return "video file " + self.shown(self.path)
+
+    def _smaller(self):
+        return "scale it down (ffmpeg -i IN -vf scale=1920:-2 OUT.mp4)"
 
     def _skip_bad_frame(self):
         # Each failed read consumes the damaged frame, so the next may decode. Counted only
@@ -219,6 +270,9 @@ class V4l2Source(VideoCaptureSource):
             if value:
                 cap.set(prop, value)
         return cap
+
+    def _smaller(self):
+        return "ask for a smaller mode (?width=&height=; `v4l2-ctl --list-formats-ext`)"
 
 
 @register("rtsp")
@@ -326,3 +380,6 @@ class CsiSource(VideoCaptureSource):
                               "restart the Argus daemon (sudo systemctl restart "
                               "nvargus-daemon)".format(self.sensor_id))
         return cap
+
+    def _smaller(self):
+        return "ask for a smaller mode (?width=&height=)"
