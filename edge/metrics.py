@@ -6,12 +6,14 @@ histograms), so the hot path does no work for metrics and nothing is imported un
 is set. The names are listed in the README ("Prometheus metrics"); the `camera` label is
 `default` until sources are named.
 
-prometheus-client serves the text format; `edge` serves it with a small HTTP server of its
-own (one request at a time, stopped with the daemon), since `start_http_server` differs
-between the releases a Python 3.6 device can install (0.8 to 0.17).
+prometheus-client renders the text format; `edge` serves it with a small HTTP server of its
+own, since `start_http_server` cannot be stopped in the releases a Python 3.6 device can
+install (0.8 to 0.17; it hands back its server from 0.20 on) and bounds neither its threads
+nor how long a client may keep one. Ours stops with the daemon, whatever its clients do.
 """
 
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -22,6 +24,24 @@ logger = logging.getLogger(__name__)
 CAMERA = "default"      # the camera label of a single unnamed source
 ENGINE_STATES = ("building", "ready", "failed")
 _MS = 1000.0
+_PERCENT = 100.0
+
+# edge_info: one label per fact of the health report's `versions`, the backend's part spread
+# over backend, backend_version and backend_device so that a fleet query reads the same on
+# ONNX Runtime and TensorRT devices. The `device` label is the device id, as everywhere.
+INFO_LABELS = ("version", "python", "backend", "backend_version", "backend_device", "cuda",
+               "jetpack", "l4t", "board", "os")
+# The key under which a backend's describe() gives the version of the runtime it wraps (the
+# API document's BackendVersions); a new backend adds its key here and there.
+RUNTIME_VERSION_KEYS = ("onnxruntime", "tensorrt")
+
+# The server: a thread per connection, at most MAX_CLIENTS at once; a connection that sends
+# nothing (or stops reading) for TIMEOUT_S seconds is dropped. Prometheus sends its request
+# at once and scrapes every 15 s or so: a few handlers are plenty, and more connections wait
+# in the listen backlog (LISTEN_BACKLOG, capped by net.core.somaxconn) for a free one.
+MAX_CLIENTS = 16
+TIMEOUT_S = 5.0
+LISTEN_BACKLOG = 128
 
 
 def _prometheus():
@@ -53,10 +73,9 @@ class DaemonCollector:
                    "histogram": core.HistogramMetricFamily}[kind]
             return cls(name, help_text, labels=[k for k, _ in device] + list(labels))
 
-        info = family("gauge", "edge_info", "Versions of the device (value 1).",
-                      ("version", "backend"))
-        info.add_metric([app.device, str(report["versions"].get("edge")),
-                         str(report["versions"].get("backend"))], 1)
+        info = family("gauge", "edge_info", "Versions of the device (value 1); an empty "
+                      "label is a fact this device does not have.", INFO_LABELS)
+        info.add_metric([app.device] + info_values(report["versions"]), 1)
         yield info
         yield _one(family("gauge", "edge_uptime_seconds", "Seconds since the daemon started."),
                    app.device, report["uptime_s"])
@@ -164,26 +183,28 @@ class DaemonCollector:
     def _system(self, family, report):
         device = self.app.device
         system = report["system"] or {}
-        cpu = family("gauge", "edge_cpu_percent", "Busy percent per CPU core over the latest "
-                     "health interval.", ("core",))
+        # Ratios 0..1, Prometheus' convention for a share; the health report keeps percent.
+        cpu = family("gauge", "edge_cpu_busy_ratio", "Busy share per CPU core over the latest "
+                     "health interval, 0 to 1.", ("core",))
         for core, percent in enumerate(system.get("cpu_percent") or []):
             if percent is not None:
-                cpu.add_metric([device, str(core)], percent)
+                cpu.add_metric([device, str(core)], _ratio(percent))
         yield cpu
         memory = system.get("memory") or {}
         swap = system.get("swap") or {}
         gpu = system.get("gpu") or {}
         fan = system.get("fan") or {}
         for name, help_text, value in (
-                ("edge_memory_used_percent", "Memory in use, percent.",
-                 memory.get("used_percent")),
+                ("edge_memory_used_ratio", "Share of memory in use, 0 to 1.",
+                 _ratio(memory.get("used_percent"))),
                 ("edge_memory_available_bytes", "Memory available to programs.",
                  _mib(memory.get("available_mb"))),
                 ("edge_memory_total_bytes", "Physical memory.", _mib(memory.get("total_mb"))),
                 ("edge_swap_used_bytes", "Swap in use.", _mib(swap.get("used_mb"))),
                 ("edge_swap_total_bytes", "Swap space.", _mib(swap.get("total_mb"))),
-                ("edge_gpu_load_percent", "GPU load, percent.", gpu.get("load_percent")),
-                ("edge_fan_percent", "Fan speed, percent.", fan.get("percent"))):
+                ("edge_gpu_load_ratio", "GPU load, 0 to 1.", _ratio(gpu.get("load_percent"))),
+                ("edge_fan_speed_ratio", "Fan speed (PWM duty cycle), 0 to 1.",
+                 _ratio(fan.get("percent")))):
             if value is not None:
                 yield _one(family("gauge", name, help_text), device, value)
         temperatures = family("gauge", "edge_temperature_celsius", "Temperature per sensor.",
@@ -213,6 +234,24 @@ def _mib(value):
     return None if value is None else value * 2 ** 20
 
 
+def _ratio(percent):
+    # rounded: the percent figures have one decimal; 0.423, not 0.42300000000000004
+    return None if percent is None else round(percent / _PERCENT, 4)
+
+
+def info_values(versions):
+    """edge_info's label values (INFO_LABELS order) from the health report's `versions`."""
+    backend = versions.get("backend")
+    if not isinstance(backend, dict):
+        backend = {}
+    runtime = next((backend[key] for key in RUNTIME_VERSION_KEYS if backend.get(key)), None)
+    values = [versions.get("edge"), versions.get("python"), backend.get("backend"), runtime,
+              backend.get("device"), versions.get("cuda"), versions.get("jetpack"),
+              versions.get("l4t"), versions.get("board"), versions.get("os")]
+    # Prometheus reads an empty label as an absent one: "" for what is not known here.
+    return ["" if value is None else str(value) for value in values]
+
+
 class MetricsServer:
     """`/metrics` over HTTP for one daemon, in a thread of its own ("metrics")."""
 
@@ -220,15 +259,24 @@ class MetricsServer:
         prometheus_client, _ = _prometheus()
         registry = prometheus_client.CollectorRegistry(auto_describe=False)
         registry.register(DaemonCollector(app))
+        # The daemon's own CPU time, memory and open files (process_*): the default registry
+        # has them, a registry of our own starts without. Reads /proc; nothing elsewhere.
+        prometheus_client.ProcessCollector(registry=registry)
         exposition = prometheus_client.exposition
+        # One scrape renders at a time: concurrent scrapers wait their turn here rather
+        # than contend with the pipeline for its statistics locks all at once.
+        render = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = TIMEOUT_S     # per socket operation: reading the request, writing back
+
             def do_GET(self):
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "only /metrics here")
                     return
                 try:
-                    body = exposition.generate_latest(registry)
+                    with render:
+                        body = exposition.generate_latest(registry)
                 except Exception:   # a bug in a collector: the scrape fails, not the daemon
                     logger.exception("metrics: scrape failed")
                     self.send_error(500, "scrape failed; see the device's log")
@@ -243,7 +291,7 @@ class MetricsServer:
                 pass        # a scrape every 15 s would fill the journal
 
         try:
-            self.server = HTTPServer((address, port), Handler)
+            self.server = _Server((address, port), Handler)
         except OSError as e:
             raise ConfigError("metrics: cannot listen on {}:{} ({}); choose another "
                               "metrics.port (--metrics-port) or metrics.address".format(
@@ -258,5 +306,72 @@ class MetricsServer:
         return self
 
     def stop(self):
-        self.server.shutdown()
+        """Stop serving at once: connections still open are cut, not waited for."""
+        self.server.stopping.set()
+        if self.thread.is_alive():      # shutdown() waits for serve_forever, if it ever ran
+            self.server.shutdown()
         self.server.server_close()
+        self.server.cut_clients()
+
+
+class _Server(HTTPServer):
+    """HTTPServer with a daemon thread per connection, at most MAX_CLIENTS at once.
+
+    Like socketserver.ThreadingMixIn with daemon_threads, written out because the mixin's
+    bookkeeping differs between the Pythons a device runs (3.7+ joins its threads on close)
+    and it has no bound on the threads.
+    """
+
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address, handler):
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.stopping = threading.Event()
+        self.clients = set()            # sockets of connections being served
+        self.clients_lock = threading.Lock()
+        HTTPServer.__init__(self, address, handler)
+
+    def process_request(self, request, client_address):
+        # Waiting for a free handler keeps further connections in the listen backlog, so a
+        # burst of scrapes is served in turn rather than refused; a stop ends the wait.
+        while not self.slots.acquire(timeout=0.1):
+            if self.stopping.is_set():
+                self.shutdown_request(request)
+                return
+        with self.clients_lock:
+            self.clients.add(request)
+        try:
+            threading.Thread(target=self._serve, args=(request, client_address),
+                             name="metrics-client", daemon=True).start()
+        except Exception as e:  # no thread to be had
+            logger.warning("metrics: no thread to serve a scrape (%s); connection dropped", e)
+            self._served(request)
+
+    def _serve(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._served(request)
+
+    def _served(self, request):
+        # Out of `clients` before it closes: cut_clients never touches a closed socket.
+        with self.clients_lock:
+            self.clients.discard(request)
+        self.shutdown_request(request)
+        self.slots.release()
+
+    def handle_error(self, request, client_address):
+        # A client that went away or stalled past TIMEOUT_S: not worth a traceback on stderr.
+        logger.debug("metrics: connection from %s ended early", client_address[0],
+                     exc_info=True)
+
+    def cut_clients(self):
+        """End the connections still open; their threads then end at once."""
+        with self.clients_lock:
+            for request in self.clients:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:     # the client reset it already
+                    pass

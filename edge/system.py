@@ -520,12 +520,20 @@ def _from_live_jtop(client, root):
     return status
 
 
-def open_jtop(interval=1.0, timeout=10.0):
+def open_jtop(interval=1.0, timeout=10.0, root="/"):
     """A started jtop client, or None when jetson-stats or its service is not usable."""
+    if not is_jetson(root):
+        # jetson-stats serves Jetsons only: on any other host its absence is expected, and
+        # an info line on every start would only look like something to fix.
+        logger.debug("not a Jetson (no %s): jetson-stats not used",
+                     _path(root, "etc/nv_tegra_release"))
+        return None
     try:
         from jtop import jtop
     except Exception as exc:                # ImportError, or a broken install
-        logger.info("jetson-stats not available (%s); reading /sys directly", exc)
+        logger.info("jetson-stats not available (%s); reading /sys directly: jetson_clocks "
+                    "is then unknown, and so is a build's GPU memory unless edge runs as "
+                    "root (tools/install-jetson installs it: docs/systemd.md)", exc)
         return None
     if not os.path.exists(JTOP_SOCKET):
         logger.info("jtop service not running (no %s); reading /sys directly", JTOP_SOCKET)

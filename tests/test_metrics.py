@@ -34,21 +34,24 @@ def readme_metric_names():
     return set(re.findall(r"^\| `(edge_[a-z_]+)`", section, re.M))
 
 
-JETSON_ONLY = {"edge_gpu_load_percent", "edge_fan_percent"}
+JETSON_ONLY = {"edge_gpu_load_ratio", "edge_fan_speed_ratio"}
 
 
 def test_a_jetson_serves_every_documented_metric():
     """The system figures of a recorded Jetson Nano (JetPack 4.6): every documented name is
     served, with the board's figures."""
     from prometheus_client import CollectorRegistry, generate_latest
+    import onnxruntime
     from edge import system
+    from edge.backends import select
     from edge.commands import Commands
     from edge.health import Health
     from edge.metrics import DaemonCollector
     from tests.test_schemas import LIMITS, NANO, App
     app = App()
     app.commands = Commands(app)
-    app.health = Health(app, 10.0, LIMITS, system_status=lambda: system.from_sysfs(NANO))
+    app.health = Health(app, 10.0, LIMITS, system_status=lambda: system.from_sysfs(NANO),
+                        versions=system.versions(select("ort").describe(), root=NANO))
     app.health.report()             # the health interval samples the system figures
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(app))
@@ -56,10 +59,38 @@ def test_a_jetson_serves_every_documented_metric():
         generate_latest(registry).decode())}
     documented = readme_metric_names()
     assert set(families) == documented, set(families) ^ documented
-    assert samples(families["edge_gpu_load_percent"])
+    # shares are 0..1 ratios: the Nano's 42.3 % GPU load, 42.2 % memory, 30.2 % fan
+    assert [s.value for s in samples(families["edge_gpu_load_ratio"])] == [0.423]
+    assert [s.value for s in samples(families["edge_memory_used_ratio"])] == [0.422]
+    assert [s.value for s in samples(families["edge_fan_speed_ratio"])] == [0.302]
+    # one label per fact, none of them a dict's text
+    info = samples(families["edge_info"])[0].labels
+    assert {k: info[k] for k in ("backend", "backend_version", "backend_device", "jetpack",
+                                 "l4t", "board")} == {
+        "backend": "ort", "backend_version": onnxruntime.__version__, "backend_device": "cpu",
+        "jetpack": "4.6.1", "l4t": "32.7.1", "board": "NVIDIA Jetson Nano Developer Kit"}
+    assert not any("{" in value for value in info.values()), info
     temperatures = samples(families["edge_temperature_celsius"])
     assert temperatures and all(0 < s.value < 120 for s in temperatures)
     assert any(s.labels["rail"] == "total" for s in samples(families["edge_power_watts"]))
+
+
+def test_edge_info_labels_read_the_same_on_tensorrt():
+    """The backend's description differs by backend (the API document's BackendVersions);
+    edge_info's labels do not."""
+    from edge.metrics import INFO_LABELS, info_values
+    trt = {"backend": "trt", "tensorrt": "8.2.1.8", "device": "NVIDIA Tegra X1",
+           "compute_capability": "5.3", "l4t": "32.7.1", "workspace_mb": 256,
+           "zero_copy": True, "frame_dtype": "uint8", "tactic_sources": "default"}
+    values = dict(zip(INFO_LABELS, info_values(
+        {"edge": "0.9", "python": "3.6.9", "backend": trt, "cuda": "10.2.300",
+         "jetpack": "4.6.1", "l4t": "32.7.1", "board": None, "os": None})))
+    assert values == {"version": "0.9", "python": "3.6.9", "backend": "trt",
+                      "backend_version": "8.2.1.8", "backend_device": "NVIDIA Tegra X1",
+                      "cuda": "10.2.300", "jetpack": "4.6.1", "l4t": "32.7.1", "board": "",
+                      "os": ""}
+    # health without edge.system (no backend) still gives every label
+    assert info_values({"edge": "0.9", "python": "3.6.9"}) == ["0.9", "3.6.9"] + [""] * 8
 
 
 def test_a_running_daemon_serves_its_metrics(broker, subscriber, tmp_path, model_dir):
@@ -102,6 +133,16 @@ def test_a_running_daemon_serves_its_metrics(broker, subscriber, tmp_path, model
         assert ready and all(s.value == 1 for s in ready)
         assert samples(families["edge_memory_total_bytes"])[0].value > 2 ** 28
         assert samples(families["edge_publish_sent_messages"])[0].value > 0
+        info = samples(families["edge_info"])[0].labels
+        assert info["backend"] == "ort" and info["backend_device"] == "cpu"
+        assert info["backend_version"] and info["version"] and info["python"]
+        busy = samples(families["edge_cpu_busy_ratio"])
+        assert busy and all(0 <= s.value <= 1 for s in busy)
+        assert 0 < samples(families["edge_memory_used_ratio"])[0].value < 1
+        # the daemon's own process, from prometheus-client's process collector
+        assert samples(families["process_resident_memory_bytes"])[0].value > 2 ** 24
+        assert samples(families["process_cpu_seconds"], "process_cpu_seconds_total")[0].value > 0
+        assert samples(families["process_open_fds"])[0].value > 3
         assert samples(families["edge_source_frames"], camera="default")[0].value >= 5
         # counters only grow between scrapes
         time.sleep(1.5)

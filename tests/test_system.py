@@ -6,6 +6,7 @@ layouts and jetson-stats' own source, since there is no Jetson here.
 """
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -278,36 +279,54 @@ def fake_jetson_stats(monkeypatch, tmp_path, start):
     monkeypatch.setattr(system, "JTOP_SOCKET", str(socket))
 
 
-def test_open_jtop_without_jetson_stats(monkeypatch):
+def test_open_jtop_without_jetson_stats(monkeypatch, caplog):
+    """On a Jetson a missing jetson-stats is worth a line: it says what is lost."""
     monkeypatch.setitem(sys.modules, "jtop", None)        # import fails
-    assert system.open_jtop() is None
+    with caplog.at_level(logging.INFO, logger="edge.system"):
+        assert system.open_jtop(root=NANO) is None
+    said = [r for r in caplog.records if "jetson-stats not available" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert "install-jetson" in said[0].getMessage()
+
+
+def test_open_jtop_off_a_jetson_says_nothing_worth_reading(monkeypatch, caplog, tmp_path):
+    """A PC cannot have jtop: one debug line, jtop not even imported (issue 24, item 9)."""
+    monkeypatch.setitem(sys.modules, "jtop", None)        # an import would fail loudly
+    with caplog.at_level(logging.DEBUG, logger="edge.system"):
+        assert system.open_jtop(root=str(tmp_path)) is None
+    lines = [r for r in caplog.records if r.name == "edge.system"]
+    assert [r.levelno for r in lines] == [logging.DEBUG], [r.getMessage() for r in lines]
+    assert "not a Jetson" in lines[0].getMessage()
+    # jetson-stats installed on a PC changes nothing: its service cannot run there
+    fake_jetson_stats(monkeypatch, tmp_path, start=lambda: None)
+    assert system.open_jtop(root=str(tmp_path)) is None
 
 
 def test_open_jtop_without_its_service(monkeypatch, tmp_path):
     fake_jetson_stats(monkeypatch, tmp_path, start=lambda: None)
     monkeypatch.setattr(system, "JTOP_SOCKET", str(tmp_path / "missing.sock"))
-    assert system.open_jtop() is None
+    assert system.open_jtop(root=NANO) is None
 
 
 def test_open_jtop_when_the_service_refuses(monkeypatch, tmp_path):
     def refuse():
         raise RuntimeError("The jtop.service is not active")
     fake_jetson_stats(monkeypatch, tmp_path, start=refuse)
-    assert system.open_jtop() is None
+    assert system.open_jtop(root=NANO) is None
 
 
 def test_open_jtop_when_the_service_hangs(monkeypatch, tmp_path):
     release = threading.Event()
     fake_jetson_stats(monkeypatch, tmp_path, start=lambda: release.wait(5))
     began = time.time()
-    assert system.open_jtop(timeout=0.2) is None
+    assert system.open_jtop(timeout=0.2, root=NANO) is None
     assert time.time() - began < 2
     release.set()
 
 
 def test_open_and_close_jtop(monkeypatch, tmp_path):
     fake_jetson_stats(monkeypatch, tmp_path, start=lambda: None)
-    client = system.open_jtop()
+    client = system.open_jtop(root=NANO)
     assert client is not None
     system.close_jtop(client)
     assert client.closed
