@@ -267,6 +267,9 @@ def _health(args):
     from edge.errors import ConfigError
     if not args.devices and not args.all:
         raise ConfigError("edge health: name devices (edge health cam1 cam2) or pass --all")
+    if not 0 < args.timeout <= 3600:    # (NaN too)
+        raise ConfigError("edge health: --timeout {:g}: seconds, more than 0 and at most "
+                          "3600".format(args.timeout))
     results, code = remote.check(args.mqtt, args.devices, prefix=args.prefix,
                                  timeout=args.timeout, all_devices=args.all,
                                  credentials=_credentials(args))
@@ -388,7 +391,7 @@ def _depth(args):
           "conversion {:.1f} ms ({})".format(
               path, frame.width, frame.height, known.mean(),
               int(round(float(np.median(slot.depth[known])))) if known.any() else "-",
-              matched_ms, stereo.estimator.name, converted_ms, maker.backend.name))
+              matched_ms, stereo.estimator.name, converted_ms, stereo.method))
     return EXIT_OK
 
 
@@ -575,12 +578,24 @@ def parser():
     fch.add_argument("--mirror", help="local folder to copy from (or EDGE_MODEL_MIRROR)")
     fch.add_argument("--model-dir", help="folder of model files")
     fch.set_defaults(func=_models_fetch)
-    for command in (run, bld, hl, ls, bn, dr, models, lst, fch):
-        # also after the subcommand (`edge run ... --debug`), as the error messages say;
-        # SUPPRESS: absent there, it leaves the top-level flag's value alone
+    for command in _subcommands(top):
+        # also after the subcommand (`edge run ... --debug`), as the error messages say, on
+        # every subcommand, those added later too; SUPPRESS: absent there, it leaves the
+        # top-level flag's value alone
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="debug logs and tracebacks")
     return top
+
+
+def _subcommands(command):
+    """The parsers of every subcommand under `command`, at every level (`models fetch`)."""
+    found = []
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any(sub is other for other in found):    # (an alias is the same one)
+                    found += [sub] + _subcommands(sub)
+    return found
 
 
 class _QuietStdout:

@@ -14,6 +14,14 @@ let through), and hands it on as a plain object: `Detections`, `Event`, `Depth`,
 `Status` or `Health` (namedtuples; `payload` holds the checked dict). Cameras, labels and a
 minimum score narrow what arrives.
 
+A message's `kind` is the name of the topic it came on, a plain str: "detections",
+"matches", "events" (plural, as the topic), "depth", "status" or "health", also importable
+as DETECTIONS, MATCHES, EVENTS, DEPTH, STATUS and HEALTH (TOPICS holds them all). Compare
+with the constants (`message.kind == EVENTS`) or the class (`isinstance(message, Event)`):
+a misspelt constant is a NameError, where a misspelt string ("event") matches nothing. A
+name that is no topic given to Client(topics=...) or on() is a ValueError naming the valid
+ones.
+
 Peers are not trusted. Who sent a message is its topic: `device` (and `camera`, on a
 camera's topic) come from the topic, and a payload that names another device or camera is
 dropped (`forged` in stats()). A payload larger than `max_payload` bytes is dropped on
@@ -37,9 +45,14 @@ dropped and counted when the consumer falls behind by `queue` messages); parsing
 and callbacks happen in the consumer: the caller of `messages()`, or the thread `start()`
 runs for the callbacks given to `on()`. An exception in a callback is logged and the next
 message still arrives.
+
+Log lines come from the logger "edge.client" (its name says where they come from): dropped
+messages, a consumer that falls behind, and a lost connection, in words, before paho
+reconnects.
 """
 
 import collections
+import difflib
 import logging
 import queue
 import re
@@ -52,13 +65,20 @@ from edge.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
-# What a client can subscribe to, below {prefix}/{device}/
-TOPICS = ("detections", "matches", "events", "depth", "status", "health")
+# What a client can subscribe to, below {prefix}/{device}/, and the `kind` of its messages
+# (`message.kind == EVENTS`: a typo in a constant fails loudly, a typo in a string never).
+DETECTIONS = "detections"
+MATCHES = "matches"
+EVENTS = "events"
+DEPTH = "depth"
+STATUS = "status"
+HEALTH = "health"
+TOPICS = (DETECTIONS, MATCHES, EVENTS, DEPTH, STATUS, HEALTH)
 # Topics whose messages come from one camera (they carry `camera` when sources are named);
 # status and health are the device's, whatever the camera filter.
-CAMERA_TOPICS = ("detections", "matches", "events", "depth")
+CAMERA_TOPICS = (DETECTIONS, MATCHES, EVENTS, DEPTH)
 # Topics whose messages carry labels and scores (`labels`, `min_score` narrow them).
-LABELLED_TOPICS = ("detections", "events")
+LABELLED_TOPICS = (DETECTIONS, EVENTS)
 _CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")    # config sources[].name
 DEFAULT_SESSION_EXPIRY = 24 * 3600      # s: how long an MQTT 5 broker keeps a named session
 # Bytes of the largest payload taken. The largest messages a device sends within the API
@@ -103,29 +123,32 @@ class Detection(collections.namedtuple("Detection",
 class Detections(collections.namedtuple(
         "Detections", "device camera model seq frame latency_ms detections topic retained "
                       "payload")):
-    """The detector's result for one frame; `detections` best score first."""
+    """The detector's result for one frame; `detections` best score first. `kind`
+    DETECTIONS ("detections")."""
 
     __slots__ = ()
-    kind = "detections"
+    kind = DETECTIONS
 
 
 class Event(collections.namedtuple(
         "Event", "device camera model seq type ts frame_index track_id label class_id score "
                  "box zone line direction topic retained payload")):
     """A tracking event: `type` track_start, track_end, zone_enter, zone_leave or
-    line_cross; `zone`, `line` and `direction` where the type has them, else None."""
+    line_cross; `zone`, `line` and `direction` where the type has them, else None. `kind`
+    EVENTS ("events", as the topic: not "event")."""
 
     __slots__ = ()
-    kind = "events"
+    kind = EVENTS
 
 
 class Depth(collections.namedtuple(
         "Depth", "device camera model seq frame columns rows range_mm depth_mm topic retained "
                  "payload")):
-    """A coarse grid of median depths: `depth_mm[row][column]` in mm, None where unknown."""
+    """A coarse grid of median depths: `depth_mm[row][column]` in mm, None where unknown.
+    `kind` DEPTH ("depth")."""
 
     __slots__ = ()
-    kind = "depth"
+    kind = DEPTH
 
     def nearest(self):
         """(mm, column, row) of the nearest cell with a depth, or None."""
@@ -138,27 +161,30 @@ class Matches(collections.namedtuple(
         "Matches", "device camera model seq frame reference count inliers homography matches "
                    "topic retained payload")):
     """The matcher's result for one reference: `homography` 9 numbers (reference -> frame)
-    or None, `matches` [x_ref, y_ref, x_cur, y_cur, score] lists."""
+    or None, `matches` [x_ref, y_ref, x_cur, y_cur, score] lists. `kind` MATCHES
+    ("matches")."""
 
     __slots__ = ()
-    kind = "matches"
+    kind = MATCHES
 
 
 class Status(collections.namedtuple("Status",
                                     "device state since reason version topic retained payload")):
-    """The device's state: starting, online, degraded or offline (retained)."""
+    """The device's state: starting, online, degraded or offline (retained). `kind` STATUS
+    ("status")."""
 
     __slots__ = ()
-    kind = "status"
+    kind = STATUS
     camera = None
 
 
 class Health(collections.namedtuple("Health",
                                     "device ts state healthy reasons topic retained payload")):
-    """The device's health report (retained); `payload` is the whole report."""
+    """The device's health report (retained); `payload` is the whole report. `kind` HEALTH
+    ("health")."""
 
     __slots__ = ()
-    kind = "health"
+    kind = HEALTH
     camera = None
 
 
@@ -208,8 +234,8 @@ def _health(data, device, camera, topic, retained):
                   data["verdict"]["reasons"], topic, retained, data)
 
 
-PARSERS = {"detections": _detections, "events": _event, "depth": _depth,
-           "matches": _matches, "status": _status, "health": _health}
+PARSERS = {DETECTIONS: _detections, EVENTS: _event, DEPTH: _depth, MATCHES: _matches,
+           STATUS: _status, HEALTH: _health}
 _FROM_PAYLOAD = object()
 
 
@@ -284,7 +310,7 @@ def narrow(message, cameras=None, labels=None, min_score=None):
 
     def keep(label, score):
         return (not labels or label in labels) and (min_score is None or score >= min_score)
-    if message.kind == "events":
+    if message.kind == EVENTS:
         return message if keep(message.label, message.score) else None
     kept = [i for i, d in enumerate(message.detections) if keep(d.label, d.score)]
     if not kept:
@@ -296,11 +322,62 @@ def narrow(message, cameras=None, labels=None, min_score=None):
     return message._replace(detections=[message.detections[i] for i in kept], payload=payload)
 
 
+_CLOSED_BY_PEER = "closed by the broker or the network"
+_NO_PING_ANSWER = "no answer from the broker within the keepalive"
+# paho 1.x's int codes for a connection that ended on the client's side (MQTT_ERR_*)
+_PAHO1_CODES = {7: _CLOSED_BY_PEER,             # MQTT_ERR_CONN_LOST
+                16: _NO_PING_ANSWER,            # MQTT_ERR_KEEPALIVE (paho 1.6)
+                1: _NO_PING_ANSWER}             # what paho before 1.6 reported for it
+# paho 2.x's reason codes for the same (it maps MQTT_ERR_* onto MQTT 5 reason codes)
+_PAHO2_CODES = {128: _CLOSED_BY_PEER,           # "Unspecified error": MQTT_ERR_CONN_LOST
+                141: _NO_PING_ANSWER}           # "Keep alive timeout"
+
+
+def disconnect_reason(args):
+    """Why a connection ended, in words, from paho's on_disconnect arguments after (client,
+    userdata): (rc) in paho 1.x, (rc, properties) in 1.x with MQTT 5, (flags, reason code,
+    properties) in 2.x. A broker's own DISCONNECT (MQTT 5) is named by its reason."""
+    if not args:
+        return "closed"
+    rc = args[-2] if len(args) >= 2 else args[-1]
+    code = mqtt._reason_code(rc)
+    from_broker = getattr(args[0], "is_disconnect_packet_from_server", None)
+    if from_broker is None:
+        # paho 1.x: a ReasonCodes object only for the broker's DISCONNECT, else an int
+        from_broker = not isinstance(rc, int)
+    if from_broker:
+        return "the broker ended it: {}".format(str(rc).lower())
+    if isinstance(rc, int):
+        if code in _PAHO1_CODES:
+            return _PAHO1_CODES[code]
+        import paho.mqtt.client as paho
+        return paho.error_string(code).rstrip(".").lower()
+    return _PAHO2_CODES.get(code) or str(rc).lower()
+
+
 def _listed(names):
     """A list of names from a list, a tuple or one name (not its letters); None if empty."""
     if isinstance(names, str):
         return [names]
     return list(names) if names else None
+
+
+class TopicError(ConfigError, ValueError):
+    """A topic (message kind) that is not one of TOPICS, or not one of the client's: a
+    ConfigError like the client's other bad arguments, and a ValueError, as a bad value."""
+
+
+def _check_topic(name, allowed, where):
+    """TopicError naming the valid topics (and the likely one meant: "event" is "events")
+    unless `name` is one of `allowed`; `where` names the argument."""
+    if isinstance(name, str) and name in allowed:
+        return
+    if isinstance(name, str) and name in TOPICS:
+        raise TopicError("edge.client: {}: not a topic of this client ({}); add it to "
+                         "Client(topics=...)".format(where, ", ".join(allowed)))
+    close = difflib.get_close_matches(name, TOPICS, 1) if isinstance(name, str) else []
+    raise TopicError("edge.client: {}: {!r} is no topic; choose from {}{}".format(
+        where, name, ", ".join(TOPICS), "; did you mean {!r}?".format(close[0]) if close else ""))
 
 
 def _check_names(what, names):
@@ -349,9 +426,11 @@ class Client:
         _check_names("camera", self.cameras)
         _check_names("session", [session] if session is not None else None)
         _check_names("share group", [share] if share is not None else None)
-        if not self.topics or any(t not in TOPICS for t in self.topics):
-            raise ConfigError("edge.client: topics {}: choose from {}".format(
-                ", ".join(map(str, self.topics)) or "(none)", ", ".join(TOPICS)))
+        if not self.topics:
+            raise TopicError("edge.client: topics (none): choose from {}".format(
+                ", ".join(TOPICS)))
+        for topic in self.topics:
+            _check_topic(topic, TOPICS, "topics " + ", ".join(map(str, self.topics)))
         if min_score is not None and not (isinstance(min_score, (int, float)) and
                                           0.0 <= min_score <= 1.0):
             raise ConfigError("edge.client: min_score {!r}: a number 0..1".format(min_score))
@@ -433,7 +512,7 @@ class Client:
             if code != 0:
                 self._refused = "broker refused the connection (code {}: {}); check the user " \
                                 "name and password".format(code, mqtt._connack_text(code))
-                logger.warning("edge.client: mqtt %s: %s", self.settings["display"],
+                logger.warning("mqtt %s: %s", self.settings["display"],
                                self._refused)
                 return
             self._up, self._cause = True, None
@@ -441,12 +520,12 @@ class Client:
             resumed = mqtt.session_present(flags)
             if self._connected_once and resumed:
                 # The broker kept the subscriptions and queued what came meanwhile.
-                logger.info("edge.client: reconnected to %s, session resumed",
+                logger.info("reconnected to %s, session resumed",
                             self.settings["display"])
                 return
             if self._connected_once:
                 self._count("sessions_lost")
-                logger.warning("edge.client: reconnected to %s but the broker had forgotten "
+                logger.warning("reconnected to %s but the broker had forgotten "
                                "the session (restarted without persistence, or the session "
                                "expired): messages published meanwhile are lost",
                                self.settings["display"])
@@ -455,7 +534,7 @@ class Client:
             # program may ask for other topics than last time.
             client.subscribe([(topic, 1) for topic in self.subscriptions])
         except Exception:   # never let an exception end paho's network thread
-            logger.exception("edge.client: on_connect failed")
+            logger.exception("on_connect failed")
 
     def _on_subscribe(self, client, userdata, mid, granted, *rest):
         try:
@@ -464,28 +543,33 @@ class Client:
             if refused:
                 self._refused = "broker refused the subscription to {} (not authorised?); " \
                                 "check the broker's ACL for this user".format(", ".join(refused))
-                logger.warning("edge.client: mqtt %s: %s", self.settings["display"],
+                logger.warning("mqtt %s: %s", self.settings["display"],
                                self._refused)
                 return
             self._subscribed.set()
         except Exception:   # never let an exception end paho's network thread
-            logger.exception("edge.client: on_subscribe failed")
+            logger.exception("on_subscribe failed")
 
     def _on_connect_fail(self, client, userdata):
         try:
             self._cause = mqtt.diagnose(self.settings) or "cannot connect"
         except Exception:   # never let an exception end paho's network thread
-            logger.exception("edge.client: on_connect_fail failed")
+            logger.exception("on_connect_fail failed")
 
     def _on_disconnect(self, client, userdata, *args):
         try:
             was_up, self._up = self._up, False
             code = mqtt.disconnect_code(args)
             if was_up and code != 0 and not self._closed:
-                logger.warning("edge.client: connection to %s lost (code %s); reconnecting",
-                               self.settings["display"], code)
+                reason = disconnect_reason(args)
+                if self.session is not None and reason == _CLOSED_BY_PEER:
+                    # MQTT 3.1.1 brokers close the older connection of a client id without a
+                    # word: two programs with one session name take turns like this
+                    reason += ", or another program connected with session " + self.session
+                logger.warning("connection to %s lost (%s); reconnecting",
+                               self.settings["display"], reason)
         except Exception:   # never let an exception end paho's network thread
-            logger.exception("edge.client: on_disconnect failed")
+            logger.exception("on_disconnect failed")
 
     def _on_message(self, client, userdata, message):
         try:
@@ -498,7 +582,7 @@ class Client:
                 return
             self._put((message.topic, message.payload, bool(message.retain)))
         except Exception:   # never let an exception end paho's network thread
-            logger.exception("edge.client: on_message failed")
+            logger.exception("on_message failed")
 
     def _put(self, item):
         """Queue an item; when the queue is full the oldest waiting message makes room."""
@@ -512,7 +596,7 @@ class Client:
                 except queue.Empty:
                     continue
                 if self._count("dropped") == 1:
-                    logger.warning("edge.client: the consumer falls behind: the oldest queued "
+                    logger.warning("the consumer falls behind: the oldest queued "
                                    "messages are dropped (queue_size %d); see stats()",
                                    self._queue.maxsize)
 
@@ -599,17 +683,16 @@ class Client:
                 return None
             self._log_tokens -= 1.0
             held, self._log_held = self._log_held, 0
-        logger.warning("edge.client: ignored a message on %s: %s%s", peertext.text(topic),
+        logger.warning("ignored a message on %s: %s%s", peertext.text(topic),
                        peertext.text(reason, 300), " ({} more ignored since the last line; "
                        "see stats())".format(held) if held else "")
         return None
 
     def on(self, topic, callback):
         """Call `callback(message)` for each message of this topic (one of the client's
-        topics) once start() runs; several callbacks per topic are called in order."""
-        if topic not in self.topics:
-            raise ConfigError("edge.client: on({!r}): not a topic of this client ({})".format(
-                topic, ", ".join(self.topics)))
+        topics, e.g. EVENTS) once start() runs; several callbacks per topic are called in
+        order. TopicError (a ValueError) for a topic the client does not receive."""
+        _check_topic(topic, self.topics, "on({!r})".format(topic))
         self._callbacks.setdefault(topic, []).append(callback)
         return self
 
@@ -629,7 +712,7 @@ class Client:
                     callback(message)
                 except Exception:   # a robot's bug must not stop the messages that follow
                     self._count("callback_errors")
-                    logger.exception("edge.client: callback %s failed on %s",
+                    logger.exception("callback %s failed on %s",
                                      getattr(callback, "__name__", callback), message.topic)
 
     def stats(self):
@@ -676,7 +759,7 @@ class Client:
             # else the broker would queue messages for it for ever.
             problem = mqtt.probe(self.settings, timeout=2.0, client_id=self.client_id)
             if problem:
-                logger.debug("edge.client: session %s not ended: %s", self.client_id, problem)
+                logger.debug("session %s not ended: %s", self.client_id, problem)
 
     def _stop_paho(self):
         self._paho.disconnect()

@@ -161,6 +161,7 @@ class StereoDepth:
         self.estimator, self.card, self.model, self.label = conversion(calibration, width,
                                                                        height, settings)
         self.engine = maker.make(self.model, self.card, self.label, background=True)
+        self.backend = maker.backend.name          # where the graph runs: "ort", "trt"
         self.left = np.zeros((height, width), np.uint8)    # grey, rectified
         self.right = np.zeros((height, width), np.uint8)
         self.raw = np.zeros((height, width), np.int16)     # disparity * scale_inverse
@@ -172,6 +173,11 @@ class StereoDepth:
         self.converter = settings.get("convert", "graph")
         if self.converter == "auto":
             self.converter = self._faster()
+
+    @property
+    def method(self):
+        """How disparity becomes depth here, for people: "numpy" or "graph on <backend>"."""
+        return "numpy" if self.converter == "numpy" else "graph on " + self.backend
 
     def slot(self):
         """New output buffers bound to the engine (one per frame slot, made once)."""
@@ -213,8 +219,8 @@ class StereoDepth:
                 self.timings[name].append((time.perf_counter() - started) * 1000.0)
         medians = {name: float(np.median(times)) for name, times in self.timings.items()}
         faster = "graph" if medians["graph"] <= medians["numpy"] else "numpy"
-        logger.info("disparity -> depth for %dx%d: graph on %s %.2f ms, numpy %.2f ms: %s",
-                    self.width, self.height, type(self.engine).__name__, medians["graph"],
+        logger.info("disparity -> depth for %dx%d: graph on %s %.2f ms, numpy %.2f ms; "
+                    "using %s", self.width, self.height, self.backend, medians["graph"],
                     medians["numpy"], faster)
         return faster
 

@@ -189,13 +189,62 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(model_dir):
     assert len(lines) == 1 and "'nosuch'" in lines[0]
 
 
-@pytest.mark.parametrize("where", ["run", "models"])
-def test_debug_after_the_subcommand_works_as_the_errors_say(model_dir, where):
-    args = (["run", "--model-dir", model_dir, "--source", COCO8_VAL, "--detector", "nosuch",
-             "--debug"] if where == "run" else ["models", "fetch", "nosuch", "--debug"])
-    rc, _, err = run_edge(*args)
-    assert rc == 78, err
-    assert "Traceback" in err and "ConfigError" in err and "unrecognized" not in err
+@pytest.mark.parametrize("where, code, error", [("run", 78, "ConfigError"),
+                                               ("models", 78, "ConfigError"),
+                                               ("track", 66, "SourceError"),
+                                               ("depth", 78, "ConfigError")])
+def test_debug_after_the_subcommand_works_as_the_errors_say(model_dir, tmp_path, where, code,
+                                                            error):
+    missing = str(tmp_path / "missing")
+    args = {"run": ["run", "--model-dir", model_dir, "--source", COCO8_VAL, "--detector",
+                    "nosuch"],
+            "models": ["models", "fetch", "nosuch"],
+            "track": ["track", missing + ".txt", "--out", str(tmp_path / "results.txt")],
+            "depth": ["depth", missing + ".png", missing + "-right.png", "--out",
+                      str(tmp_path / "depth.npy")]}[where]
+    rc, _, err = run_edge(*(args + ["--debug"]))
+    assert rc == code, err
+    assert "Traceback" in err and error in err and "unrecognized" not in err
+
+
+def subcommands(parser, path=()):
+    """(names, parser) of every subcommand, at every level (`models fetch`)."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield path + (name,), sub
+                yield from subcommands(sub, path + (name,))
+
+
+def required_args(parser):
+    """The least a subcommand's parser takes: a value for each required positional and
+    option (its first choice where it has choices)."""
+    import argparse
+    args = []
+    for action in parser._actions:
+        if isinstance(action, (argparse._SubParsersAction, argparse._HelpAction)):
+            continue
+        value = [str(action.choices[0]) if action.choices else "1"]
+        if not action.option_strings:
+            args += [] if action.nargs in ("?", "*") else value * (
+                action.nargs if isinstance(action.nargs, int) else 1)
+        elif action.required:
+            args += [action.option_strings[0]] + value
+    return args
+
+
+def test_every_subcommand_takes_debug_before_and_after_its_name():
+    """`--debug` was refused after `edge track` and `edge depth` (unrecognized arguments):
+    every subcommand takes it, at every level, and the top-level flag still works."""
+    from edge.cli import parser
+    found = list(subcommands(parser()))
+    assert {names[0] for names, _ in found} >= {"run", "track", "depth", "models"}
+    for names, sub in found:
+        args = list(names) + required_args(sub)
+        for argv in (args + ["--debug"], ["--debug"] + args):
+            assert parser().parse_args(argv).debug is True, argv
+        assert parser().parse_args(args).debug is False, args
 
 
 def closed_stdout(*args):

@@ -729,3 +729,98 @@ def test_max_payload_is_an_argument_with_a_documented_default(broker, publisher)
     for bad in (0, -1, "1MB", 1.5):
         with pytest.raises(ConfigError, match="max_payload"):
             edge_client.Client(max_payload=bad)
+
+
+# -- what users see (issue 24): message kinds, the words of a lost connection --------------
+
+def test_kinds_are_constants_equal_to_the_plain_strings():
+    """`message.kind` is the topic's name, a plain str, importable as a constant: old code
+    comparing strings keeps working, new code cannot misspell one silently."""
+    from edge.client import DEPTH, DETECTIONS, EVENTS, HEALTH, MATCHES, STATUS
+    assert (DETECTIONS, MATCHES, EVENTS, DEPTH, STATUS, HEALTH) == edge_client.TOPICS == (
+        "detections", "matches", "events", "depth", "status", "health")
+    classes = {DETECTIONS: edge_client.Detections, MATCHES: edge_client.Matches,
+               EVENTS: edge_client.Event, DEPTH: edge_client.Depth,
+               STATUS: edge_client.Status, HEALTH: edge_client.Health}
+    for kind, cls in classes.items():
+        assert cls.kind == kind and type(cls.kind) is str
+        assert kind in cls.__doc__, "{}'s docstring names its kind".format(cls.__name__)
+    for name, topic in EXAMPLE_TOPICS.items():
+        payload = example(name)
+        message = edge_client.parse(topic, payload)
+        assert message.kind == topic and type(message.kind) is str
+
+
+@pytest.mark.parametrize("make", [
+    lambda: edge_client.Client(topics=["detections", "event"]),
+    lambda: edge_client.Client(topics="event"),
+    lambda: edge_client.Client(topics=["detections", "events"]).on("event", print),
+])
+def test_a_misspelt_kind_is_a_value_error_naming_the_valid_ones(make):
+    """"event" for "events" matched nothing before: a script's events were all skipped while
+    the client counted them delivered. Where a kind is given to the client, it is checked."""
+    with pytest.raises(ValueError) as e:
+        make()
+    assert isinstance(e.value, ConfigError)
+    text = str(e.value)
+    assert "'event'" in text and "did you mean 'events'" in text
+    assert all(topic in text for topic in edge_client.TOPICS), text
+
+
+def test_events_counted_delivered_are_the_events_a_script_sees(broker, publisher):
+    """The six events of a script filtering by the constant reach it, as the stats say."""
+    event = example("Event")
+    with edge_client.Client(broker.url, topics=[edge_client.DETECTIONS,
+                                                edge_client.EVENTS]) as client:
+        for seq in range(6):
+            publisher.send("edge/cam1/events", dict(event, seq=seq + 1))
+        publisher.send("edge/cam1/detections", example("Detections"))
+        got = list(client.messages(count=7, timeout=10))
+        stats = client.stats()
+    assert len([m for m in got if m.kind == edge_client.EVENTS]) == 6 == len(
+        [m for m in got if isinstance(m, edge_client.Event)])
+    assert stats["delivered"] == 7
+
+
+def test_disconnect_reasons_are_words_under_paho_1_and_2():
+    """paho 2.x gives a ReasonCode (128 "Unspecified error" when the connection dropped),
+    paho 1.x an int (7: MQTT_ERR_CONN_LOST) or, for the broker's own DISCONNECT, a reason
+    object: each becomes words, never a bare code."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+    from paho.mqtt.client import DisconnectFlags
+
+    def code(name):
+        return ReasonCode(PacketTypes.DISCONNECT, name)
+    reason = edge_client.disconnect_reason
+    lost = "closed by the broker or the network"
+    silent = "no answer from the broker within the keepalive"
+    assert reason((DisconnectFlags(False), code("Unspecified error"), None)) == lost
+    assert reason((DisconnectFlags(False), code("Keep alive timeout"), None)) == silent
+    assert reason((DisconnectFlags(True), code("Session taken over"), None)) == \
+        "the broker ended it: session taken over"
+    assert reason((7,)) == reason((7, None)) == lost        # paho 1.x, MQTT 3.1.1 and 5
+    assert reason((16,)) == reason((1,)) == silent          # paho 1.6, and before 1.6
+    assert reason((code("Server shutting down"), None)) == \
+        "the broker ended it: server shutting down"          # paho 1.x, MQTT 5
+    assert not re.search(r"\d", reason((4,)))
+
+
+def test_a_lost_connection_is_one_line_in_words(broker):
+    """`edge listen` (edge.client under edge's log format) while the broker stops: one
+    WARNING naming the broker and why, the logger's name once, no bare reason code."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge", "listen", "--mqtt", broker.url],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = threading.Timer(30, proc.kill)      # a line that never comes ends the read
+    deadline.start()
+    try:
+        assert proc.stderr.readline().startswith(b"edge listen: subscribed")
+        broker.stop()
+        line = proc.stderr.readline().decode()
+    finally:
+        deadline.cancel()
+        proc.kill()
+        proc.communicate()
+    assert line.rstrip().endswith(
+        " WARNING edge.client: connection to {} lost (closed by the broker or the network); "
+        "reconnecting".format(broker.url)), line

@@ -95,9 +95,9 @@ class DepthTask(Task):
             self._latest = np.zeros((height, width), np.float32)
             if self.grid:
                 self._cells = depths.grid_cells(width, height, *self.grid)
-            logger.info("depth for %dx%d frames ready in %.1f s: %s, conversion on %s", width,
+            logger.info("depth for %dx%d frames ready in %.1f s: %s, conversion by %s", width,
                         height, time.monotonic() - started, self.stereo.estimator.describe(),
-                        self.maker.backend.name)
+                        self.stereo.method)
         elif (width, height) != (self.stereo.width, self.stereo.height):
             self.calibration.check_size(width, height, "the stereo source")
         return self.stereo
