@@ -138,7 +138,7 @@ def test_edge_health_all_against_hostile_devices(broker):
             rows[name]
     assert "names device good" in rows["forger"]
     assert "\\x1b[2J" in rows["injector"] and rows["injector"].split()[1] == "degraded"
-    assert "offline since an unknown time" in rows["far"]
+    assert "offline, last heard an unknown time" in rows["far"]     # a will: no `since`
     assert "no answer" in rows["nanny"]
     assert "offline since" in rows["esc"] and "\\x1b[31mconnection lost\\nx" in rows["esc"]
     results = json.loads(out_json)

@@ -65,13 +65,16 @@ CLIP_EXAMPLES = [line for kind, line in EXAMPLES if kind == "sh" and needs_the_c
 
 # The readable line `edge listen` prints, per kind (the word after the device)
 SHAPES = {"detections": r"^\S+ detections seq \d+ frame \d+( \S+)?: (nothing|.+? [01]\.\d\d "
-                        r"\[\d+ \d+ \d+ \d+\]( track \d+)?( at x \S+ y \S+ z \S+ m)?(, |$))+",
+                        r"\[\d+ \d+ \d+ \d+\]( track \d+)?( at x -?\d+ mm y -?\d+ mm z \d+ mm)?"
+                        r"(, |$))+",
           "event": r"^\S+ event seq \d+ frame \d+: track \d+ .+ \w+( .+)?$",
           "depth": r"^\S+ depth seq \d+ frame \d+( \S+)?: \d+x\d+ grid, \d+ of \d+ cells "
-                   r"known, nearest (-|\d+\.\d\d m at column \d+ row \d+)$",
+                   r"known, nearest (-|\d+ mm at column \d+ row \d+)$",
           "matches": r"^\S+ matches seq \d+ frame \d+( \S+)?: reference \S+, \d+ matches, "
                      r"\d+ inliers, homography (found|none)$",
-          "status": r"^\S+ status \w+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d( \(.+\))?$",
+          # a last will says when the device was last heard, not since when it is offline
+          "status": r"^\S+ status (\w+ since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d( \(.+\))?|offline, last "
+                    r"heard (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|an unknown time) \(.+\))$",
           "health": r"^\S+ health \w+: .+$"}
 
 

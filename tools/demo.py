@@ -268,13 +268,12 @@ def demo_depth(args, data_mirror):
         spatial = det.get("spatial")
         if spatial is None:
             continue
-        text = "{:.2f} m".format(spatial["z"] / 1000.0)
+        text = "{:.0f} mm".format(spatial["z"])     # mm, as the messages carry it
         x1, y1, x2, y2 = (int(v) for v in det["box"])
         cv2.putText(image, text, (x1 + 4, y2 - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.8,
                     (255, 255, 255), 2, cv2.LINE_AA)
-        print("demo: {} {:.2f} at x {:.2f} m, y {:.2f} m, z {:.2f} m".format(
-            det["label"], det["score"], spatial["x"] / 1000.0, spatial["y"] / 1000.0,
-            spatial["z"] / 1000.0))
+        print("demo: {} {:.2f} at x {:.0f} mm, y {:.0f} mm, z {:.0f} mm".format(
+            det["label"], det["score"], spatial["x"], spatial["y"], spatial["z"]))
     picture = np.hstack([image, draw.depth(depth_mm)])
     path = os.path.join(args.out, "depth.jpg")
     cv2.imwrite(path, picture)
