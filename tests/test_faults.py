@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:       # run as a script: the MJPEG camera
     sys.path.insert(0, ROOT)
 
-from tools.soak import PersistentSubscriber, read_jsonl, start_edge  # noqa: E402
+from tools.soak import PersistentSubscriber, read_jsonl, start_edge, stop_edge  # noqa: E402
 
 COCO = os.path.join(os.path.dirname(ROOT), "shared", "data", "coco8", "images", "val")
 PAIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "middlebury-motorcycle")
@@ -46,18 +46,6 @@ def wait_until(predicate, timeout, proc=None):
             return predicate()
         time.sleep(0.05)
     return predicate()
-
-
-def stop(proc, timeout=30):
-    """SIGTERM and the exit status (killed after `timeout`)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def run(tmp_path, args, config="", timeout=120):
@@ -171,9 +159,9 @@ def test_http_camera_that_disappears_and_returns_is_reopened(tmp_path, broker, m
         assert "cam:***@127.0.0.1" in log and CAMERA_PASSWORD not in log, \
             "the camera's password never reaches the log"
         assert CAMERA_PASSWORD not in json.dumps(report)
-        assert stop(proc) == 0, log_of(tmp_path)
+        assert stop_edge(proc) == 0, log_of(tmp_path)
     finally:
-        stop(proc)
+        stop_edge(proc)
         camera.kill()
         sub.close()
 
@@ -522,7 +510,7 @@ def test_full_disk_runs_the_new_engine_uncached_and_keeps_the_cached_one_intact(
             assert uncached and uncached[0]["phase"] == "uncached", report["engines"]
             assert proc.poll() is None
         finally:
-            stop(proc)
+            stop_edge(proc)
             sub.close()
         assert open(cached[0], "rb").read() == before and side_file_ok(cached[0])
         assert not glob.glob(os.path.join(disk.path, "coarse-loftr-*.onnx.json")), \
@@ -621,7 +609,7 @@ def test_a_read_only_or_full_state_folder_is_no_crash(tmp_path, broker, subscrib
                 reply["error"]["message"] and "free space" in reply["error"]["message"]
             assert proc.poll() is None
         finally:
-            stop(proc)
+            stop_edge(proc)
     finally:
         full.unmount()
 
@@ -686,10 +674,13 @@ def rate(messages, start, end):
 @pytest.mark.timing
 @pytest.mark.parametrize("qos", [0, 1])
 def test_slow_subscriber_never_slows_the_pipeline(tmp_path, broker, model_dir, qos):
-    """A robot whose on_message takes 0.5 s subscribes halfway through: the daemon's result
-    rate stays (>= 0.8 of the rate before, in the same run), the broker absorbs the backlog
-    (QoS 0: it drops for that subscriber; QoS 1: it queues for it), and with QoS 1 edge's
-    publish queue stays within its bound and drops nothing."""
+    """A robot whose on_message takes 0.5 s subscribes: the daemon's result rate stays
+    (>= 0.8 of the rate in the 2 s just before, in the same run), the broker absorbs the
+    backlog (QoS 0: it drops for that subscriber; QoS 1: it queues for it), and with QoS 1
+    edge's publish queue stays within its bound and drops nothing. On a loaded laptop the
+    rate also moves with the other programs: up to three tries (the slow subscriber leaves
+    between them), one of which must hold; a pipeline that waited for the subscriber would
+    slow down in all three."""
     jsonl = str(tmp_path / "out.jsonl")
     proc = start_edge(str(tmp_path), [
         "--source", "test://?width=320&height=240&fps=30", "--detector", "yolox-nano",
@@ -697,21 +688,28 @@ def test_slow_subscriber_never_slows_the_pipeline(tmp_path, broker, model_dir, q
         "--device-id", "slow", "--jsonl", jsonl], "mqtt: {queue: 50}\nhealth: {interval: 1}\n")
     monitor = PersistentSubscriber(broker.port, ["edge/slow/health"], persistent=False).start()
     slow = None
+    rates = []
     try:
         assert wait_until(lambda: len(read_jsonl(jsonl)) >= 5, 60, proc), log_of(tmp_path)
         window = 2.0
-        first = time.time()
-        time.sleep(window)
-        slow = PersistentSubscriber(broker.port, ["edge/slow/detections"], qos=qos,
-                                    delay=0.5).start()
-        second = time.time() + 0.5
-        time.sleep(window + 0.5)
-        messages = read_jsonl(jsonl)
-        before, after = rate(messages, first, first + window), rate(messages, second,
-                                                                    second + window)
-        print("results/s without and with the slow subscriber: {:.1f}, {:.1f}".format(
-            before, after))
-        assert before > 2 and after / before >= 0.8, (before, after)
+        for _ in range(3):
+            if slow is not None:
+                slow.close()
+            first = time.time()
+            time.sleep(window)
+            slow = PersistentSubscriber(broker.port, ["edge/slow/detections"], qos=qos,
+                                        delay=0.5, persistent=False).start()
+            second = time.time() + 0.5
+            time.sleep(window + 0.5)
+            messages = read_jsonl(jsonl)
+            rates.append((rate(messages, first, first + window),
+                          rate(messages, second, second + window)))
+            print("results/s without and with the slow subscriber: {:.1f}, {:.1f}".format(
+                *rates[-1]))
+            if rates[-1][0] > 2 and rates[-1][1] / rates[-1][0] >= 0.8:
+                break
+        before, after = rates[-1]
+        assert before > 2 and after / before >= 0.8, rates
         assert slow.count() < len([m for m in messages if m["frame"]["ts"] >= second - 0.5]), \
             "the subscriber really could not keep up"
         queues = [r["mqtt"]["queue"] for r in monitor.payloads("health")]
@@ -719,9 +717,9 @@ def test_slow_subscriber_never_slows_the_pipeline(tmp_path, broker, model_dir, q
         if qos == 1:
             assert health_of(monitor)["mqtt"]["dropped"] == 0, health_of(monitor)
         assert proc.poll() is None
-        assert stop(proc) == 0, log_of(tmp_path)
+        assert stop_edge(proc) == 0, log_of(tmp_path)
     finally:
-        stop(proc)
+        stop_edge(proc)
         monitor.close()
         if slow is not None:
             slow.close()

@@ -271,6 +271,18 @@ def start_edge(folder, args, config="", env=None, log_name="edge.log"):
         log.close()
 
 
+def stop_edge(proc, timeout=30):
+    """SIGTERM to a process of start_edge and its exit status (killed after `timeout` s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def process_sample(pid):
     """{"rss_kb", "threads", "fds"} of a live process, from /proc."""
     fields = {}
