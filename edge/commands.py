@@ -8,6 +8,9 @@ queue (a flood), it is dropped without a reply and counted (health: `commands.dr
 a flood costs a few replies a second, never a flood of them. `health` requests have a queue
 and both budgets of their own, so a flood of other commands never starves an operator's
 health probe; and replies travel in the publisher's control lane, apart from the results.
+Requests that wait for a camera's next frame (`snapshot`, `set_reference`) run in a thread of
+their own ("commands-frames"), so that a camera slow to deliver never holds up a health probe;
+a camera that has no frame to give (none yet, or reconnecting) is answered at once.
 A handler never names files or URLs: references and snapshots come from frames and stay
 under the state folder.
 """
@@ -30,6 +33,9 @@ _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 _TOPIC_LEVEL = re.compile(r"^[^#+\x00\n\r]*\Z")
 QUEUE_LIMIT = 32
 HEALTH_QUEUE_LIMIT = 8       # health probes wait apart from every other command
+# Requests waiting for a frame, each up to FRAME_WAIT_S: more are dropped (and counted)
+FRAME_QUEUE_LIMIT = 4
+FRAME_WAIT_S = 5.0
 
 
 class CommandError(Exception):
@@ -73,6 +79,14 @@ def _bool(args, key, default):
     return value
 
 
+def _camera_label(source):
+    """How a reply names a camera (a pipeline's Camera, or None: the device's only one)."""
+    if source is None:
+        return "the camera"
+    return "camera {!r}".format(source.name) if source.name is not None else \
+        "the camera ({})".format(source.source.display)
+
+
 class RateLimit:
     """A token bucket: `rate` requests per second on average, bursts up to `burst`."""
 
@@ -114,6 +128,8 @@ class Commands(threading.Thread):
         self.handled = 0            # requests answered (run, or refused with a reply)
         self._queue = collections.deque()
         self._health_queue = collections.deque()
+        self._frame_queue = collections.deque()
+        # guards the queues, and the budgets and counts both threads update
         self._cond = threading.Condition()
         self._stopping = False      # (not `_stop`: threading.Thread has a method of that name)
         self.handlers = {
@@ -121,13 +137,20 @@ class Commands(threading.Thread):
             "set_reference": self.set_reference, "list_references": self.list_references,
             "delete_reference": self.delete_reference, "reload": self.reload,
         }
+        # handlers that wait for a camera's next frame: run by the "commands-frames" thread
+        self.waiting = {"snapshot", "set_reference"}
+        self._frames = threading.Thread(target=self._serve_frames, name="commands-frames",
+                                        daemon=True)
 
-    def submit(self, name, payload, reply_topic=None, correlation=None, broadcast=False):
+    def submit(self, name, payload, reply_topic=None, correlation=None, broadcast=False,
+               size=None):
         """Queue a raw request (called from paho's thread: must not block or raise).
 
         `reply_topic` and `correlation` are an MQTT 5 request's response topic and
         correlation data: the reply goes there and carries the same correlation data.
-        `broadcast`: the request came on `{prefix}/_all/cmd/` (see `handle`).
+        `broadcast`: the request came on `{prefix}/_all/cmd/` (see `handle`). `size`: the
+        request's real size in bytes where `payload` is only its beginning (the MQTT link
+        reads no more of a message than commands.max_bytes and a little).
         """
         queue, limit = (self._health_queue, HEALTH_QUEUE_LIMIT) if name == "health" else \
             (self._queue, QUEUE_LIMIT)
@@ -135,10 +158,11 @@ class Commands(threading.Thread):
             if len(queue) >= limit:
                 self.dropped += 1
                 return
-            queue.append((name, payload, reply_topic, correlation, broadcast))
-            self._cond.notify()
+            queue.append((name, payload, reply_topic, correlation, broadcast, size))
+            self._cond.notify_all()
 
     def run(self):
+        self._frames.start()
         while True:
             with self._cond:
                 while not self._queue and not self._health_queue and not self._stopping:
@@ -146,19 +170,43 @@ class Commands(threading.Thread):
                 if self._stopping:
                     return
                 queue = self._health_queue or self._queue     # health probes first
-                name, payload, reply_topic, correlation, broadcast = queue.popleft()
-            try:
-                answer = self.handle(name, payload, reply_topic, broadcast=broadcast)
-                if answer is not None:
-                    self.app.publisher.control(answer[0], answer[1],
-                                               properties=mqtt.reply_properties(correlation))
-            except Exception:   # the command thread outlives every request
-                logger.exception("command %s failed", name)
+                request = queue.popleft()
+                if request[0] in self.waiting:
+                    # A snapshot may wait seconds for a frame: not in this thread, where
+                    # health probes would wait behind it.
+                    if len(self._frame_queue) >= FRAME_QUEUE_LIMIT:
+                        self.dropped += 1
+                    else:
+                        self._frame_queue.append(request)
+                        self._cond.notify_all()
+                    continue
+            self._run(request)
+
+    def _serve_frames(self):
+        while True:
+            with self._cond:
+                while not self._frame_queue and not self._stopping:
+                    self._cond.wait(0.5)
+                if self._stopping:
+                    return
+                request = self._frame_queue.popleft()
+            self._run(request)
+
+    def _run(self, request):
+        """Handle one queued request and publish its reply."""
+        name, payload, reply_topic, correlation, broadcast, size = request
+        try:
+            answer = self.handle(name, payload, reply_topic, broadcast=broadcast, size=size)
+            if answer is not None:
+                self.app.publisher.control(answer[0], answer[1],
+                                           properties=mqtt.reply_properties(correlation))
+        except Exception:   # the command threads outlive every request
+            logger.exception("command %s failed", name)
 
     def stop(self):
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def counts(self):
         """What health reports of the command channel: requests answered, requests left
@@ -172,9 +220,9 @@ class Commands(threading.Thread):
     def reply_topic(self, request_id):
         return self.app.link.topic("reply/{}".format(request_id or "unknown"))
 
-    def handle(self, name, payload, reply_topic=None, now=None, broadcast=False):
+    def handle(self, name, payload, reply_topic=None, now=None, broadcast=False, size=None):
         """(topic, reply dict) for one raw request, or None when it gets no reply; never
-        raises for bad input.
+        raises for bad input. `size`: the request's real size when `payload` was cut short.
 
         A request runs within the rate budget; a refused one (malformed, over the rate) is
         answered within the refusal budget, else dropped unanswered and counted: a flood
@@ -186,20 +234,23 @@ class Commands(threading.Thread):
         """
         now = time.monotonic() if now is None else now
         limit, refusals = self.budgets[name == "health"]
-        if not limit.ready(now) and not refusals.ready(now):
-            self.dropped += 1
-            return None
+        with self._cond:
+            if not limit.ready(now) and not refusals.ready(now):
+                self.dropped += 1
+                return None
         taken = []
-        topic, reply = self._answer(name, payload, reply_topic, now, broadcast, limit, taken)
-        if not taken and not refusals.allow(now):
-            self.dropped += 1
-            return None
-        self.handled += 1
-        if not reply["ok"] and reply["error"]["code"] == "rate_limited":
-            self.rate_limited += 1
+        topic, reply = self._answer(name, payload, reply_topic, now, broadcast, limit, taken,
+                                    len(payload) if size is None else size)
+        with self._cond:
+            if not taken and not refusals.allow(now):
+                self.dropped += 1
+                return None
+            self.handled += 1
+            if not reply["ok"] and reply["error"]["code"] == "rate_limited":
+                self.rate_limited += 1
         return topic, reply
 
-    def _answer(self, name, payload, reply_topic, now, broadcast, limit, taken):
+    def _answer(self, name, payload, reply_topic, now, broadcast, limit, taken, size):
         """(topic, reply) for a request; appends to `taken` once it passed the rate budget
         (from then on it is answered whatever happens)."""
         if broadcast and reply_topic is not None:
@@ -209,9 +260,9 @@ class Commands(threading.Thread):
         topic = reply_topic if reply_topic is not None and response_problem is None \
             else self.reply_topic(None)
         try:
-            if len(payload) > self.max_bytes:
+            if size > self.max_bytes:
                 raise CommandError("too_large", "request of {} bytes; the limit is {}".format(
-                    len(payload), self.max_bytes))
+                    size, self.max_bytes))
             try:
                 args = json.loads(payload.decode("utf-8"))
             except (UnicodeDecodeError, ValueError, RecursionError):
@@ -235,7 +286,9 @@ class Commands(threading.Thread):
                 topic = wanted
             if request_id is None:
                 raise CommandError("bad_request", "`id` must be 1-64 letters, digits or _ . : -")
-            if not limit.allow(now):
+            with self._cond:
+                allowed = limit.allow(now)
+            if not allowed:
                 raise CommandError("rate_limited", "too many commands; retry in a second")
             taken.append(True)
             if broadcast and name not in mqtt.BROADCAST_COMMANDS:
@@ -311,16 +364,43 @@ class Commands(threading.Thread):
         return camera
 
     def _next_frame(self, camera):
-        """(image, index, camera name) of the next frame of a camera (default: the first)."""
-        tapped = self.app.next_frame() if camera is None else \
-            self.app.next_frame(camera=camera)
+        """(image, index, camera name) of the next frame of a camera (default: the first);
+        `unavailable` at once when the camera has no frame to give."""
+        pipeline = getattr(self.app, "pipeline", None)
+        source = None
+        if pipeline is not None and pipeline.cameras:
+            source = pipeline.named[camera] if camera is not None else pipeline.cameras[0]
+            self._check_delivering(source)
+        tapped = self.app.next_frame(FRAME_WAIT_S) if camera is None else \
+            self.app.next_frame(FRAME_WAIT_S, camera=camera)
+        if tapped is None and pipeline is None:
+            raise CommandError("unavailable", "no camera is running now (starting, or "
+                                              "reloading); retry in a few seconds")
         if tapped is None:
-            raise CommandError("unavailable", "no frame arrived within 5 s")
+            raise CommandError("unavailable", "{}: no frame arrived within {:.0f} s".format(
+                _camera_label(source), FRAME_WAIT_S))
         if camera is None:
-            pipeline = getattr(self.app, "pipeline", None)
             names = pipeline.camera_names() if pipeline is not None else []
             camera = names[0] if names else None
         return tapped[0], tapped[1], camera
+
+    @staticmethod
+    def _check_delivering(source):
+        """CommandError `unavailable` when a camera (a pipeline's Camera) has delivered no
+        frame yet, or is not open now (reconnecting, failed, finished): waiting for its next
+        frame would only end in the timeout."""
+        capture = source.capture
+        if capture is None or (capture.state == "open" and capture.frames > 0):
+            return
+        error = capture.last_error or (str(capture.error) if capture.error else None)
+        state = capture.state if error is None else "{}: {}".format(
+            capture.state, redact(error)[:200])
+        if capture.frames == 0:
+            raise CommandError("unavailable", "{}: no frame has arrived yet ({}); retry once "
+                               "it delivers (edge health shows its state)".format(
+                                   _camera_label(source), state))
+        raise CommandError("unavailable", "{}: no new frame to take ({}); retry once it "
+                           "delivers again".format(_camera_label(source), state))
 
     def snapshot(self, args, request_id):
         import cv2

@@ -21,6 +21,10 @@ MQTT_DOWN = "mqtt broker unreachable"
 
 
 TEXT_MAX = 1000    # characters of one string in a report (an exception's text can be any)
+# Seconds messages may wait with none leaving while the broker is connected, before the
+# queue counts as stuck: a QoS 1 backlog drains in well under that, one acknowledgement at a
+# time, unless the broker (or the client library) stopped taking messages.
+STALLED_S = 10.0
 
 
 def _bounded(value):
@@ -63,6 +67,13 @@ def verdict(report, limits):
     if mqtt and mqtt.get("dropped_recent"):
         reasons.append("publish queue dropping ({} messages in the last interval)".format(
             mqtt["dropped_recent"]))
+    if mqtt and (mqtt.get("stalled_s") or 0) >= STALLED_S and \
+            not (not mqtt["connected"] and mqtt.get("error")):
+        reasons.append("publish queue stuck: nothing has left it for {:.0f} s ({} messages "
+                       "waiting)".format(mqtt["stalled_s"], mqtt["queue"]))
+    jsonl = report.get("jsonl")
+    if jsonl and jsonl.get("error"):
+        reasons.append(jsonl["error"])
     system = report["system"] or {}
     for name, celsius in sorted((system.get("temperatures") or {}).items()):
         if celsius is not None and celsius >= limits["temperature_c"]:
@@ -189,28 +200,36 @@ class Health(threading.Thread):
         for label, state in sorted(build.STATES.items()):
             if state.state != "ready":
                 engines.setdefault(label, state.as_dict())
-        publisher = app.publisher
-        dropped = publisher.dropped if publisher else 0
-        mqtt = None
-        if publisher is not None and app.link is not None:
-            connected = app.link.connected.is_set()
-            mqtt = {"connected": connected,
-                    "queue": publisher.depth, "sent": publisher.sent, "dropped": dropped,
-                    "dropped_recent": dropped - self._dropped_seen,
-                    "connects": app.link.connects,
-                    "error": None if connected else app.link.last_error}
+        # The system first: sampling it takes a while, and the connection's state is read
+        # after it, so a report never calls the broker down just after it connected.
         system = None if sample_system else self._system
         if self.system_status is not None and sample_system:
             try:
                 system = self._system = self.system_status()
             except Exception:   # a broken sensor must not take health down
                 logger.exception("system status failed")
+        publisher = app.publisher
+        dropped = publisher.dropped if publisher else 0
+        mqtt = None
+        if publisher is not None and app.link is not None:
+            connected = app.link.connected.is_set()
+            mqtt = {"connected": connected,
+                    "queue": publisher.depth, "sent": publisher.sent,
+                    "delivered": publisher.delivered, "lost": publisher.lost,
+                    "stalled_s": round(publisher.stalled_s, 1), "dropped": dropped,
+                    "dropped_recent": dropped - self._dropped_seen,
+                    "connects": app.link.connects,
+                    "error": None if connected else app.link.last_error}
+        jsonl = None
+        if publisher is not None and publisher.jsonl is not None:
+            jsonl = {"path": publisher.jsonl.path, "missed": publisher.jsonl_missed,
+                     "error": str(publisher.error) if publisher.error else None}
         commands = getattr(app, "commands", None)
         report = {"v": 1, "device": app.device, "ts": round(now, 3),
                   "uptime_s": round(now - app.started, 1), "state": None,
                   "versions": self.versions, "source": source,
                   **({"cameras": cameras} if cameras else {}), "tasks": tasks,
-                  "engines": engines, "mqtt": mqtt,
+                  "engines": engines, "mqtt": mqtt, **({"jsonl": jsonl} if jsonl else {}),
                   "commands": commands.counts() if commands is not None else None,
                   "reload": getattr(app, "last_reload", None), "system": system}
         # Cameras' errors may quote their URLs (a camera's, FFmpeg's, an exception's text):
@@ -229,9 +248,15 @@ class Health(threading.Thread):
         self._dropped_seen = self.app.publisher.dropped if self.app.publisher else 0
         healthy = report["verdict"]["healthy"]
         if healthy != self.healthy:
-            if self.healthy is not None or not healthy:
-                logger.warning("health: %s", "; ".join(report["verdict"]["reasons"])
-                               ) if not healthy else logger.info("health: healthy again")
+            reasons = report["verdict"]["reasons"]
+            if healthy:
+                if self.healthy is not None:
+                    logger.info("health: healthy again")
+            elif all(r.startswith(MQTT_DOWN) for r in reasons):
+                # edge.mqtt warned of the outage already, with its cause: once is enough
+                logger.info("health: %s", "; ".join(reasons))
+            else:
+                logger.warning("health: %s", "; ".join(reasons))
             self.healthy = healthy
         remote = [r for r in report["verdict"]["reasons"] if not r.startswith(MQTT_DOWN)]
         if remote:
@@ -280,9 +305,12 @@ def summary_line(report):
     building = [l for l, e in report["engines"].items() if e["state"] == "building"]
     if building:
         parts.append("building " + ", ".join(building))
-    if report["mqtt"]:
-        parts.append("mqtt {} (queue {})".format(
-            "up" if report["mqtt"]["connected"] else "down", report["mqtt"]["queue"]))
+    mqtt = report["mqtt"]
+    if mqtt:
+        # "connecting" until the first connection or error: "down" at start-up misleads
+        state = "up" if mqtt["connected"] else "down" if mqtt["error"] or mqtt["connects"] \
+            else "connecting"
+        parts.append("mqtt {} (queue {})".format(state, mqtt["queue"]))
     if not report["verdict"]["healthy"]:
         parts.append("DEGRADED: " + "; ".join(report["verdict"]["reasons"]))
     return ", ".join(parts)

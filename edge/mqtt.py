@@ -23,9 +23,14 @@ DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # fleet (`edge health --all`). Only those that read and change nothing.
 BROADCAST_LEVEL = "_all"
 BROADCAST_COMMANDS = ("health", "ping")
-# Bytes of an MQTT packet around a request's payload (topic, properties, header): an MQTT 5
-# device asks the broker for nothing larger than commands.max_bytes plus this.
+# Bytes of an MQTT packet around a request's payload (topic, properties, header): the daemon
+# keeps no more than commands.max_bytes plus this of any message it is sent (`make_client`).
 PACKET_HEADROOM = 8192
+# Bytes read from the socket at a time while the rest of an oversized message is dropped.
+DROP_CHUNK = 65536
+# Seconds between the reminders that the broker is still unreachable (each new cause of
+# failure is logged at once).
+REMIND_S = 300.0
 
 
 def parse_url(url, qos=0, keepalive=30):
@@ -133,13 +138,18 @@ def secure(client, settings):
                        keyfile=settings.get("key_file"))
 
 
-def make_client(client_id, protocol="3.1.1", clean_session=True):
+def make_client(client_id, protocol="3.1.1", clean_session=True, max_packet=None):
     """A paho Client for MQTT 3.1.1 (or 5) under paho-mqtt 1.x or 2.x.
 
     MQTT 5 takes no clean_session (it has clean start, which paho sets on the first
     connect unless `connect_async(clean_start=False)`); mosquitto 1.4 (Ubuntu 18.04) speaks
     only 3.1.1, hence the default. `clean_session=False`: the broker keeps the client's
     subscriptions and queues its QoS 1 messages while it is away (a persistent session).
+
+    `max_packet` (bytes): a message the broker sends that is larger is read in chunks and
+    only its first `max_packet` bytes are kept (`cut_size` tells its real size), so a 250 MB
+    message costs no memory; the client's `max_packet` stays None where this paho's
+    internals are not the ones the guard knows (then paho buffers every message whole).
     """
     import paho.mqtt.client as paho
     options = {"client_id": client_id}
@@ -147,9 +157,123 @@ def make_client(client_id, protocol="3.1.1", clean_session=True):
         options["protocol"] = paho.MQTTv5
     else:
         options.update(clean_session=clean_session, protocol=paho.MQTTv311)
+    cls = paho.Client if max_packet is None else _bounded_class(paho.Client)
     if hasattr(paho, "CallbackAPIVersion"):   # paho-mqtt >= 2.0
-        return paho.Client(paho.CallbackAPIVersion.VERSION2, **options)
-    return paho.Client(**options)
+        client = cls(paho.CallbackAPIVersion.VERSION2, **options)
+    else:
+        client = cls(**options)
+    if max_packet is not None:
+        if _guard_fits(client):
+            client.max_packet = max_packet
+        else:
+            logger.warning("mqtt: paho-mqtt %s reads messages in a way edge does not know: "
+                           "a message of any size is held whole in memory before a command "
+                           "over commands.max_bytes is refused; cap messages at the broker "
+                           "(docs/broker.md, Large messages)", _paho_version())
+    return client
+
+
+# What paho-mqtt 1.5 to 2.2 keep of the packet being read (Client._in_packet; the same keys
+# in every release since 1.0) and how they read its body: `_packet_read` calls
+# `_sock_recv(to_process)` until `to_process` is 0, subtracting the length of what it gets
+# and appending it to `packet` (bytes in 1.5, a bytearray from 1.6), then parses the packet.
+# paho has no option to bound that (MQTT 5's Maximum Packet Size only asks the broker).
+_GUARD_KEYS = ("command", "have_remaining", "remaining_length", "to_process", "packet")
+_PUBLISH = 0x30
+
+
+def _paho_version():
+    try:
+        import paho.mqtt
+        return getattr(paho.mqtt, "__version__", "?")
+    except ImportError:
+        return "?"
+
+
+def _guard_fits(client):
+    """Whether this paho reads packets the way the size guard expects (checked, not assumed:
+    a paho 3 may read them otherwise)."""
+    state = getattr(client, "_in_packet", None)
+    major = _paho_version().split(".")[0]
+    return major in ("1", "2") and isinstance(state, dict) and \
+        all(key in state for key in _GUARD_KEYS) and callable(getattr(client, "_sock_recv", None))
+
+
+_BOUNDED = {}
+
+
+def _bounded_class(base):
+    """paho's Client class `base` with the size guard (see make_client); made once."""
+    if base in _BOUNDED:
+        return _BOUNDED[base]
+
+    class BoundedClient(base):
+        max_packet = None     # bytes kept of a PUBLISH at most; None: paho as it is
+        _cut = None           # paho's record (_in_packet) of the latest PUBLISH cut short
+
+        def _sock_recv(self, bufsize):
+            state = self._in_packet
+            limit = self.max_packet
+            if limit is None or not state["have_remaining"] or \
+                    state["command"] & 0xF0 != _PUBLISH or state["remaining_length"] <= limit:
+                return super()._sock_recv(bufsize)
+            # The body of a PUBLISH over the limit: paho asks for all of it at once (and would
+            # allocate that much per call); read it in chunks, keep its first `limit` bytes.
+            data = super()._sock_recv(min(bufsize, DROP_CHUNK))
+            held = len(state["packet"])
+            if not data or held + len(data) <= limit:
+                return data
+            if held > limit:
+                state["packet"] = state["packet"][:limit]     # the byte kept last time
+                held = limit
+            elif self._cut is not state:
+                # The first bytes past the limit: topic, packet id and MQTT 5 properties
+                # must be whole in what is kept, or paho could not parse the message.
+                header = _publish_header_length(state["command"], bytes(state["packet"]) +
+                                                data[:limit - held], self._protocol == 5)
+                if header is None or header > limit:
+                    logger.warning("mqtt: dropped the connection: the broker sent a message "
+                                   "of %d bytes whose header alone is over %d bytes",
+                                   state["remaining_length"], limit)
+                    # paho 1.5 to 2.x take this for a lost connection and reconnect
+                    raise ConnectionError("a message header over {} bytes".format(limit))
+                self._cut = state
+            # paho subtracts from `to_process` what it is given; the rest is dropped here.
+            # It is given one byte at least: an empty read means a closed connection.
+            keep = max(1, limit - held)
+            state["to_process"] -= len(data) - keep
+            return data[:keep]
+
+        def cut_size(self, message):
+            """The payload size in bytes of `message` (in on_message) if the guard cut it
+            short, else None."""
+            state = self._in_packet
+            if self._cut is not state:
+                return None
+            return len(message.payload) + state["remaining_length"] - len(state["packet"])
+
+    _BOUNDED[base] = BoundedClient
+    return BoundedClient
+
+
+def _publish_header_length(command, data, mqtt5):
+    """Bytes of a PUBLISH's variable header (topic, packet id, MQTT 5 properties) from the
+    first bytes of its body `data`; None when `data` is too short to tell."""
+    if len(data) < 2:
+        return None
+    length = 2 + (data[0] << 8 | data[1])
+    if command & 0x06:                  # QoS 1 or 2: a packet identifier
+        length += 2
+    if not mqtt5:
+        return length
+    # MQTT 5: the properties' length, a variable byte integer (1 to 4 bytes), then them
+    value, shift = 0, 0
+    for i in range(length, min(length + 4, len(data))):
+        value |= (data[i] & 0x7F) << shift
+        shift += 7
+        if not data[i] & 0x80:
+            return i + 1 + value
+    return None
 
 
 def packet_properties(packet, **values):
@@ -277,6 +401,10 @@ def probe(settings, protocol="3.1.1", timeout=5.0, client_id=None):
         client.loop_stop()
 
 
+# The reason of the last will, and only of it: how readers tell a will from a goodbye.
+WILL_REASON = "connection lost"
+
+
 def status_payload(device, state, since, reason=None):
     """The `status` message (retained; also the last will). A reason quoting a URL (the
     error a daemon ended with) never shows its password."""
@@ -287,14 +415,21 @@ def status_payload(device, state, since, reason=None):
                       separators=(",", ":")).encode()
 
 
+def is_last_will(status):
+    """Whether a status payload (a dict) is a last will: `offline` with WILL_REASON. Its
+    `since` says nothing about the death: it is the time the connection began."""
+    return isinstance(status, dict) and status.get("state") == "offline" and \
+        status.get("reason") == WILL_REASON
+
+
 class MqttLink:
     """A connection to the broker kept up in the background, with status and last will."""
 
     def __init__(self, settings, device, prefix="edge", queue_limit=1000, protocol="3.1.1",
                  max_packet=None):
         self.settings = settings
-        # MQTT 5: the broker sends this client no packet larger than this (a 250 MB command
-        # is dropped there, not buffered whole here); 3.1.1 has no such field
+        # Bytes kept of any message the broker sends (the size guard of make_client): a
+        # 250 MB command is read in chunks and refused, never held whole.
         self.max_packet = max_packet
         self.device = device
         self.prefix = prefix
@@ -305,12 +440,21 @@ class MqttLink:
         self.since = time.time()
         self.reason = None
         self.protocol = protocol
+        self.failures = 0         # connection attempts failed since the broker was last up
+        self._outage = None       # monotonic s of the first failure of this outage
+        self._causes = set()      # causes logged in this outage (each once)
+        self._reminded = 0.0
+        self.remind_s = REMIND_S
+        self._answered = False    # the broker answered this connection's CONNECT
         client = make_client("edge-{}-{}".format(device, int(time.time() * 1000) % 100000),
-                             protocol)
+                             protocol, max_packet=max_packet)
         client.max_queued_messages_set(queue_limit)
         secure(client, settings)
+        # The will's `since` is the connect time (a number: robots' clients of every version
+        # validate it so); it cannot know when the broker will publish it, so readers take
+        # the time of death from the last retained report (`health` ts) instead.
         client.will_set(self.topic("status"), status_payload(
-            device, "offline", self.since, "connection lost"), qos=1, retain=True)
+            device, "offline", self.since, WILL_REASON), qos=1, retain=True)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail    # paho >= 1.6; ignored before
@@ -333,7 +477,11 @@ class MqttLink:
     def start(self):
         """Begin connecting in the background; never blocks on the network."""
         options = {}
-        if self.protocol == "5" and self.max_packet:
+        if self.protocol == "5" and self.max_packet and self.client.max_packet is None:
+            # Only where the size guard cannot work (an unknown paho): asking the broker for
+            # no larger packet costs the command channel on Mosquitto 2.0, which stops
+            # sending this session QoS 1 messages after max_inflight_messages (20) refused
+            # ones (docs/broker.md, Large messages).
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
             options["properties"] = Properties(PacketTypes.CONNECT)
@@ -351,26 +499,41 @@ class MqttLink:
             self.state, self.reason, self.since = state, reason, time.time()
         if not self.connected.is_set():
             return None     # _on_connect publishes it
-        return self.client.publish(self.topic("status"), status_payload(
-            self.device, self.state, self.since, self.reason), qos=1, retain=True)
+        return self.publish(self.topic("status"), status_payload(
+            self.device, self.state, self.since, self.reason), 1, retain=True)
 
     def publish(self, topic, payload, qos, retain=False, properties=None):
-        """paho's MessageInfo; its rc says whether paho took the message."""
+        """paho's MessageInfo; its rc says whether paho took the message (see `taken`), and
+        `delivered` whether it left."""
         if properties is not None and self.protocol == "5":
-            return self.client.publish(topic, payload, qos=qos, retain=retain,
+            info = self.client.publish(topic, payload, qos=qos, retain=retain,
                                        properties=properties)
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+        else:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc == _NO_CONN:
+            # paho keeps a QoS 1 message it could not send and sends it after the reconnect,
+            # but its rc stays "no connection": is_published() (paho 1.x and 2.x) would
+            # raise on it for good, even once the broker acknowledged it.
+            info.rc = _OK
+        return info
 
     def _on_connect(self, client, userdata, flags, rc, properties=None):
         try:
+            self._answered = True
             code = _reason_code(rc)
             if code != 0:
                 self._down("broker refused the connection (code {}: {}); check mqtt.username "
-                           "and the password".format(code, _connack_text(code)))
+                           "and the password".format(code, _connack_text(code)), attempt=True)
                 return
             self.connects += 1
             recovered, self.last_error = self.last_error is not None, None
-            logger.info("mqtt connected to %s", self.settings["display"])
+            if self._outage is None:
+                logger.info("mqtt connected to %s", self.settings["display"])
+            else:
+                logger.info("mqtt connected to %s after %s down (%d failed attempts)",
+                            self.settings["display"],
+                            _duration(time.monotonic() - self._outage), self.failures)
+            self._outage, self._causes, self.failures = None, set(), 0
             self.connected.set()
             if recovered:
                 self._changed()
@@ -397,9 +560,11 @@ class MqttLink:
                 return
             if self.on_command is not None and message.topic.startswith(prefix):
                 props = getattr(message, "properties", None)
+                cut_size = getattr(client, "cut_size", None)
                 self.on_command(message.topic[len(prefix):], message.payload,
                                 getattr(props, "ResponseTopic", None) or None,
-                                getattr(props, "CorrelationData", None), broadcast)
+                                getattr(props, "CorrelationData", None), broadcast,
+                                size=cut_size(message) if cut_size is not None else None)
         except Exception:   # never let an exception end paho's network thread
             logger.exception("mqtt on_message failed")
 
@@ -408,29 +573,50 @@ class MqttLink:
         # paho's thread, which only waits to retry now.
         try:
             self._down(diagnose(self.settings) or "cannot connect (no cause found; it may "
-                                                   "have been brief)")
+                                                   "have been brief)", attempt=True)
         except Exception:   # never let an exception end paho's network thread
             logger.exception("mqtt on_connect_fail failed")
 
     def _on_disconnect(self, client, userdata, *args):
         try:
             was_up = self.connected.is_set()
+            answered, self._answered = self._answered, False
             self.connected.clear()
             rc = disconnect_code(args)
             if rc != 0 and was_up:
-                # (after a refused CONNACK the refusal says more than this disconnect)
-                self._down("connection lost (code {})".format(rc))
+                self._down("connection lost ({})".format(_disconnect_text(args, rc)))
+            elif rc != 0 and not answered:
+                # TCP (and TLS) worked, then the connection closed before any CONNACK (after
+                # a refused one the refusal says more than this disconnect)
+                self._down("the connection closed before the broker answered CONNECT: not "
+                           "an MQTT broker, mqtt:// on a TLS port, or the broker is at its "
+                           "max_connections", attempt=True)
         except Exception:
             logger.exception("mqtt on_disconnect failed")
 
-    def _down(self, cause):
-        """The broker cannot be reached: a WARNING when the cause is new, health told."""
-        if cause == self.last_error:
-            return
-        logger.warning("mqtt %s: %s; retrying, messages wait in the queue (mqtt.queue)",
-                       self.settings["display"], cause)
-        self.last_error = cause
-        self._changed()
+    def _down(self, cause, attempt=False):
+        """The broker cannot be reached (`attempt`: a connection attempt failed): a WARNING
+        for each cause the first time it appears in an outage, then one reminder every
+        `remind_s` at most (a broker down for a day is not 3000 lines); health told of each
+        change."""
+        now = time.monotonic()
+        if self._outage is None:
+            self._outage, self._causes, self.failures, self._reminded = now, set(), 0, now
+        if attempt:
+            self.failures += 1
+        if cause not in self._causes:
+            self._causes.add(cause)
+            self._reminded = now
+            logger.warning("mqtt %s: %s; retrying, messages wait in the queue (mqtt.queue)",
+                           self.settings["display"], cause)
+        elif now - self._reminded >= self.remind_s:
+            self._reminded = now
+            logger.warning("mqtt %s: still cannot reach the broker after %s (%d failed "
+                           "attempts): %s; retrying", self.settings["display"],
+                           _duration(now - self._outage), self.failures, cause)
+        if cause != self.last_error:
+            self.last_error = cause
+            self._changed()
 
     def _changed(self):
         if self.on_change is not None:
@@ -449,11 +635,57 @@ class MqttLink:
         self.client.loop_stop()
 
 
+_OK = 0          # paho's return codes, the same in paho-mqtt 1.x and 2.x
+_NO_CONN = 4
+
+
+def taken(info):
+    """Whether paho took a message `MqttLink.publish` handed it (its queue may be full)."""
+    return info.rc == _OK
+
+
+def delivered(info):
+    """True once paho is done with a message it took: written to the socket (QoS 0) or
+    acknowledged (QoS 1), or given up. paho 2.x marks a QoS 0 message still waiting in its
+    buffer when the connection drops as failed, and then is_published() raises
+    (RuntimeError "The connection was lost"): the message is gone, so it is done with."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return True
+
+
+def lost(info):
+    """Whether paho gave up on a message it had taken (after `delivered` says True)."""
+    return info.rc != _OK
+
+
 def _wait(info, timeout):
     deadline = time.monotonic() + timeout
-    while not info.is_published() and time.monotonic() < deadline:
+    while not delivered(info) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return info.is_published()
+    return delivered(info) and not lost(info)
+
+
+def _duration(seconds):
+    """`42 s`, `7 min`, `3.5 h`: how long an outage has lasted, for people."""
+    if seconds < 120:
+        return "{:.0f} s".format(seconds)
+    if seconds < 7200:
+        return "{:.0f} min".format(seconds / 60)
+    return "{:.1f} h".format(seconds / 3600)
+
+
+def _disconnect_text(args, code):
+    """What paho says of on_disconnect's reason code: its ReasonCode's name in paho 2.x
+    ("Unspecified error" for a connection that broke), error_string in 1.x."""
+    value = args[-2] if len(args) >= 2 else args[-1]
+    if hasattr(value, "getName"):
+        text = value.getName()
+    else:
+        import paho.mqtt.client as paho
+        text = paho.error_string(code).rstrip(".")
+    return "{}, code {}".format(text, code)
 
 
 def _connack_text(code):

@@ -26,15 +26,12 @@ import json
 import logging
 import threading
 import time
+import traceback
 
+from edge import mqtt
 from edge.errors import SinkError
 
 logger = logging.getLogger(__name__)
-
-# paho's return codes (the same in paho-mqtt 1.x and 2.x)
-_OK = 0
-_NO_CONN = 4           # not connected: paho keeps a QoS > 0 message and sends it on reconnect
-_QUEUE_SIZE = 15       # paho's own queue is full: it did not take the message
 
 WINDOW = 20            # messages handed to paho at once (paho's default max_inflight_messages)
 CONTROL_WINDOW = 20    # control messages handed to paho at once, apart from WINDOW
@@ -42,6 +39,7 @@ CONTROL_LIMIT = 64     # replies, snapshots and health reports waiting; oldest d
                        # The command budgets (commands.rate and burst, for requests run and for
                        # refusals answered, health apart) keep them to a few dozen a second.
 RESEND_WAIT_S = 30.0   # longest wait for paho's re-sends before new messages go out anyway
+JSONL_RETRY_S = 10.0   # how often a JSONL file that could not be written is tried again
 
 
 class JsonlSink:
@@ -54,6 +52,23 @@ class JsonlSink:
         except OSError as e:
             raise SinkError("jsonl {}: cannot open for writing ({}); choose a writable path"
                             .format(path, e.strerror))
+
+    def reopen(self):
+        """Open the file again after a failed write, cut back to its last whole line: a
+        full disk leaves half a line at the end, which would spoil the next one."""
+        try:
+            self.file.close()
+        except OSError:
+            pass     # what the old buffer held is lost; the cut below drops any part of it
+        with open(self.path, "r+b") as f:
+            end = f.seek(0, 2)
+            start = max(0, end - 65536)    # a line is one message: far less than that
+            f.seek(start)
+            tail = f.read()
+            keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start
+            if keep < end:
+                f.truncate(keep)
+        self.file = open(self.path, "ab")
 
     def write(self, payload):
         self.file.write(payload)
@@ -83,8 +98,12 @@ class Publisher(threading.Thread):
         self.control_dropped = 0    # control messages dropped because their lane was full
         self.failed = 0             # messages that could not be serialised or published (bugs)
         self.sent = 0               # handed to paho (MQTT) or written (JSONL only)
+        self.delivered = 0          # of those handed to paho: written out (QoS 0), acknowledged
+        self.lost = 0               # of those: QoS 0 lost with a connection (at most once)
         self.accepted = 0
-        self.error = None           # SinkError once the JSONL file could not be written
+        self.error = None           # SinkError while the JSONL file cannot be written
+        self.jsonl_missed = 0       # results not written to the JSONL file meanwhile
+        self._jsonl_retry = 0.0     # monotonic time of the next try to write it again
         # (topic, message, retain, qos, to_jsonl, properties)
         self._queue = collections.deque()
         self._outbox = collections.deque()    # (topic, payload, retain, qos, properties)
@@ -98,6 +117,10 @@ class Publisher(threading.Thread):
         self._processing = 0        # messages taken from the queue, not yet in the outbox
         self._doomed = 0            # of those, how many (the oldest) were dropped meanwhile
         self._resend_since = None   # monotonic time a re-send from an old connection began
+        self._progress = time.monotonic()   # the last time a message left, or none waited
+        self._progress_connects = 0         # (or the broker was away): on that connection
+        self._faults = 0            # exceptions in the thread since the last one logged
+        self._fault_logged = None   # monotonic time of that log line
 
     def put(self, topic, message, retain=False, qos=None, jsonl=True, properties=None):
         """Queue a message (a dict, or bytes sent as they are); never blocks.
@@ -168,6 +191,26 @@ class Publisher(threading.Thread):
         with self._cond:
             return self._held()
 
+    @property
+    def stalled_s(self):
+        """Seconds messages have waited, while the broker was connected, with none leaving
+        (0 when none wait, or without MQTT): what tells a stuck queue from a busy one. The
+        time of an outage is not counted: that has its own reason."""
+        with self._cond:
+            if self.link is None or not self._held():
+                return 0.0
+            return time.monotonic() - self._progress
+
+    def _watch(self):
+        """Restart the stall clock while nothing waits, the broker is away, or a new
+        connection began (the thread's every pass: a thread that stops passing is stuck)."""
+        with self._cond:
+            connects = self.link.connects
+            if not self._held() or not self.link.connected.is_set() or \
+                    connects != self._progress_connects:
+                self._progress = time.monotonic()
+                self._progress_connects = connects
+
     def run(self):
         while True:
             with self._cond:
@@ -184,17 +227,35 @@ class Publisher(threading.Thread):
                 if batch:
                     self._write(batch)
                 self._send()
+                if self.link is not None:
+                    self._watch()
             except Exception:   # the thread must outlive any one message: log, go on
-                logger.exception("publisher failed; going on")
+                self._fault()
                 with self._cond:
                     self._processing = self._doomed = 0
                 time.sleep(0.1)
             if stopping:
                 return
 
+    def _fault(self):
+        """Log an exception of the thread: the first with its traceback, repeats once a
+        minute with their count (a fault on every pass would log 10 lines a second)."""
+        now = time.monotonic()
+        self._faults += 1
+        if self._fault_logged is None:
+            logger.exception("publisher failed; going on")
+        elif now - self._fault_logged >= 60.0:
+            logger.error("publisher failed %d times in %.0f s, the latest: %s", self._faults,
+                         now - self._fault_logged, traceback.format_exc().strip()
+                         .splitlines()[-1])
+        else:
+            return
+        self._fault_logged, self._faults = now, 0
+
     def _write(self, batch):
         """Serialise once, append results to the JSONL file, queue for the broker."""
         payloads = []
+        lines = 0      # JSONL lines written since the last flush
         for topic, message, retain, qos, to_jsonl, properties in batch:
             try:
                 payload = message if isinstance(message, bytes) else json.dumps(
@@ -204,12 +265,13 @@ class Publisher(threading.Thread):
                 self.failed += 1
                 continue
             if self.jsonl is not None and to_jsonl:
-                self._write_jsonl(payload)
+                lines += self._write_jsonl(payload)
             payloads.append((topic, payload, retain, qos, properties))
         if self.jsonl is not None and self.error is None:
             try:
                 self.jsonl.flush()
             except OSError as e:
+                self.jsonl_missed += lines
                 self._jsonl_failed(e)
         with self._cond:
             doomed, self._doomed, self._processing = self._doomed, 0, 0
@@ -219,18 +281,41 @@ class Publisher(threading.Thread):
                 self.sent += len(payloads)
 
     def _write_jsonl(self, payload):
-        if self.error is not None:
-            return
+        """Append one line; 1 if written (to the file's buffer), else 0."""
+        if self.error is not None and not self._jsonl_recovered():
+            self.jsonl_missed += 1
+            return 0
         try:
             self.jsonl.write(payload)
         except OSError as e:
+            self.jsonl_missed += 1
             self._jsonl_failed(e)
+            return 0
+        return 1
 
     def _jsonl_failed(self, error):
-        # Once: a full disk would otherwise log a line per frame. MQTT goes on.
+        # Logged once, then tried again every JSONL_RETRY_S: a full disk would otherwise log
+        # a line per frame. MQTT goes on; health reports the error while it lasts.
+        self._jsonl_retry = time.monotonic() + JSONL_RETRY_S
+        if self.error is not None:
+            return
         self.error = SinkError("jsonl {}: cannot write ({}); free space or choose another "
                                "path".format(self.jsonl.path, error.strerror or error))
         logger.error("%s; results still go to MQTT", self.error)
+
+    def _jsonl_recovered(self):
+        """Whether the JSONL file takes lines again (tried every JSONL_RETRY_S)."""
+        if time.monotonic() < self._jsonl_retry:
+            return False
+        try:
+            self.jsonl.reopen()
+        except OSError as e:
+            self._jsonl_failed(e)
+            return False
+        logger.warning("jsonl %s: writable again; up to %d results were not written to it",
+                       self.jsonl.path, self.jsonl_missed)
+        self.error = None
+        return True
 
     def _settle(self, connection):
         """Forget what paho delivered; True while paho re-sends an old connection's messages."""
@@ -238,10 +323,16 @@ class Publisher(threading.Thread):
         kept = collections.deque()
         for entry in self._inflight:
             info, qos, number, _ = entry
-            if info.is_published():
+            if mqtt.delivered(info):
+                if mqtt.lost(info):
+                    self.lost += 1
+                else:
+                    self.delivered += 1
+                self._progress = time.monotonic()
                 continue
             if number != connection:
                 if qos == 0:
+                    self.lost += 1
                     continue     # lost with the connection: QoS 0 is at most once
                 resending = True
             kept.append(entry)
@@ -291,8 +382,7 @@ class Publisher(threading.Thread):
                     self.failed += 1
                     logger.error("mqtt: cannot publish on %r: %s", full[:100], e)
                     continue
-                taken = info.rc == _OK or (qos > 0 and info.rc == _NO_CONN)
-                if not taken:
+                if not mqtt.taken(info):
                     return     # paho's queue is full or the link just dropped: retry later
                 lane.popleft()
                 self._inflight.append((info, qos, connection, control))

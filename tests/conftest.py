@@ -21,6 +21,23 @@ COCO8_ALL = [os.path.join(COCO8, "images", split, name)
              for split in ("train", "val")
              for name in sorted(os.listdir(os.path.join(COCO8, "images", split)))]
 
+# The paho-mqtt releases the daemon is tested under besides the venv's 2.x (tools/test puts
+# them in .paho/, a folder each): 1.5.1, and 1.6.1, the last for Python 3.6.
+OLD_PAHOS = ("1.5.1", "1.6.1")
+
+
+def paho_env(version):
+    """os.environ for a child process that imports paho-mqtt `version` ("venv": the venv's
+    own); skips the test where tools/test has not installed it."""
+    env = dict(os.environ)
+    if version != "venv":
+        folder = os.path.join(ROOT, ".paho", version)
+        if not os.path.exists(os.path.join(folder, "paho", "mqtt", "client.py")):
+            pytest.skip("paho-mqtt {} is not in .paho/{}: tools/test installs it".format(
+                version, version))
+        env["PYTHONPATH"] = folder
+    return env
+
 
 def pytest_configure(config):
     """Engines and references of the suite live in a temporary state folder, not in ~."""
