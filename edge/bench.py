@@ -12,7 +12,9 @@ capture costs the CPU what a hardware camera's DMA does: nothing):
   session.run on the original model -> numpy decode + NMS -> publish), on the same frames;
 - alloc_per_frame_bytes: Python allocations of the hot path per frame (tracemalloc);
 - tracking: the tracker with zones and lines (the decode step's share) per frame at 50
-  moving objects, and the Python memory it keeps per frame (must be 0: no growth);
+  moving objects, and the Python memory it keeps per frame (must be 0: no growth); the
+  pipeline's frames/s with tracking as configured against without (tracked_fps, in the same
+  rounds), and camera motion compensation's cost per frame at 640x480 (camera_motion);
 - with --matcher, detection's throughput while matching runs at its rate beside it, over
   runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both;
 - with --stereo and --calib, stereo depth's figures (edge.benchdepth);
@@ -206,7 +208,8 @@ def tracking_cost(card, objects=50, frames=600, seed=0):
         {"name": "left", "points": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]], "normalized": True},
         {"name": "corner", "points": [[0.7, 0.7], [1, 0.7], [1, 1]], "normalized": True}],
         "lines": [{"name": "middle", "points": [[0.5, 0], [0.5, 1]], "normalized": True},
-                  {"name": "across", "points": [[0, 0.5], [1, 0.5]], "normalized": True}]},
+                  {"name": "across", "points": [[0, 0.5], [1, 0.5]], "normalized": True}],
+        "motion": "off"},         # measured on its own (motion_cost): these frames are blank
         config.SPEC["track"], "bench", "track.")
     tracking = CameraTracking(settings, card, "bench", camera="bench-{}".format(seed))
     rng = np.random.RandomState(seed)
@@ -245,6 +248,31 @@ def tracking_cost(card, objects=50, frames=600, seed=0):
     return {"objects": objects, "ms": _percentiles(times),
             "tracks": int(tracking.tracker.active().size),
             "growth_bytes_per_frame": round(grown / float(frames // 2), 1)}
+
+
+def motion_cost(image, frames=200, size=(640, 480)):
+    """Camera motion compensation's estimate per frame (edge.tracking.motion, mode auto) at
+    `size`, on a camera panning 8 px and zooming 0.2 % per frame over `image` (a frame of the
+    bench's source, enlarged): ms p50 and p95, and how many frames found a fit."""
+    import cv2
+    from edge.tracking.motion import CameraMotion
+    width, height = size
+    canvas = cv2.resize(image, (2 * width, 2 * height))
+    motion = CameraMotion("auto")
+    frame = Frame(0, (height, width, 3))
+    times = []
+    for i in range(frames):
+        t = i % 100                         # there and back every 100 frames
+        x = 8.0 * (t if t < 50 else 100 - t)
+        zoom = 1.0 + 0.002 * (t if t < 50 else 100 - t)
+        matrix = np.array([[zoom, 0.0, -x], [0.0, zoom, -0.5 * height]])
+        cv2.warpAffine(canvas, matrix, size, dst=frame.image, borderMode=cv2.BORDER_REPLICATE)
+        frame.index, frame.ts = i, i / 30.0
+        started = time.perf_counter()
+        motion.estimate(frame, np.zeros((0, 4)))
+        times.append((time.perf_counter() - started) * 1000.0)
+    return {"size": list(size), "ms": _percentiles(times[1:]), "fits": motion.fits,
+            "frames": frames}
 
 
 class Receiver:
@@ -380,19 +408,28 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
         def publish(payload):
             peer_client.publish("edge/bench-peer/detections", payload)
         slots = bound_slots(engine, frames, maker.allocate)
+        # the same detector with tracking as configured (camera motion compensation included)
+        tracked = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
+                               device="bench", track=dict(cfg["track"], enabled=True))
         measured = []
         for _ in range(max(1, rounds)):
             raw = raw_fps(engine, slots, seconds)
             fps, summary = run_pipeline(ReplaySource(frames, frames_count), [detect], link, qos)
             peer = peer_loop(card, session, frames, frames_count, publish)
-            measured.append({"raw_fps": raw, "pipeline_fps": fps, "peer_fps": peer})
+            with_tracking = run_pipeline(ReplaySource(frames, frames_count), [tracked], link,
+                                         qos)[0]
+            measured.append({"raw_fps": raw, "pipeline_fps": fps, "peer_fps": peer,
+                             "tracked_fps": with_tracking})
         results["rounds"] = measured
-        for key in ("raw_fps", "pipeline_fps", "peer_fps"):
+        for key in ("raw_fps", "pipeline_fps", "peer_fps", "tracked_fps"):
             results[key] = statistics.median(r[key] for r in measured)
         results["pipeline_over_raw"] = statistics.median(
             r["pipeline_fps"] / r["raw_fps"] for r in measured)
         results["pipeline_over_peer"] = statistics.median(
             r["pipeline_fps"] / r["peer_fps"] for r in measured)
+        results["tracked_over_untracked"] = statistics.median(
+            r["tracked_fps"] / r["pipeline_fps"] for r in measured)
+        results["track_motion"] = cfg["track"]["motion"]
         results["stages_ms"] = summary["stages_ms"]       # frames queue up: throughput run
         # Latency as a camera sees it: frames paced at 80% of the engine's rate, newest wins.
         rate = 0.8 * results["raw_fps"]
@@ -421,6 +458,7 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
                                                           qos)[0]
         results["alloc_per_frame_bytes"] = alloc_per_frame(detect, frames)
         results["tracking"] = tracking_cost(card)
+        results["camera_motion"] = motion_cost(frames[0])
         if matcher:
             results["with_matcher"] = _with_matcher(cfg, maker, detect, matcher, reference,
                                                     frames, link, qos, workdir,
@@ -608,10 +646,20 @@ def table(r):
     ]
     if "tracking" in r:
         t = r["tracking"]
-        lines.append("  tracking       {} ms/frame p50 (p95 {}) at {} objects, 2 zones, 2 lines; "
-                     "memory kept {} bytes/frame".format(t["ms"]["p50"], t["ms"]["p95"],
+        lines.append("  tracking       {} ms/frame p50 (p95 {}) at {} objects, 2 zones, 2 lines "
+                     "(camera motion below); memory kept {} bytes/frame".format(t["ms"]["p50"], t["ms"]["p95"],
                                                          t["objects"],
                                                          t["growth_bytes_per_frame"]))
+    if "tracked_fps" in r:
+        lines.append("  tracked_fps    {:8.1f}  the pipeline with tracking (track.motion {}): "
+                     "{:.3f} of without (medians of per-round ratios)".format(
+                         r["tracked_fps"], r["track_motion"], r["tracked_over_untracked"]))
+    if "camera_motion" in r:
+        c = r["camera_motion"]
+        lines.append("  camera motion  {} ms/frame p50 (p95 {}) at {}x{}, {} of {} frames "
+                     "fitted (panning and zooming)".format(
+                         c["ms"]["p50"], c["ms"]["p95"], c["size"][0], c["size"][1],
+                         c["fits"], c["frames"]))
     if "with_matcher" in r:
         m = r["with_matcher"]
         lines.append("  with matcher at 1 Hz: detect {:.1f} fps = {:.3f} of solo {:.1f} ({} "

@@ -360,6 +360,10 @@ SPEC = {
                             help="tracks held at once per camera (memory is fixed)"),
         "anchor": Field(str, default="bottom", choices=("bottom", "center"),
                         help="point of a box that zones and lines test"),
+        "motion": Field(str, default="auto", choices=("auto", "robot", "off"),
+                        help="camera motion compensation: auto: from the frames, or the "
+                             "robot's rotation while it sends it (`motion` topic); robot: "
+                             "only the robot's; off: a still camera"),
         "zones": _Listed("a list of at most {} zones {{name, points, ...}}".format(MAX_ZONES),
                          default=[], items=ZONE, item_check=_zone, unique="name",
                          check=_zones_bounded,

@@ -125,6 +125,7 @@ class Daemon:
         self._gpu_memory = None   # a build process's GPU memory, from the system's readers
         self.health = None
         self.commands = None
+        self.motion = None          # edge.motioninput.MotionInput: the `motion` topics
         self.metrics = None         # edge.metrics.MetricsServer when metrics.port is set
         self.source_display = cameras.display(config)    # no camera passwords in health
         self.generations = 0
@@ -240,6 +241,7 @@ class Daemon:
     def _start_services(self):
         from edge.commands import Commands
         from edge.health import Health
+        from edge.motioninput import MotionInput
         config = self.config
         status, close, self._gpu_memory = _system_status()
         self._close_system = close or (lambda: None)
@@ -257,6 +259,9 @@ class Daemon:
             self.link.on_change = self.health.wake.set     # a fresh verdict, now
             self.commands = Commands(self, **config["commands"])
             self.link.on_command = self.commands.submit
+            self.motion = MotionInput(self.link, lambda: [
+                name for name, _ in cameras.configured(self.config)])
+            self.link.on_motion = self.motion.submit
             self.commands.start()
             self.link.start()
         self.publisher.start()

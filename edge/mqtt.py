@@ -465,6 +465,9 @@ class MqttLink:
         # the daemon; response topic and correlation data come from MQTT 5 requests, else
         # None; broadcast: the request came on {prefix}/_all/cmd/ (the whole fleet's)
         self.on_command = None
+        # callable(camera or None, payload bytes, retained, size=...) for the `motion`
+        # topics (edge.motioninput), set by the daemon; called in paho's thread
+        self.on_motion = None
         self.on_change = None     # callable() when the broker is lost or back (health)
 
     def topic(self, suffix):
@@ -538,15 +541,30 @@ class MqttLink:
             if recovered:
                 self._changed()
             self.set_status(self.state, self.reason)
+            # Subscribed on every connect: a clean session forgets subscriptions.
+            topics = []
             if self.on_command is not None:
-                # Subscribed on every connect: a clean session forgets subscriptions.
-                client.subscribe([(self.topic("cmd/+"), 1)] +
-                                 [(self.broadcast_topic(n), 1) for n in BROADCAST_COMMANDS])
+                topics += [(self.topic("cmd/+"), 1)] + \
+                    [(self.broadcast_topic(n), 1) for n in BROADCAST_COMMANDS]
+            if self.on_motion is not None:
+                # QoS 0: only the newest rotation counts, none is worth a retransmission
+                topics += [(self.topic("motion"), 0), (self.topic("motion/+"), 0)]
+            if topics:
+                client.subscribe(topics)
         except Exception:  # never let an exception end paho's network thread
             logger.exception("mqtt on_connect failed")
 
     def _on_message(self, client, userdata, message):
         try:
+            motion = self.topic("motion")
+            if self.on_motion is not None and message.topic.startswith(motion) and \
+                    message.topic[len(motion):len(motion) + 1] in ("", "/"):
+                cut_size = getattr(client, "cut_size", None)
+                self.on_motion(None if message.topic == motion else
+                               message.topic[len(motion) + 1:], message.payload,
+                               bool(message.retain),
+                               size=cut_size(message) if cut_size is not None else None)
+                return
             prefix = self.topic("cmd/")
             broadcast = message.topic.startswith(self.broadcast_topic(""))
             if broadcast:

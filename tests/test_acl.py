@@ -31,6 +31,9 @@ from tools.soak import read_jsonl, start_edge, start_mosquitto
 ROSTER = render_broker.load_roster(render_broker.ROSTER)
 ACCOUNTS = ROSTER["devices"] + ROSTER["robots"] + ROSTER["operators"] + list(ROSTER["sites"])
 USERS = {name: name + "-secret" for name in ACCOUNTS}
+# Who publishes what clients send to a device, by operationId (every one of the document's).
+CLIENT_WRITERS = {"command": "operators", "broadcast": "operators", "motion": "robots",
+                  "motion_of_camera": "robots"}
 # Example values of the API document's topic parameters: two named cameras.
 EXAMPLES = {"camera": ("front", "rear"), "id": ("r1",), "command": ("ping",),
             "broadcast_command": ("health",), "session": ("s1",)}
@@ -40,15 +43,20 @@ pytestmark = pytest.mark.skipif(
     reason="mosquitto and mosquitto_passwd are needed (apt-get install mosquitto)")
 
 
-def api_topics(device, prefix="edge"):
-    """({topic: whether robots read it} of everything `device` publishes, [the topics clients
-    publish to it]): each channel of the API document with EXAMPLES as parameters, and the
-    answers to `edge health` (`{prefix}/_health/{session}/{device_id}`, which the `reply`
-    channel names). Answers to commands (a channel with an {id}, `edge health`'s) are for
-    operators only; results and state for robots as well."""
+def api_topics(device, prefix="edge", clients="operators"):
+    """({topic: whether robots read it} of everything `device` publishes, [the topics
+    `clients` (operators: commands; robots: the camera's motion) publish to it]): each
+    channel of the API document with EXAMPLES as parameters, and the answers to `edge
+    health` (`{prefix}/_health/{session}/{device_id}`, which the `reply` channel names).
+    Answers to commands (a channel with an {id}, `edge health`'s) are for operators only;
+    results and state for robots as well."""
     published, commands = collections.OrderedDict(), []
-    channels = [(template, "subscribe" in item)
-                for template, item in schemas.document()["channels"].items()]
+    channels = []
+    for template, item in schemas.document()["channels"].items():
+        if "subscribe" in item:
+            channels.append((template, True))
+        elif CLIENT_WRITERS[item["publish"]["operationId"]] == clients:
+            channels.append((template, False))
     channels.append((render_broker.HEALTH_REPLY, True))
     for template, device_publishes in channels:
         names = re.findall(r"\{(\w+)\}", template)
@@ -200,7 +208,9 @@ def clients():
 def test_every_topic_of_the_api_reaches_the_accounts_meant_to_read_it(acl_broker, clients):
     """cam1 with two named cameras: robots get results, events, depth, status and health of
     both cameras; operators get those and the answers; another device nothing. Commands reach
-    their device (the fleet-wide one every device), never a robot."""
+    their device (the fleet-wide one every device), never a robot; a robot's `motion`
+    reaches its device and operators, never another device or robot, and nobody but a
+    robot writes it."""
     port = acl_broker.port
     published, commands = api_topics("cam1")
     assert "edge/cam1/detections/front" in published and "edge/cam1/events/rear" in published
@@ -227,6 +237,26 @@ def test_every_topic_of_the_api_reaches_the_accounts_meant_to_read_it(acl_broker
     assert other.topics_received() == [t for t in commands if "/_all/" in t] + [
         "edge/cam2/cmd/ping"]
     assert robot.topics_received()[-1] == "edge/cam1/status", "robots read no commands"
+
+    motions = api_topics("cam1", clients="robots")[1]
+    assert motions == ["edge/cam1/motion", "edge/cam1/motion/front", "edge/cam1/motion/rear"]
+    sender = clients(port, "robot-cart")
+    for forger in (clients(port, "operator-2"), clients(port, "cam2")):
+        forger.publish("edge/cam1/motion", forger.user.encode())
+    for topic in motions:
+        sender.publish(topic, topic.encode())
+    sender.publish("edge/cam2/motion", b"end")
+    assert other.wait_for("edge/cam2/motion", b"end")
+    assert cam1.wait_for(motions[-1], motions[-1].encode())
+    assert operator.wait_for("edge/cam2/motion", b"end")
+    time.sleep(0.2)
+    assert cam1.topics_received() == commands + motions, "only a robot writes motion"
+    assert cam1.received("edge/cam1/motion") == [b"edge/cam1/motion"]
+    assert other.topics_received()[-1:] == ["edge/cam2/motion"] and \
+        not [t for t in other.topics_received() if t.startswith("edge/cam1/")]
+    assert [t for t in operator.topics_received() if "/motion" in t] == motions + [
+        "edge/cam2/motion"]
+    assert robot.topics_received()[-1] == "edge/cam1/status", "robots read no motion"
 
 
 def test_no_account_can_pose_as_a_device(acl_broker, clients):

@@ -33,6 +33,11 @@ def test_bench_reports_all_figures(tmp_path, model_dir):
     tracking = r["tracking"]
     assert tracking["objects"] == 50 and tracking["tracks"] > 0 and tracking["ms"]["p50"] > 0
     assert "growth_bytes_per_frame" in tracking and "tracking" in out
+    # tracking as configured (camera motion compensation on) against without, same rounds
+    assert r["tracked_fps"] > 0 and r["tracked_over_untracked"] > 0 and "tracked_fps" in out
+    motion = r["camera_motion"]
+    assert motion["size"] == [640, 480] and motion["ms"]["p50"] > 0 and "camera motion" in out
+    assert motion["fits"] >= motion["frames"] - 2, motion     # a real picture, panning
     assert "pipeline/raw" in out and plot.stat().st_size > 1000
     cameras = r["cameras"]         # issue 16's figures: several cameras in one daemon
     assert cameras["cameras"] == 2 and cameras["alone_fps"] > 0

@@ -189,7 +189,8 @@ def link_up(central, ca, clients, user="operator-2"):
 def test_every_topic_crosses_the_bridge_to_the_accounts_meant_to_read_it(cluster, clients):
     """cam1 with two named cameras on the site broker: at the centre robots get results,
     events, depth, status and health of both cameras, operators those and the answers; the
-    commands of an operator at the centre reach cam1, the fleet-wide one every device."""
+    commands of an operator at the centre reach cam1, the fleet-wide one every device, and
+    so does the `motion` a robot at the centre sends."""
     central, site, ca = cluster
     link_up(central, ca, clients)
     published, commands = api_topics("cam1")
@@ -214,6 +215,17 @@ def test_every_topic_crosses_the_bridge_to_the_accounts_meant_to_read_it(cluster
     assert cam1.topics_received() == commands
     assert cam2.topics_received() == [t for t in commands if "/_all/" in t] + [
         "edge/cam2/cmd/ping"]
+    motions = api_topics("cam1", clients="robots")[1]
+    sender = clients(central.port, "robot-cart", ca=ca)
+    for topic in motions:
+        sender.publish(topic, topic.encode())
+    sender.publish("edge/cam2/motion", b"end")
+    assert cam2.wait_for("edge/cam2/motion", b"end") and cam1.wait_for(
+        motions[-1], motions[-1].encode())
+    time.sleep(0.2)
+    assert cam1.topics_received() == commands + motions
+    assert cam2.topics_received()[-1] == "edge/cam2/motion"
+    assert robot.topics_received()[-1] == "edge/cam1/status", "robots read no motion"
 
 
 def test_a_site_reads_and_writes_its_own_devices_only(cluster, clients):

@@ -1,6 +1,7 @@
 """The daemon's footprint: started from its engine cache it reads no ONNX model and imports
-neither onnx nor OpenCV; a changed card is checked against its model again. tools/footprint.py
-runs and attributes a real daemon's memory."""
+neither onnx nor OpenCV where nothing needs it (camera motion compensation, `track.motion`
+auto, does, as every camera source does); a changed card is checked against its model
+again. tools/footprint.py runs and attributes a real daemon's memory."""
 
 import json
 import os
@@ -33,8 +34,12 @@ def test_a_daemon_started_from_its_cache_imports_neither_onnx_nor_opencv(tmp_pat
     state = str(tmp_path / "state")
     jsonl = str(tmp_path / "out.jsonl")
 
-    def run(detector):
-        return edge_watched("run", "--source", "test://?width=320&height=240&frames=3",
+    still = tmp_path / "still.yaml"
+    still.write_text("track: {motion: \"off\"}\n")     # a still camera: OpenCV not needed
+
+    def run(detector, config=str(still)):
+        return edge_watched("run", "-c", config, "--source",
+                            "test://?width=320&height=240&frames=3",
                             "--detector", detector, "--model-dir", model_dir,
                             "--state-dir", state, "--jsonl", jsonl, "--backend", "ort")
     first, _ = run("yolox-nano")         # builds: the graph is rewritten with onnx
@@ -44,6 +49,11 @@ def test_a_daemon_started_from_its_cache_imports_neither_onnx_nor_opencv(tmp_pat
     assert second == {"exit": 0, "onnx": False, "cv2": False}, log
     assert sorted(os.listdir(os.path.join(state, "engines"))) == engines
     assert len(read_jsonl(jsonl)) == 6
+    # camera motion compensation (the default) estimates with OpenCV
+    moving = tmp_path / "moving.yaml"
+    moving.write_text("track: {motion: auto}\n")
+    fourth, log = run("yolox-nano", str(moving))
+    assert fourth == {"exit": 0, "onnx": False, "cv2": True}, log
     # a card that differs (fewer candidates: another graph) is read and rewritten again
     card = yaml.safe_load(open(os.path.join(ROOT, "engines", "yolox-nano.yaml")))
     card["candidates"] = 50

@@ -99,7 +99,9 @@ def daemon(root, seconds, folder):
     state = os.path.join(folder, "state")
     config = os.path.join(folder, "edge.yaml")
     with open(config, "w") as f:
-        f.write("pipeline: {threads: 1}\n")
+        # a still test pattern: no camera motion compensation, whose OpenCV a real camera
+        # source loads anyway (README: The daemon's footprint)
+        f.write("pipeline: {threads: 1}\ntrack: {motion: \"off\"}\n")
     env = dict(os.environ)
     env.setdefault("EDGE_MODEL_MIRROR", os.path.join(SHARED, "models"))
     args = [sys.executable, "-m", "edge", "run", "-c", config, "--detector", "yolox-nano",

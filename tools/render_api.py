@@ -3,7 +3,8 @@
     python tools/render_api.py           # rewrite README.md between the api markers
     python tools/render_api.py --check   # exit 1 when README.md is out of date
 
-The section is: the topics table, one field table per message (path, type, description),
+The section is: the topics table, one field table per message (path, type, description;
+those the device publishes and `motion`, which robots send it),
 the commands with their arguments and results, the replies and the error codes. Everything
 comes from the document's descriptions: fix wording there, not in the README.
 """
@@ -316,7 +317,7 @@ def render(doc=None):
     info = doc.doc["info"]
     lines = [BEGIN, NOTE, "", info["description"].strip(), ""]
     lines += topics(doc) + [""]
-    for topic in ("status", "detections", "depth", "matches", "health", "events"):
+    for topic in ("status", "detections", "depth", "matches", "health", "events", "motion"):
         lines += message_section(doc, "{prefix}/{device_id}/" + topic) + [""]
     lines += commands_section(doc)
     lines += replies_section(doc)

@@ -54,9 +54,16 @@ DEVICE_PUBLISHES = {
     "reply": ("operators",),
     "snapshot": ("operators",),
 }
-# What clients publish to devices: operators write it; the device it names reads it (every
-# device, for a topic without {device_id}), and operators too (to see what was asked).
-CLIENTS_PUBLISH = ("command", "broadcast")
+# What clients publish to devices, by the operationId of its channel, and who writes it:
+# commands come from operators, the camera's rotation (`motion`) from robots, whose cameras
+# the devices watch. The device a topic names reads it (every device, for a topic without
+# {device_id}), and operators too (to see what was asked and sent).
+CLIENTS_PUBLISH = {
+    "command": "operators",
+    "broadcast": "operators",
+    "motion": "robots",
+    "motion_of_camera": "robots",
+}
 # Topics outside the document's channels. `edge health` replies: the `reply` channel names
 # this topic (its description must keep naming it); a device writes its own.
 HEALTH_REPLY = "{prefix}/_health/{session}/{device_id}"
@@ -107,12 +114,12 @@ def channels(doc):
             if operation not in CLIENTS_PUBLISH:
                 unknown.append("{} (operationId {}; clients publish)".format(template, operation))
                 continue
-            result.append(Channel(template, operation, "operators", ("device", "operators"),
-                                  False))
+            result.append(Channel(template, operation, CLIENTS_PUBLISH[operation],
+                                  ("device", "operators"), False))
     if unknown:
         raise RenderError("channels of the API document without rights in tools/render_broker"
                           ".py: {}; add each operationId to DEVICE_PUBLISHES (who reads it) or "
-                          "CLIENTS_PUBLISH".format("; ".join(unknown)))
+                          "CLIENTS_PUBLISH (who writes it)".format("; ".join(unknown)))
     replies = [item for item in doc["channels"].values()
                if item.get("subscribe", {}).get("operationId") == "reply"]
     if not replies or HEALTH_REPLY not in replies[0].get("description", ""):
@@ -197,7 +204,8 @@ def bridge_topics(chans, prefix):
     """The bridge's `topic` lines: out what devices publish, in what clients send them."""
     out = [topic_filter(c.template, prefix) for c in chans
            if c.writer == "device" and not c.central]
-    into = [topic_filter(c.template, prefix) for c in chans if c.writer == "operators"]
+    into = [topic_filter(c.template, prefix) for c in chans
+            if c.writer in ("operators", "robots") and not c.central]
     lines = ["topic {} out 1".format(t) for _, t in merged(("write", t) for t in out)]
     lines += ["topic {} in 1".format(t) for _, t in merged(("read", t) for t in into)]
     return lines
@@ -301,7 +309,8 @@ def render_acl(roster, chans, source, site=None):
                               where + "."] + _ACL_NOTES)]
     parts.append("\n# --- devices: user name = device id; its own topics only\n")
     parts += ["\n" + _user_block(d, device_rights(chans, prefix, d)) for d in devices]
-    parts.append("\n# --- robots: results and state of every device; no commands\n")
+    parts.append("\n# --- robots: results and state of every device, the motion of its "
+                 "cameras; no commands\n")
     parts += ["\n" + _user_block(r, client_rights(chans, prefix, "robots", False))
               for r in roster["robots"]]
     parts.append("\n# --- operators: commands to every device and what devices publish\n")
@@ -321,7 +330,8 @@ def render_central_acl(roster, chans, source):
     parts.append("\n# --- sites (bridges): their devices' topics, their own link state\n")
     parts += ["\n" + _user_block(s, site_rights(chans, prefix, s, devices))
               for s, devices in roster["sites"].items()]
-    parts.append("\n# --- robots: results and state of every device; no commands\n")
+    parts.append("\n# --- robots: results and state of every device, the motion of its "
+                 "cameras; no commands\n")
     parts += ["\n" + _user_block(r, client_rights(chans, prefix, "robots", True))
               for r in roster["robots"]]
     parts.append("\n# --- operators: commands to every device, what devices publish, link states\n")

@@ -3,7 +3,8 @@
 `asyncapi.yaml` (next to this file) describes every topic and payload. Here:
 - `document()`: the parsed document (loaded once);
 - `schema(name)`: a standalone JSON Schema (draft-07) for a message kind (`status`, `depth`,
-  `detections`, `matches`, `health`, `reply`, `command`) or a component (`SnapshotRequest`);
+  `detections`, `matches`, `health`, `reply`, `command`, `events`, `motion`) or a component
+  (`SnapshotRequest`);
 - `kind_of_topic(topic, prefix)`: the message kind a concrete topic carries;
 - `validate(kind, payload)`: ValueError with the path and the reason when a payload is not
   what the API promises; `strict=False` (what a consumer such as edge.client checks) lets
@@ -41,15 +42,16 @@ KINDS = {
     "reply": "Reply",
     "command": "CommandRequest",
     "events": "Event",
+    "motion": "Motion",
 }
 # topics directly under {prefix}/{device_id}/ -> kind
 _FIXED = {"status": "status", "detections": "detections", "matches": "matches",
-          "health": "health", "events": "events", "depth": "depth"}
+          "health": "health", "events": "events", "depth": "depth", "motion": "motion"}
 # topics {prefix}/{device_id}/{level}/{name or id} -> kind
 _NAMED = {"cmd": "command", "reply": "reply", "snapshot": "snapshot"}
-# results of a named camera: {prefix}/{device_id}/{kind}/{camera}
+# a named camera's topics: {prefix}/{device_id}/{kind}/{camera}
 _PER_CAMERA = {"detections": "detections", "matches": "matches", "events": "events",
-               "depth": "depth"}
+               "depth": "depth", "motion": "motion"}
 HEALTH_CLIENT_LEVEL = "_health"     # `edge health` replies: {prefix}/_health/{session}/{device}
 JPEG_START = b"\xff\xd8\xff"
 
@@ -114,7 +116,8 @@ def kind_of_topic(topic, prefix="edge"):
     """The kind of message on a concrete topic, or None for a topic not of this API.
 
     `edge/cam1/detections` -> "detections", `edge/cam1/detections/front` -> "detections"
-    (camera `front`), `edge/cam1/cmd/ping` -> "command", `edge/cam1/reply/42` -> "reply",
+    (camera `front`), `edge/cam1/motion/front` -> "motion" (what a robot sends the device),
+    `edge/cam1/cmd/ping` -> "command", `edge/cam1/reply/42` -> "reply",
     `edge/cam1/snapshot/42` -> "snapshot". A reply sent to
     a request's own `reply_to` topic cannot be told from its topic (None), except the ones
     `edge health` asks for (`{prefix}/_health/{session}/{device}`).

@@ -86,13 +86,17 @@ class DetectTask(Task):
                 for i, row in enumerate(kept[:published])], events
 
     def health(self):
-        """Tracking figures for the health report: tracks, counts per zone and line."""
+        """Tracking figures for the health report: tracks, counts per zone and line, camera
+        motion per camera."""
         if self.track is None:
             return {}
         summaries = [t.summary() for t in self.trackers.values()]
         tracks = {"tracks": sum(s["tracks"] for s in summaries),
-                  "started": sum(s["started"] for s in summaries), "zones": {}, "lines": {}}
-        for summary in summaries:
+                  "started": sum(s["started"] for s in summaries), "zones": {}, "lines": {},
+                  "motion": {}}
+        for tracking, summary in zip(self.trackers.values(), summaries):
+            if tracking.tracker.frame is not None:      # cameras that sent a frame
+                tracks["motion"].update(summary["motion"])
             for kind in ("zones", "lines"):
                 for name, counts in summary[kind].items():
                     total = tracks[kind].setdefault(name, dict.fromkeys(counts, 0))
@@ -109,6 +113,9 @@ class DetectTask(Task):
         self.frames += 1
         msg = self.new_message(frame, infer_ms)
         msg["detections"], events = self.detections(binding.outputs, frame)
+        if self.track is not None and self.track["motion"] != "off":
+            msg["camera_motion"] = self.tracking_for(frame.camera).camera_motion(
+                frame.width, frame.height)
         if self.depth is not None and self.depth.serves(frame.camera):
             self.depth.add_spatial(frame, msg["detections"])
         return [msg] + [Side(EVENT_TOPIC, event, EVENT_QOS) for event in events]

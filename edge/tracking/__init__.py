@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 from edge.errors import ConfigError
+from edge.tracking.motion import CameraMotion, describe, robot_motion
 from edge.tracking.tracker import Tracker
 from edge.tracking.zones import Regions
 
@@ -58,6 +59,7 @@ class CameraTracking:
         if high_score is None:
             high_score = card.thresholds["score"]
         self.tracker = Tracker.from_settings(settings, high_score, id_counter(camera))
+        self.motion = CameraMotion(settings["motion"], robot_motion(camera))
         labels = card.labels
         self.regions = Regions(
             settings["zones"], settings["lines"],
@@ -77,15 +79,20 @@ class CameraTracking:
         """
         self._events = []
         tracker = self.tracker
-        result = tracker.update(rows[:, :4].astype(np.float64), rows[:, 4].astype(np.float64),
+        boxes = rows[:, :4].astype(np.float64)
+        motion = self.motion.estimate(frame, boxes)
+        before = tracker.active()
+        result = tracker.update(boxes, rows[:, 4].astype(np.float64),
                                 rows[:, 5].astype(np.int64), frame.index,
-                                (frame.width, frame.height))
+                                (frame.width, frame.height), motion)
         self.seen_ts[result.matched] = frame.ts
         self.seen_ts[result.started] = frame.ts
         for slot in result.started:
             self._emit(slot, "track_start", None, None)
         width, height = frame.width, frame.height
         regions = self.regions
+        if motion is not None:
+            regions.warp(before, motion)
         regions.start(result.started, tracker.class_id[result.started],
                       tracker.kalman.boxes(result.started), width, height, self._emit)
         regions.move(result.matched, tracker.class_id[result.matched],
@@ -117,8 +124,18 @@ class CameraTracking:
             event["direction"] = direction
         self._events.append(event)
 
+    def camera_motion(self, width, height):
+        """The last frame's camera motion for its message ({dx, dy, scale, angle}), None when
+        none was found; no key at all with `track.motion: off`."""
+        motion = self.motion.last
+        return None if motion is None else describe(motion, width, height)
+
     def summary(self):
-        """For health: tracks now, tracks started, counts per zone and line."""
+        """For health: tracks now, tracks started, counts per zone and line, the camera's
+        motion compensation (under its name; the one unnamed camera is `source`, as in the
+        report)."""
         zones, lines = self.regions.summary()
         return {"tracks": int(self.tracker.active().size),
-                "started": self.tracker.started_total, "zones": zones, "lines": lines}
+                "started": self.tracker.started_total, "zones": zones, "lines": lines,
+                "motion": {"source" if self.camera is None else self.camera:
+                           self.motion.summary()}}

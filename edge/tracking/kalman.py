@@ -55,6 +55,29 @@ class BoxKalman:
         self.cov_pv[slots] = cov_pv + steps * var_v
         self.var_v[slots] = var_v + steps * (VELOCITY_WEIGHT * size) ** 2
 
+    def warp(self, slots, motion):
+        """Move the tracks in `slots` with the camera: `motion` (2 x 3) maps pixels of the
+        previous frame to this one (edge.tracking.motion). Centres and velocities turn,
+        scale and (centres) shift; sizes scale. Covariances follow as R P R^T kept on its
+        diagonal per quantity (the filter has no x-y terms; a camera turns a degree or two
+        per frame, so what is dropped is tiny)."""
+        if slots.size == 0:
+            return
+        linear = motion[:, :2]
+        scale = np.sqrt(abs(np.linalg.det(linear)))
+        squares = linear * linear
+        mean = self.mean[slots]
+        mean[:, 0:2] = mean[:, 0:2] @ linear.T + motion[:, 2]
+        mean[:, 4:6] = mean[:, 4:6] @ linear.T
+        mean[:, 2:4] *= scale
+        mean[:, 6:8] *= scale
+        self.mean[slots] = mean
+        for terms in (self.var_p, self.cov_pv, self.var_v):
+            block = terms[slots]
+            block[:, 0:2] = block[:, 0:2] @ squares.T
+            block[:, 2:4] *= scale * scale
+            terms[slots] = block
+
     def _innovation(self, slots, boxes):
         """(box - predicted box (n, 4), its variance (n, 4)) per quantity."""
         mean = self.mean[slots]

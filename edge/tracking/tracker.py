@@ -30,6 +30,7 @@ FREE, TENTATIVE, TRACKED, LOST = 0, 1, 2, 3
 _FORBIDDEN = 1e6       # cost of a pair the gate refuses (never picked over an allowed one)
 GATE = 18.467          # squared Mahalanobis distance: the chi-square 99.9% quantile, 4 dof
 EDGE_PX = 1.0          # a box this close to the frame's edge is cut by it
+EDGE_AREA = 0.7        # ... and skips the gate when at least this share of the prediction
 TENTATIVE_MISSES = 1   # frames a tentative track may go unmatched
 # A young track (matched in fewer than YOUNG_HITS frames) ends after YOUNG_MAX_LOST frames
 # lost, not max_lost: its velocity is a few jittered boxes' worth, so its prediction drifts
@@ -139,12 +140,14 @@ class Tracker:
         """Slots of the confirmed tracks, matched in the last frame or lost for now."""
         return np.flatnonzero(self.state >= TRACKED)
 
-    def update(self, boxes, scores, classes, frame, size=None):
+    def update(self, boxes, scores, classes, frame, size=None, motion=None):
         """Track one frame's boxes (n, 4) x1, y1, x2, y2 with scores (n,) and classes (n,).
 
         `frame` is the source's frame index: a gap (frames a live source dropped) is
-        predicted as time passing. `size`: the frame's (width, height), where known. Returns
-        a TrackerResult.
+        predicted as time passing. `size`: the frame's (width, height), where known.
+        `motion`: the camera's motion since the previous frame (2 x 3, edge.tracking.motion)
+        or None; every track moves with it after the prediction, before association.
+        Returns a TrackerResult.
         """
         steps = 1 if self.frame is None or frame <= self.frame else frame - self.frame
         self.frame = frame
@@ -154,6 +157,8 @@ class Tracker:
         lost = live[self.state[live] == LOST]
         self.kalman.mean[lost, 6:] = 0.0       # a lost box keeps its size (ByteTrack)
         self.kalman.predict(live, steps)
+        if motion is not None:
+            self.kalman.warp(live, motion)
         predicted = self.kalman.boxes(live)
 
         state = self.state[live]
@@ -232,7 +237,15 @@ class Tracker:
             cut = (b[:, 0] <= EDGE_PX) | (b[:, 1] <= EDGE_PX) | \
                 (b[:, 2] >= size[0] - EDGE_PX) | (b[:, 3] >= size[1] - EDGE_PX)
             alone = (allowed.sum(1) == 1)[:, None] & (allowed.sum(0) == 1)[None, :]
-            checked = allowed & ~(alone & cut[None, :])
+            # ... that is not much smaller than the prediction: an object coming into view
+            # grows, while a box much smaller than its track at the edge is a part of it (a
+            # giraffe's legs at the bottom edge took its track from the whole giraffe)
+            # (the prediction's part inside the frame: a box is cut where the frame ends)
+            p = np.clip(predicted[tracks], 0.0, [size[0], size[1], size[0], size[1]])
+            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            grown = area[None, :] >= EDGE_AREA * ((p[:, 2] - p[:, 0]) *
+                                                  (p[:, 3] - p[:, 1]))[:, None]
+            checked = allowed & ~(alone & cut[None, :] & grown)
         r, c = np.nonzero(checked)
         if r.size:
             far = self.kalman.distance(live[tracks[r]], boxes[candidates[c]]) > GATE

@@ -6,6 +6,12 @@ filter's box rather than the raw detection so that box jitter does not flicker a
 and out of a zone or back and forth over a line. Only confirmed tracks matched in the frame
 move; a track found again after an occlusion crosses a line it passed while hidden.
 
+Zones and lines are regions of the picture: they stay where they were drawn when the camera
+moves, and an object a pan carries into a zone enters it. A line is crossed by an object,
+not by the camera: with camera motion compensation, a track's side change counts only when
+its own motion (from where the camera carried its last point to its point now) goes that
+way (`Regions._lines`), so a still object a pan carries over a line never crosses it.
+
 Line directions: `to_left`, `to_right`, `to_top`, `to_bottom` name the side of the line in
 the picture that a crossing ends on (a line that is not horizontal has a left and a right
 side, one that is not vertical a top and a bottom side). Events and counts keep the older
@@ -20,7 +26,14 @@ number and points: MAX_ZONES, ...); Python runs per event only.
 
 import numpy as np
 
+from edge.tracking.motion import apply
+
 DIRECTIONS = ("left_to_right", "right_to_left")
+# Of a crossing while the camera moves, the least share of the camera's motion across the
+# line that the object's own motion must reach (see Regions._lines): a still object's box
+# jitters by a pixel or two a frame (the giraffe of tools/pan_clip.py: 1.4 px against a pan
+# of 9.4 px), the camera motion estimate errs by tenths of a pixel.
+OWN_SHARE = 0.25
 
 
 def counted_crossing(line):
@@ -117,6 +130,9 @@ class Regions:
         self.inside = np.zeros((capacity, len(zones)), bool)
         self.side = np.zeros((capacity, len(lines)), bool)     # True: right-hand side
         self.point = np.zeros((capacity, 2), np.float64)
+        # where the picture's content at `point` is now: `point` moved by the camera's motion
+        # since (the same as `point` while the camera stands still)
+        self.carried = np.zeros((capacity, 2), np.float64)
         self.zone_counts = [{"inside": 0, "entered": 0, "left": 0} for _ in zones]
         self.line_counts = [dict.fromkeys(DIRECTIONS, 0) for _ in lines]
         self.counted = [counted_crossing(l) for l in lines]   # None: both ways
@@ -161,10 +177,18 @@ class Regions:
         self._scale(width, height)
         points = self.anchors(boxes)
         self.point[slots] = points
+        self.carried[slots] = points
         self.inside[slots] = False
         if self.lines:
             self.side[slots] = self._sides(points)
         self._zones(slots, classes, points, emit)
+
+    def warp(self, slots, motion):
+        """The camera moved (`motion`, edge.tracking.motion): where the tracks in `slots`
+        were last seen moves with the picture (`carried`), so that `_lines` can tell an
+        object's own motion from the camera's."""
+        if slots.size and self.lines:
+            self.carried[slots] = apply(motion, self.carried[slots])
 
     def move(self, slots, classes, boxes, width, height, emit):
         """Tracks matched in this frame (already started): zones entered or left, lines
@@ -175,6 +199,7 @@ class Regions:
         points = self.anchors(boxes)
         if self.lines:
             self._lines(slots, classes, points, emit)
+            self.carried[slots] = points
         self.point[slots] = points
         self._zones(slots, classes, points, emit)
 
@@ -192,6 +217,20 @@ class Regions:
         ends_a = path[:, 0] * a[:, 1] - path[:, 1] * a[:, 0]
         ends_b = path[:, 0] * b[:, 1] - path[:, 1] * b[:, 0]
         through = (ends_a >= 0) != (ends_b >= 0)
+        # The camera's share: the track moved from `before` to `carried` with the picture and
+        # from there to its point by itself. A crossing is the object's when its own motion
+        # goes the crossing's way by more than OWN_SHARE of the camera's across the line: a
+        # still object a pan carries over a line (own motion: the estimate's noise) does not
+        # cross it; where the camera stands still, every crossing counts as before.
+        d = (self._ends[1] - self._ends[0])[lines]
+        length = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-9)
+        carried = self.carried[slots[rows]]
+        own = (d[:, 0] * (points[rows, 1] - carried[:, 1]) -
+               d[:, 1] * (points[rows, 0] - carried[:, 0])) / length
+        camera = (d[:, 0] * (carried[:, 1] - before[:, 1]) -
+                  d[:, 1] * (carried[:, 0] - before[:, 0])) / length
+        towards = np.where(side[rows, lines], own, -own)     # own motion towards the new side
+        through &= (towards > 0) & (towards >= OWN_SHARE * np.abs(camera))
         for i, k in zip(lines[through], rows[through]):
             if self._line_sets[i] is not None and int(classes[k]) not in self._line_sets[i]:
                 continue
