@@ -347,10 +347,19 @@ def test_edge_track_on_clean_detections_recovers_the_ground_truth(tmp_path):
     results = np.array([[float(v) for v in f[:6]] for f in fields])
     metrics = bench_track.evaluate(gt, results)
     assert metrics["idf1"] > 0.97 and metrics["mota"] > 0.97 and metrics["switches"] == 0
-    # --no-fill: only what a live run publishes (no frame before a track's confirmation)
-    rc, _, err = run_edge("track", str(tmp_path / "det.txt"), "--out", str(out), "--no-fill")
-    assert rc == 0, err
-    assert len(out.read_text().splitlines()) < len(lines)
+    # --no-fill: only what a live run publishes, no frame in a gap: one person unseen for
+    # frames 30-33 is filled in by default, not with --no-fill
+    person = gt[gt[:, 0] == 30][0, 1]
+    gapped = dets[~((gt[:, 1] == person) & (gt[:, 0] >= 30) & (gt[:, 0] <= 33))]
+    assert gapped.shape[0] == dets.shape[0] - 4
+    det_file(tmp_path / "gapped.txt", gapped)
+    counts = []
+    for extra in ([], ["--no-fill"]):
+        rc, _, err = run_edge("track", str(tmp_path / "gapped.txt"), "--out", str(out),
+                              "--size", "640x480", *extra)
+        assert rc == 0, err
+        counts.append(len(out.read_text().splitlines()))
+    assert counts[0] == len(lines) and counts[1] == len(lines) - 4, counts
 
 
 @pytest.mark.parametrize("text, words", [
@@ -408,3 +417,32 @@ def test_the_tracker_itself_needs_no_frame_size():
     tracker = Tracker()
     result = tracker.update(np.array([[0, 0, 10, 10.0]]), np.array([0.9]), np.zeros(1, int), 1)
     assert result.ids.tolist() == [0] and result.started.size == 0
+
+
+def test_a_whole_box_after_a_weak_part_box_keeps_its_track(monkeypatch):
+    """Real detections: yolox-nano (ONNX Runtime) on tools/bench_motion.py's zoom over coco8's
+    000000000036.jpg, frames 0-44, with the clip's exact camera motion
+    (tests/data/umbrella_zoom.json). The detector boxes the umbrella whole, then in halves
+    and a weak part box that pulls the track's filter, then whole again: the gate alone
+    refused the whole box as a jump in size and a second id began; the track's last
+    confident box (STRONG_IOU) keeps it."""
+    from edge.tracking import tracker as module
+    with open(os.path.join(ROOT, "tests", "data", "umbrella_zoom.json")) as f:
+        frames = json.load(f)
+
+    def ids_of_the_whole_umbrella():
+        tracker = Tracker(high_score=CARD.thresholds["score"])
+        ids = set()
+        for i, frame in enumerate(frames):
+            rows_ = np.array(frame["rows"], np.float64).reshape(-1, 6)
+            motion = None if frame["motion"] is None else np.array(frame["motion"])
+            result = tracker.update(rows_[:, :4], rows_[:, 4], rows_[:, 5].astype(np.int64),
+                                    i, (640, 480), motion)
+            whole = (rows_[:, 5] == CARD.labels.index("umbrella")) & \
+                (rows_[:, 2] - rows_[:, 0] > 500) & (rows_[:, 4] >= CARD.thresholds["score"])
+            ids |= {int(v) for v in result.ids[whole] if v}
+        return ids
+
+    assert len(ids_of_the_whole_umbrella()) == 1
+    monkeypatch.setattr(module, "STRONG_IOU", 2.0)      # the rule off: an IoU never reached
+    assert len(ids_of_the_whole_umbrella()) == 2
