@@ -68,8 +68,10 @@ class ImageMotion:
         self.cv2 = cv2
         # One OpenCV thread for the process: on a picture of 160x120 its thread pool only
         # fights the inference engine for the cores. With the pool (2 threads on the 2-core
-        # host) the pipeline ran at 0.78 of its untracked frames/s, with one at 0.97
-        # (alternating rounds; tracking without compensation 0.92-0.99).
+        # host) the pipeline ran at 0.76-0.78 of its untracked frames/s, with one at
+        # 0.97-1.02 (alternating rounds; tracking without compensation 0.91-0.99). The price:
+        # OpenCV's StereoSGBM (stereo depth without VPI) alone takes 52 ms a pair instead of
+        # 30-38 (741x500, README: Camera motion compensation).
         cv2.setNumThreads(1)
         self._size = None
         self._small = self._grey = self._previous = self._mask = None
