@@ -225,12 +225,14 @@ class Health(threading.Thread):
             jsonl = {"path": publisher.jsonl.path, "missed": publisher.jsonl_missed,
                      "error": str(publisher.error) if publisher.error else None}
         commands = getattr(app, "commands", None)
+        motion = getattr(app, "motion", None)      # edge.motioninput: the `motion` topics
         report = {"v": 1, "device": app.device, "ts": round(now, 3),
                   "uptime_s": round(now - app.started, 1), "state": None,
                   "versions": self.versions, "source": source,
                   **({"cameras": cameras} if cameras else {}), "tasks": tasks,
                   "engines": engines, "mqtt": mqtt, **({"jsonl": jsonl} if jsonl else {}),
                   "commands": commands.counts() if commands is not None else None,
+                  "motion_topic": motion.counts() if motion is not None else None,
                   "reload": getattr(app, "last_reload", None), "system": system}
         # Cameras' errors may quote their URLs (a camera's, FFmpeg's, an exception's text):
         # no password reaches the report, its verdict, `status` or the log.

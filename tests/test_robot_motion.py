@@ -228,6 +228,13 @@ def test_a_running_daemon_tracks_with_the_robot_s_rotation(broker, tmp_path, mod
                           proc.poll() is not None, 30), motion_health()
         assert proc.poll() is None
         assert motion_health()["mode"] == "auto"
+        # the topic's own counts: 20 x 6 bad, the retained one, 20 for a camera it lacks
+        assert wait_until(lambda: (reports[-1].get("motion_topic") or {}).get(
+            "unknown_camera") == 20, 10), reports[-1].get("motion_topic")
+        topic_counts = reports[-1]["motion_topic"]
+        assert topic_counts["rejected"] == 20 * 6 + 1 + 20, topic_counts
+        assert topic_counts["accepted"] >= 10 and "motion/front" in topic_counts["last_error"]
+        assert motion_health()["robot_rejected"] == 20 * 6 + 1      # this camera's share
     finally:
         stop.set()
         if sender.is_alive():
