@@ -219,7 +219,7 @@ class Regions:
         through = (ends_a >= 0) != (ends_b >= 0)
         # The camera's share: the track moved from `before` to `carried` with the picture and
         # from there to its point by itself. A crossing is the object's when its own motion
-        # goes the crossing's way by more than OWN_SHARE of the camera's across the line: a
+        # goes the crossing's way by at least OWN_SHARE of the camera's across the line: a
         # still object a pan carries over a line (own motion: the estimate's noise) does not
         # cross it; where the camera stands still, every crossing counts as before.
         d = (self._ends[1] - self._ends[0])[lines]
