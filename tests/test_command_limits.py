@@ -183,6 +183,7 @@ def test_a_huge_command_costs_the_daemon_no_memory(broker, tmp_path, model_dir, 
 
 # -- snapshots of a camera that gives no frame -------------------------------------------
 
+@pytest.mark.timing      # reply times within 2 s: alone, not beside other workers
 def test_snapshots_of_a_camera_without_frames_fail_fast_and_never_slow_health(
         broker, tmp_path, model_dir):
     """A camera that never delivers (an HTTP camera nobody serves, beside a working one):
@@ -226,6 +227,7 @@ def test_snapshots_of_a_camera_without_frames_fail_fast_and_never_slow_health(
     assert "Traceback" not in log_of(tmp_path, "snap")
 
 
+@pytest.mark.timing      # reply times within 2 s: alone, not beside other workers
 def test_a_snapshot_waiting_for_a_stalled_camera_holds_up_no_health_probe(
         broker, tmp_path, model_dir):
     """An HTTP camera that stops sending mid-stream (SIGSTOP: the connection stays open, so

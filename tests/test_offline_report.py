@@ -345,6 +345,7 @@ class Fleet:
         self.client.disconnect()
 
 
+@pytest.mark.timing      # times a new process and a reply within 0.5 s: alone
 def test_a_fleet_of_100_is_answered_and_the_command_ends_with_the_last_answer(broker):
     """The check ends right after the last answer (it waited out paho's 1 s select before),
     and the command answers 100 devices well within its timeout; nothing on its path

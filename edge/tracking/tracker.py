@@ -260,16 +260,17 @@ class Tracker:
             b = boxes[candidates]
             cut = (b[:, 0] <= EDGE_PX) | (b[:, 1] <= EDGE_PX) | \
                 (b[:, 2] >= size[0] - EDGE_PX) | (b[:, 3] >= size[1] - EDGE_PX)
-            alone = (allowed.sum(1) == 1)[:, None] & (allowed.sum(0) == 1)[None, :]
-            # ... that is not much smaller than the prediction: an object coming into view
-            # grows, while a box much smaller than its track at the edge is a part of it (a
-            # giraffe's legs at the bottom edge took its track from the whole giraffe)
-            # (the prediction's part inside the frame: a box is cut where the frame ends)
-            p = np.clip(predicted[tracks], 0.0, [size[0], size[1], size[0], size[1]])
-            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-            grown = area[None, :] >= EDGE_AREA * ((p[:, 2] - p[:, 0]) *
-                                                  (p[:, 3] - p[:, 1]))[:, None]
-            checked = allowed & ~(alone & cut[None, :] & grown)
+            if cut.any():
+                alone = (allowed.sum(1) == 1)[:, None] & (allowed.sum(0) == 1)[None, :]
+                # ... that is not much smaller than the prediction's part inside the frame:
+                # an object coming into view grows, while a box much smaller than its track
+                # at the edge is a part of it (a giraffe's legs at the bottom edge took its
+                # track from the whole giraffe)
+                p = np.clip(predicted[tracks], 0.0, [size[0], size[1], size[0], size[1]])
+                area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+                grown = area[None, :] >= EDGE_AREA * ((p[:, 2] - p[:, 0]) *
+                                                      (p[:, 3] - p[:, 1]))[:, None]
+                checked = allowed & ~(alone & cut[None, :] & grown)
         r, c = np.nonzero(checked)
         if r.size:
             far = self.kalman.distance(live[tracks[r]], boxes[candidates[c]]) > GATE
