@@ -600,10 +600,17 @@ def test_a_read_only_or_full_state_folder_is_no_crash(tmp_path, broker, subscrib
         try:
             assert sub.wait_for(lambda s: any(m["state"] == "online"
                                               for m in s.json("status")), 60), log_of(tmp_path)
-            sub.client.publish("edge/fullstate/cmd/set_reference", json.dumps(
-                {"id": "r1", "name": "dock"}), qos=1)
-            assert sub.wait_for(lambda s: s.json("r1"), 15), log_of(tmp_path)
-            reply = sub.json("r1")[0]
+            # online comes before the first frame; the command is answered `unavailable`
+            # until one has arrived, and the reply says to retry, as a robot would
+            for attempt in range(20):
+                rid = "r{}".format(attempt)
+                sub.client.publish("edge/fullstate/cmd/set_reference", json.dumps(
+                    {"id": rid, "name": "dock"}), qos=1)
+                assert sub.wait_for(lambda s: s.json(rid), 15), log_of(tmp_path)
+                reply = sub.json(rid)[0]
+                if reply.get("error", {}).get("code") != "unavailable":
+                    break
+                time.sleep(0.5)
             assert reply["error"]["code"] == "failed", reply
             assert "No space left" in reply["error"]["message"] and full.path in \
                 reply["error"]["message"] and "free space" in reply["error"]["message"]
