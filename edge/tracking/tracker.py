@@ -39,6 +39,11 @@ EDGE_AREA = 0.7        # ... and skips the gate when at least this share of the 
 # switches; tools/bench_track.py unchanged on seeds 14 and 21-23).
 STRONG_IOU = 0.7
 STRONG_AGE = 3
+# A left-over box that covers GROUP_COVER of each of two or more confirmed tracks of its class
+# (seen at most STRONG_AGE frames ago) is the detector boxing them together, not a new
+# object: it starts no track. Two rearing horses side by side, boxed now one by one, now as
+# one, made the pair a third track that took one horse's id half of the time.
+GROUP_COVER = 0.5
 TENTATIVE_MISSES = 1   # frames a tentative track may go unmatched
 # A young track (matched in fewer than YOUNG_HITS frames) ends after YOUNG_MAX_LOST frames
 # lost, not max_lost: its velocity is a few jittered boxes' worth, so its prediction drifts
@@ -226,8 +231,9 @@ class Tracker:
         self._confirm(started)
         ids[d3[ready]] = self.track_id[started]
 
-        # boxes still left start tentative tracks
+        # boxes still left start tentative tracks, but for boxes of groups
         new = np.flatnonzero(candidates & ~taken)
+        new = new[~self._groups(boxes[new], classes[new], live, predicted, frame)]
         created = self._create(new, boxes, scores, classes, frame)
         ready = (self.hits[created] >= self.confirm_hits) & \
             (self.evidence[created] >= self.confirm_score)
@@ -283,6 +289,23 @@ class Tracker:
             allowed[r[far], c[far]] = False
         rows, cols = assign(similarity, minimum, allowed)
         return tracks[rows], candidates[cols]
+
+    def _groups(self, boxes, classes, live, predicted, frame):
+        """(n,) bool: each box covers GROUP_COVER of two or more recent confirmed tracks of
+        its class (their predictions)."""
+        recent = (self.state[live] >= TRACKED) & (frame - self.seen[live] <= STRONG_AGE)
+        if boxes.shape[0] == 0 or np.count_nonzero(recent) < 2:
+            return np.zeros(boxes.shape[0], bool)
+        p = predicted[recent]
+        w = np.minimum(boxes[:, None, 2], p[None, :, 2]) - \
+            np.maximum(boxes[:, None, 0], p[None, :, 0])
+        h = np.minimum(boxes[:, None, 3], p[None, :, 3]) - \
+            np.maximum(boxes[:, None, 1], p[None, :, 1])
+        inter = np.clip(w, 0.0, None) * np.clip(h, 0.0, None)
+        area = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])
+        covered = (inter >= GROUP_COVER * area[None, :]) & \
+            (classes[:, None] == self.class_id[live[recent]][None, :])
+        return covered.sum(1) >= 2
 
     def _correct(self, slots, boxes, scores, index, frame):
         self.kalman.update(slots, boxes[index])
