@@ -1,11 +1,12 @@
 """`edge listen` against real daemons and a real Mosquitto (with persistence), and every
-example of the README's Robots section, read from the README and run as written.
+example of the docs' Robots page (docs/robots.md) and of the README's robot subscriber, read
+from the page and run as written.
 
 A daemon on a live test source (device cam1, QoS 1, JSONL sink) runs for the module; a
 second one plays a clip panning over a giraffe and a zebra (device clip, tracking with a
 zone and a line) while listeners with filters, started before it, record what they get.
 The JSONL sinks hold every message the daemons produced: what listeners print is compared
-with them. The README's examples use `mqtt://broker:1883`, replaced by the test broker's
+with them. The docs' examples use `mqtt://broker:1883`, replaced by the test broker's
 URL, and `.venv/bin/edge`, run as `python -m edge`; those that filter by label or listen to
 events run while the clip plays, the others against the live daemon.
 """
@@ -29,16 +30,24 @@ from tests.conftest import ROOT, free_port, run_edge
 from tools.soak import Mosquitto, delivery, read_jsonl, start_edge, wait_until
 
 README_URL = "mqtt://broker:1883"
+ROBOTS_PAGE = os.path.join(ROOT, "docs", "robots.md")
+
+
+def robots_sections():
+    """The Robots page (docs/robots.md) and the README's robot subscriber section."""
+    with open(ROBOTS_PAGE, encoding="utf-8") as f:
+        page = f.read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    return [page, readme.split("\n## A robot subscriber", 1)[1].split("\n## ", 1)[0]]
 
 
 def readme_examples():
-    """(kind, code) of each example in the README's Robots section: kind "sh" (one
-    command) or "python" (a program)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text.split("\n## Robots:", 1)[1].split("\n## ", 1)[0]
+    """(kind, code) of each example of the Robots page and the README's robot subscriber:
+    kind "sh" (one command) or "python" (a program)."""
     examples = []
-    for kind, block in re.findall(r"```(sh|python)\n(.*?)```", section, re.S):
+    for kind, block in re.findall(r"```(sh|python)\n(.*?)```", "\n".join(robots_sections()),
+                                  re.S):
         if kind == "python":
             examples.append(("python", block))
         else:
@@ -47,7 +56,7 @@ def readme_examples():
 
 
 def sh_argv(line, url):
-    """A README command as an argv: its own broker replaced by the test's."""
+    """A docs command as an argv: its own broker replaced by the test's."""
     args = shlex.split(line, comments=True)
     assert args[0] == ".venv/bin/edge", line
     return [sys.executable, "-m", "edge"] + [a.replace(README_URL, url) for a in args[1:]]
@@ -310,11 +319,11 @@ def test_a_broker_restart_mid_listen_loses_nothing(live, tmp_path):
     assert "session resumed" in err and "forgotten" not in err
 
 
-# -- the README ----------------------------------------------------------------------------
+# -- the docs' examples --------------------------------------------------------------------
 
 def test_the_readme_has_examples_of_each_kind():
     kinds = [kind for kind, _ in EXAMPLES]
-    assert kinds.count("sh") >= 4 and kinds.count("python") >= 2
+    assert kinds.count("sh") >= 4 and kinds.count("python") >= 3   # 2 on the page, 1 README
     assert CLIP_EXAMPLES and len(CLIP_EXAMPLES) < kinds.count("sh")
 
 
@@ -358,10 +367,10 @@ def test_readme_python_examples_against_a_live_daemon(live, index):
 
 
 def test_readable_lines_in_the_readme_have_the_shape_listen_prints():
-    """The README's sample output and what edge.listen prints for the API document's
+    """The Robots page's sample output and what edge.listen prints for the API document's
     examples (and a health report) match the same pattern per kind."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("\n## Robots:", 1)[1].split("\n## ", 1)[0]
+    with open(ROBOTS_PAGE, encoding="utf-8") as f:
+        section = f.read()
     sample = re.search(r"```text\n(.*?)```", section, re.S).group(1).splitlines()
     assert len(sample) >= 5
     made = [listen.line(edge_client.parse(

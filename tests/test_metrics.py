@@ -1,5 +1,5 @@
 """Prometheus metrics: a real `edge run` with --metrics-port, scraped over HTTP and parsed with
-prometheus-client's own parser; every name the README lists is served, and its figures agree
+prometheus-client's own parser; every name the docs list is served, and its figures agree
 with the daemon's health report."""
 
 import os
@@ -29,8 +29,9 @@ def samples(family, name=None, **labels):
 
 
 def readme_metric_names():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text.split("### Prometheus metrics", 1)[1].split("\n## ", 1)[0]
+    """The metric names the docs list (docs/fleet.md, Prometheus metrics)."""
+    text = open(os.path.join(ROOT, "docs", "fleet.md"), encoding="utf-8").read()
+    section = text.split("\n## Prometheus metrics", 1)[1].split("\n## ", 1)[0]
     return set(re.findall(r"^\| `(edge_[a-z_]+)`", section, re.M))
 
 

@@ -165,7 +165,7 @@ def test_every_schema_is_a_valid_draft_7_schema():
 
 
 def test_every_field_is_described():
-    """The README is rendered from the descriptions: every property and schema has one."""
+    """The MQTT API page is rendered from the descriptions: every property and schema has one."""
     missing = []
     for path, node in walk(COMPONENTS):
         if not isinstance(node, dict):
@@ -239,7 +239,7 @@ def test_validate_imports_jsonschema_only_when_called():
     assert out.strip() == b"ok"
 
 
-def test_readme_is_rendered_from_the_document():
+def test_the_api_page_is_rendered_from_the_document():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "render_api.py"),
                            "--check"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr.decode()

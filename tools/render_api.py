@@ -1,12 +1,12 @@
-"""Render the README's "MQTT API" section from edge/schemas/asyncapi.yaml.
+"""Render the docs' MQTT API page (docs/mqtt-api.md) from edge/schemas/asyncapi.yaml.
 
-    python tools/render_api.py           # rewrite README.md between the api markers
-    python tools/render_api.py --check   # exit 1 when README.md is out of date
+    python tools/render_api.py           # rewrite docs/mqtt-api.md between the api markers
+    python tools/render_api.py --check   # exit 1 when docs/mqtt-api.md is out of date
 
 The section is: the topics table, one field table per message (path, type, description;
 those the device publishes and `motion`, which robots send it),
 the commands with their arguments and results, the replies and the error codes. Everything
-comes from the document's descriptions: fix wording there, not in the README.
+comes from the document's descriptions: fix wording there, not in the page.
 """
 
 import argparse
@@ -19,8 +19,8 @@ sys.path.insert(0, ROOT)
 
 from edge import schemas  # noqa: E402
 
-README = os.path.join(ROOT, "README.md")
-HEADING = "## MQTT API"
+PAGE = os.path.join(ROOT, "docs", "mqtt-api.md")
+HEADING = "# MQTT API"
 BEGIN = "<!-- api:begin -->"
 END = "<!-- api:end -->"
 NOTE = ("<!-- Rendered by tools/render_api.py from edge/schemas/asyncapi.yaml: edit that file "
@@ -326,14 +326,14 @@ def render(doc=None):
 
 
 def updated(readme, block):
-    """README text with the API section's body replaced by `block`."""
+    """The page's text with the API section's body replaced by `block`."""
     if BEGIN in readme and END in readme:
         start = readme.index(BEGIN)
         end = readme.index(END) + len(END)
         return readme[:start] + block + readme[end:]
     lines = readme.split("\n")
     if HEADING not in lines:
-        raise SystemExit("render_api: no {!r} heading in README.md".format(HEADING))
+        raise SystemExit("render_api: no {!r} heading in docs/mqtt-api.md".format(HEADING))
     start = lines.index(HEADING) + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     return "\n".join(lines[:start] + ["", block, ""] + lines[end:])
@@ -342,8 +342,9 @@ def updated(readme, block):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 when README.md is not what this would write")
-    parser.add_argument("--readme", default=README, help="the README to update")
+                        help="exit 1 when docs/mqtt-api.md is not what this would write")
+    parser.add_argument("--page", "--readme", dest="readme", default=PAGE,
+                        help="the page to update (default docs/mqtt-api.md)")
     args = parser.parse_args(argv)
     with open(args.readme, encoding="utf-8") as f:
         current = f.read()
