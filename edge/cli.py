@@ -311,7 +311,8 @@ def _credentials(args):
 def _bench(args):
     """`edge bench`: raw, pipeline and peer throughput, latency, allocation; --json, --plot."""
     import json
-    from edge import bench, config
+    from edge import config
+    from edge.bench import main as bench
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
     cfg = config.load(args.config, overrides, require_task=False)

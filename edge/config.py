@@ -203,7 +203,7 @@ def _odd(value):
 
 
 def _tactic_sources(value):
-    from edge.backends.trt import parse_tactic_sources
+    from edge.backends.tactics import parse_tactic_sources
     try:
         parse_tactic_sources(value)
     except ValueError as e:

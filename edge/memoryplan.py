@@ -333,7 +333,7 @@ def trt_version_for(l4t):
 def _libraries(setting, version, integrated):
     """(build libraries, runtime libraries) for engine.tactic_sources `setting`."""
     try:
-        from edge.backends.trt import resolve_tactic_sources, tactic_libraries
+        from edge.backends.tactics import resolve_tactic_sources, tactic_libraries
         build = tactic_libraries(version, resolve_tactic_sources(setting, version, integrated))
     except (ImportError, ValueError):
         off = (setting == "auto" and integrated) or version >= (10, 0)

@@ -551,10 +551,12 @@ def test_edge_depth_mistakes_exit_78(tmp_path, args, expect):
 
 
 def test_depth_bench_reports_every_figure(cfg, maker, tmp_path):
-    """edge.benchdepth on a short run: the figures exist and are sane (speeds are read
+    """edge.bench.depth on a short run: the figures exist and are sane (speeds are read
     from `edge bench --stereo`, never asserted as timings)."""
-    from edge import bench, benchdepth, cards, mqtt
-    broker, url = bench.start_local_broker(str(tmp_path))
+    from edge import cards, mqtt
+    from edge.bench import depth as benchdepth
+    from edge.bench.replay import start_local_broker
+    broker, url = start_local_broker(str(tmp_path))
     link = mqtt.MqttLink(mqtt.parse_url(url), "bench", "edge", queue_limit=10000)
     link.start()
     try:

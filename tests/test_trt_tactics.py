@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edge import config, daemon, memoryplan
-from edge.backends import trt
+from edge.backends import tactics, trt
 from edge.errors import ConfigError
 from tests.test_batch import fake_cuda_copies
 from tests.test_trt_shim import FakeEngine, fake_tensorrt_backend
@@ -48,19 +48,19 @@ def tactic_enum(version):
 # -- the setting: what it accepts, what it resolves to --------------------------------------
 
 def test_the_setting_takes_auto_default_or_trtexec_style_edits():
-    assert trt.parse_tactic_sources("auto") == "auto"
-    assert trt.parse_tactic_sources(" Default ") == "default"
-    assert trt.parse_tactic_sources("-cudnn, -CUBLAS,+cublasLt") == (
+    assert tactics.parse_tactic_sources("auto") == "auto"
+    assert tactics.parse_tactic_sources(" Default ") == "default"
+    assert tactics.parse_tactic_sources("-cudnn, -CUBLAS,+cublasLt") == (
         ("-", "CUDNN"), ("-", "CUBLAS"), ("+", "CUBLAS_LT"))
     for bad, says in (("CUDNN", "prefixed with +"), ("-CUDNN,,-CUBLAS", "prefixed with +"),
                       ("-TENSORCORES", "'TENSORCORES' is not a tactic source"), ("", "+")):
         with pytest.raises(ValueError) as info:
-            trt.parse_tactic_sources(bad)
+            tactics.parse_tactic_sources(bad)
         assert says in str(info.value)
     # one spelling, whatever the order and repeats: what the cache key holds
-    assert trt.format_tactic_sources(trt.parse_tactic_sources(
+    assert tactics.format_tactic_sources(tactics.parse_tactic_sources(
         "-CUDNN,+CUBLAS,-cublas,-CUBLAS_LT")) == "-CUBLAS,-CUBLAS_LT,-CUDNN"
-    assert trt.format_tactic_sources(()) == "default"
+    assert tactics.format_tactic_sources(()) == "default"
 
 
 def test_a_bad_setting_is_a_config_error_naming_the_key_and_the_fix(tmp_path):
@@ -82,19 +82,19 @@ def test_a_bad_setting_is_a_config_error_naming_the_key_and_the_fix(tmp_path):
     ((10, 3), ("CUBLAS", "CUBLAS_LT", "CUDNN", "EDGE_MASK_CONVOLUTIONS", "JIT_CONVOLUTIONS")),
 ])
 def test_auto_turns_the_libraries_off_on_a_jetson_only(version, sources):
-    assert trt.tactic_sources_of(version) == sources
-    assert trt.resolve_tactic_sources("auto", version, True) == "-CUBLAS,-CUBLAS_LT,-CUDNN"
-    assert trt.resolve_tactic_sources("auto", version, False) == "default"
-    assert trt.resolve_tactic_sources("default", version, True) == "default"
-    assert trt.resolve_tactic_sources("+CUDNN,-CUBLAS", version, False) == "-CUBLAS,+CUDNN"
+    assert tactics.tactic_sources_of(version) == sources
+    assert tactics.resolve_tactic_sources("auto", version, True) == "-CUBLAS,-CUBLAS_LT,-CUDNN"
+    assert tactics.resolve_tactic_sources("auto", version, False) == "default"
+    assert tactics.resolve_tactic_sources("default", version, True) == "default"
+    assert tactics.resolve_tactic_sources("+CUDNN,-CUBLAS", version, False) == "-CUBLAS,+CUDNN"
 
 
 def test_a_source_this_tensorrt_lacks_is_refused():
     with pytest.raises(ValueError) as info:
-        trt.resolve_tactic_sources("-JIT_CONVOLUTIONS", (8, 2), True)
+        tactics.resolve_tactic_sources("-JIT_CONVOLUTIONS", (8, 2), True)
     assert str(info.value) == ("TensorRT 8.2 has no tactic source JIT_CONVOLUTIONS (it has "
                                "CUBLAS, CUBLAS_LT, CUDNN); remove it from the list or use auto")
-    assert trt.resolve_tactic_sources("-EDGE_MASK_CONVOLUTIONS", (8, 4), True) == \
+    assert tactics.resolve_tactic_sources("-EDGE_MASK_CONVOLUTIONS", (8, 4), True) == \
         "-EDGE_MASK_CONVOLUTIONS"
 
 
@@ -109,7 +109,7 @@ def test_a_source_this_tensorrt_lacks_is_refused():
     ((10, 3), "+CUDNN", ("cudnn",)),
 ])
 def test_the_libraries_a_build_loads(version, resolved, libraries):
-    assert trt.tactic_libraries(version, resolved) == libraries
+    assert tactics.tactic_libraries(version, resolved) == libraries
 
 
 # -- the backend: from the config to the build options and the memory estimate -------------

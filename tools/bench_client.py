@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from edge import client as edge_client  # noqa: E402
 from edge import mqtt, schemas  # noqa: E402
-from edge.bench import start_local_broker  # noqa: E402
+from edge.bench.replay import start_local_broker  # noqa: E402
 
 
 def payload(detections):

@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 from edge import draw, fetch  # noqa: E402
 import pan_clip  # noqa: E402  (tools/, beside this file)
-from edge.bench import start_local_broker  # noqa: E402
+from edge.bench.replay import start_local_broker  # noqa: E402
 from edge.client import TOPICS, Client  # noqa: E402
 
 

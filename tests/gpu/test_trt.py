@@ -257,11 +257,11 @@ def test_an_engine_built_without_the_libraries_runs_without_them(backend, engine
     run time; on a discrete GPU (auto: TensorRT's defaults) it only records what loads."""
     import subprocess
     import sys
-    from edge.backends import trt as trt_module
+    from edge.backends import tactics
     image = read_image(os.path.join(COCO8_VAL, sorted(os.listdir(COCO8_VAL))[0]))
     _, _, engine = engines("yolox-nano", image.shape[1], image.shape[0])
     required = int(engine.engine.tactic_sources)
-    libraries = [name for name, _ in trt_module.LIBRARY_SOURCES
+    libraries = [name for name, _ in tactics.LIBRARY_SOURCES
                  if required >> int(getattr(backend.trt.TacticSource, name)) & 1]
     code = ("import logging, sys\n"
             "logging.basicConfig(level=logging.DEBUG, format='%(message)s', stream=sys.stdout)\n"

@@ -18,7 +18,7 @@
 import statistics
 import time
 
-from edge.bench import ReplaySource, edge_run_peak_rss, run_to_end
+from edge.bench.replay import ReplaySource, edge_run_peak_rss, run_to_end
 
 
 def run_cameras(sources, task, link, qos):

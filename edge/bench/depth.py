@@ -20,7 +20,7 @@ import numpy as np
 
 from edge import calibration as calibrations
 from edge import depth as depths
-from edge.bench import ReplaySource, run_pipeline
+from edge.bench.replay import ReplaySource, run_pipeline
 from edge.frames import Frame
 
 

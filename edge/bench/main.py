@@ -17,9 +17,9 @@ capture costs the CPU what a hardware camera's DMA does: nothing):
   rounds), and camera motion compensation's cost per frame at 640x480 (camera_motion);
 - with --matcher, detection's throughput while matching runs at its rate beside it, over
   runs long enough for the rate to hold, and the peak RSS of a real `edge run` with both;
-- with --stereo and --calib, stereo depth's figures (edge.benchdepth);
+- with --stereo and --calib, stereo depth's figures (edge.bench.depth);
 - with --cameras N, N cameras in one daemon against one alone, batched and not, and their
-  memory against N daemons (edge.benchcameras).
+  memory against N daemons (edge.bench.cameras).
 The throughput figures are measured in rounds that alternate raw, pipeline and peer runs, and
 the ratios are the medians of each round's ratios: on a shared machine the speed drifts by
 tens of percent over a minute, and alternating keeps each comparison within seconds.
@@ -37,49 +37,11 @@ import time
 import numpy as np
 
 from edge import cards, graph, models, mqtt, sources
+from edge.bench.replay import ReplaySource, edge_run_peak_rss, run_pipeline, start_local_broker
 from edge.frames import Frame
 from edge.sources import Source
 
 logger = logging.getLogger(__name__)
-
-
-class ReplaySource(Source):
-    """Frames decoded once and replayed from memory at the CPU cost of a camera's DMA.
-
-    A slot is written once with a decoded frame; after that the slot is delivered again with
-    the frame it holds (a new index and timestamp), as a camera writes into the buffer it is
-    given without the CPU copying. Without `fps` it never drops (throughput); with `fps` it
-    paces itself like a camera and is live (newest frame wins), which is how latency is
-    measured.
-    """
-
-    def __init__(self, frames, count, fps=None):
-        super().__init__("replay://", "", {})
-        self.frames = frames
-        self.count = count
-        self.index = 0
-        self.interval = 1.0 / fps if fps else None
-        self.live = fps is not None
-        self._next = None
-        self._written = {}          # slot number -> the image array written into it
-
-    def read_into(self, frame):
-        if self.index >= self.count:
-            return False
-        if self.interval is not None:
-            now = time.monotonic()
-            self._next = now if self._next is None else self._next + self.interval
-            if self._next > now:
-                time.sleep(self._next - now)
-        if self._written.get(frame.slot) is not frame.image:
-            image = self.frames[self.index % len(self.frames)]
-            np.copyto(frame.ensure_shape(image.shape[0], image.shape[1]), image)
-            self._written[frame.slot] = frame.image
-        frame.index = self.index
-        frame.ts = time.time()
-        frame.name = None
-        self.index += 1
-        return True
 
 
 def load_frames(source_uri, width, height, limit=64):
@@ -301,71 +263,6 @@ class Receiver:
         self.client.disconnect()
 
 
-def start_local_broker(workdir):
-    """A Mosquitto on a free loopback port for demos and benchmarks: (process, url) or
-    (None, None) when mosquitto is not installed."""
-    import shutil
-    import socket
-    import subprocess
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(binary):
-        return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = os.path.join(workdir, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write("listener {} 127.0.0.1\nallow_anonymous true\n".format(port))
-    proc = subprocess.Popen([binary, "-c", conf], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, "mqtt://127.0.0.1:{}".format(port)
-        except OSError:
-            time.sleep(0.05)
-    proc.terminate()
-    return None, None
-
-
-def run_to_end(sources, task_list, link, qos):
-    """Run a real pipeline of these sources (a Source, or [(name, Source)]) and tasks to its
-    end, engines prepared first as the daemon does: (the pipeline, seconds it ran)."""
-    from edge.pipeline import Pipeline
-    from edge.publisher import Publisher
-    from edge.stats import TaskStats
-    publisher = Publisher(link, None, qos=qos, limit=100000)
-    # The backend's allocator, as the daemon's pipeline: mapped frame slots on a Jetson.
-    pipeline = Pipeline(sources, task_list, publisher, pool_size=6,
-                        allocate=task_list[0].maker.allocate)
-    for task in task_list:
-        task.frames = 0
-        task.stats = TaskStats()
-        task.camera_stats = {}
-    pipeline.open()
-    pipeline.prepare()          # a batching task learns how many cameras share the size
-    publisher.start()
-    started = time.perf_counter()
-    pipeline.start()
-    pipeline.wait()
-    elapsed = time.perf_counter() - started
-    pipeline.join()
-    undelivered = publisher.flush(30)
-    if undelivered:
-        logger.warning("bench: %d messages not delivered", undelivered)
-    error = pipeline.error()
-    if error is not None:
-        raise error
-    return pipeline, elapsed
-
-
-def run_pipeline(source, task_list, link, qos, count_task=0):
-    """Run a real pipeline to its end; (frames per second of task 0, stats summary)."""
-    _, elapsed = run_to_end(source, task_list, link, qos)
-    counted = task_list[count_task]
-    return counted.frames / elapsed, counted.stats.summary()
-
-
 def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
           matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0,
           stereo=None, calib=None, depth_seconds=4.0, cameras=None, live_seconds=5.0):
@@ -470,12 +367,12 @@ def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_
             results["daemon_peak_rss_mb"] = daemon_peak_rss(cfg, card.path, matcher,
                                                             reference, width, height, workdir)
         if cameras:
-            from edge import benchcameras
+            from edge.bench import cameras as benchcameras
             results["cameras"] = benchcameras.bench_cameras(
                 cfg, card, frames, frames_count, cameras, rounds, link, qos, live_seconds,
                 workdir, raw_seconds=max(seconds * rounds, 2.0))
         if stereo:
-            from edge import benchdepth
+            from edge.bench import depth as benchdepth
             results["depth"] = benchdepth.bench_depth(
                 cfg, maker, card, stereo, calib, width, height, link, qos,
                 int(max(30, results["pipeline_fps"] * depth_seconds)), 2 * rounds)
@@ -519,37 +416,6 @@ def daemon_peak_rss(cfg, detector, matcher, reference, width, height, workdir):
     return edge_run_peak_rss(cfg, workdir, [
         "--source", "test://?width={}&height={}&fps=0&frames=60".format(width, height),
         "--detector", detector, "--matcher", matcher, "--reference", reference])
-
-
-def edge_run_peak_rss(cfg, workdir, args, name="daemon"):
-    """Peak RSS (MB) of a real `edge run ARGS` with the bench's backend, models and engines
-    (a finite source: it ends by itself), or None when it failed."""
-    import subprocess
-    import sys
-    import yaml
-    config_path = os.path.join(workdir, name + ".yaml")
-    with open(config_path, "w") as f:
-        yaml.safe_dump({"backend": cfg["backend"], "model_dir": cfg["model_dir"],
-                        "model_mirror": cfg["model_mirror"], "engine": cfg["engine"],
-                        "pipeline": cfg["pipeline"]}, f)
-    command = [sys.executable, "-m", "edge", "run", "-c", config_path] + list(args) + [
-        "--state-dir", os.path.join(workdir, "daemon"), "--jsonl", os.devnull]
-    # VmHWM polled while it runs: wait4's ru_maxrss would include the RSS of this process,
-    # which the child had between fork and exec (Linux keeps the larger of the two).
-    from edge.backends.build import process_kib
-    peak_kib = 0
-    log_path = os.path.join(workdir, name + ".log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        while proc.poll() is None:
-            peak_kib = max(peak_kib, process_kib(proc.pid, "VmHWM"))
-            time.sleep(0.05)
-    if proc.returncode != 0:
-        with open(log_path, "rb") as log:
-            logger.warning("bench: edge run for the RSS figure failed: %s",
-                           log.read().decode(errors="replace")[-300:])
-        return None
-    return round(peak_kib / 1024.0, 1)
 
 
 class _Limited(Source):
@@ -671,10 +537,10 @@ def table(r):
         lines.append("  edge run with both tasks: peak RSS {} MB ({})".format(
             r.get("daemon_peak_rss_mb"), r["backend"].get("backend")))
     if "depth" in r:
-        from edge import benchdepth
+        from edge.bench import depth as benchdepth
         lines += benchdepth.table_lines(r["depth"])
     if "cameras" in r:
-        from edge import benchcameras
+        from edge.bench import cameras as benchcameras
         lines += benchcameras.table_lines(r["cameras"])
     return "\n".join(lines)
 

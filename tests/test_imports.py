@@ -1,0 +1,92 @@
+"""The house's shape: no import circle inside edge/, counting the imports inside functions
+too (a lazy import only hides a circle until both modules are loaded).
+
+One kind of circle is the design: a registry package imports its own plugin modules (to
+register them) and they import the package (for its `register`). Every other circle fails,
+naming the modules."""
+
+import ast
+import os
+
+from tests.conftest import ROOT
+
+EDGE = os.path.join(ROOT, "edge")
+
+
+def modules():
+    """{dotted name: path} of every module in edge/."""
+    found = {}
+    for folder, _, files in os.walk(EDGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                if dotted.endswith(".__init__"):
+                    dotted = dotted[:-len(".__init__")]
+                found[dotted] = path
+    return found
+
+
+def import_graph():
+    """{module: modules of edge it imports anywhere in its text}."""
+    found = modules()
+    graph = {}
+    for dotted, path in found.items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        package = dotted if path.endswith("__init__.py") else dotted.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name in found)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] +
+                                    ([node.module] if node.module else []))
+                for alias in node.names:
+                    full = base + "." + alias.name
+                    if full in found:
+                        targets.add(full)
+                    elif base in found:
+                        targets.add(base)
+        graph[dotted] = targets - {dotted}
+    return graph
+
+
+def registry_edge(a, b):
+    """A package and one of its own modules (either way round)."""
+    return a.rsplit(".", 1)[0] == b or b.rsplit(".", 1)[0] == a
+
+
+def cycles(graph):
+    """The circles of the graph without registry edges: lists of modules, each a path that
+    ends where it starts."""
+    graph = {a: {b for b in targets if not registry_edge(a, b)} for a, targets in graph.items()}
+    found = []
+    done = set()
+    for start in sorted(graph):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    found.append(path + [start])
+                elif nxt not in path and nxt not in done:
+                    stack.append((nxt, path + [nxt]))
+        done.add(start)
+    return found
+
+
+def test_no_import_circle_inside_edge():
+    circles = cycles(import_graph())
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles[:5])
+
+
+def test_the_check_finds_a_circle_made_of_lazy_imports():
+    graph = {"edge.bench": {"edge.benchdepth"}, "edge.benchdepth": {"edge.bench"},
+             "edge.tasks": {"edge.tasks.detect"}, "edge.tasks.detect": {"edge.tasks"}}
+    assert cycles(graph) == [["edge.bench", "edge.benchdepth", "edge.bench"]]
+    # and the graph reads imports inside functions (cli imports the daemon lazily)
+    assert "edge.daemon" in import_graph()["edge.cli"]
