@@ -316,7 +316,7 @@ def test_edge_health_all_lists_offline_devices_and_fails_for_a_dead_fleet(device
                                                                           subscriber):
     """A crashed device's last will is `offline`: `--all` lists it and exits 2; with every
     device dead it is not "no device found" and exit 0. Clearing the retained status (the
-    README's command for a retired device) takes it off the list."""
+    command docs/getting-started.md gives for a retired device) takes it off the list."""
     dev, sub = device(device="crashed")
     dev.proc.send_signal(signal.SIGKILL)
     dev.proc.wait()

@@ -571,7 +571,7 @@ def zone_step_ms(objects, shape, frames=60):
 def test_zones_and_lines_at_their_limits_cost_a_few_milliseconds_a_frame(shape):
     """At the limits (MAX_LINES lines, and all the zone points there may be: as many small
     zones, as few large ones, or combs whose edges all span the frame), 50 objects (the
-    bench's load) and 256 (max_tracks' default); the README reports these figures. The
+    bench's load) and 256 (max_tracks' default); docs/tracking.md reports these figures. The
     time includes the events, a few hundred a frame with 256 objects."""
     fifty, full = (zone_step_ms(objects, shape) for objects in (50, 256))
     print("{} at the limits: 50 objects {:.2f} ms, 256 objects {:.2f} ms".format(

@@ -87,7 +87,7 @@ def test_the_code_takes_what_the_document_takes():
 
 
 def test_the_signs_are_the_optical_frame_s():
-    """What the README says: a positive wy (turning right) moves the picture's content left
+    """What docs/tracking.md says: a positive wy (turning right) moves the picture's content left
     by f * wy * dt pixels, a positive wx (tilting up) moves it down, a positive wz turns it
     counter-clockwise."""
     robot = robot_motion("signs-" + str(time.monotonic_ns()))

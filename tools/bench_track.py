@@ -69,7 +69,8 @@ FULL_GRID = {
     "output": ["matched", "coasting", "filled"],
 }
 # The test's search: every distance function and the values of the other settings that the
-# full search picked for either sequence (README), so that the test's norfair is the README's.
+# full search picked for either sequence (docs/tracking.md), so that the test's norfair is the
+# one those docs report.
 QUICK_GRID = {
     "distance": [("iou", 0.5), ("iou", 0.7), ("mean_euclidean", 40.0), ("frigate", 2.5)],
     "hit_counter_max": [10, 15],

@@ -100,7 +100,7 @@ def daemon(root, seconds, folder):
     config = os.path.join(folder, "edge.yaml")
     with open(config, "w") as f:
         # a still test pattern: no camera motion compensation, whose OpenCV a real camera
-        # source loads anyway (README: The daemon's footprint)
+        # source loads anyway (docs/performance.md: The daemon's footprint)
         f.write("pipeline: {threads: 1}\ntrack: {motion: \"off\"}\n")
     env = dict(os.environ)
     env.setdefault("EDGE_MODEL_MIRROR", os.path.join(SHARED, "models"))
