@@ -1,5 +1,6 @@
 """The configuration: defaults, the YAML file, then command line flags, validated by key."""
 
+import copy
 import os
 import re
 import socket
@@ -223,10 +224,55 @@ def _sources_empty(value):
     return None
 
 
+TRACK_ANCHOR = Field(str, default="bottom", choices=("bottom", "center"),
+                     help="point of a box that zones and lines test")
+TRACK_MOTION = Field(str, default="auto", choices=("auto", "robot", "off"),
+                     help="camera motion compensation: auto: from the frames, or the "
+                          "robot's rotation while it sends it (`motion` topic); robot: "
+                          "only the robot's; off: a still camera")
+TRACK_ZONES = _Listed("a list of at most {} zones {{name, points, ...}}".format(MAX_ZONES),
+                      default=[], items=ZONE, item_check=_zone, unique="name",
+                      check=_zones_bounded, help="polygons: events when a track enters or leaves")
+TRACK_LINES = _Listed("a list of at most {} lines {{name, points, ...}}".format(MAX_LINES),
+                      default=[], items=LINE, item_check=_line, unique="name",
+                      check=_lines_bounded, help="segments: events when a track crosses")
+
+
+def _own(field):
+    """A camera's own value of a `track` key: unset (null), the `track` section's applies."""
+    own = copy.copy(field)
+    own.default = None
+    own.nullable = True
+    return own
+
+
+# The `track` keys a camera may set for itself: a zone or a line is a region of one camera's
+# picture, and one camera may stand still while another moves with the robot. The rest
+# (scores, IoUs, lifetimes) are the detector's and the tracker's, the same for every camera.
+CAMERA_TRACK = ("zones", "lines", "anchor", "motion")
+
 CAMERA = {
     "name": Field(str, check=_camera_name, help="the camera's topic level and `camera` field"),
     "uri": Field(str, help="source URI (DESIGN.md, Sources)"),
+    "track": {key: _own(field) for key, field in zip(
+        CAMERA_TRACK, (TRACK_ZONES, TRACK_LINES, TRACK_ANCHOR, TRACK_MOTION))},
 }
+
+
+def camera_track(config, camera):
+    """(the `track` settings of a camera, by name (None: the one unnamed camera), and the
+    config key each of its zones and lines came from, for error messages): the `track`
+    section with what the camera's `sources` entry sets itself."""
+    settings = dict(config["track"])
+    keys = {"zones": "track.zones", "lines": "track.lines"}
+    for i, item in enumerate(config.get("sources") or ()):
+        if item["name"] != camera:
+            continue
+        for key, value in (item.get("track") or {}).items():
+            if value is not None:
+                settings[key] = value
+                keys[key] = "sources[{}].track.{}".format(i, key)
+    return settings, keys
 
 
 def _backend_names():
@@ -240,7 +286,8 @@ SPEC = {
     "source": Field(str, default="test://", help="source URI (DESIGN.md, Sources)"),
     "sources": Field(list, default=None, nullable=True, items=CAMERA, unique="name",
                      check=_sources_empty,
-                     help="named cameras [{name, uri}, ...] instead of `source`"),
+                     help="named cameras [{name, uri, track}, ...] instead of `source`; "
+                          "`track`: the camera's own zones, lines, anchor, motion"),
     "detector": Field(str, default=None, nullable=True, help="detection card name or path"),
     "matcher": Field(str, default=None, nullable=True, help="matching card name or path"),
     "backend": Field(str, default="auto", choices=("auto", "ort", "trt")),
@@ -358,19 +405,10 @@ SPEC = {
                           "for a track seen in fewer than 6 frames)"),
         "max_tracks": Field(int, default=256, min=1, max=65536,
                             help="tracks held at once per camera (memory is fixed)"),
-        "anchor": Field(str, default="bottom", choices=("bottom", "center"),
-                        help="point of a box that zones and lines test"),
-        "motion": Field(str, default="auto", choices=("auto", "robot", "off"),
-                        help="camera motion compensation: auto: from the frames, or the "
-                             "robot's rotation while it sends it (`motion` topic); robot: "
-                             "only the robot's; off: a still camera"),
-        "zones": _Listed("a list of at most {} zones {{name, points, ...}}".format(MAX_ZONES),
-                         default=[], items=ZONE, item_check=_zone, unique="name",
-                         check=_zones_bounded,
-                         help="polygons: events when a track enters or leaves"),
-        "lines": _Listed("a list of at most {} lines {{name, points, ...}}".format(MAX_LINES),
-                         default=[], items=LINE, item_check=_line, unique="name",
-                         check=_lines_bounded, help="segments: events when a track crosses"),
+        "anchor": TRACK_ANCHOR,
+        "motion": TRACK_MOTION,
+        "zones": TRACK_ZONES,
+        "lines": TRACK_LINES,
     },
     "stereo": {
         "calib": Field(str, default=None, nullable=True,

@@ -72,6 +72,8 @@ def build_tasks(config, maker, store, source=None):
         options = {"device": config["device_id"]}
         if task == "detect":
             options["track"] = config["track"]
+            options["cameras"] = {name: configuration.camera_track(config, name)
+                                  for name, _ in cameras.configured(config) if name}
             options["batching"] = batching(config, maker)
         if task == "match":
             options.update(config["match"], store=store)

@@ -305,6 +305,40 @@ def test_an_unknown_label_stops_edge_run_with_exit_78(tmp_path, model_dir):
     assert "track.zones[0].labels: unknown label 'persn'" in lines[0]
 
 
+@pytest.mark.parametrize("text, key, words", [
+    ("      zones: [{name: a, points: [[0, 0], [10, 0]]}]\n",
+     "sources[1].track.zones[0].points", "at least 3 points"),
+    ("      lines: [{name: a, points: [[5, 5], [5, 5]]}]\n",
+     "sources[1].track.lines[0].points", "zero-length"),
+    ("      motion: sometimes\n", "sources[1].track.motion", "auto, robot, off"),
+    ("      max_lost: 5\n", "sources[1].track.max_lost",
+     "unknown key; allowed keys here: anchor, lines, motion, zones"),
+])
+def test_a_cameras_own_track_settings_are_checked_like_the_section(tmp_path, text, key,
+                                                                   words):
+    path = tmp_path / "edge.yaml"
+    path.write_text("detector: yolox-nano\nsources:\n  - {name: front, uri: 'test://'}\n"
+                    "  - name: rear\n    uri: test://\n    track:\n" + text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    message = str(info.value)
+    assert "{}:".format(key) in message and words in message and "\n" not in message, message
+
+
+def test_an_unknown_label_in_a_cameras_own_zone_names_its_key(tmp_path, model_dir):
+    path = tmp_path / "edge.yaml"
+    path.write_text("sources:\n  - {name: front, uri: 'test://?frames=2'}\n"
+                    "  - name: rear\n    uri: test://?frames=2\n    track:\n"
+                    "      zones: [{name: dock, labels: [persn], points: [[0, 0], [9, 0], "
+                    "[9, 9]]}]\n")
+    rc, _, err = run_edge("run", "-c", str(path), "--detector", "yolox-nano",
+                          "--model-dir", model_dir, "--jsonl", str(tmp_path / "o.jsonl"),
+                          "--state-dir", str(tmp_path / "state"))
+    lines = [line for line in err.splitlines() if line.startswith("edge: error:")]
+    assert rc == EXIT_CONFIG and len(lines) == 1, err
+    assert "sources[1].track.zones[0].labels: unknown label 'persn'" in lines[0]
+
+
 def test_tracking_off_publishes_null_ids(tmp_path, model_dir):
     path = tmp_path / "edge.yaml"
     path.write_text("track:\n  enabled: false\n")

@@ -103,3 +103,45 @@ def test_a_panning_clip_keeps_one_id_per_object(broker, subscriber, model_dir, t
     assert tracking["zones"]["left"] == {"inside": entered - left, "entered": entered,
                                          "left": left}
     assert tracking["started"] == sum(1 for e in events if e["type"] == "track_start")
+
+
+def test_zones_and_motion_of_one_camera_stay_with_it(broker, subscriber, model_dir, tmp_path):
+    """Two cameras on the same panning clip: `front` has its own zone and the `track`
+    section's motion compensation, `rear` its own `motion: off` and the section's zone.
+    Each zone's events come from its camera only, camera_motion only from `front`."""
+    clip = str(tmp_path / "pan.avi")
+    pan_clip.make(clip, frames=45)
+    config = tmp_path / "edge.yaml"
+    config.write_text("""\
+track:
+  max_lost: 10
+  zones:
+    - {{name: everywhere, normalized: true, points: [[0, 0], [1, 0], [1, 1], [0, 1]]}}
+sources:
+  - name: front
+    uri: {clip}
+    track:
+      zones:
+        - {{name: left, normalized: true, points: [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}}
+  - name: rear
+    uri: {clip}
+    track: {{motion: "off"}}
+""".format(clip=clip))
+    sub = subscriber("edge/#")
+    rc, _, err = run_edge("run", "-c", str(config), "--detector", "yolox-nano",
+                          "--model-dir", model_dir, "--mqtt", broker.url + "?qos=1",
+                          "--device-id", "cam2", "--state-dir", str(tmp_path / "state"))
+    assert rc == 0, err
+    assert sub.wait_for(lambda s: len(s.json("detections/front")) == 45 and
+                        len(s.json("detections/rear")) == 45 and
+                        s.json("status")[-1]["state"] == "offline"), err
+    zones = {}
+    for event in sub.json("events/front") + sub.json("events/rear"):
+        if "zone" in event:
+            zones.setdefault(event["zone"], set()).add(event["camera"])
+    assert zones == {"left": {"front"}, "everywhere": {"rear"}}, zones
+    assert all("camera_motion" in m for m in sub.json("detections/front"))
+    assert sum(1 for m in sub.json("detections/front") if m["camera_motion"]) >= 40
+    assert not any("camera_motion" in m for m in sub.json("detections/rear"))
+    motion = sub.json("health")[-1]["tasks"]["detect"]["tracking"]["motion"]
+    assert motion["front"]["mode"] == "auto" and motion["rear"]["mode"] == "off", motion

@@ -46,7 +46,7 @@ class DetectTask(Task):
     topic = "detections"
 
     def __init__(self, card, engines, model, device="edge", track=None, depth=None,
-                 batching=False):
+                 batching=False, cameras=None):
         super().__init__(card, engines, model, batching)
         self.device = device
         self.depth = depth      # stereo runs: the depth task (edge.tasks.depth) adds `spatial`
@@ -57,16 +57,20 @@ class DetectTask(Task):
         # association); they keep tracks alive and are never published.
         self.floor = self.score if self.track is None else min(self.score,
                                                                  self.track["low_score"])
+        # named cameras' own `track` settings and their keys (edge.config.camera_track)
+        self.cameras = cameras or {}
         self.trackers = {}     # camera name (None: the one unnamed camera) -> CameraTracking
-        if self.track is not None:
-            self.tracking_for(None)    # a bad zone or line label fails now, not at frame 1
+        if self.track is not None:     # a bad zone or line label fails now, not at frame 1
+            for camera in self.cameras or (None,):
+                self.tracking_for(camera)
 
     def tracking_for(self, camera):
         """The camera's tracking, made on first use."""
         tracking = self.trackers.get(camera)
         if tracking is None:
             from edge.tracking import CameraTracking
-            tracking = CameraTracking(self.track, self.card, self.device, camera)
+            settings, keys = self.cameras.get(camera, (self.track, None))
+            tracking = CameraTracking(settings, self.card, self.device, camera, keys)
             self.trackers[camera] = tracking
         return tracking
 
@@ -113,9 +117,10 @@ class DetectTask(Task):
         self.frames += 1
         msg = self.new_message(frame, infer_ms)
         msg["detections"], events = self.detections(binding.outputs, frame)
-        if self.track is not None and self.track["motion"] != "off":
-            msg["camera_motion"] = self.tracking_for(frame.camera).camera_motion(
-                frame.width, frame.height)
+        if self.track is not None:
+            tracking = self.tracking_for(frame.camera)
+            if tracking.motion.mode != "off":
+                msg["camera_motion"] = tracking.camera_motion(frame.width, frame.height)
         if self.depth is not None and self.depth.serves(frame.camera):
             self.depth.add_spatial(frame, msg["detections"])
         return [msg] + [Side(EVENT_TOPIC, event, EVENT_QOS) for event in events]

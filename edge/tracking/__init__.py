@@ -50,7 +50,10 @@ def class_ids(labels, card_labels, key, model):
 class CameraTracking:
     """One camera's tracker, zones and lines; `update` once per decoded frame."""
 
-    def __init__(self, settings, card, device, camera=None):
+    def __init__(self, settings, card, device, camera=None, keys=None):
+        """`settings`: the camera's `track` section (edge.config.camera_track); `keys`: the
+        config key its zones and lines came from, for errors (default `track.zones`...)."""
+        keys = keys or {}
         self.card = card
         self.device = device
         self.camera = camera
@@ -63,9 +66,11 @@ class CameraTracking:
         labels = card.labels
         self.regions = Regions(
             settings["zones"], settings["lines"],
-            [class_ids(z["labels"], labels, "track.zones[{}].labels".format(i), card.name)
+            [class_ids(z["labels"], labels, "{}[{}].labels".format(
+                keys.get("zones", "track.zones"), i), card.name)
              for i, z in enumerate(settings["zones"])],
-            [class_ids(l["labels"], labels, "track.lines[{}].labels".format(i), card.name)
+            [class_ids(l["labels"], labels, "{}[{}].labels".format(
+                keys.get("lines", "track.lines"), i), card.name)
              for i, l in enumerate(settings["lines"])],
             capacity, settings["anchor"])
         self.seen_ts = np.zeros(capacity, np.float64)   # capture time of each slot's last match
