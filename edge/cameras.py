@@ -8,15 +8,14 @@ carry `camera: NAME`. Each camera has its own pool of frame slots and its own ca
 slots or time from the others; the tasks and their engines are shared.
 """
 
-import re
-
+from edge import topics
 from edge.capture import Capture
 from edge.errors import ConfigError
 from edge.frames import FramePool
 from edge.stats import TaskStats
 
 # Topic-safe: one MQTT topic level without wildcards or spaces, as device ids are.
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+NAME = topics.NAME
 NAME_RULE = "1-64 letters, digits, _ . - starting with a letter or digit (one topic level)"
 
 

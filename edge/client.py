@@ -55,31 +55,24 @@ import collections
 import difflib
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from edge import config, mqtt, peertext, schemas
+from edge import mqtt, peertext, schemas, topics as topic_rules
 from edge.errors import ConfigError, UnavailableError
+from edge.topics import (CAMERA_TOPICS, DEPTH, DETECTIONS, EVENTS, HEALTH, MATCHES,  # noqa: F401
+                         STATUS, TOPICS)
 
 logger = logging.getLogger(__name__)
 
 # What a client can subscribe to, below {prefix}/{device}/, and the `kind` of its messages
-# (`message.kind == EVENTS`: a typo in a constant fails loudly, a typo in a string never).
-DETECTIONS = "detections"
-MATCHES = "matches"
-EVENTS = "events"
-DEPTH = "depth"
-STATUS = "status"
-HEALTH = "health"
-TOPICS = (DETECTIONS, MATCHES, EVENTS, DEPTH, STATUS, HEALTH)
-# Topics whose messages come from one camera (they carry `camera` when sources are named);
-# status and health are the device's, whatever the camera filter.
-CAMERA_TOPICS = (DETECTIONS, MATCHES, EVENTS, DEPTH)
+# (`message.kind == EVENTS`: a typo in a constant fails loudly, a typo in a string never),
+# come from edge.topics, the rules the device follows too: TOPICS, and CAMERA_TOPICS, whose
+# messages come from one camera (status and health are the device's, whatever the filter).
 # Topics whose messages carry labels and scores (`labels`, `min_score` narrow them).
 LABELLED_TOPICS = (DETECTIONS, EVENTS)
-_CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")    # config sources[].name
 DEFAULT_SESSION_EXPIRY = 24 * 3600      # s: how long an MQTT 5 broker keeps a named session
 # Bytes of the largest payload taken. The largest messages a device sends within the API
 # document's bounds, as it writes them (compact JSON):
@@ -150,7 +143,7 @@ class Depth(collections.namedtuple(
     __slots__ = ()
     kind = DEPTH
 
-    def nearest(self):
+    def nearest(self) -> Optional[Tuple[float, int, int]]:
         """(mm, column, row) of the nearest cell with a depth, or None."""
         cells = [(mm, column, row) for row, values in enumerate(self.depth_mm)
                  for column, mm in enumerate(values) if mm is not None]
@@ -234,13 +227,19 @@ def _health(data, device, camera, topic, retained):
                   data["verdict"]["reasons"], topic, retained, data)
 
 
+# What messages() yields and callbacks are given.
+Message = Union[Detections, Event, Depth, Matches, Status, Health]
+# Names given as one str or several (devices, cameras, labels); None or empty: any.
+Names = Optional[Union[str, Sequence[str]]]
+
 PARSERS = {DETECTIONS: _detections, EVENTS: _event, DEPTH: _depth, MATCHES: _matches,
            STATUS: _status, HEALTH: _health}
 _FROM_PAYLOAD = object()
 
 
-def parse(topic_name, payload, topic="", retained=False, device=_FROM_PAYLOAD,
-          camera=_FROM_PAYLOAD):
+def parse(topic_name: str, payload: dict, topic: str = "", retained: bool = False,
+          device: Optional[str] = _FROM_PAYLOAD, camera: Optional[str] = _FROM_PAYLOAD
+          ) -> Message:
     """The object for a payload (a dict) of one of TOPICS; KeyError or TypeError when it
     lacks what the API promises (check it first: edge.schemas.check). `device` and
     `camera`: the sender as the topic names it (what a Client passes); left out, the
@@ -252,17 +251,10 @@ def parse(topic_name, payload, topic="", retained=False, device=_FROM_PAYLOAD,
     return PARSERS[topic_name](payload, device, camera, topic, retained)
 
 
-def sender(topic, prefix="edge"):
-    """(kind, device, camera) a concrete topic names: camera None on a topic without one;
-    (None, None, None) for a topic not of TOPICS under this prefix."""
-    name = schemas.kind_of_topic(topic, prefix)
-    if name not in TOPICS:
-        return None, None, None
-    levels = topic[len(prefix.rstrip("/")) + 1:].split("/")
-    return name, levels[0], levels[2] if len(levels) == 3 else None
+sender = topic_rules.sender
 
 
-def forgery(payload, device, camera):
+def forgery(payload: dict, device: str, camera: Optional[str]) -> Optional[str]:
     """Why a payload is not from the device (and camera) its topic names, or None: who
     sent a message is its topic, never its payload."""
     if payload.get("device") != device:
@@ -274,7 +266,9 @@ def forgery(payload, device, camera):
     return None
 
 
-def subscriptions(prefix, devices=None, topics=("detections",), share=None, cameras=None):
+def subscriptions(prefix: str, devices: Optional[Sequence[str]] = None,
+                  topics: Sequence[str] = (DETECTIONS,), share: Optional[str] = None,
+                  cameras: Optional[Sequence[str]] = None) -> List[str]:
     """The MQTT topic filters for these devices (None: every device), topics and cameras;
     with a `share` group, shared subscriptions (`$share/{share}/...`: the broker hands each
     message to one member of the group).
@@ -289,12 +283,14 @@ def subscriptions(prefix, devices=None, topics=("detections",), share=None, came
         if cameras:
             return ["{}/{}".format(name, camera) for camera in cameras]
         return [name, name + "/+"]
-    filters = ["{}/{}/{}".format(prefix, device, level) for device in (devices or ["+"])
+    filters = [topic_rules.device_topic(prefix, device, level) for device in (devices or ["+"])
                for name in topics for level in levels(name)]
     return ["$share/{}/{}".format(share, f) for f in filters] if share else filters
 
 
-def narrow(message, cameras=None, labels=None, min_score=None):
+def narrow(message: Message, cameras: Optional[Sequence[str]] = None,
+           labels: Optional[Sequence[str]] = None, min_score: Optional[float] = None
+           ) -> Optional[Message]:
     """The message as the filters let it through (detections narrowed to the labels and
     score asked for, `payload` with them), or None when nothing of it passes.
 
@@ -333,7 +329,7 @@ _PAHO2_CODES = {128: _CLOSED_BY_PEER,           # "Unspecified error": MQTT_ERR_
                 141: _NO_PING_ANSWER}           # "Keep alive timeout"
 
 
-def disconnect_reason(args):
+def disconnect_reason(args: Sequence) -> str:
     """Why a connection ended, in words, from paho's on_disconnect arguments after (client,
     userdata): (rc) in paho 1.x, (rc, properties) in 1.x with MQTT 5, (flags, reason code,
     properties) in 2.x. A broker's own DISCONNECT (MQTT 5) is named by its reason."""
@@ -382,8 +378,8 @@ def _check_topic(name, allowed, where):
 
 def _check_names(what, names):
     for name in names or ():
-        # the rule of device ids (config.device_id): a single topic level, no wildcards
-        if not isinstance(name, str) or config._device_id(name):
+        # the rule of device ids (edge.topics): a single topic level, no wildcards
+        if topic_rules.name_problem(name):
             raise ConfigError("edge.client: {} {!r}: use 1-64 letters, digits, _ . - (no / + # "
                               "or spaces)".format(what, name))
 
@@ -404,12 +400,15 @@ class Client:
     as `edge health`'s flags (the password also from EDGE_MQTT_PASSWORD).
     """
 
-    def __init__(self, url="mqtt://localhost:1883", devices=None, topics=("detections",),
-                 cameras=None, labels=None, min_score=None, prefix="edge", session=None,
-                 session_expiry=DEFAULT_SESSION_EXPIRY, protocol="3.1.1", validate=True,
-                 queue_size=1000, share=None, username=None, password_file=None,
-                 ca_file=None, cert_file=None, key_file=None,
-                 max_payload=DEFAULT_MAX_PAYLOAD):
+    def __init__(self, url: str = "mqtt://localhost:1883", devices: Names = None,
+                 topics: Union[str, Sequence[str]] = (DETECTIONS,), cameras: Names = None,
+                 labels: Names = None, min_score: Optional[float] = None,
+                 prefix: str = topic_rules.DEFAULT_PREFIX, session: Optional[str] = None,
+                 session_expiry: int = DEFAULT_SESSION_EXPIRY, protocol: str = "3.1.1",
+                 validate: bool = True, queue_size: int = 1000, share: Optional[str] = None,
+                 username: Optional[str] = None, password_file: Optional[str] = None,
+                 ca_file: Optional[str] = None, cert_file: Optional[str] = None,
+                 key_file: Optional[str] = None, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.settings = mqtt.with_credentials(
             mqtt.parse_url(url), username, password_file, ca_file, cert_file, key_file,
             where="edge.client")
@@ -419,9 +418,9 @@ class Client:
         self.labels = _listed(labels)
         self.min_score = min_score
         self.prefix = prefix
-        if not isinstance(prefix, str) or config._prefix(prefix):
+        if topic_rules.prefix_problem(prefix):
             raise ConfigError("edge.client: prefix {!r}: {}".format(
-                prefix, "MQTT topic levels without + # or spaces"))
+                prefix, topic_rules.PREFIX_RULE))
         _check_names("device", self.devices)
         _check_names("camera", self.cameras)
         _check_names("session", [session] if session is not None else None)
@@ -467,7 +466,7 @@ class Client:
 
     # -- connection ---------------------------------------------------------------------
 
-    def connect(self, timeout=10.0, retry=True):
+    def connect(self, timeout: Optional[float] = 10.0, retry: bool = True) -> "Client":
         """Connect and subscribe; UnavailableError as soon as the broker refuses (credentials,
         ACL), or when it cannot be reached within `timeout` s (None: wait as long as it takes;
         paho retries meanwhile), or, with `retry=False` (a command line), at the first attempt
@@ -602,7 +601,8 @@ class Client:
 
     # -- consuming ----------------------------------------------------------------------
 
-    def messages(self, count=None, timeout=None):
+    def messages(self, count: Optional[int] = None, timeout: Optional[float] = None
+                 ) -> Iterator[Message]:
         """Received messages, checked and filtered, in arrival order: ends after `count`
         messages, when `timeout` s pass without one, or when the client is closed.
         Connects first when connect() was not called."""
@@ -637,8 +637,8 @@ class Client:
             return None
         if not raw:
             return None     # a retained message being cleared (a retired device)
-        if config._device_id(device) or (camera is not None and
-                                         not _CAMERA_NAME.match(camera)):
+        if topic_rules.name_problem(device) or (camera is not None and
+                                                topic_rules.name_problem(camera)):
             return self._invalid(topic, "the topic names no valid device or camera")
         try:
             payload = schemas.loads(raw)
@@ -688,7 +688,7 @@ class Client:
                        "see stats())".format(held) if held else "")
         return None
 
-    def on(self, topic, callback):
+    def on(self, topic: str, callback: Callable[[Message], object]) -> "Client":
         """Call `callback(message)` for each message of this topic (one of the client's
         topics, e.g. EVENTS) once start() runs; several callbacks per topic are called in
         order. TopicError (a ValueError) for a topic the client does not receive."""
@@ -696,7 +696,7 @@ class Client:
         self._callbacks.setdefault(topic, []).append(callback)
         return self
 
-    def start(self, timeout=10.0):
+    def start(self, timeout: Optional[float] = 10.0) -> "Client":
         """Connect, then call the callbacks from a thread of the client's own."""
         self.connect(timeout)
         if self._dispatcher is None:
@@ -715,7 +715,7 @@ class Client:
                     logger.exception("callback %s failed on %s",
                                      getattr(callback, "__name__", callback), message.topic)
 
-    def stats(self):
+    def stats(self) -> Dict[str, int]:
         """Counts: received (taken from the queue), delivered, filtered, invalid (not strict
         JSON, or outside the API document), forged (a device or camera other than its
         topic's), oversized (over max_payload: dropped unread, never queued), dropped (the
@@ -734,7 +734,7 @@ class Client:
 
     # -- closing ------------------------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Disconnect and end messages() and the callbacks' thread. An unnamed session ends
         here; a named one stays on the broker, which queues for it until the next run."""
         if self._closed:
@@ -766,8 +766,8 @@ class Client:
         self._paho.loop_stop()
         self._paho = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self.connect()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 
-from edge import mqtt
+from edge import mqtt, topics
 from edge.errors import EdgeError
 from edge.urls import redact
 
@@ -317,7 +317,7 @@ class Commands(threading.Thread):
         `edge health` sessions. Anything else could forge a device's results or status, or
         make it command itself."""
         return (self.app.link.topic("reply/"),
-                "{}/_health/".format(self.app.link.prefix))
+                "{}/{}/".format(self.app.link.prefix, topics.HEALTH_CLIENT_LEVEL))
 
     def _for_this_device(self, value):
         """A broadcast request's reply topic: the one it names plus `/{device_id}`."""

@@ -12,7 +12,7 @@ import threading
 import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from edge import urls
+from edge import topics, urls
 from edge.errors import ConfigError
 from edge.urls import redact
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Commands every device also takes on `{prefix}/_all/cmd/{name}`: one request reaches a whole
 # fleet (`edge health --all`). Only those that read and change nothing.
-BROADCAST_LEVEL = "_all"
+BROADCAST_LEVEL = topics.BROADCAST_LEVEL
 BROADCAST_COMMANDS = ("health", "ping")
 # Bytes of an MQTT packet around a request's payload (topic, properties, header): the daemon
 # keeps no more than commands.max_bytes plus this of any message it is sent (`make_client`).
@@ -471,11 +471,11 @@ class MqttLink:
         self.on_change = None     # callable() when the broker is lost or back (health)
 
     def topic(self, suffix):
-        return "{}/{}/{}".format(self.prefix, self.device, suffix)
+        return topics.device_topic(self.prefix, self.device, suffix)
 
     def broadcast_topic(self, name):
         """The topic a fleet-wide command `name` arrives on."""
-        return "{}/{}/cmd/{}".format(self.prefix, BROADCAST_LEVEL, name)
+        return topics.broadcast_topic(self.prefix, name)
 
     def start(self):
         """Begin connecting in the background; never blocks on the network."""

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 
-from edge import config, mqtt, peertext, schemas
+from edge import mqtt, peertext, schemas, topics
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ class Asker:
     def reply_topic(self, device=None):
         """Where a device answers: the session's topic plus the device (the broadcast's
         reply_to is the session's topic; each device adds its id)."""
-        topic = "{}/_health/{}".format(self.prefix, self.session)
-        return topic if device is None else "{}/{}".format(topic, device)
+        return topics.health_reply_topic(self.prefix, self.session, device)
 
     def _subscribe(self, client, filters, step):
         """SUBSCRIBE `filters`; `step` runs when the broker answers it."""
@@ -174,7 +173,7 @@ class Asker:
             device, _, kind = topic[len(self.prefix) + 1:].rpartition("/")
             if kind not in ("status", "health"):
                 return
-        if config._device_id(device):
+        if topics.name_problem(device):
             return      # no device has this name (a rogue's topic): nothing to list
         if kind == "status" and not raw:
             with self.lock:     # a retained status being cleared: the device is retired
@@ -219,7 +218,7 @@ class Asker:
 
     def broadcast(self):
         """One request every device takes; each answers on reply_topic(its id)."""
-        self.client.publish("{}/{}/cmd/health".format(self.prefix, mqtt.BROADCAST_LEVEL),
+        self.client.publish(topics.broadcast_topic(self.prefix, "health"),
                             json.dumps(self.request()), qos=1)
 
     def ask(self, devices):
@@ -283,11 +282,11 @@ def check(url, devices, prefix="edge", timeout=5.0, all_devices=False, credentia
     retained health report for a last will), None when unknown.
     """
     from edge.errors import ConfigError
-    if not isinstance(prefix, str) or config._prefix(prefix):
-        raise ConfigError("edge health: --prefix {!r}: {}".format(prefix, config._prefix(
-            prefix) if isinstance(prefix, str) else "a string"))
+    if topics.prefix_problem(prefix):
+        raise ConfigError("edge health: --prefix {!r}: {}".format(
+            prefix, topics.PREFIX_RULE if isinstance(prefix, str) else "a string"))
     for device in devices:
-        if config._device_id(device):   # a topic level: no / + # (a `#` would subscribe)
+        if topics.name_problem(device):   # a topic level: no / + # (a `#` would subscribe)
             raise ConfigError("edge health: device {!r}: use 1-64 letters, digits, _ . - (no / "
                               "+ # or spaces)".format(device))
     settings = mqtt.with_credentials(mqtt.parse_url(url), **(credentials or {}))
