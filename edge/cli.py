@@ -6,9 +6,15 @@ import os
 import sys
 
 from edge import __version__, installed
-from edge.errors import EXIT_FAILURE, EXIT_OK, EdgeError
+from edge.errors import EXIT_FAILURE, EXIT_OK, EdgeError, InstallError
 
 logger = logging.getLogger("edge")
+
+# Modules of setup.cfg's `daemon` extra. A plain `pip install` is a robot's (edge.client,
+# edge listen, edge health: paho-mqtt alone), so every other command imports what it needs
+# inside itself, and one run there says which extra to add.
+DAEMON_MODULES = {"numpy": "numpy", "yaml": "PyYAML", "onnx": "onnx", "psutil": "psutil",
+                  "scipy": "scipy"}     # module: its package
 
 
 def _run(args):
@@ -651,7 +657,7 @@ def _main(argv):
         parser().print_help()
         return EXIT_OK if args.command is None else 2
     try:
-        return args.func(args)
+        return _call(args)
     except EdgeError as e:
         if args.debug:
             logger.exception("failed")
@@ -665,6 +671,41 @@ def _main(argv):
         print("edge: internal error: {}: {} (run with --debug for the traceback)".format(
             type(e).__name__, _shown(e, args)), file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _call(args):
+    """The command's exit status; InstallError for a daemon command on a client install."""
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:
+        module = (e.name or "").partition(".")[0]
+        if module not in DAEMON_MODULES:
+            raise
+        raise InstallError(
+            "edge {} needs the daemon's packages ({} is not installed; this is a robot's client "
+            "install): pip install {} adds them ('[cpu]' on a PC, with ONNX Runtime and "
+            "OpenCV; on a Jetson: sudo tools/install-jetson)".format(
+                args.command, DAEMON_MODULES[module], _with_extra("daemon"))) from e
+
+
+def _with_extra(extra):
+    """What to give pip for this install with `extra`: its source as pip recorded it."""
+    import glob
+    import json
+    import shlex
+    from urllib.parse import unquote, urlsplit
+    for folder in sys.path:
+        for path in glob.glob(os.path.join(folder or ".", "edge-*.dist-info", "direct_url.json")):
+            try:
+                with open(path, "r", encoding="utf-8") as f:
+                    url = json.load(f)["url"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(url, str) and url.startswith("file://"):
+                return shlex.quote("{}[{}]".format(unquote(urlsplit(url).path), extra))
+            if isinstance(url, str):
+                return shlex.quote("edge[{}] @ {}".format(extra, url))
+    return shlex.quote("/path/to/edge[{}]".format(extra))
 
 
 def _shown(error, args):

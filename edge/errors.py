@@ -11,7 +11,8 @@ EXIT_NOINPUT = 66       # the source cannot be opened or read
 EXIT_UNAVAILABLE = 69   # a network service (broker, model download) cannot be reached
 EXIT_SOFTWARE = 70      # an engine could not be built
 EXIT_IOERR = 74         # a file cannot be written (JSONL sink, model folder)
-EXIT_CONFIG = 78        # the configuration is invalid: systemd must not restart in a loop
+EXIT_CONFIG = 78        # the configuration (or the install) is invalid: systemd must not
+                        # restart in a loop
 
 
 class EdgeError(Exception):
@@ -22,6 +23,12 @@ class EdgeError(Exception):
 
 class ConfigError(EdgeError):
     """Invalid configuration, model card or command line value."""
+
+    exit_code = EXIT_CONFIG
+
+
+class InstallError(EdgeError):
+    """The install lacks what a command needs (a robot's client install runs no daemon)."""
 
     exit_code = EXIT_CONFIG
 

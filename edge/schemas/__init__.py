@@ -1,11 +1,11 @@
 """The MQTT API as data: the AsyncAPI document shipped with the package, and its schemas.
 
 `asyncapi.yaml` (next to this file) describes every topic and payload. Here:
-- `document()`: the parsed document (loaded once);
+- `document()`: the parsed document (loaded once; from asyncapi.json without PyYAML);
 - `schema(name)`: a standalone JSON Schema (draft-07) for a message kind (`status`, `depth`,
   `detections`, `matches`, `health`, `reply`, `command`, `events`, `motion`) or a component
   (`SnapshotRequest`);
-- `kind_of_topic(topic, prefix)`: the message kind a concrete topic carries;
+- `kind_of_topic(topic, prefix)`: the message kind a concrete topic carries (edge.topics);
 - `validate(kind, payload)`: ValueError with the path and the reason when a payload is not
   what the API promises; `strict=False` (what a consumer such as edge.client checks) lets
   through keys the document does not list, which a newer device may add compatibly.
@@ -21,14 +21,16 @@ install it.
 
 import copy
 import json
-import math
 import os
 import re
 import threading
 
-import yaml
+from edge import topics
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asyncapi.yaml")
+# The same document as JSON (tools/render_schema_json.py writes it; a test keeps the two
+# equal): what a robot reads, which has no YAML parser (the client installs paho-mqtt alone).
+JSON_PATH = os.path.join(os.path.dirname(PATH), "asyncapi.json")
 DRAFT7 = "http://json-schema.org/draft-07/schema#"
 COMPONENTS_REF = "#/components/schemas/"
 
@@ -44,15 +46,7 @@ KINDS = {
     "events": "Event",
     "motion": "Motion",
 }
-# topics directly under {prefix}/{device_id}/ -> kind
-_FIXED = {"status": "status", "detections": "detections", "matches": "matches",
-          "health": "health", "events": "events", "depth": "depth", "motion": "motion"}
-# topics {prefix}/{device_id}/{level}/{name or id} -> kind
-_NAMED = {"cmd": "command", "reply": "reply", "snapshot": "snapshot"}
-# a named camera's topics: {prefix}/{device_id}/{kind}/{camera}
-_PER_CAMERA = {"detections": "detections", "matches": "matches", "events": "events",
-               "depth": "depth", "motion": "motion"}
-HEALTH_CLIENT_LEVEL = "_health"     # `edge health` replies: {prefix}/_health/{session}/{device}
+kind_of_topic = topics.kind_of_topic
 JPEG_START = b"\xff\xd8\xff"
 
 _lock = threading.Lock()
@@ -62,13 +56,31 @@ _validators = {}
 
 
 def document():
-    """The AsyncAPI document as a dict (parsed once; do not modify it)."""
+    """The AsyncAPI document as a dict (parsed once; do not modify it).
+
+    From asyncapi.yaml, the source, where PyYAML is installed (the daemon's extra); from its
+    JSON rendering, the same document, where it is not (a robot with the client alone).
+    """
     global _document
     with _lock:
         if _document is None:
-            with open(PATH, "r", encoding="utf-8") as f:
-                _document = yaml.safe_load(f)
+            _document = _load()
         return _document
+
+
+def _load():
+    try:
+        import yaml
+    except ImportError:
+        with open(JSON_PATH, "r", encoding="utf-8") as f:
+            return json.load(f)
+    with open(PATH, "r", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def render_json(doc):
+    """The text of asyncapi.json for the document `doc` (in the YAML's order)."""
+    return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
 
 
 def names():
@@ -110,31 +122,6 @@ def schema(name):
         with _lock:
             _schemas[component] = cached
     return copy.deepcopy(cached)
-
-
-def kind_of_topic(topic, prefix="edge"):
-    """The kind of message on a concrete topic, or None for a topic not of this API.
-
-    `edge/cam1/detections` -> "detections", `edge/cam1/detections/front` -> "detections"
-    (camera `front`), `edge/cam1/motion/front` -> "motion" (what a robot sends the device),
-    `edge/cam1/cmd/ping` -> "command", `edge/cam1/reply/42` -> "reply",
-    `edge/cam1/snapshot/42` -> "snapshot". A reply sent to
-    a request's own `reply_to` topic cannot be told from its topic (None), except the ones
-    `edge health` asks for (`{prefix}/_health/{session}/{device}`).
-    """
-    head = prefix.rstrip("/") + "/"
-    if not isinstance(topic, str) or not topic.startswith(head):
-        return None
-    levels = topic[len(head):].split("/")
-    if any(not level for level in levels):
-        return None
-    if len(levels) == 3 and levels[0] == HEALTH_CLIENT_LEVEL:
-        return "reply"
-    if len(levels) == 2:
-        return _FIXED.get(levels[1])
-    if len(levels) == 3:
-        return _NAMED.get(levels[1]) or _PER_CAMERA.get(levels[1])
-    return None
 
 
 def _where(path):
