@@ -3,25 +3,12 @@
 import copy
 import os
 import re
-import socket
 
-from edge import imagefiles, validate
+from edge import imagefiles, topics, validate
 from edge.errors import ConfigError
 from edge.validate import Field
 
-# \Z, not $: `$` also matches before a trailing newline, which MQTT topics cannot carry
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
-
-
-def _device_id(value):
-    return None if _DEVICE_ID.match(value) else "letters, digits, _ . - (no / + # or spaces)"
-
-
-def _prefix(value):
-    return None if _TOPIC_PREFIX.match(value) else "MQTT topic levels without + # or spaces"
-
-
+# \Z, not $: `$` also matches before a trailing newline
 _REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 # Bounds of track.zones and track.lines. Every zone and line is tested on every tracked
@@ -281,7 +268,7 @@ def _backend_names():
 
 
 SPEC = {
-    "device_id": Field(str, default=None, nullable=True, check=_device_id,
+    "device_id": Field(str, default=None, nullable=True, check=topics.name_problem,
                        help="name in MQTT topics; default: the host name"),
     "source": Field(str, default="test://", help="source URI (DESIGN.md, Sources)"),
     "sources": Field(list, default=None, nullable=True, items=CAMERA, unique="name",
@@ -310,7 +297,7 @@ SPEC = {
     "mqtt": {
         "url": Field(str, default=None, nullable=True,
                      help="mqtt://host:port; null: no MQTT (JSONL only)"),
-        "prefix": Field(str, default="edge", check=_prefix),
+        "prefix": Field(str, default=topics.DEFAULT_PREFIX, check=topics.prefix_problem),
         "username": Field(str, default=None, nullable=True, help="broker user name"),
         "password_file": Field(str, default=None, nullable=True,
                                help="file whose first line is the password (or set "
@@ -506,10 +493,7 @@ def load(path=None, overrides=None, require_task=True, folders=None):
                           "sources: [{{name, uri}}, ...] named ones".format(where))
     config = validate.check(raw, SPEC, where)
     if config["device_id"] is None:
-        host = socket.gethostname().split(".")[0]
-        # the host name made safe for topics, and to the pattern a configured id must follow
-        config["device_id"] = (re.sub(r"[^A-Za-z0-9_.-]", "-", host).lstrip("_.-") or
-                               "edge")[:64]
+        config["device_id"] = topics.default_device_id()
     for key, value in (folders or {}).items():
         if config[key] is None:
             config[key] = value
