@@ -30,6 +30,12 @@ def _url(value):
     return None if value.startswith(("https://", "http://")) else "an http(s) URL"
 
 
+def _task_kind(name):
+    """None for a registered task kind (edge.tasks.KINDS), else the kinds there are."""
+    from edge import tasks
+    return None if name in tasks.KINDS else "one of " + ", ".join(tasks.KINDS)
+
+
 def _families():
     from edge import families
     return families.names()
@@ -37,7 +43,7 @@ def _families():
 
 SPEC = {
     "name": Field(str, check=_safe_file_name),
-    "task": Field(str, choices=("detect", "match")),
+    "task": Field(str, check=lambda value: _task_kind(value)),
     "family": Field(str),
     "description": Field(str, default=""),
     "license": Field(str, default=""),
@@ -64,20 +70,6 @@ SPEC = {
                         help="boxes the graph returns, best first (TensorRT TopK allows 3840)"),
     "precision": Field(str, default="fp16", choices=("fp16", "fp32")),
 }
-
-THRESHOLDS = {
-    "detect": {
-        "score": Field(float, default=0.3, min=0.0, max=1.0),
-        "iou": Field(float, default=0.45, min=0.0, max=1.0),
-    },
-    "match": {
-        "score": Field(float, default=0.2, min=0.0, max=1.0),
-        "ransac_px": Field(float, default=8.0, min=0.1),
-        "min_inliers": Field(int, default=8, min=4),
-        "border": Field(int, default=1, min=0),
-    },
-}
-
 
 class Card:
     """A validated model card; `path` is the file it came from."""
@@ -159,8 +151,9 @@ def load(name_or_path):
     if expected != data["task"]:
         raise ConfigError("{}: task: family {} is a {} model, not {}".format(
             where, data["family"], expected, data["task"]))
-    data["thresholds"] = validate.check(data["thresholds"], THRESHOLDS[data["task"]], where,
-                                        "thresholds.")
+    from edge import tasks
+    data["thresholds"] = validate.check(data["thresholds"], tasks.kind(data["task"]).thresholds,
+                                        where, "thresholds.")
     return Card(data, path)
 
 

@@ -74,7 +74,7 @@ def _build(args):
                  "model_mirror": args.mirror, "reference": args.reference,
                  "state_dir": args.state_dir}
     cfg = _beside_the_service(args.config, overrides)
-    names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c]
+    names = args.cards or tasks.card_names(cfg)
     if not names:
         from edge.errors import ConfigError
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
@@ -93,12 +93,11 @@ def _build(args):
     made = []
     for name in names:
         card = cards.load(name)
-        options = {"store": store} if card.task == "match" else {
-            "batching": daemon.batching(cfg, maker)}
+        kind = tasks.kind(card.task)
         task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
-                            device=cfg["device_id"], **options)
+                            **kind.options(cfg, maker, store))
         task.plan(sizes)          # the engines the daemon makes for its cameras
-        refs = [None] if card.task == "detect" else [store.get(n) for n in store.names()]
+        refs = kind.build_references(store)
         if not refs:
             print("{}: no reference stored: matcher engines are built per reference size; "
                   "give --reference IMAGE".format(card.name))
@@ -134,7 +133,7 @@ def _export_onnx(cfg, names, sizes, folder, version):
     share the engine), checked against what its ONNX parser imports. Nothing is built: the
     files are for polygraphy/trtexec, and for CI. Exit 1 on a problem."""
     import onnx
-    from edge import cards, graph, models, tasks
+    from edge import cards, daemon, graph, models, tasks
     from edge.backends import trt, trtcheck
     from edge.errors import ConfigError
     version = version or _installed_tensorrt() or "8.2"
@@ -145,14 +144,16 @@ def _export_onnx(cfg, names, sizes, folder, version):
     release = trt.parse_version(version)[:2]
     os.makedirs(folder, exist_ok=True)
     status = EXIT_OK
+    store = daemon.reference_store(cfg)
     for name in names:
         card = cards.load(name)
+        kind = tasks.kind(card.task)
         model = models.load_onnx(models.ensure(card, cfg["model_dir"], cfg["model_mirror"]), card)
         for (width, height), count in sorted(sizes.items()):
-            sizes_ref = [None] if card.task == "detect" else _reference_sizes(cfg, width, height)
+            sizes_ref = kind.reference_sizes(store, width, height)
             # batched as the daemon on TensorRT would (pipeline.batch: auto or always)
             batch = count if count > 1 and cfg["pipeline"]["batch"] != "never" and \
-                card.task == "detect" and not graph.batch_problem(model, card) else None
+                kind.can_batch and not graph.batch_problem(model, card) else None
             for size in sizes_ref:
                 label = tasks.engine_label(card.name, width, height, size, batch)
                 path = os.path.join(folder, "{}-{}.onnx".format(label, dtype))
@@ -174,19 +175,6 @@ def _installed_tensorrt():
         return tensorrt.__version__
     except Exception:  # noqa: BLE001 (absent or broken: export for the Nano's 8.2)
         return None
-
-
-def _reference_sizes(cfg, width, height):
-    """(width, height) of each reference the run has (configured, else stored), else the
-    frame's: a matcher's graph is specialised to the size of its reference image."""
-    from edge import daemon
-    store = daemon.reference_store(cfg)
-    sizes = []
-    for name in store.names():
-        image = store.get(name)
-        if (image.shape[1], image.shape[0]) not in sizes:
-            sizes.append((image.shape[1], image.shape[0]))
-    return sizes or [(width, height)]
 
 
 def _beside_the_service(path, overrides):
@@ -404,14 +392,13 @@ def _depth(args):
 
 def _doctor(args):
     """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
-    from edge import cards, doctor
+    from edge import cards, doctor, tasks
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
     cfg = _beside_the_service(args.config, overrides)
     if args.memory:
         return doctor.memory(cfg)
-    names = args.cards or [c for c in (cfg["detector"], cfg["matcher"]) if c] or \
-        sorted(cards.available())
+    names = args.cards or tasks.card_names(cfg) or sorted(cards.available())
     return doctor.doctor(cfg, names, write_reference=args.write_reference)
 
 

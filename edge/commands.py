@@ -404,18 +404,13 @@ class Commands(threading.Thread):
 
     def snapshot(self, args, request_id):
         import cv2
-        from edge import draw
         max_bytes = _int(args, "max_bytes", self.snapshot_bytes, 1024, 4 * 2 ** 20)
         binary = _bool(args, "binary", False)
         image, index, camera = self._next_frame(self._camera(args))
         for task in self.app.tasks:
             message = task.last_messages.get(camera)
-            if message is None:
-                continue
-            if "detections" in message:
-                draw.detections(image, message["detections"])
-            elif "matches" in message:
-                draw.match_overlay(image, message)
+            if message is not None:
+                task.draw(image, message)
         if _bool(args, "depth", False):
             image = self._beside_depth(image, camera)
         data = None

@@ -43,16 +43,26 @@ def reference_store(config):
     return store
 
 
-def batching(config, maker):
-    """Whether detection runs several cameras' frames as one batch (`pipeline.batch`)."""
-    setting = config["pipeline"]["batch"]
-    return maker.backend.batches if setting == "auto" else setting == "always"
-
-
 def open_cameras(config):
     """[(camera name or None, unopened Source)] of the config's cameras."""
     return [(name, sources.open_source(uri, config["max_image_pixels"]))
             for name, uri in cameras.configured(config)]
+
+
+def configured_tasks(config):
+    """[(task class, card)] of the tasks the configuration names (`detector`, `matcher`,
+    each kind's `config_key`), in KINDS order; ConfigError for a card of another kind."""
+    found = []
+    for cls in tasks.kinds():
+        name = config.get(cls.config_key)
+        if not name:
+            continue
+        card = cards.load(name)
+        if card.task != cls.name:
+            raise ConfigError("{}: card {} is a {} card; use it as --{}".format(
+                cls.config_key, card.name, card.task, tasks.kind(card.task).config_key))
+        found.append((cls, card))
+    return found
 
 
 def build_tasks(config, maker, store, source=None):
@@ -62,25 +72,9 @@ def build_tasks(config, maker, store, source=None):
     from edge.tasks import depth as stereo_depth
     depth = stereo_depth.create(config, maker, source) if source is not None else None
     built = []
-    for key, task in (("detector", "detect"), ("matcher", "match")):
-        if not config[key]:
-            continue
-        card = cards.load(config[key])
-        if card.task != task:
-            raise ConfigError("{}: card {} is a {} card; use it as --{}".format(
-                key, card.name, card.task, "detector" if card.task == "detect" else "matcher"))
-        options = {"device": config["device_id"]}
-        if task == "detect":
-            options["track"] = config["track"]
-            options["cameras"] = {name: configuration.camera_track(config, name)
-                                  for name, _ in cameras.configured(config) if name}
-            options["batching"] = batching(config, maker)
-        if task == "match":
-            options.update(config["match"], store=store)
-        if task == "detect" and depth is not None:
-            options["depth"] = depth
-        built.append(tasks.create(card, maker, config["model_dir"],
-                                  mirror=config["model_mirror"], **options))
+    for cls, card in configured_tasks(config):
+        built.append(tasks.create(card, maker, config["model_dir"], mirror=config["model_mirror"],
+                                  **cls.options(config, maker, store, depth)))
     if depth is not None:
         built.append(depth)
     return built
@@ -233,7 +227,8 @@ class Daemon:
         """A new pipeline for the config; raises (and leaves the old one) when it is bad."""
         opened = open_cameras(config)
         maker = engine_maker(config)
-        store = reference_store(config) if config["matcher"] else None
+        store = reference_store(config) if any(
+            cls.references for cls, _ in configured_tasks(config)) else None
         built = build_tasks(config, maker, store, opened)
         pipeline = Pipeline(opened, built, self.publisher, pool_size=config["pipeline"]["pool"],
                             max_frames=config["max_frames"], allocate=maker.allocate)

@@ -25,14 +25,7 @@ import numpy as np
 from edge import cards, tasks
 from edge.frames import Frame
 
-SAMPLES = {"detect": ("coco-000000000036.jpg", None),
-           "match": ("motorcycle-right.jpg", "motorcycle-left.jpg")}
 REFERENCE_FILE = "reference-outputs.json"
-BOX_TOLERANCE_PX = 4.0       # FP16 engines move box edges by a pixel or two
-SCORE_TOLERANCE = 0.03
-# Share of the reference's mutual-NN pairs the engine must find: the FP16-safe matcher keeps
-# 0.99-1.0 of them in CI's FP16 emulation (tests/test_fp16.py), the unsafe one kept 0.85.
-MATCH_AGREEMENT = 0.95
 
 
 def samples_dir():
@@ -47,7 +40,7 @@ def samples_dir():
 def run_card(card, maker, cfg, folder, runs=20):
     """(outputs dict of the first run, latency ms list) for one card on its samples."""
     import cv2
-    frame_name, reference_name = SAMPLES[card.task]
+    frame_name, reference_name = tasks.kind(card.task).samples
     image = cv2.imread(os.path.join(folder, frame_name))
     # the sample reference is bound directly: nothing is stored, the device's references
     # stay as they are
@@ -67,39 +60,6 @@ def run_card(card, maker, cfg, folder, runs=20):
     return task, outputs, latencies
 
 
-def summarise(card, task, outputs):
-    """What the check compares: detections (box, score, class) or mutual-NN pairs."""
-    if card.task == "detect":
-        from edge.tasks.detect import select
-        rows = select(outputs["detections"], card.thresholds["score"], card.thresholds["iou"])
-        return {"detections": [[round(float(v), 2) for v in row] for row in rows]}
-    pairs = outputs["matches"]
-    index = np.flatnonzero(pairs[:, 1] > 0)
-    return {"pairs": [[int(i), int(pairs[i, 0])] for i in index]}
-
-
-def compare(card, got, want):
-    """(ok, one-line detail) comparing summaries within FP16 tolerance."""
-    if card.task == "detect":
-        a, b = got["detections"], want["detections"]
-        if len(a) != len(b):
-            return False, "{} detections, expected {}".format(len(a), len(b))
-        worst_box, worst_score = 0.0, 0.0
-        for x, y in zip(sorted(a, key=lambda r: -r[4]), sorted(b, key=lambda r: -r[4])):
-            if int(x[5]) != int(y[5]):
-                return False, "class {} instead of {}".format(int(x[5]), int(y[5]))
-            worst_box = max(worst_box, max(abs(p - q) for p, q in zip(x[:4], y[:4])))
-            worst_score = max(worst_score, abs(x[4] - y[4]))
-        ok = worst_box <= BOX_TOLERANCE_PX and worst_score <= SCORE_TOLERANCE
-        return ok, "{} detections, box edges within {:.2f} px, scores within {:.3f}".format(
-            len(a), worst_box, worst_score)
-    got_pairs = {tuple(p) for p in got["pairs"]}
-    want_pairs = {tuple(p) for p in want["pairs"]}
-    agreement = len(got_pairs & want_pairs) / float(max(1, len(want_pairs)))
-    return agreement >= MATCH_AGREEMENT, "{} matches, {:.0%} of the reference's {}".format(
-        len(got_pairs), agreement, len(want_pairs))
-
-
 def ort_reference(card, cfg, folder):
     """The same card on ONNX Runtime (the CPU backend), or None when it is not installed."""
     from edge import backends
@@ -112,7 +72,7 @@ def ort_reference(card, cfg, folder):
     maker = EngineMaker(cls(), EngineCache(engine["dir"], engine["cache_mb"]),
                         engine["budget_mb"] * 2 ** 20, engine["build_timeout"])
     task, outputs, _ = run_card(card, maker, cfg, folder, runs=0)
-    return summarise(card, task, outputs)
+    return task.summarise(card, outputs)
 
 
 def check_broker(cfg, out):
@@ -138,7 +98,7 @@ def memory_root():
 
 def _planned(cfg, names=()):
     """The config to plan for: its own tasks, else the cards doctor checks."""
-    if cfg.get("detector") or cfg.get("matcher") or not names:
+    if tasks.card_names(cfg) or not names:
         return cfg
     planned = dict(cfg)
     for name in names:
@@ -146,8 +106,8 @@ def _planned(cfg, names=()):
             task = cards.load(name).task
         except Exception:     # a broken card is doctor's finding, reported per card
             continue
-        key = {"detect": "detector", "match": "matcher"}.get(task)
-        if key and not planned.get(key):
+        key = tasks.kind(task).config_key
+        if not planned.get(key):
             planned[key] = name
     return planned
 
@@ -239,7 +199,7 @@ def doctor(cfg, names, write_reference=False, out=print):
             out("{:<14} FAILED: {}".format(card.name, e))
             status = 1
             continue
-        got = summarise(card, task, outputs)
+        got = task.summarise(card, outputs)
         if write_reference:
             stored[card.name] = got
         if maker.backend.name == "ort":
@@ -251,7 +211,7 @@ def doctor(cfg, names, write_reference=False, out=print):
         if want is None:
             ok, detail = False, "no reference to compare with"
         else:
-            ok, detail = compare(card, got, want)
+            ok, detail = task.compare(card, got, want)
         latencies.sort()
         out("{:<14} {}  {} vs {}; latency p50 {:.1f} ms, p95 {:.1f} ms".format(
             card.name, "ok  " if ok else "FAIL", detail, against,

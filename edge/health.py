@@ -39,8 +39,9 @@ def _bounded(value):
     return value
 
 
-def verdict(report, limits):
-    """(healthy, reasons) for a report under the configured limits."""
+def verdict(report, limits, every_frame=()):
+    """(healthy, reasons) for a report under the configured limits; `every_frame`: the
+    tasks that run on every frame (health.min_fps holds them, not the background ones)."""
     reasons = []
     source = report["source"]
     cameras = report.get("cameras")
@@ -54,7 +55,7 @@ def verdict(report, limits):
     for name, task in report["tasks"].items():
         if task.get("error"):
             reasons.append("task {} failed: {}".format(name, task["error"]))
-        elif limits.get("min_fps") and name == "detect" and task["fps"] is not None and \
+        elif limits.get("min_fps") and name in every_frame and task["fps"] is not None and \
                 report["uptime_s"] > 30 and task["fps"] < limits["min_fps"]:
             reasons.append("task {} at {:.1f} fps, below {:.1f}".format(
                 name, task["fps"], limits["min_fps"]))
@@ -237,7 +238,9 @@ class Health(threading.Thread):
         # Cameras' errors may quote their URLs (a camera's, FFmpeg's, an exception's text):
         # no password reaches the report, its verdict, `status` or the log.
         report = _bounded(redacted(report, *_source_uris(app)))
-        healthy, reasons = verdict(report, self.limits)
+        healthy, reasons = verdict(report, self.limits, [
+            runner.task.name for runner in (pipeline.runners if pipeline else [])
+            if not runner.task.background])
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"
         if healthy and (pipeline is None or pipeline.started is None):

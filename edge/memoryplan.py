@@ -365,12 +365,8 @@ def _cameras(cfg):
 
 
 def _cards(cfg):
-    from edge import cards
-    found = []
-    for key in ("detector", "matcher"):
-        if cfg.get(key):
-            found.append(cards.load(cfg[key]))
-    return found
+    from edge import cards, tasks
+    return [cards.load(name) for name in tasks.card_names(cfg)]
 
 
 def _model(card, model_dir):
@@ -507,8 +503,9 @@ def plan(cfg, reading=None, root="/", trt_version=None):
     for name, (width, height) in cameras:
         frames += pool * width * height * 3 / float(MIB)
         if backend == "trt" and version < UINT8_INPUTS:
+            from edge import tasks
             for card, _, _ in models:
-                copies = 2 if card.task == "match" else 1     # the frame and the reference
+                copies = tasks.kind(card.task).frame_copies   # a matcher: and the reference
                 staging += copies * width * height * 3 * 4 / float(MIB)
     if cards:
         sizes = ", ".join("{}x{}".format(w, h) for _, (w, h) in cameras)

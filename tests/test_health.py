@@ -430,3 +430,20 @@ def test_status_is_starting_while_engines_are_built(broker, subscriber, tmp_path
     assert preparing >= 1                # a report came before the engines were ready
     states = [json.loads(p)["state"] for t, p, _ in messages if t.endswith("/status")]
     assert "online" in states and states.index("online") > states.index("starting")
+
+
+def test_min_fps_holds_the_tasks_that_run_on_every_frame_only():
+    """health.min_fps: a detector below it degrades the device, a matcher (a background
+    task, at its own rate) does not; the daemon passes the tasks that run on every frame,
+    from each task's class."""
+    from edge.health import verdict
+    from edge.tasks import kinds
+    report = {"source": {"state": "open"}, "uptime_s": 60.0, "engines": {}, "mqtt": None,
+              "system": None, "tasks": {"detect": {"fps": 3.0}, "match": {"fps": 1.0}}}
+    limits = {"temperature_c": 85.0, "memory_percent": 95.0, "min_fps": 5.0}
+    every_frame = [cls.name for cls in kinds() if not cls.background]
+    assert every_frame == ["detect"]
+    healthy, reasons = verdict(report, limits, every_frame)
+    assert not healthy and reasons == ["task detect at 3.0 fps, below 5.0"], reasons
+    report["tasks"]["detect"]["fps"] = 6.0
+    assert verdict(report, limits, every_frame) == (True, [])

@@ -3,7 +3,7 @@ too (a lazy import only hides a circle until both modules are loaded).
 
 One kind of circle is the design: a registry package imports its own plugin modules (to
 register them) and they import the package (for its `register`). Every other circle fails,
-naming the modules."""
+naming the modules. And no module outside the task registry tests a task's kind by name."""
 
 import ast
 import os
@@ -90,3 +90,49 @@ def test_the_check_finds_a_circle_made_of_lazy_imports():
     assert cycles(graph) == [["edge.bench", "edge.benchdepth", "edge.bench"]]
     # and the graph reads imports inside functions (cli imports the daemon lazily)
     assert "edge.daemon" in import_graph()["edge.cli"]
+
+
+def kind_tests(path):
+    """Lines of a module that test a task's kind: a comparison with a kind's name, or a
+    mapping keyed by one."""
+    from edge import tasks
+    names = {cls.name for cls in tasks.kinds()}
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+
+    def kind_name(node):
+        return isinstance(node, ast.Constant) and node.value in names
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq))
+                                                 for op in node.ops):
+            sides = [node.left] + node.comparators
+            if any(kind_name(s) for s in sides):
+                found.append(node.lineno)
+        elif isinstance(node, ast.Dict) and any(kind_name(k) for k in node.keys if k):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_module_outside_the_tasks_tests_a_tasks_kind():
+    """The daemon, the CLI, doctor, the memory plan, health and the commands ask the task
+    registry (edge.tasks: kinds, kind, card_names and each kind's class attributes) and
+    never a kind by name. The configuration still has the kinds' keys and `match:`
+    section (edge/config.py)."""
+    allowed = {os.path.join(EDGE, "config.py")}
+    found = {}
+    for dotted, path in modules().items():
+        if dotted.startswith(("edge.tasks", "edge.families")) or path in allowed:
+            continue
+        lines = kind_tests(path)
+        if lines:
+            found[os.path.relpath(path, ROOT)] = lines
+    assert not found, "modules that test a task's kind (file: lines): {}".format(found)
+
+
+def test_the_kind_check_finds_a_kind_test(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f(card, task):\n    if card.task == 'match':\n        return 1\n"
+                    "    return {'detect': 1}[task]\n")
+    assert kind_tests(str(path)) == [2, 4]

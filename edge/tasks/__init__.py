@@ -39,10 +39,38 @@ class Side(collections.namedtuple("Side", "topic message qos")):
     result of the frame (snapshots never draw it)."""
 
 
+# The task kinds, each a module of this package that registers its Task class. A new kind is
+# its module and its name here: the daemon, `edge build`, `edge doctor` and the memory plan
+# ask the registry, never a kind by name.
+KINDS = ("detect", "match")
+
+
 def register(cls):
     """Class decorator: register a task class under its `name` (a card's `task`)."""
     _TASKS[cls.name] = cls
     return cls
+
+
+def kinds():
+    """The registered task classes, in KINDS order."""
+    import importlib
+    for name in KINDS:
+        if name not in _TASKS:
+            importlib.import_module("edge.tasks." + name)
+    return [_TASKS[name] for name in KINDS]
+
+
+def kind(name):
+    """The task class of a card's `task`."""
+    for cls in kinds():
+        if cls.name == name:
+            return cls
+    raise KeyError(name)
+
+
+def card_names(config):
+    """The card names the configuration gives its tasks (each kind's `config_key`)."""
+    return [config[cls.config_key] for cls in kinds() if config.get(cls.config_key)]
 
 
 def create(card, engines, model_dir, mirror=None, **options):
@@ -52,8 +80,7 @@ def create(card, engines, model_dir, mirror=None, **options):
     against the card) only when no engine made from this card and model is cached: a device
     that starts from its cache never imports onnx (edge.backends.cache, Recipes).
     """
-    from edge.tasks import detect, match  # noqa: F401  (registers)
-    cls = _TASKS[card.task]
+    cls = kind(card.task)
     path = models.ensure(card, model_dir, mirror)
     key = card_key(card)
     if engines.knows(key):
@@ -126,11 +153,60 @@ _UNKNOWN = object()
 
 
 class Task:
-    """Shared engine handling: an engine per frame size, a binding per slot."""
+    """Shared engine handling: an engine per frame size, a binding per slot.
 
-    name = None
-    topic = None
+    A task kind is a subclass in its own module of this package, registered (`register`,
+    KINDS). Besides running frames it says, as class attributes and class methods, how it is
+    configured and built (`config_key`, `options`), which references `edge build` makes its
+    engines for (`build_references`), and what `edge doctor` runs it on and checks
+    (`samples`, `summarise`, `compare`)."""
+
+    name = None          # the cards' `task` this class runs
+    topic = None         # the topic of its results
+    config_key = None    # the config key (and `edge run` flag) that names its card
     background = False   # runs at its own rate beside the every-frame task (Backend.load)
+    frame_copies = 1     # images an engine of it reads per run (the memory plan)
+    can_batch = False    # runs several cameras' frames as one batch (pipeline.batch)
+    samples = (None, None)   # edge doctor: (frame, reference) files in engines/samples/
+    thresholds = {}      # the cards' `thresholds` section: key -> edge.validate.Field
+    references = False   # matches frames against stored references (the ReferenceStore)
+
+    def draw(self, image, message):
+        # type: (object, dict) -> None
+        """Draw one of this task's result messages on its frame (snapshots); nothing by
+        default."""
+
+    @classmethod
+    def options(cls, config, maker, store=None, depth=None):
+        # type: (dict, object, object, object) -> dict
+        """The keyword arguments `create` passes this kind for the configuration; `maker`
+        the EngineMaker, `store` the ReferenceStore, `depth` the stereo depth task or None."""
+        return {"device": config["device_id"]}
+
+    @classmethod
+    def build_references(cls, store):
+        # type: (object) -> list
+        """The references `edge build` makes engines for: [None] (frames alone)."""
+        return [None]
+
+    @classmethod
+    def reference_sizes(cls, store, width, height):
+        # type: (object, int, int) -> list
+        """The reference sizes `edge build --export-onnx` writes graphs for, for frames of
+        width x height: [None] (frames alone)."""
+        return [None]
+
+    @classmethod
+    def summarise(cls, card, outputs):
+        # type: (object, dict) -> dict
+        """What `edge doctor` compares of one run's outputs (JSON-able)."""
+        raise NotImplementedError
+
+    @classmethod
+    def compare(cls, card, got, want):
+        # type: (object, dict, dict) -> tuple
+        """(ok, one line) of two `summarise` results, within FP16's tolerance."""
+        raise NotImplementedError
 
     def __init__(self, card, engines, model, batching=False):
         self.card = card

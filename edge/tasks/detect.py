@@ -6,6 +6,7 @@ import numpy as np
 from edge.families.yolo import DETECTIONS
 from edge.tasks import Side, Task, register
 from edge.tracking import EVENT_QOS, EVENT_TOPIC
+from edge.validate import Field
 
 
 def nms(rows, iou_threshold):
@@ -38,12 +39,65 @@ def select(rows, score_threshold, iou_threshold):
     return candidates[nms(candidates, iou_threshold)]
 
 
+# edge doctor: FP16 engines move box edges by a pixel or two
+BOX_TOLERANCE_PX = 4.0
+SCORE_TOLERANCE = 0.03
+
+
 @register
 class DetectTask(Task):
     """Boxes in source-frame pixels on the `detections` topic."""
 
     name = "detect"
     topic = "detections"
+    config_key = "detector"
+    can_batch = True
+    samples = ("coco-000000000036.jpg", None)
+    thresholds = {
+        "score": Field(float, default=0.3, min=0.0, max=1.0),
+        "iou": Field(float, default=0.45, min=0.0, max=1.0),
+    }
+
+    @classmethod
+    def options(cls, config, maker, store=None, depth=None):
+        """Tracking (the `track` section, each named camera's own), batching (`pipeline.batch`:
+        auto where the backend batches) and stereo depth's `spatial`."""
+        from edge import cameras
+        from edge.config import camera_track
+        setting = config["pipeline"]["batch"]
+        options = dict(super().options(config, maker), track=config["track"],
+                       cameras={name: camera_track(config, name)
+                                for name, _ in cameras.configured(config) if name},
+                       batching=maker.backend.batches if setting == "auto"
+                       else setting == "always")
+        if depth is not None:
+            options["depth"] = depth
+        return options
+
+    def draw(self, image, message):
+        """Boxes with label, score and `#id`."""
+        from edge import draw
+        draw.detections(image, message["detections"])
+
+    @classmethod
+    def summarise(cls, card, outputs):
+        rows = select(outputs[DETECTIONS], card.thresholds["score"], card.thresholds["iou"])
+        return {"detections": [[round(float(v), 2) for v in row] for row in rows]}
+
+    @classmethod
+    def compare(cls, card, got, want):
+        a, b = got["detections"], want["detections"]
+        if len(a) != len(b):
+            return False, "{} detections, expected {}".format(len(a), len(b))
+        worst_box, worst_score = 0.0, 0.0
+        for x, y in zip(sorted(a, key=lambda r: -r[4]), sorted(b, key=lambda r: -r[4])):
+            if int(x[5]) != int(y[5]):
+                return False, "class {} instead of {}".format(int(x[5]), int(y[5]))
+            worst_box = max(worst_box, max(abs(p - q) for p, q in zip(x[:4], y[:4])))
+            worst_score = max(worst_score, abs(x[4] - y[4]))
+        ok = worst_box <= BOX_TOLERANCE_PX and worst_score <= SCORE_TOLERANCE
+        return ok, "{} detections, box edges within {:.2f} px, scores within {:.3f}".format(
+            len(a), worst_box, worst_score)
 
     def __init__(self, card, engines, model, device="edge", track=None, depth=None,
                  batching=False, cameras=None):

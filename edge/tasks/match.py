@@ -15,10 +15,15 @@ from edge import nodes
 from edge.errors import SourceError
 from edge.families.loftr import MATCHES, STRIDE
 from edge.tasks import Task, register
+from edge.validate import Field
 
 logger = logging.getLogger(__name__)
 
 MIN_POINTS = 4       # a homography needs four correspondences
+# edge doctor: the share of the reference's mutual-NN pairs an engine must find (the FP16-safe
+# matcher keeps 0.99-1.0 of them in CI's FP16 emulation, tests/test_fp16.py; the unsafe one
+# kept 0.85)
+MATCH_AGREEMENT = 0.95
 
 
 def cell_centres(card, width, height):
@@ -71,7 +76,57 @@ class MatchTask(Task):
 
     name = "match"
     topic = "matches"
+    config_key = "matcher"
     background = True
+    references = True
+    frame_copies = 2             # the frame and the reference
+    samples = ("motorcycle-right.jpg", "motorcycle-left.jpg")
+    thresholds = {
+        "score": Field(float, default=0.2, min=0.0, max=1.0),
+        "ransac_px": Field(float, default=8.0, min=0.1),
+        "min_inliers": Field(int, default=8, min=4),
+        "border": Field(int, default=1, min=0),
+    }
+
+    @classmethod
+    def options(cls, config, maker, store=None, depth=None):
+        """The `match` section and the reference store."""
+        return dict(super().options(config, maker), store=store, **config["match"])
+
+    @classmethod
+    def build_references(cls, store):
+        """Every stored reference: an engine is made per reference size."""
+        return [store.get(name) for name in store.names()]
+
+    def draw(self, image, message):
+        """The matched points and the reference's outline."""
+        from edge import draw
+        draw.match_overlay(image, message)
+
+    @classmethod
+    def reference_sizes(cls, store, width, height):
+        """(width, height) of each stored reference, else the frame's: the graph is
+        specialised to the size of its reference image."""
+        sizes = []
+        for image in cls.build_references(store):
+            if (image.shape[1], image.shape[0]) not in sizes:
+                sizes.append((image.shape[1], image.shape[0]))
+        return sizes or [(width, height)]
+
+    @classmethod
+    def summarise(cls, card, outputs):
+        """The mutual-nearest-neighbour pairs (reference cell, frame cell)."""
+        pairs = outputs[MATCHES]
+        index = np.flatnonzero(pairs[:, 1] > 0)
+        return {"pairs": [[int(i), int(pairs[i, 0])] for i in index]}
+
+    @classmethod
+    def compare(cls, card, got, want):
+        got_pairs = {tuple(p) for p in got["pairs"]}
+        want_pairs = {tuple(p) for p in want["pairs"]}
+        agreement = len(got_pairs & want_pairs) / float(max(1, len(want_pairs)))
+        return agreement >= MATCH_AGREEMENT, "{} matches, {:.0%} of the reference's {}".format(
+            len(got_pairs), agreement, len(want_pairs))
 
     def __init__(self, card, engines, model, device="edge", store=None, max_hz=1.0, every=0,
                  top_k=500, max_references=4):
