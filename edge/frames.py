@@ -137,6 +137,11 @@ class Inbox:
     def dropped(self):
         return sum(lane.dropped for lane in self.lanes)
 
+    def figures(self):
+        """[(frames waiting, frames dropped)] per lane, read together."""
+        with self._cond:
+            return [(len(lane.items), lane.dropped) for lane in self.lanes]
+
     def put(self, lane, frame, stop_event=None):
         """Queue a frame of camera `lane` (its refs already counted); False when stopped (or
         the lane closed) before it fit."""

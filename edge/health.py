@@ -98,27 +98,24 @@ def verdict(report, limits, every_frame=()):
 _WORST_FIRST = ("failed", "reconnecting", "opening", "open", "finished", "stopped")
 
 
-def camera_report(camera, pipeline):
-    """One camera's part of the report: state, figures, last error."""
-    capture = camera.capture
-    report = {"uri": camera.source.display, "state": capture.state, "frames": capture.frames,
-              "fps": camera.stats.summary()["fps"], "reopens": capture.reopens,
-              "dropped": sum(inbox.lanes[camera.index].dropped for inbox in pipeline.inboxes),
-              "skipped": getattr(camera.source, "skipped", 0),
-              "error": capture.last_error or (str(capture.error) if capture.error else None)}
-    unpaired = getattr(camera.source, "unpaired", None)
-    if unpaired is not None:      # stereo sources: frames that found no partner
-        report["unpaired"] = unpaired
+def camera_report(camera):
+    """One camera's part of the report (a CameraView): state, figures, last error."""
+    report = {"uri": camera.uri, "state": camera.state, "frames": camera.frames,
+              "fps": camera.fps, "reopens": camera.reopens, "dropped": camera.dropped,
+              "skipped": camera.skipped, "error": camera.error}
+    if camera.unpaired is not None:      # stereo sources: frames that found no partner
+        report["unpaired"] = camera.unpaired
     return report
 
 
-def camera_reports(pipeline, display):
-    """(`source`, `cameras` or None) of the report: the one unnamed camera is `source`; named
-    cameras are `cameras` by name, and `source` sums them up (worst state, totals)."""
-    if pipeline is None:
+def camera_reports(view, display):
+    """(`source`, `cameras` or None) of the report, from a pipeline's snapshot (None: no
+    pipeline): the one unnamed camera is `source`; named cameras are `cameras` by name, and
+    `source` sums them up (worst state, totals)."""
+    if view is None:
         return {"uri": display, "state": "stopped", "frames": 0, "reopens": 0, "dropped": 0,
                 "skipped": 0, "error": None}, None
-    reports = [(camera.name, camera_report(camera, pipeline)) for camera in pipeline.cameras]
+    reports = [(camera.name, camera_report(camera)) for camera in view.cameras]
     if reports[0][0] is None:
         source = dict(reports[0][1])
         del source["fps"]                 # the detect task's fps says it
@@ -138,13 +135,9 @@ def camera_reports(pipeline, display):
     return source, cameras
 
 
-def _source_uris(app):
+def _source_uris(app, view):
     """The URIs of the daemon's cameras, as configured and as running (a reload may differ)."""
-    pipeline = app.pipeline
-    uris = []
-    for camera in (pipeline.cameras if pipeline is not None else []):
-        uris.append(camera.source.uri)
-        uris.extend(side.uri for side in getattr(camera.source, "sides", ()))   # stereo
+    uris = list(view.uris) if view is not None else []
     config = getattr(app, "config", None)
     if config:
         from edge import cameras
@@ -179,28 +172,27 @@ class Health(threading.Thread):
         app = self.app
         now = time.time()
         pipeline = app.pipeline
-        source, cameras = camera_reports(pipeline, app.source_display)
+        view = pipeline.snapshot() if pipeline is not None else None
+        source, cameras = camera_reports(view, app.source_display)
         tasks = {}
-        for runner in (pipeline.runners if pipeline else []):
-            summary = runner.task.stats.summary()
-            summary.update({"model": runner.task.card.name, "queue": len(runner.inbox),
-                            "dropped": runner.inbox.dropped,
-                            "error": str(runner.error) if runner.error else None})
-            summary.update(runner.task.health())
-            tasks[runner.task.name] = summary
+        for task in (view.tasks if view is not None else []):
+            summary = dict(task.summary, model=task.model, queue=task.queue,
+                           dropped=task.dropped, error=task.error)
+            summary.update(task.health)
+            tasks[task.name] = summary
         from edge.backends import build
         # The engines the tasks hold now (loaded from the cache or built in this run), plus
         # builds running or failed; engines dropped since (a reload, an LRU eviction) are not.
         engines = {}
+        builds = build.states()
         for task in app.tasks:
             for engine_label in task.engine_labels():
-                known = build.STATES.get(engine_label)
-                engines[engine_label] = known.as_dict() if known is not None else {
+                engines[engine_label] = builds.get(engine_label) or {
                     "state": "ready", "phase": "loaded", "progress": 1.0, "elapsed_s": 0.0,
                     "error": None, "peak_mb": 0.0}
-        for label, state in sorted(build.STATES.items()):
-            if state.state != "ready":
-                engines.setdefault(label, state.as_dict())
+        for label, state in sorted(builds.items()):
+            if state["state"] != "ready":
+                engines.setdefault(label, state)
         # The system first: sampling it takes a while, and the connection's state is read
         # after it, so a report never calls the broker down just after it connected.
         system = None if sample_system else self._system
@@ -237,10 +229,10 @@ class Health(threading.Thread):
                   "reload": getattr(app, "last_reload", None), "system": system}
         # Cameras' errors may quote their URLs (a camera's, FFmpeg's, an exception's text):
         # no password reaches the report, its verdict, `status` or the log.
-        report = _bounded(redacted(report, *_source_uris(app)))
+        report = _bounded(redacted(report, *_source_uris(app, view)))
         healthy, reasons = verdict(report, self.limits, [
-            runner.task.name for runner in (pipeline.runners if pipeline else [])
-            if not runner.task.background])
+            task.name for task in (view.tasks if view is not None else [])
+            if not task.background])
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"
         if healthy and (pipeline is None or pipeline.started is None):

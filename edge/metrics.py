@@ -120,23 +120,15 @@ class DaemonCollector:
         pipeline = self.app.pipeline
         from edge.stats import BUCKETS_MS
         bounds = ["{:g}".format(b / _MS) for b in BUCKETS_MS] + ["+Inf"]
-        for runner in (pipeline.runners if pipeline else []):
-            task = runner.task
-            for camera in pipeline.cameras:
-                if not task.serves(camera.name):
-                    continue
-                stats = task.camera_stats.get(camera.name)
-                lane = runner.inbox.lanes[camera.index]
-                values = [device, task.name, task.card.name, camera.name or CAMERA]
-                frames.add_metric(values, stats.count if stats else 0)
+        for task in (pipeline.snapshot().tasks if pipeline else []):
+            for lane in task.cameras:
+                values = [device, task.name, task.model, lane.camera or CAMERA]
+                frames.add_metric(values, lane.frames)
                 dropped.add_metric(values, lane.dropped)
-                queue.add_metric(values, len(lane.items))
-                rate = stats.summary()["fps"] if stats else None
-                if rate is not None:
-                    fps.add_metric(values, rate)
-                for metric, stage in ((infer, "infer"), (latency, "total")):
-                    counts, total_ms = stats.histogram(stage) if stats else (
-                        [0] * len(bounds), 0.0)
+                queue.add_metric(values, lane.queued)
+                if lane.fps is not None:
+                    fps.add_metric(values, lane.fps)
+                for metric, (counts, total_ms) in ((infer, lane.infer), (latency, lane.total)):
                     metric.add_metric(values, list(zip(bounds, counts)), total_ms / _MS)
         yield from (frames, dropped, queue, fps, infer, latency)
 

@@ -22,6 +22,24 @@ from edge.tasks import Side
 
 logger = logging.getLogger(__name__)
 
+# What observers (health, /metrics) read of a running pipeline: Pipeline.snapshot(), plain
+# values taken at one moment, never the threads, inboxes and stats themselves.
+CameraView = collections.namedtuple(
+    "CameraView", "name uri state frames fps reopens dropped skipped error unpaired")
+CameraView.__doc__ = """One camera: its URI for display, capture state and counts, the frames
+its lanes dropped, and (stereo) the frames that found no partner, else None."""
+LaneView = collections.namedtuple("LaneView", "camera queued dropped frames fps infer total")
+LaneView.__doc__ = """One task's share of one camera: frames waiting and dropped, frames done,
+their rate (None before there is one), and the histograms (counts per edge.stats.BUCKETS_MS
+bucket, sum in ms) of the engine run and of capture-to-queued."""
+TaskView = collections.namedtuple(
+    "TaskView", "name model background queue dropped error summary health cameras")
+TaskView.__doc__ = """One task: its figures (TaskStats.summary), what the task adds for health
+(Task.health), and a LaneView per camera it serves (`cameras`)."""
+PipelineView = collections.namedtuple("PipelineView", "cameras tasks uris")
+PipelineView.__doc__ = """The cameras and tasks, and every source URI (stereo pairs' sides too:
+health redacts their passwords)."""
+
 
 def _int_env(name):
     value = os.environ.get(name)
@@ -384,6 +402,44 @@ class Pipeline:
         self.decoder.join(timeout)
         for inbox in self.inboxes:
             inbox.drain()
+
+    def snapshot(self):
+        """A PipelineView of this moment (the cameras' and tasks' figures)."""
+        from edge.stats import BUCKETS_MS
+        lanes = [inbox.figures() for inbox in self.inboxes]
+        cameras = []
+        uris = []
+        for camera in self.cameras:
+            capture, source = camera.capture, camera.source
+            cameras.append(CameraView(
+                camera.name, source.display, capture.state, capture.frames,
+                camera.stats.summary()["fps"], capture.reopens,
+                sum(figures[camera.index][1] for figures in lanes),
+                getattr(source, "skipped", 0),
+                capture.last_error or (str(capture.error) if capture.error else None),
+                getattr(source, "unpaired", None)))
+            uris.append(source.uri)
+            uris.extend(side.uri for side in getattr(source, "sides", ()))
+        empty = ([0] * (len(BUCKETS_MS) + 1), 0.0)
+        tasks = []
+        for runner, figures in zip(self.runners, lanes):
+            task = runner.task
+            views = []
+            for camera in self.cameras:
+                if not task.serves(camera.name):
+                    continue
+                stats = task.camera_stats.get(camera.name)
+                queued, dropped = figures[camera.index]
+                views.append(LaneView(
+                    camera.name, queued, dropped, stats.count if stats else 0,
+                    stats.summary()["fps"] if stats else None,
+                    stats.histogram("infer") if stats else empty,
+                    stats.histogram("total") if stats else empty))
+            tasks.append(TaskView(
+                task.name, task.card.name, task.background, sum(q for q, _ in figures),
+                sum(d for _, d in figures), str(runner.error) if runner.error else None,
+                task.stats.summary(), task.health(), views))
+        return PipelineView(cameras, tasks, uris)
 
     def error(self):
         """The first error of the run (a camera's or a task's), or None."""

@@ -285,7 +285,7 @@ def test_a_failing_camera_is_reopened_while_the_others_go_on(tmp_path, maker, mo
         web.kill()                 # the web camera vanishes; the front one goes on
         web.wait()
         assert wait_until(lambda: webcam.capture.state == "reconnecting", 20)
-        source, per_camera = camera_reports(pipeline, app.source_display)
+        source, per_camera = camera_reports(pipeline.snapshot(), app.source_display)
         assert per_camera["web"]["state"] == "reconnecting" and per_camera["web"]["error"]
         assert source["state"] == "reconnecting" and source["error"].startswith("web: ")
         report = Health(app, 10.0, LIMITS).report()

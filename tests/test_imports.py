@@ -136,3 +136,23 @@ def test_the_kind_check_finds_a_kind_test(tmp_path):
     path.write_text("def f(card, task):\n    if card.task == 'match':\n        return 1\n"
                     "    return {'detect': 1}[task]\n")
     assert kind_tests(str(path)) == [2, 4]
+
+
+# What a running pipeline and the builds are made of: observers read Pipeline.snapshot()
+# and build.states() instead.
+INTERNALS = {"inboxes", "lanes", "runners", "capture", "camera_stats", "STATES"}
+OBSERVERS = ("health.py", "metrics.py")
+
+
+def internals_read(path):
+    """Lines of a module that read one of INTERNALS as an attribute."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    return sorted({node.lineno for node in ast.walk(tree)
+                   if isinstance(node, ast.Attribute) and node.attr in INTERNALS})
+
+
+def test_observers_read_snapshots_not_the_pipelines_insides():
+    found = {name: internals_read(os.path.join(EDGE, name)) for name in OBSERVERS}
+    assert not any(found.values()), "health/metrics read the pipeline's insides: {}".format(
+        found)

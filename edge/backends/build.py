@@ -42,11 +42,20 @@ from edge.errors import BuildError, CacheUnwritable
 
 logger = logging.getLogger(__name__)
 
-STATES = {}          # label -> BuildState, for health
+# label -> BuildState of the builds of this process: one registry, as builds run one at a
+# time in a process (_BUILD_LOCK). Observers read states(), a copy, never this dict.
+STATES = {}
+_STATES_LOCK = threading.Lock()
 _listeners = []      # callables(state) told about every progress event
 _BUILD_LOCK = threading.Lock()     # one build at a time in this process
 LOCK_FILE = ".build.lock"          # ... and across processes, in the engine folder
 DEFAULT_RESERVE = 128 * 2 ** 20    # memory + swap a build leaves to the rest of the system
+
+
+def states():
+    """{label: BuildState.as_dict()} of every build so far, copied at one moment."""
+    with _STATES_LOCK:
+        return {label: state.as_dict() for label, state in STATES.items()}
 
 
 def add_listener(callback):
@@ -296,7 +305,8 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
             cache.note(path, **noted)       # built before recipes were recorded, or elsewhere
         return path
     state = BuildState(label)
-    STATES[label] = state
+    with _STATES_LOCK:
+        STATES[label] = state
     if backoff:
         _wait_after_failure(path, state)     # outside the lock: other builds go on
     try:

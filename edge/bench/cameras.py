@@ -26,7 +26,8 @@ def run_cameras(sources, task, link, qos):
     {fps of all frames together, cameras: {name: fps, frames, dropped}}."""
     pipeline, elapsed = run_to_end(sources, [task], link, qos)
     cameras = {}
-    for camera in pipeline.cameras:
+    views = pipeline.snapshot().cameras
+    for camera, view in zip(pipeline.cameras, views):
         stats = camera.stats
         count = stats.count
         # when this camera's last frame was finished, from the start of the run
@@ -34,7 +35,7 @@ def run_cameras(sources, task, link, qos):
             if count else 0.0
         cameras[camera.name or "alone"] = {
             "fps": round(count / last, 2) if last > 0 else 0.0, "frames": count,
-            "dropped": sum(inbox.lanes[camera.index].dropped for inbox in pipeline.inboxes)}
+            "dropped": view.dropped}
     return {"fps": task.frames / elapsed, "cameras": cameras}
 
 
