@@ -354,39 +354,11 @@ def _track(args):
 
 def _depth(args):
     """`edge depth LEFT RIGHT --calib FILE --out DEPTH.npy|.png`: one pair's depth map."""
-    from urllib.parse import urlencode
-    import numpy as np
-    from edge import calibration, config, daemon, depth, sources
-    from edge.errors import ConfigError
+    from edge import config
+    from edge.stereo import pair
     overrides = {"backend": args.backend, "state_dir": args.state_dir, "stereo.calib": args.calib}
     cfg = config.load(args.config, overrides, require_task=False)
-    for path in (args.left, args.right):
-        if not os.path.isfile(path):
-            raise ConfigError("edge depth: {} is not an image file; give the left and the right "
-                              "image of one pair".format(path))
-    if not args.out.lower().endswith((".npy", ".png")):
-        raise ConfigError("--out {}: use a .npy (float32 mm, NaN unknown) or .png (16-bit mm, "
-                          "0 unknown) name".format(args.out))
-    calib = calibration.load(cfg["stereo"]["calib"], cfg["max_image_pixels"])
-    source = sources.open_source("stereo://?" + urlencode({"left": args.left,
-                                                           "right": args.right}),
-                                 cfg["max_image_pixels"])
-    source.calibrate(calib)
-    frame = sources.first_frame(source)
-    if frame is None:
-        raise ConfigError("edge depth: {} and {} gave no pair of images".format(
-            args.left, args.right))
-    maker = daemon.engine_maker(cfg)
-    stereo = depth.StereoDepth(calib, maker, frame.width, frame.height, cfg["stereo"])
-    slot = stereo.slot()
-    matched_ms, converted_ms = stereo.compute(frame.image, frame.right, slot)
-    known = slot.depth > 0
-    path = depth.save(args.out, slot.depth)
-    print("{}: {}x{}, {:.1%} of pixels with a depth, median {} mm; disparity {:.1f} ms ({}), "
-          "conversion {:.1f} ms ({})".format(
-              path, frame.width, frame.height, known.mean(),
-              int(round(float(np.median(slot.depth[known])))) if known.any() else "-",
-              matched_ms, stereo.estimator.name, converted_ms, stereo.method))
+    print(pair.depth_map(cfg, args.left, args.right, args.out))
     return EXIT_OK
 
 

@@ -174,7 +174,7 @@ LINE = {
 
 
 def _grid(value):
-    from edge.depth import parse_grid
+    from edge.stereo.conversion import parse_grid
     try:
         parse_grid(value)
     except ValueError:

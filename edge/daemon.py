@@ -69,7 +69,7 @@ def build_tasks(config, maker, store, source=None):
     """The configured tasks, models fetched and checked; with a stereo source and
     stereo.calib, the depth task last (detection asks it for `spatial`). `source`: a Source
     or [(camera name, Source)] (open_cameras)."""
-    from edge.tasks import depth as stereo_depth
+    from edge.stereo import task as stereo_depth
     depth = stereo_depth.create(config, maker, source) if source is not None else None
     built = []
     for cls, card in configured_tasks(config):
@@ -160,7 +160,7 @@ class Daemon:
         the running pipeline is still untouched, when one is bad."""
         config = configuration.load(self.config_path, self.overrides)
         if config["stereo"]["calib"]:
-            from edge import calibration
+            from edge.stereo import calibration
             calibration.load(config["stereo"]["calib"], config["max_image_pixels"], maps=False)
         return config
 

@@ -17,9 +17,10 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from edge import calibration, config, validate
+from edge import config, validate
 from edge.errors import EXIT_CONFIG, ConfigError
 from edge.frames import Frame
+from edge.stereo import calibration
 from tests.conftest import ROOT, SHARED, Subscriber, run_edge
 
 PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")

@@ -231,7 +231,7 @@ def test_a_pair_of_two_sizes_is_skipped_counted_and_named(tmp_path, caplog):
     source = open_source(stereo_uri(left, right))
     source.open()
     frame, names = Frame(0, (2, 2, 3)), []
-    with caplog.at_level(logging.WARNING, logger="edge.sources.stereo"):
+    with caplog.at_level(logging.WARNING, logger="edge.stereo.source"):
         while source.read_into(frame):
             names.append(frame.name)
     source.close()

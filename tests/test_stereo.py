@@ -14,13 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
-from edge import calibration, config, daemon, depth, mqtt, schemas
+from edge import config, daemon, mqtt, schemas
 from edge.backends import trtcheck
 from edge.commands import Commands
 from edge.errors import EXIT_CONFIG, ConfigError, SourceError
 from edge.frames import Frame
 from edge.sources import first_frame, open_source
-from edge.tasks.depth import DepthTask
+from edge.stereo import calibration
+from edge.stereo import conversion as depth
+from edge.stereo.task import DepthTask
 from tests.conftest import ROOT, SHARED, run_edge
 
 PAIR = os.path.join(SHARED, "data", "middlebury-motorcycle")
@@ -298,7 +300,7 @@ def test_cameras_pair_by_capture_time_and_count_the_unpaired():
 
 
 def test_cameras_that_never_pair_fail_as_a_source_error(monkeypatch):
-    from edge.sources import stereo
+    from edge.stereo import source as stereo
     monkeypatch.setattr(stereo, "PAIR_TIMEOUT", 0.5)
     source = open_source(stereo_uri("test://?width=32&height=24&fps=20",
                                     "test://?width=32&height=24&fps=20", tolerance_ms="0"))

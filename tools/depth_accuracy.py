@@ -26,7 +26,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from edge import config, daemon, depth, sources  # noqa: E402
+from edge import config, daemon, sources  # noqa: E402
+from edge.stereo import conversion as depth  # noqa: E402
 
 TARGETS = {"density": (">=", 0.80), "median_error_percent": ("<=", 1.0),
            "over_5_percent_share": ("<=", 0.08), "motorcycle_z_error_percent": ("<=", 5.0)}

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from edge import calibration as calibrations
-from edge import depth as depths
+from edge.stereo import calibration as calibrations
+from edge.stereo import conversion as depths
 from edge.bench.replay import ReplaySource, run_pipeline
 from edge.frames import Frame
 
@@ -147,7 +147,7 @@ def _with_depth(cfg, maker, card, detect, calibration, settings, pairs, link, qo
     that a drift of the machine's speed weighs on both sides; the ratio is the median of
     the pairs' ratios."""
     from edge import tasks
-    from edge.tasks.depth import DepthTask
+    from edge.stereo.task import DepthTask
     depth = DepthTask(maker, calibration, settings, device="bench", sync=False)
     with_depth = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
                               device="bench", depth=depth)

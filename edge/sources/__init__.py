@@ -1,9 +1,9 @@
 """Frame sources chosen by URI: csi://, v4l2://, rtsp://, file://, images://, test://, stereo://.
 
-Each kind is a small module that registers itself with `register`; `open_source(uri)` picks
-the kind from the URI (or from a plain path: a folder of images, a /dev/video* device or a
-video file) and returns an unopened `Source`. The capture thread that drives a source lives in
-edge.capture.
+Each kind is a small module that registers itself with `register` (stereo:// lives with the
+rest of stereo, in edge.stereo.source); `open_source(uri)` picks the kind from the URI (or
+from a plain path: a folder of images, a /dev/video* device or a video file) and returns an
+unopened `Source`. The capture thread that drives a source lives in edge.capture.
 """
 
 import os
@@ -12,6 +12,10 @@ from edge.errors import ConfigError
 from edge.urls import redact, split, userinfo
 
 _KINDS = {}
+# The modules of the built-in kinds, by dotted name: imported by name (importlib) so that a
+# kind living in its capability's package (edge.stereo) is no import circle with this one.
+BUILTIN = ("edge.sources.images", "edge.sources.pattern", "edge.sources.video",
+           "edge.stereo.source")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -74,7 +78,9 @@ def kinds():
 
 def _load_builtin():
     # Imported here, not at the top, so a kind's heavy imports (cv2) load only when needed.
-    from edge.sources import images, pattern, stereo, video  # noqa: F401
+    import importlib
+    for name in BUILTIN:
+        importlib.import_module(name)
 
 
 def parse_uri(uri):

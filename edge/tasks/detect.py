@@ -103,7 +103,7 @@ class DetectTask(Task):
                  batching=False, cameras=None):
         super().__init__(card, engines, model, batching)
         self.device = device
-        self.depth = depth      # stereo runs: the depth task (edge.tasks.depth) adds `spatial`
+        self.depth = depth      # stereo runs: the depth task (edge.stereo.task) adds `spatial`
         self.score = card.thresholds["score"]
         self.iou = card.thresholds["iou"]
         self.track = track if track is not None and track["enabled"] else None

@@ -1,10 +1,10 @@
 """Stereo depth as a background task: where each detected object is in 3D.
 
 Beside detection, at its own rate (`stereo.max_hz` on live sources, like the matcher), the
-task turns a frame's two views into a depth map (edge.depth: disparity estimator, then the
-conversion graph on the backend) held in buffers bound to the frame's slot. Detection asks
-`add_spatial(frame, detections)` from its decode step and each detection gains `spatial`
-({x, y, z} mm, camera optical frame) or None:
+task turns a frame's two views into a depth map (edge.stereo.conversion: disparity
+estimator, then the conversion graph on the backend) held in buffers bound to the frame's
+slot. Detection asks `add_spatial(frame, detections)` from its decode step and each
+detection gains `spatial` ({x, y, z} mm, camera optical frame) or None:
 - files and folders (nothing is dropped): depth runs on every frame, and detection waits
   for the map of its own frame, so every answer belongs to its own pair;
 - cameras: detection never waits; it takes the map of its own frame if that is done, else
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from edge import calibration as calibrations
-from edge import depth as depths
-from edge import disparity
+from edge.stereo import calibration as calibrations
+from edge.stereo import conversion as depths
+from edge.stereo import disparity
 from edge.errors import ConfigError, SourceError
 from edge.tasks import Task, register
 
@@ -51,7 +51,7 @@ class DepthTask(Task):
         self.camera = camera                 # the stereo camera's name (None: unnamed)
         self.max_hz = settings["max_hz"]     # cameras: the depth rate (0: every frame)
         self.max_age = settings["max_age"]
-        self.stereo = None                   # edge.depth.StereoDepth for the frame size
+        self.stereo = None                   # edge.stereo.conversion.StereoDepth for the frame size
         self.failed = False
         self._cond = threading.Condition()
         self._latest = None                  # copy of the newest map, under _cond
@@ -200,7 +200,7 @@ def create(config, maker, sources):
     `sources`: a Source (the one unnamed camera) or [(camera name, Source)]; one of them at
     most may be a stereo pair, the one stereo.calib calibrates.
     """
-    from edge.sources.stereo import StereoSource
+    from edge.stereo.source import StereoSource
     if not isinstance(sources, (list, tuple)):
         sources = [(None, sources)]
     settings = config["stereo"]

@@ -2,14 +2,14 @@
 
 The conversion is data-parallel per pixel, so it is a graph (`conversion_model`) run by the
 same backends as the models: TensorRT on the GPU of a Jetson, ONNX Runtime elsewhere. For a
-raw disparity r (the estimator's fixed point, edge.disparity):
+raw disparity r (the estimator's fixed point, edge.stereo.disparity):
 
     d = r / scale_inverse                     pixels
     Z = f * B / (d + doffs)                   mm, 0 where r < lowest_valid or Z is outside
                                               [depth_min_mm, depth_max_mm]
 
 A depth map is float32 (H, W) in mm over the rectified left image, 0 where unknown; files
-(`save`) write NaN there instead. X and Y of a pixel follow from Z (edge.calibration,
+(`save`) write NaN there instead. X and Y of a pixel follow from Z (edge.stereo.calibration,
 `StereoCalibration.point`): detections get the median Z of the central part of their box
 and X, Y of the box centre (`spatial`), as DepthAI computes spatial coordinates.
 `to_depth_numpy` and `to_depth_loop` compute the same map vectorised and pixel by pixel:
@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from edge import disparity
+from edge.stereo import disparity
 from edge.errors import SinkError
 from edge.nodes import FRAME_INPUT, GraphBuilder
 

@@ -3,8 +3,9 @@
 Each estimator registers itself by name and writes into a preallocated int16 (H, W) buffer
 whose value is disparity * `scale_inverse` (StereoSGBM: 1/16 px; VPI: Q10.5, 1/32 px), and
 says which raw values mean "no disparity" (`lowest_valid`): the conversion to depth
-(edge.depth) takes both as constants of its graph. `auto` picks VPI's CUDA estimator where
-`import vpi` works (a Jetson with JetPack's VPI), else OpenCV's StereoSGBM (everywhere).
+(edge.stereo.conversion) takes both as constants of its graph. `auto` picks VPI's CUDA
+estimator where `import vpi` works (a Jetson with JetPack's VPI), else OpenCV's StereoSGBM
+(everywhere).
 """
 
 import logging
