@@ -38,6 +38,36 @@ def display(config):
                      "{}={}".format(name, redact(uri, uri)) for name, uri in configured(config))
 
 
+def frame_sizes(size, cfg):
+    """{(width, height): cameras of that size} of the config's cameras: --size WxH for each,
+    else each camera's first frame."""
+    import collections
+    cameras = configured(cfg)
+    if size:
+        return collections.Counter({frame_size(size, None): len(cameras)})
+    return collections.Counter(frame_size(None, uri, cfg["max_image_pixels"])
+                               for _, uri in cameras)
+
+
+def frame_size(size, source_uri, max_pixels=None):
+    """(width, height) from --size WxH, else from the first frame of the source."""
+    if size:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+            if width > 0 and height > 0:
+                return width, height
+        except ValueError:
+            pass
+        raise ConfigError("--size {!r}: expected WIDTHxHEIGHT, e.g. 1280x720".format(size))
+    from edge import sources
+    source = sources.open_source(source_uri, max_pixels)
+    frame = sources.first_frame(source)
+    if frame is None:
+        raise ConfigError("source {} gave no frame to learn the size from; pass --size "
+                          "WxH".format(source.display))
+    return frame.width, frame.height
+
+
 def parse_flags(values):
     """`--source` values as (source URI or None, sources list or None): one plain URI is the
     unnamed camera; NAME=URI (repeatable) are named cameras. ConfigError for a mix, or for a

@@ -66,10 +66,9 @@ def _models_fetch(args):
 
 
 def _build(args):
-    """`edge build`: build (or check) the engines the config needs, with progress."""
-    from edge import cards, daemon, tasks
-    from edge.backends import build as building
-    from edge.frames import Frame
+    """`edge build`: build (or check) the engines the config needs, with progress;
+    --export-onnx: write their graphs instead (edge.engines)."""
+    from edge import cameras, engines, tasks
     overrides = {"source": args.source, "backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "reference": args.reference,
                  "state_dir": args.state_dir}
@@ -80,101 +79,12 @@ def _build(args):
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
                           "configure detector/matcher with -c (or in {})".format(
                               installed.CONFIG))
-    sizes = _frame_sizes(args.size, cfg)
+    sizes = cameras.frame_sizes(args.size, cfg)
     if args.export_onnx:
-        return _export_onnx(cfg, names, sizes, args.export_onnx, args.tensorrt)
-    maker = daemon.engine_maker(cfg)
-    maker.allow_uncached = False        # filling the cache is this command's job
-    maker.backoff = False               # and trying now, after failed builds too
-    building.add_listener(_ProgressPrinter())
-    print("backend: {}".format(", ".join("{}={}".format(k, v) for k, v in
-                                         sorted(maker.backend.describe().items()) if v)))
-    store = daemon.reference_store(cfg)
-    made = []
-    for name in names:
-        card = cards.load(name)
-        kind = tasks.kind(card.task)
-        task = tasks.create(card, maker, cfg["model_dir"], mirror=cfg["model_mirror"],
-                            **kind.options(cfg, maker, store))
-        task.plan(sizes)          # the engines the daemon makes for its cameras
-        refs = kind.build_references(store)
-        if not refs:
-            print("{}: no reference stored: matcher engines are built per reference size; "
-                  "give --reference IMAGE".format(card.name))
-        made.append((card, task, refs))
-    # Every engine built first, one at a time, then each loaded and run once: as the daemon
-    # does, no build runs beside a loaded engine.
-    for card, task, refs in made:
-        for width, height in sorted(sizes):
-            for ref in refs:
-                task.ensure_engine(width, height, None if ref is None else
-                                   (ref.shape[1], ref.shape[0]))
-    for card, task, refs in made:
-        for width, height in sorted(sizes):
-            frame = Frame(0, (height, width, 3), maker.allocate)
-            for ref in refs:
-                # one run proves the engine loads and executes
-                engine = task.engine_for(width, height) if ref is None else None
-                if engine is not None and engine.batch:
-                    engine.infer_batch(engine.bind_batch(), [frame] * engine.batch)
-                else:
-                    engine, binding = task.binding_for(
-                        frame, None if ref is None else ("build", id(ref)), ref)
-                    engine.infer(binding)
-                print("{}: engine for {}x{} frames{} ready".format(
-                    card.name, width, height, " (batches of up to {})".format(engine.batch)
-                    if engine.batch else ""))
+        found = engines.export_onnx(cfg, names, sizes, args.export_onnx, args.tensorrt)
+        return EXIT_FAILURE if found else EXIT_OK
+    engines.build_all(cfg, names, sizes)
     return EXIT_OK
-
-
-def _export_onnx(cfg, names, sizes, folder, version):
-    """`edge build --export-onnx DIR`: each card's rewritten graph as TensorRT `version`
-    receives it (frame dtype, opset forms, a batch dimension where several cameras of a size
-    share the engine), checked against what its ONNX parser imports. Nothing is built: the
-    files are for polygraphy/trtexec, and for CI. Exit 1 on a problem."""
-    import onnx
-    from edge import cards, daemon, graph, models, tasks
-    from edge.backends import trt, trtcheck
-    from edge.errors import ConfigError
-    version = version or _installed_tensorrt() or "8.2"
-    reason = trt.check_version(version)
-    if reason:
-        raise ConfigError("--tensorrt {}: {}".format(version, reason))
-    dtype = trt.frame_dtype_for(version)
-    release = trt.parse_version(version)[:2]
-    os.makedirs(folder, exist_ok=True)
-    status = EXIT_OK
-    store = daemon.reference_store(cfg)
-    for name in names:
-        card = cards.load(name)
-        kind = tasks.kind(card.task)
-        model = models.load_onnx(models.ensure(card, cfg["model_dir"], cfg["model_mirror"]), card)
-        for (width, height), count in sorted(sizes.items()):
-            sizes_ref = kind.reference_sizes(store, width, height)
-            # batched as the daemon on TensorRT would (pipeline.batch: auto or always)
-            batch = count if count > 1 and cfg["pipeline"]["batch"] != "never" and \
-                kind.can_batch and not graph.batch_problem(model, card) else None
-            for size in sizes_ref:
-                label = tasks.engine_label(card.name, width, height, size, batch)
-                path = os.path.join(folder, "{}-{}.onnx".format(label, dtype))
-                rewritten = graph.rewrite(model, card, width, height, size, dtype,
-                                          batched=batch is not None)
-                onnx.save(rewritten, path)
-                found = trtcheck.problems(rewritten, release)
-                print("{}: {} for TensorRT {}".format(path, "ok" if not found else "PROBLEMS",
-                                                      version))
-                for problem in found:
-                    print("  " + problem)
-                status = status if not found else EXIT_FAILURE
-    return status
-
-
-def _installed_tensorrt():
-    try:
-        import tensorrt
-        return tensorrt.__version__
-    except Exception:  # noqa: BLE001 (absent or broken: export for the Nano's 8.2)
-        return None
 
 
 def _beside_the_service(path, overrides):
@@ -188,69 +98,6 @@ def _beside_the_service(path, overrides):
     print("config: {} (models {}, engines {})".format(
         path or "none (defaults and flags)", cfg["model_dir"], cfg["engine"]["dir"]))
     return cfg
-
-
-def _frame_sizes(size, cfg):
-    """{(width, height): cameras of that size} of the config's cameras: --size WxH for each,
-    else each camera's first frame."""
-    import collections
-    from edge import cameras
-    configured = cameras.configured(cfg)
-    if size:
-        return collections.Counter({_frame_size(size, None): len(configured)})
-    return collections.Counter(_frame_size(None, uri, cfg["max_image_pixels"])
-                               for _, uri in configured)
-
-
-def _frame_size(size, source_uri, max_pixels=None):
-    """(width, height) from --size WxH, else from the first frame of the source."""
-    from edge.errors import ConfigError
-    if size:
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-            if width > 0 and height > 0:
-                return width, height
-        except ValueError:
-            pass
-        raise ConfigError("--size {!r}: expected WIDTHxHEIGHT, e.g. 1280x720".format(size))
-    from edge import sources
-    source = sources.open_source(source_uri, max_pixels)
-    frame = sources.first_frame(source)
-    if frame is None:
-        raise ConfigError("source {} gave no frame to learn the size from; pass --size "
-                          "WxH".format(source.display))
-    return frame.width, frame.height
-
-
-class _ProgressPrinter:
-    """Build progress: a redrawn bar on a terminal, a log line per phase (or 10 s) otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last = (None, None, 0.0)
-
-    def __call__(self, state):
-        import time
-        now = time.monotonic()
-        phase_changed = (state.label, state.phase) != self.last[:2]
-        if not self.tty and not phase_changed and now - self.last[2] < 10:
-            return
-        self.last = (state.label, state.phase, now)
-        fraction = state.progress
-        bar = ""
-        if fraction is not None:
-            filled = int(round(20 * fraction))
-            bar = "[{}{}] {:3.0f}% ".format("#" * filled, "." * (20 - filled), 100 * fraction)
-        line = "building {}: {}{} {:.1f} s".format(state.label, bar, state.phase, state.elapsed)
-        if state.state != "building":
-            line = "building {}: {} after {:.1f} s, peak {:.0f} MiB ({})".format(
-                state.label, state.state, state.elapsed, state.peak_mb, state.counted)
-        if self.tty:
-            self.stream.write("\r\033[K" + line + ("\n" if state.state != "building" else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 def _health(args):
@@ -305,7 +152,7 @@ def _credentials(args):
 def _bench(args):
     """`edge bench`: raw, pipeline and peer throughput, latency, allocation; --json, --plot."""
     import json
-    from edge import config
+    from edge import cameras, config
     from edge.bench import main as bench
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
@@ -314,15 +161,17 @@ def _bench(args):
         from edge.errors import ConfigError
         raise ConfigError("--cameras {}: give 2 or more (one camera is what the rest of the "
                           "bench measures)".format(args.cameras))
-    width, height = _frame_size(args.size, None)
+    width, height = cameras.frame_size(args.size, None)
     images = args.images
     if images is None and os.path.isdir(os.path.expanduser(args.source)):
         images = args.source
-    results = bench.bench(cfg, args.detector, args.source, width, height, args.frames,
-                          args.seconds, args.mqtt, args.matcher, args.reference, images,
-                          args.rounds, args.match_seconds, args.stereo,
-                          args.calib or cfg["stereo"]["calib"], args.depth_seconds,
-                          args.cameras, args.live_seconds)
+    results = bench.bench(cfg, bench.Options(
+        detector=args.detector, source=args.source, width=width, height=height,
+        frames=args.frames, seconds=args.seconds, mqtt=args.mqtt, matcher=args.matcher,
+        reference=args.reference, images=images, rounds=args.rounds,
+        match_seconds=args.match_seconds, stereo=args.stereo,
+        calib=args.calib or cfg["stereo"]["calib"], depth_seconds=args.depth_seconds,
+        cameras=args.cameras, live_seconds=args.live_seconds))
     print(bench.table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -335,13 +184,13 @@ def _bench(args):
 def _track(args):
     """`edge track`: the tracker offline, MOTChallenge det.txt in, results out."""
     import time
-    from edge import config
+    from edge import cameras, config
     from edge.tracking import mot
     overrides = {"track.high_score": args.high_score, "track.low_score": args.low_score}
     cfg = config.load(args.config, overrides, require_task=False)
     detections = mot.read_detections(args.detections)
     started = time.perf_counter()
-    size = _frame_size(args.size, None) if args.size else None
+    size = cameras.frame_size(args.size, None) if args.size else None
     results = mot.track(detections, cfg["track"], fill_gaps=not args.no_fill, size=size)
     elapsed = time.perf_counter() - started
     mot.write_results(results, args.out)

@@ -189,7 +189,7 @@ class Daemon:
         """Called from the main loop every 0.1 s: READY once working, extensions, watchdog."""
         from edge.backends import build
         if not self.ready:
-            building = any(s.state == "building" for s in build.STATES.values())
+            building = any(s["state"] == "building" for s in build.states().values())
             working = any(t.frames for t in self.tasks)
             if building:
                 # First boot on a Nano: the engine build takes minutes; keep the start job

@@ -26,6 +26,7 @@ tens of percent over a minute, and alternating keeps each comparison within seco
 Prints a table; --json writes the figures, --plot draws them.
 """
 
+import collections
 import json
 import logging
 import os
@@ -263,10 +264,26 @@ class Receiver:
         self.client.disconnect()
 
 
-def bench(cfg, detector, source_uri, width, height, frames_count, seconds, mqtt_url=None,
-          matcher=None, reference=None, images_uri=None, rounds=5, match_seconds=10.0,
-          stereo=None, calib=None, depth_seconds=4.0, cameras=None, live_seconds=5.0):
-    """All the figures of the benchmark as a dict."""
+Options = collections.namedtuple("Options", (
+    "detector source width height frames seconds mqtt matcher reference images rounds "
+    "match_seconds stereo calib depth_seconds cameras live_seconds"))
+Options.__new__.__defaults__ = (None, None, None, None, 5, 10.0, None, None, 4.0, None, 5.0)
+Options.__doc__ = """What `edge bench` measures (its flags): the detection card, the source of
+the frames and their size, frames per pipeline run and seconds per raw run; optionally a
+broker URL (else a local Mosquitto), a matcher and its reference, an image folder, rounds,
+matching's seconds, a stereo source with its calibration and seconds, a camera count and the
+live run's seconds."""
+
+
+def bench(cfg, options):
+    """All the figures of the benchmark (`options`: an Options) as a dict."""
+    detector, source_uri, width, height = (options.detector, options.source, options.width,
+                                           options.height)
+    frames_count, seconds, mqtt_url = options.frames, options.seconds, options.mqtt
+    matcher, reference, images_uri = options.matcher, options.reference, options.images
+    rounds, match_seconds = options.rounds, options.match_seconds
+    stereo, calib, depth_seconds = options.stereo, options.calib, options.depth_seconds
+    cameras, live_seconds = options.cameras, options.live_seconds
     import tempfile
     from edge import daemon, tasks
     maker = daemon.engine_maker(cfg)
