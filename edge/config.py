@@ -1,5 +1,6 @@
 """The configuration: defaults, the YAML file, then command line flags, validated by key."""
 
+import collections
 import copy
 import os
 import re
@@ -246,10 +247,13 @@ CAMERA = {
 }
 
 
+CameraTrack = collections.namedtuple("CameraTrack", "settings keys")
+
+
 def camera_track(config, camera):
-    """(the `track` settings of a camera, by name (None: the one unnamed camera), and the
-    config key each of its zones and lines came from, for error messages): the `track`
-    section with what the camera's `sources` entry sets itself."""
+    """A CameraTrack: the `track` settings of a camera, by name (None: the one unnamed
+    camera), the `track` section with what the camera's `sources` entry sets itself; and the
+    config key each of its zones and lines came from, for error messages."""
     settings = dict(config["track"])
     keys = {"zones": "track.zones", "lines": "track.lines"}
     for i, item in enumerate(config.get("sources") or ()):
@@ -259,7 +263,7 @@ def camera_track(config, camera):
             if value is not None:
                 settings[key] = value
                 keys[key] = "sources[{}].track.{}".format(i, key)
-    return settings, keys
+    return CameraTrack(settings, keys)
 
 
 def _backend_names():

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -171,44 +172,39 @@ class Task:
     thresholds = {}      # the cards' `thresholds` section: key -> edge.validate.Field
     references = False   # matches frames against stored references (the ReferenceStore)
 
-    def draw(self, image, message):
-        # type: (object, dict) -> None
+    def draw(self, image: np.ndarray, message: dict) -> None:
         """Draw one of this task's result messages on its frame (snapshots); nothing by
         default."""
 
     @classmethod
-    def options(cls, config, maker, store=None, depth=None):
-        # type: (dict, object, object, object) -> dict
+    def options(cls, config: dict, maker: Any, store: Any = None, depth: Any = None) -> dict:
         """The keyword arguments `create` passes this kind for the configuration; `maker`
         the EngineMaker, `store` the ReferenceStore, `depth` the stereo depth task or None."""
         return {"device": config["device_id"]}
 
     @classmethod
-    def build_references(cls, store):
-        # type: (object) -> list
+    def build_references(cls, store: Any) -> List[Optional[np.ndarray]]:
         """The references `edge build` makes engines for: [None] (frames alone)."""
         return [None]
 
     @classmethod
-    def reference_sizes(cls, store, width, height):
-        # type: (object, int, int) -> list
+    def reference_sizes(cls, store: Any, width: int,
+                        height: int) -> List[Optional[Tuple[int, int]]]:
         """The reference sizes `edge build --export-onnx` writes graphs for, for frames of
         width x height: [None] (frames alone)."""
         return [None]
 
     @classmethod
-    def summarise(cls, card, outputs):
-        # type: (object, dict) -> dict
+    def summarise(cls, card: Any, outputs: Dict[str, np.ndarray]) -> dict:
         """What `edge doctor` compares of one run's outputs (JSON-able)."""
         raise NotImplementedError
 
     @classmethod
-    def compare(cls, card, got, want):
-        # type: (object, dict, dict) -> tuple
+    def compare(cls, card: Any, got: dict, want: dict) -> Tuple[bool, str]:
         """(ok, one line) of two `summarise` results, within FP16's tolerance."""
         raise NotImplementedError
 
-    def __init__(self, card, engines, model, batching=False):
+    def __init__(self, card: Any, engines: Any, model: Any, batching: bool = False) -> None:
         self.card = card
         self.maker = engines   # EngineMaker: cache, build child, backend
         self._model = model if isinstance(model, _Lazy) else _Lazy(None, model)
@@ -244,7 +240,7 @@ class Task:
         batch = None if reference_size else self.batch_for(width, height)
         return engine_label(self.card.name, width, height, reference_size, batch)
 
-    def plan(self, sizes):
+    def plan(self, sizes: Dict[Tuple[int, int], int]) -> None:
         """How many cameras deliver each frame size ({(width, height): count}), before the
         engines are made: a batching task builds its engines for that many frames."""
         self.sizes = dict(sizes)
@@ -263,21 +259,21 @@ class Task:
                                "fixed batch of 1)", self.card.name, self._batch_problem)
         return None if self._batch_problem else count
 
-    def serves(self, camera):
+    def serves(self, camera: Optional[str]) -> bool:
         """Whether frames of this camera are this task's at all (stereo depth: its pair's)."""
         return True
 
-    def due(self, frame, now):
+    def due(self, frame: Any, now: float) -> bool:
         """Whether this task runs on this frame (detection: every frame)."""
         return True
 
-    def build(self, frame):
+    def build(self, frame: Any) -> None:
         """Build, without loading, the engines `prepare` loads for frames like this one: the
         pipeline builds every task's engines before it loads any, so that no build runs
         beside loaded engines (together they would not fit a Nano 2GB)."""
         self.ensure_engine(frame.width, frame.height)
 
-    def prepare(self, frame):
+    def prepare(self, frame: Any) -> None:
         """Build or load the engines frames like this one need, before the pipeline runs."""
         self.engine_for(frame.width, frame.height)
 
@@ -352,7 +348,7 @@ class Task:
         """Run the engines on the frame; what `decode` needs (outputs stay in the slot)."""
         raise NotImplementedError
 
-    def infer_frames(self, frames):
+    def infer_frames(self, frames: List[Any]) -> list:
         """Run the engines on frames of one or more cameras; what `decode` needs for each.
 
         Frames of one size go through that size's engine together where it takes batches
@@ -400,16 +396,16 @@ class Task:
             np.copyto(held.outputs[name], array[row])
         return held
 
-    def decode(self, frame, inferred):
+    def decode(self, frame: Any, inferred: Any) -> list:
         """The list of messages to publish for an inferred frame (dicts for the task's
         topic, `Side` for another); counts the frame."""
         raise NotImplementedError
 
-    def health(self):
+    def health(self) -> dict:
         """Extra keys of this task in the health report."""
         return {}
 
-    def picture(self):
+    def picture(self) -> Optional[np.ndarray]:
         """A picture of the task's own newest result for snapshots (a depth map), or None."""
         return None
 
