@@ -26,7 +26,7 @@ def _run(args):
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
         "stereo.calib": args.calib,
-        "metrics.port": args.metrics_port,
+        "metrics.port": args.metrics_port, "web.port": args.web_port,
     }
     cfg = config.load(args.config, overrides)
     if args.debug:
@@ -249,6 +249,8 @@ def parser():
     run.add_argument("--max-frames", type=int, help="stop after N frames")
     run.add_argument("--metrics-port", type=int, metavar="PORT",
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (metrics.port)")
+    run.add_argument("--web-port", type=int, metavar="PORT",
+                     help="serve the web API on 127.0.0.1:PORT (web.port; docs/web.md)")
     run.add_argument("--model-dir", help="folder of model files")
     run.add_argument("--mirror", help="local folder to fetch models from (or EDGE_MODEL_MIRROR)")
     run.set_defaults(func=_run)

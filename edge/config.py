@@ -252,18 +252,115 @@ CameraTrack = collections.namedtuple("CameraTrack", "settings keys")
 
 def camera_track(config, camera):
     """A CameraTrack: the `track` settings of a camera, by name (None: the one unnamed
-    camera), the `track` section with what the camera's `sources` entry sets itself; and the
-    config key each of its zones and lines came from, for error messages."""
+    camera), the `track` section with what the camera's `sources` entry sets itself, and
+    over both the zones and lines saved over the web API (with_saved_regions); and where
+    each of its zones and lines came from, for error messages (`config: track.zones`)."""
     settings = dict(config["track"])
-    keys = {"zones": "track.zones", "lines": "track.lines"}
+    keys = {"zones": "config: track.zones", "lines": "config: track.lines"}
     for i, item in enumerate(config.get("sources") or ()):
         if item["name"] != camera:
             continue
         for key, value in (item.get("track") or {}).items():
             if value is not None:
                 settings[key] = value
-                keys[key] = "sources[{}].track.{}".format(i, key)
+                keys[key] = "config: sources[{}].track.{}".format(i, key)
+    saved = config.get("saved_regions") or {}
+    name = UNNAMED if camera is None else camera
+    for key, value in (saved.get("cameras", {}).get(name) or {}).items():
+        if value is not None:
+            settings[key] = value
+            keys[key] = "saved zones {}: cameras.{}.{}".format(saved["path"], name, key)
     return CameraTrack(settings, keys)
+
+
+# Zones and lines saved over the web API (edge.web): one JSON file in the state folder,
+# written atomically, read at start-up and on reload, where a camera's saved zones (lines)
+# replace the configuration's. JSON, not YAML: the API speaks it, and it parses in
+# milliseconds where the YAML parser takes a second per 60 KB (every camera at the limits is
+# some 50 KB).
+SAVED_REGIONS = "zones.json"
+SAVED_VERSION = 1
+MAX_SAVED_BYTES = 4 << 20
+UNNAMED = "source"      # the one unnamed camera's name in the web API and the saved file
+SAVED_CAMERA = {"zones": _own(TRACK_ZONES), "lines": _own(TRACK_LINES)}
+_SAVED_FIX = ("; correct it, or remove it to go back to the configuration's zones and lines "
+              "(then PUT them again over the web API)")
+
+
+def saved_regions_path(config):
+    """The file the web API saves zones and lines in: {state_dir}/zones.json."""
+    return os.path.join(config["state_dir"], SAVED_REGIONS)
+
+
+def _saved_camera_name(value):
+    from edge.cameras import name_problem
+    return name_problem(value)
+
+
+def load_saved_regions(path):
+    """{camera name: {"zones": list or None, "lines": list or None}} of a saved file ({} when
+    there is none); ConfigError naming the file, the key and the fix when it is bad."""
+    import json
+    where = "saved zones {}".format(path)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_SAVED_BYTES:
+            raise ConfigError("{}: {} bytes, more than the web API ever saves (at most "
+                              "{}){}".format(where, size, MAX_SAVED_BYTES, _SAVED_FIX))
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("{}: cannot read it ({}){}".format(where, e, _SAVED_FIX))
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError("{}: not valid JSON ({}){}".format(
+            where, str(e).splitlines()[0] if str(e) else "nested too deeply", _SAVED_FIX))
+    try:
+        doc = validate.check(doc, {"v": Field(int, choices=(SAVED_VERSION,)),
+                                   "cameras": Field(dict)}, where)
+        cameras = {}
+        for name, entry in doc["cameras"].items():
+            problem = _saved_camera_name(name)
+            if problem:
+                raise ConfigError("{}: cameras.{}: not a camera name; {}".format(
+                    where, validate.shown(name), problem))
+            cameras[name] = validate.check(entry, SAVED_CAMERA, where,
+                                           "cameras.{}.".format(name))
+    except ConfigError as e:
+        raise ConfigError(str(e) + _SAVED_FIX)
+    return cameras
+
+
+def saved_regions_document(cameras):
+    """The bytes of a saved file holding `cameras` (as load_saved_regions returns)."""
+    import json
+    doc = {"v": SAVED_VERSION, "cameras": cameras}
+    return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def with_saved_regions(config):
+    """The config with the zones and lines saved over the web API (`saved_regions`:
+    {path, cameras} of the configured cameras; camera_track applies them); ConfigError for a
+    bad file. Saved entries of cameras the config no longer has are kept in the file and
+    left out, with a warning."""
+    import logging
+    logger = logging.getLogger(__name__)
+    path = saved_regions_path(config)
+    saved = load_saved_regions(path)
+    names = [item["name"] for item in config["sources"]] if config.get("sources") else [UNNAMED]
+    for name in sorted(saved):
+        if name not in names:
+            logger.warning("saved zones %s: camera %s is not configured; its zones and "
+                           "lines are left out", path, name)
+        else:
+            logger.info("camera %s: zones and lines saved over the web API (%s) replace the "
+                        "configuration's", name, path)
+    config["saved_regions"] = {"path": path,
+                               "cameras": {k: v for k, v in saved.items() if k in names}}
+    return config
 
 
 def _backend_names():
@@ -441,6 +538,25 @@ SPEC = {
         "address": Field(str, default="127.0.0.1",
                          help="address the metrics port listens on (0.0.0.0: every network)"),
     },
+    "web": {
+        "port": Field(int, default=None, nullable=True, min=1, max=65535,
+                      help="serve the live view's API on http://bind:port/ (--web-port); "
+                           "null: off"),
+        "bind": Field(str, default="127.0.0.1",
+                      help="address the web port listens on; any but a loopback address "
+                           "needs web.token or web.token_file"),
+        "token": Field(str, default=None, nullable=True,
+                       help="secret every request must carry (Authorization: Bearer TOKEN "
+                            "or ?token=); at least 16 characters"),
+        "token_file": Field(str, default=None, nullable=True,
+                            help="file whose first line is the token (instead of web.token)"),
+        "max_clients": Field(int, default=8, min=1, max=256,
+                             help="connections served at once; more are refused with 503 "
+                                  "(and counted)"),
+        "timeout": Field(float, default=10.0, min=0.5, max=600.0,
+                         help="seconds a client may take to send its request or read a "
+                              "reply; then the connection is closed"),
+    },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64,
                       help="frame slots of each camera, shared by all tasks"),
@@ -452,6 +568,40 @@ SPEC = {
                               "matcher's engine runs on one)"),
     },
 }
+
+
+MIN_TOKEN = 16      # characters of web.token: a guess must not be feasible over the network
+
+
+def loopback(address):
+    """Whether a listening address takes connections from this host only."""
+    if address == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_web(web, where):
+    """The web section's rules across keys (only with web.port set): a token off loopback."""
+    if web["token_file"]:
+        web["token_file"] = os.path.expanduser(web["token_file"])
+    if web["port"] is None:
+        return
+    if web["token"] is not None and web["token_file"]:
+        raise ConfigError("{}: web.token and web.token_file: set one (the file keeps the "
+                          "secret out of the configuration)".format(where))
+    if web["token"] is not None and len(web["token"].strip()) < MIN_TOKEN:
+        # never echo the value: it is a secret
+        raise ConfigError("{}: web.token: at least {} characters (e.g. the output of "
+                          "`openssl rand -hex 16`)".format(where, MIN_TOKEN))
+    if not loopback(web["bind"]) and web["token"] is None and not web["token_file"]:
+        raise ConfigError("{}: web.bind: {} takes connections from other hosts; set "
+                          "web.token_file (or web.token) to a secret of at least {} "
+                          "characters, or bind 127.0.0.1".format(
+                              where, validate.shown(web["bind"]), MIN_TOKEN))
 
 
 def load(path=None, overrides=None, require_task=True, folders=None):
@@ -519,6 +669,7 @@ def load(path=None, overrides=None, require_task=True, folders=None):
                           "({:g})".format(where, stereo["depth_min_mm"], stereo["depth_max_mm"]))
     if stereo["calib"]:
         stereo["calib"] = os.path.expanduser(stereo["calib"])
+    _check_web(config["web"], where)
     if require_task and not config["detector"] and not config["matcher"] and \
             not stereo["calib"]:
         raise ConfigError("{}: detector: no task configured; set detector (e.g. yolox-nano) "

@@ -104,7 +104,8 @@ class Daemon:
     """One `edge run`: long-lived MQTT link, publisher, health and commands; a pipeline."""
 
     def __init__(self, config, config_path=None, overrides=None):
-        self.config = config
+        # zones and lines saved over the web API win over the file's (edge.web)
+        self.config = configuration.with_saved_regions(config)
         self.config_path = config_path
         self.overrides = overrides or {}
         self.device = config["device_id"]
@@ -123,6 +124,10 @@ class Daemon:
         self.commands = None
         self.motion = None          # edge.motioninput.MotionInput: the `motion` topics
         self.metrics = None         # edge.metrics.MetricsServer when metrics.port is set
+        self.web = None             # edge.web.WebServer when web.port is set
+        if config["web"]["port"]:
+            from edge.web import read_token
+            read_token(config["web"])       # a bad token file fails now, before any build
         self.source_display = cameras.display(config)    # no camera passwords in health
         self.generations = 0
         self.last_reload = None     # {"ts", "ok", "error"} of the latest reload, for health
@@ -158,7 +163,8 @@ class Daemon:
         """The config file loaded, and the files it names that a rebuild would read and can
         be checked without opening a camera (the stereo calibration); an EdgeError, while
         the running pipeline is still untouched, when one is bad."""
-        config = configuration.load(self.config_path, self.overrides)
+        config = configuration.with_saved_regions(
+            configuration.load(self.config_path, self.overrides))
         if config["stereo"]["calib"]:
             from edge.stereo import calibration
             calibration.load(config["stereo"]["calib"], config["max_image_pixels"], maps=False)
@@ -252,6 +258,9 @@ class Daemon:
             from edge.metrics import MetricsServer
             self.metrics = MetricsServer(self, config["metrics"]["address"],
                                          config["metrics"]["port"]).start()
+        if config["web"]["port"]:
+            from edge.web import WebServer
+            self.web = WebServer(self, config["web"]).start()
         if self.link is not None:
             self.link.on_change = self.health.wake.set     # a fresh verdict, now
             self.commands = Commands(self, **config["commands"])
@@ -363,7 +372,7 @@ class Daemon:
         except EdgeError as e:
             self._reloaded(e)
             return False
-        for key in ("mqtt", "device_id", "jsonl", "health", "commands", "metrics"):
+        for key in ("mqtt", "device_id", "jsonl", "health", "commands", "metrics", "web"):
             if config[key] != self.config[key]:
                 logger.warning("reload: %s changed; it takes effect after a restart", key)
                 config[key] = self.config[key]
@@ -407,6 +416,8 @@ class Daemon:
         self._stop_health()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.web is not None:
+            self.web.stop()
         if self.commands is not None:
             self.commands.stop()
         if self.publisher is not None and self.publisher.is_alive():

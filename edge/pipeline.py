@@ -25,9 +25,11 @@ logger = logging.getLogger(__name__)
 # What observers (health, /metrics) read of a running pipeline: Pipeline.snapshot(), plain
 # values taken at one moment, never the threads, inboxes and stats themselves.
 CameraView = collections.namedtuple(
-    "CameraView", "name uri state frames fps reopens dropped skipped error unpaired")
+    "CameraView",
+    "name uri state frames fps reopens dropped skipped error unpaired width height")
 CameraView.__doc__ = """One camera: its URI for display, capture state and counts, the frames
-its lanes dropped, and (stereo) the frames that found no partner, else None."""
+its lanes dropped, (stereo) the frames that found no partner, else None, and the size of its
+newest frame (None before the first)."""
 LaneView = collections.namedtuple("LaneView", "camera queued dropped frames fps infer total")
 LaneView.__doc__ = """One task's share of one camera: frames waiting and dropped, frames done,
 their rate (None before there is one), and the histograms (counts per edge.stats.BUCKETS_MS
@@ -39,6 +41,13 @@ TaskView.__doc__ = """One task: its figures (TaskStats.summary), what the task a
 PipelineView = collections.namedtuple("PipelineView", "cameras tasks uris")
 PipelineView.__doc__ = """The cameras and tasks, and every source URI (stereo pairs' sides too:
 health redacts their passwords)."""
+
+
+def _newest_size(pool):
+    """(width, height) of the newest frame a pool's slots hold, (None, None) before any: each
+    slot keeps the size of the frame last written into it."""
+    newest = max(pool.frames, key=lambda frame: frame.index)
+    return (newest.width, newest.height) if newest.index >= 0 else (None, None)
 
 
 def _int_env(name):
@@ -417,7 +426,7 @@ class Pipeline:
                 sum(figures[camera.index][1] for figures in lanes),
                 getattr(source, "skipped", 0),
                 capture.last_error or (str(capture.error) if capture.error else None),
-                getattr(source, "unpaired", None)))
+                getattr(source, "unpaired", None), *_newest_size(camera.pool)))
             uris.append(source.uri)
             uris.extend(side.uri for side in getattr(source, "sides", ()))
         empty = ([0] * (len(BUCKETS_MS) + 1), 0.0)

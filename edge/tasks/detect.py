@@ -67,7 +67,7 @@ class DetectTask(Task):
         setting = config["pipeline"]["batch"]
         options = dict(super().options(config, maker), track=config["track"],
                        cameras={name: camera_track(config, name)
-                                for name, _ in cameras.configured(config) if name},
+                                for name, _ in cameras.configured(config)},
                        batching=maker.backend.batches if setting == "auto"
                        else setting == "always")
         if depth is not None:
@@ -111,7 +111,8 @@ class DetectTask(Task):
         # association); they keep tracks alive and are never published.
         self.floor = self.score if self.track is None else min(self.score,
                                                                  self.track["low_score"])
-        # named cameras' own `track` settings and their keys (edge.config.camera_track)
+        # each camera's `track` settings and their keys (edge.config.camera_track); the one
+        # unnamed camera under None
         self.cameras = cameras or {}
         self.trackers = {}     # camera name (None: the one unnamed camera) -> CameraTracking
         if self.track is not None:     # a bad zone or line label fails now, not at frame 1
@@ -127,6 +128,38 @@ class DetectTask(Task):
             tracking = CameraTracking(settings, self.card, self.device, camera, keys)
             self.trackers[camera] = tracking
         return tracking
+
+    def regions(self, camera):
+        """{"zones", "lines"} of a camera (None: the unnamed one) as configured items, None
+        where this task does not track that camera (the web API's GET)."""
+        tracking = self.trackers.get(camera) if self.track is not None else None
+        if tracking is None:
+            return None
+        zones, lines = tracking.current_regions()
+        return {"zones": zones, "lines": lines}
+
+    def check_regions(self, camera, zones=None, lines=None, where="web"):
+        """The camera's tracking and its Regions with these zones and/or lines (validated
+        items; None: those it has), (None, None) where this task does not track the camera;
+        ConfigError naming `where: zones[i].labels` for a label the detector does not
+        know."""
+        tracking = self.trackers.get(camera) if self.track is not None else None
+        if tracking is None:
+            return None, None
+        now_zones, now_lines = tracking.current_regions()
+        return tracking, tracking.make_regions(
+            now_zones if zones is None else zones, now_lines if lines is None else lines,
+            "{}: zones".format(where), "{}: lines".format(where))
+
+    def replace_regions(self, camera, zones=None, lines=None, where="web"):
+        """Give a camera new zones and/or lines from its next frame on, from any thread (the
+        web API's PUT); False where this task does not track the camera (see
+        check_regions)."""
+        tracking, regions = self.check_regions(camera, zones, lines, where)
+        if tracking is None:
+            return False
+        tracking.replace_regions(regions)
+        return True
 
     def detections(self, outputs, frame=None):
         """(the detections as dicts, as published; the `events` of the frame)."""

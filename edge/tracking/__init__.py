@@ -31,7 +31,8 @@ def id_counter(camera):
 
 def class_ids(labels, card_labels, key, model):
     """The class ids of a zone's or line's `labels` (None: every class); ConfigError naming
-    the key for a label the detector does not know."""
+    the key (with where it is: `config: track.zones[0].labels`) for a label the detector does
+    not know."""
     if labels is None:
         return None
     ids = []
@@ -42,40 +43,101 @@ def class_ids(labels, card_labels, key, model):
             ids.append(int(label))
         else:
             known = ", ".join(card_labels[:12]) + (", ..." if len(card_labels) > 12 else "")
-            raise ConfigError("config: {}: unknown label {!r} for detector {}; its labels: {}"
+            raise ConfigError("{}: unknown label {!r} for detector {}; its labels: {}"
                               .format(key, label, model, known or "class numbers 0, 1, ..."))
     return np.array(ids, np.int64)
+
+
+def adopt(new, old, slots, boxes, width, height):
+    """Carry the state of the tracks in `slots` (their filtered boxes (k, 4)) over from a
+    camera's old Regions to the new ones that replace them (the web API's PUT), so that a
+    change of zones makes no event of its own:
+    - a zone of the same name keeps its counts and which tracks are inside it: a track
+      inside a zone that stays makes no event (if its outline changed, the track's next
+      frame enters or leaves it as the new outline says);
+    - a new zone starts empty: the tracks in it enter it on their next frame;
+    - a zone that went makes no leave events (it is no more);
+    - a line of the same name keeps its counts, and with the same points its tracks' sides;
+      a new or moved line takes each track's side from where it is now, so no track
+      crosses it at the change."""
+    had_regions = bool(old.zones or old.lines)    # else old.point was never kept up
+    new.point[:] = old.point
+    new.carried[:] = old.carried
+    if slots.size and not had_regions:
+        new.point[slots] = new.carried[slots] = new.anchors(boxes)
+    old_zones = {zone["name"]: j for j, zone in enumerate(old.zones)}
+    for i, zone in enumerate(new.zones):
+        j = old_zones.get(zone["name"])
+        if j is not None:
+            new.inside[:, i] = old.inside[:, j]
+            new.zone_counts[i] = old.zone_counts[j]
+    old_lines = {line["name"]: j for j, line in enumerate(old.lines)}
+    fresh = []
+    for i, line in enumerate(new.lines):
+        j = old_lines.get(line["name"])
+        if j is not None:
+            new.line_counts[i] = old.line_counts[j]
+            was = old.lines[j]
+            if (was["points"], was["normalized"]) == (line["points"], line["normalized"]):
+                new.side[:, i] = old.side[:, j]
+                continue
+        fresh.append(i)
+    if fresh and slots.size:
+        new._scale(width, height)
+        new.side[np.ix_(slots, fresh)] = new._sides(new.point[slots])[:, fresh]
 
 
 class CameraTracking:
     """One camera's tracker, zones and lines; `update` once per decoded frame."""
 
     def __init__(self, settings, card, device, camera=None, keys=None):
-        """`settings`: the camera's `track` section (edge.config.camera_track); `keys`: the
-        config key its zones and lines came from, for errors (default `track.zones`...)."""
+        """`settings`: the camera's `track` section (edge.config.camera_track); `keys`: where
+        its zones and lines came from, for errors (default `config: track.zones`...)."""
         keys = keys or {}
         self.card = card
         self.device = device
         self.camera = camera
-        capacity = settings["max_tracks"]
+        self.capacity = settings["max_tracks"]
+        self.anchor = settings["anchor"]
         high_score = settings["high_score"]
         if high_score is None:
             high_score = card.thresholds["score"]
         self.tracker = Tracker.from_settings(settings, high_score, id_counter(camera))
         self.motion = CameraMotion(settings["motion"], robot_motion(camera))
-        labels = card.labels
-        self.regions = Regions(
-            settings["zones"], settings["lines"],
-            [class_ids(z["labels"], labels, "{}[{}].labels".format(
-                keys.get("zones", "track.zones"), i), card.name)
-             for i, z in enumerate(settings["zones"])],
-            [class_ids(l["labels"], labels, "{}[{}].labels".format(
-                keys.get("lines", "track.lines"), i), card.name)
-             for i, l in enumerate(settings["lines"])],
-            capacity, settings["anchor"])
-        self.seen_ts = np.zeros(capacity, np.float64)   # capture time of each slot's last match
+        self.regions = self.make_regions(settings["zones"], settings["lines"],
+                                         keys.get("zones", "config: track.zones"),
+                                         keys.get("lines", "config: track.lines"))
+        # Regions handed over by another thread (replace_regions), taken at the start of the
+        # next update: the decode thread alone ever touches self.regions' arrays.
+        self._pending = None
+        self._pending_lock = threading.Lock()
+        self.seen_ts = np.zeros(self.capacity, np.float64)   # capture time of each slot's last match
         self.seq = 0
         self._events = []
+
+    def make_regions(self, zones, lines, zones_key, lines_key):
+        """Regions of validated zones and lines (the config's items) for this camera;
+        ConfigError naming `zones_key[i].labels` for a label the detector does not know."""
+        labels = self.card.labels
+        return Regions(
+            zones, lines,
+            [class_ids(z["labels"], labels, "{}[{}].labels".format(zones_key, i), self.card.name)
+             for i, z in enumerate(zones)],
+            [class_ids(l["labels"], labels, "{}[{}].labels".format(lines_key, i), self.card.name)
+             for i, l in enumerate(lines)],
+            self.capacity, self.anchor)
+
+    def replace_regions(self, regions):
+        """Use these Regions (make_regions) from the next frame on; any thread may call it.
+        Tracks keep their ids; see Regions.adopt for what zones and lines keep."""
+        with self._pending_lock:
+            self._pending = regions
+
+    def current_regions(self):
+        """(zones, lines) as configured items: those handed over and not yet taken, else
+        those in use."""
+        regions = self._pending or self.regions
+        return regions.zones, regions.lines
 
     def update(self, rows, frame):
         """Track the frame's kept detections (n, 6) x1, y1, x2, y2, score, class.
@@ -84,6 +146,13 @@ class CameraTracking:
         """
         self._events = []
         tracker = self.tracker
+        if self._pending is not None:       # a plain read per frame; the lock only to take it
+            with self._pending_lock:
+                pending, self._pending = self._pending, None
+            slots = tracker.active()
+            adopt(pending, self.regions, slots, tracker.kalman.boxes(slots), frame.width,
+                  frame.height)
+            self.regions = pending
         boxes = rows[:, :4].astype(np.float64)
         motion = self.motion.estimate(frame, boxes)
         before = tracker.active()
