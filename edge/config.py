@@ -571,6 +571,7 @@ SPEC = {
 
 
 MIN_TOKEN = 16      # characters of web.token: a guess must not be feasible over the network
+MAKE_TOKEN = "python3 -c 'import secrets; print(secrets.token_hex(16))'"
 
 
 def loopback(address):
@@ -595,8 +596,8 @@ def _check_web(web, where):
                           "secret out of the configuration)".format(where))
     if web["token"] is not None and len(web["token"].strip()) < MIN_TOKEN:
         # never echo the value: it is a secret
-        raise ConfigError("{}: web.token: at least {} characters (e.g. the output of "
-                          "`openssl rand -hex 16`)".format(where, MIN_TOKEN))
+        raise ConfigError("{}: web.token: at least {} characters (e.g. {})".format(
+            where, MIN_TOKEN, MAKE_TOKEN))
     if not loopback(web["bind"]) and web["token"] is None and not web["token_file"]:
         raise ConfigError("{}: web.bind: {} takes connections from other hosts; set "
                           "web.token_file (or web.token) to a secret of at least {} "

@@ -4,6 +4,8 @@ The detect task owns one CameraTracking per camera (keyed by camera name) and ru
 its decode step, on the decode thread: the tracker (tracker.py: Kalman prediction,
 ByteTrack's two-stage association), the zones and lines (zones.py), and the `events`
 messages. `edge track` runs the same tracker offline on MOTChallenge files (mot.py).
+The web API replaces a camera's zones and lines while it runs: `replace_regions` from its
+thread, taken by `update` at the next frame, the tracks' state carried over (`adopt`).
 """
 
 import itertools
@@ -111,7 +113,8 @@ class CameraTracking:
         # next update: the decode thread alone ever touches self.regions' arrays.
         self._pending = None
         self._pending_lock = threading.Lock()
-        self.seen_ts = np.zeros(self.capacity, np.float64)   # capture time of each slot's last match
+        # capture time of each slot's last match
+        self.seen_ts = np.zeros(self.capacity, np.float64)
         self.seq = 0
         self._events = []
 

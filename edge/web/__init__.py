@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def read_token(web):
     """The token as bytes (web.token, or the first line of web.token_file), None when none
     is set; ConfigError naming the file and the fix when it cannot be used."""
-    from edge.config import MIN_TOKEN
+    from edge.config import MAKE_TOKEN, MIN_TOKEN
     if web["token"] is not None:
         return web["token"].strip().encode("utf-8")
     path = web["token_file"]
@@ -37,8 +37,7 @@ def read_token(web):
                               path, getattr(e, "strerror", None) or e))
     if len(token) < MIN_TOKEN:
         raise ConfigError("web.token_file {}: its first line must be a token of at least {} "
-                          "characters (e.g. `openssl rand -hex 16 > {}`)".format(
-                              path, MIN_TOKEN, path))
+                          "characters (e.g. from {})".format(path, MIN_TOKEN, MAKE_TOKEN))
     return token.encode("utf-8")
 
 

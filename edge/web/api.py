@@ -78,7 +78,7 @@ class Api:
                           for task in self.app.tasks)
             out.append({"name": configuration.UNNAMED if view.name is None else view.name,
                         "width": view.width, "height": view.height, "state": view.state,
-                        "fps": view.fps, "tracked": tracked})
+                        "frames": view.frames, "fps": view.fps, "tracked": tracked})
         request.reply(200, {"cameras": out})
 
     def get_regions(self, request, name, kind):
