@@ -43,7 +43,7 @@ def _families():
 
 SPEC = {
     "name": Field(str, check=_safe_file_name),
-    "task": Field(str, check=lambda value: _task_kind(value)),
+    "task": Field(str, check=_task_kind),
     "family": Field(str),
     "description": Field(str, default=""),
     "license": Field(str, default=""),
