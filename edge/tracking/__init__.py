@@ -5,7 +5,7 @@ its decode step, on the decode thread: the tracker (tracker.py: Kalman predictio
 ByteTrack's two-stage association), the zones and lines (zones.py), and the `events`
 messages. `edge track` runs the same tracker offline on MOTChallenge files (mot.py).
 The web API replaces a camera's zones and lines while it runs: `replace_regions` from its
-thread, taken by `update` at the next frame, the tracks' state carried over (`adopt`).
+thread, taken by `update` at the next frame, the tracks' state carried over (`Regions.adopt`).
 """
 
 import itertools
@@ -48,45 +48,6 @@ def class_ids(labels, card_labels, key, model):
             raise ConfigError("{}: unknown label {!r} for detector {}; its labels: {}"
                               .format(key, label, model, known or "class numbers 0, 1, ..."))
     return np.array(ids, np.int64)
-
-
-def adopt(new, old, slots, boxes, width, height):
-    """Carry the state of the tracks in `slots` (their filtered boxes (k, 4)) over from a
-    camera's old Regions to the new ones that replace them (the web API's PUT), so that a
-    change of zones makes no event of its own:
-    - a zone of the same name keeps its counts and which tracks are inside it: a track
-      inside a zone that stays makes no event (if its outline changed, the track's next
-      frame enters or leaves it as the new outline says);
-    - a new zone starts empty: the tracks in it enter it on their next frame;
-    - a zone that went makes no leave events (it is no more);
-    - a line of the same name keeps its counts, and with the same points its tracks' sides;
-      a new or moved line takes each track's side from where it is now, so no track
-      crosses it at the change."""
-    had_regions = bool(old.zones or old.lines)    # else old.point was never kept up
-    new.point[:] = old.point
-    new.carried[:] = old.carried
-    if slots.size and not had_regions:
-        new.point[slots] = new.carried[slots] = new.anchors(boxes)
-    old_zones = {zone["name"]: j for j, zone in enumerate(old.zones)}
-    for i, zone in enumerate(new.zones):
-        j = old_zones.get(zone["name"])
-        if j is not None:
-            new.inside[:, i] = old.inside[:, j]
-            new.zone_counts[i] = old.zone_counts[j]
-    old_lines = {line["name"]: j for j, line in enumerate(old.lines)}
-    fresh = []
-    for i, line in enumerate(new.lines):
-        j = old_lines.get(line["name"])
-        if j is not None:
-            new.line_counts[i] = old.line_counts[j]
-            was = old.lines[j]
-            if (was["points"], was["normalized"]) == (line["points"], line["normalized"]):
-                new.side[:, i] = old.side[:, j]
-                continue
-        fresh.append(i)
-    if fresh and slots.size:
-        new._scale(width, height)
-        new.side[np.ix_(slots, fresh)] = new._sides(new.point[slots])[:, fresh]
 
 
 class CameraTracking:
@@ -153,8 +114,8 @@ class CameraTracking:
             with self._pending_lock:
                 pending, self._pending = self._pending, None
             slots = tracker.active()
-            adopt(pending, self.regions, slots, tracker.kalman.boxes(slots), frame.width,
-                  frame.height)
+            pending.adopt(self.regions, slots, tracker.kalman.boxes(slots), frame.width,
+                          frame.height)
             self.regions = pending
         boxes = rows[:, :4].astype(np.float64)
         motion = self.motion.estimate(frame, boxes)

@@ -183,6 +183,44 @@ class Regions:
             self.side[slots] = self._sides(points)
         self._zones(slots, classes, points, emit)
 
+    def adopt(self, old, slots, boxes, width, height):
+        """Carry the state of the tracks in `slots` (their filtered boxes (k, 4)) over from a
+        camera's old Regions to these, which replace them (the web API's PUT), so that a
+        change of zones makes no event of its own:
+        - a zone of the same name keeps its counts and which tracks are inside it: a track
+          inside a zone that stays makes no event (if its outline changed, the track's next
+          frame enters or leaves it as the new outline says);
+        - a new zone starts empty: the tracks in it enter it on their next frame;
+        - a zone that went makes no leave events (it is no more);
+        - a line of the same name keeps its counts, and with the same points its tracks' sides;
+          a new or moved line takes each track's side from where it is now, so no track
+          crosses it at the change."""
+        had_regions = bool(old.zones or old.lines)    # else old.point was never kept up
+        self.point[:] = old.point
+        self.carried[:] = old.carried
+        if slots.size and not had_regions:
+            self.point[slots] = self.carried[slots] = self.anchors(boxes)
+        old_zones = {zone["name"]: j for j, zone in enumerate(old.zones)}
+        for i, zone in enumerate(self.zones):
+            j = old_zones.get(zone["name"])
+            if j is not None:
+                self.inside[:, i] = old.inside[:, j]
+                self.zone_counts[i] = old.zone_counts[j]
+        old_lines = {line["name"]: j for j, line in enumerate(old.lines)}
+        fresh = []
+        for i, line in enumerate(self.lines):
+            j = old_lines.get(line["name"])
+            if j is not None:
+                self.line_counts[i] = old.line_counts[j]
+                was = old.lines[j]
+                if (was["points"], was["normalized"]) == (line["points"], line["normalized"]):
+                    self.side[:, i] = old.side[:, j]
+                    continue
+            fresh.append(i)
+        if fresh and slots.size:
+            self._scale(width, height)
+            self.side[np.ix_(slots, fresh)] = self._sides(self.point[slots])[:, fresh]
+
     def warp(self, slots, motion):
         """The camera moved (`motion`, edge.tracking.motion): where the tracks in `slots`
         were last seen moves with the picture (`carried`), so that `_lines` can tell an
