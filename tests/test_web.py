@@ -48,6 +48,24 @@ def raw(port, data, timeout=10):
         return read_all(s)
 
 
+def served(port, path, timeout=10):
+    """(parsed body, times refused first) of a GET retried while the server is still busy
+    with an earlier burst (503, or closed at once past its refusal threads; both counted as
+    refused), as a client would."""
+    refused = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, doc = request(port, "GET", path, token=None)
+        except (http.client.HTTPException, ConnectionError):
+            status, doc = None, None
+        if status == 200:
+            return doc, refused
+        assert status in (503, None) and time.monotonic() < deadline, (status, doc)
+        refused += 1
+        time.sleep(0.1)
+
+
 def read_all(s):
     """Bytes from a socket until the server closes it."""
     got = b""
@@ -240,10 +258,12 @@ def test_idle_and_surplus_clients_are_bounded_counted_and_never_stall_the_daemon
         # (past web.max_clients and the 4 threads that answer 503, a connection is closed)
         assert set(answers) <= {b"HTTP/1.0 200", b"HTTP/1.0 503", b""}, answers
         assert b"HTTP/1.0 200" in answers
-        figures = request(port, "GET", "/api/server", token=None)[1]
-        assert figures["refused"] == 1 + 12 - answers.count(b"HTTP/1.0 200"), (figures, answers)
+        # (the burst's last threads may still hold the slots for a moment: retried)
+        figures, busy = served(port, "/api/server")
+        assert figures["refused"] == 1 + 12 - answers.count(b"HTTP/1.0 200") + busy, \
+            (figures, answers, busy)
         # the pipeline ran on throughout
-        camera = request(port, "GET", "/api/cameras", token=None)[1]["cameras"][0]
+        camera = served(port, "/api/cameras")[0]["cameras"][0]
         assert camera["frames"] >= frames + 10, (frames, camera)
     finally:
         assert stop_edge(proc) == 0
