@@ -13,11 +13,11 @@ nor how long a client may keep one. Ours stops with the daemon, whatever its cli
 """
 
 import logging
-import socket
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from edge.errors import ConfigError
+from edge.httpserve import ThreadPerClientServer
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,9 @@ RUNTIME_VERSION_KEYS = ("onnxruntime", "tensorrt")
 # The server: a thread per connection, at most MAX_CLIENTS at once; a connection that sends
 # nothing (or stops reading) for TIMEOUT_S seconds is dropped. Prometheus sends its request
 # at once and scrapes every 15 s or so: a few handlers are plenty, and more connections wait
-# in the listen backlog (LISTEN_BACKLOG, capped by net.core.somaxconn) for a free one.
+# in the listen backlog (edge.httpserve, capped by net.core.somaxconn) for a free one.
 MAX_CLIENTS = 16
 TIMEOUT_S = 5.0
-LISTEN_BACKLOG = 128
 
 
 def _prometheus():
@@ -283,7 +282,8 @@ class MetricsServer:
                 pass        # a scrape every 15 s would fill the journal
 
         try:
-            self.server = _Server((address, port), Handler)
+            self.server = ThreadPerClientServer((address, port), Handler, MAX_CLIENTS)
+            self.server.name = "metrics"
         except OSError as e:
             raise ConfigError("metrics: cannot listen on {}:{} ({}); choose another "
                               "metrics.port (--metrics-port) or metrics.address".format(
@@ -304,66 +304,3 @@ class MetricsServer:
             self.server.shutdown()
         self.server.server_close()
         self.server.cut_clients()
-
-
-class _Server(HTTPServer):
-    """HTTPServer with a daemon thread per connection, at most MAX_CLIENTS at once.
-
-    Like socketserver.ThreadingMixIn with daemon_threads, written out because the mixin's
-    bookkeeping differs between the Pythons a device runs (3.7+ joins its threads on close)
-    and it has no bound on the threads.
-    """
-
-    request_queue_size = LISTEN_BACKLOG
-
-    def __init__(self, address, handler):
-        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        self.stopping = threading.Event()
-        self.clients = set()            # sockets of connections being served
-        self.clients_lock = threading.Lock()
-        HTTPServer.__init__(self, address, handler)
-
-    def process_request(self, request, client_address):
-        # Waiting for a free handler keeps further connections in the listen backlog, so a
-        # burst of scrapes is served in turn rather than refused; a stop ends the wait.
-        while not self.slots.acquire(timeout=0.1):
-            if self.stopping.is_set():
-                self.shutdown_request(request)
-                return
-        with self.clients_lock:
-            self.clients.add(request)
-        try:
-            threading.Thread(target=self._serve, args=(request, client_address),
-                             name="metrics-client", daemon=True).start()
-        except Exception as e:  # no thread to be had
-            logger.warning("metrics: no thread to serve a scrape (%s); connection dropped", e)
-            self._served(request)
-
-    def _serve(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self._served(request)
-
-    def _served(self, request):
-        # Out of `clients` before it closes: cut_clients never touches a closed socket.
-        with self.clients_lock:
-            self.clients.discard(request)
-        self.shutdown_request(request)
-        self.slots.release()
-
-    def handle_error(self, request, client_address):
-        # A client that went away or stalled past TIMEOUT_S: not worth a traceback on stderr.
-        logger.debug("metrics: connection from %s ended early", client_address[0],
-                     exc_info=True)
-
-    def cut_clients(self):
-        """End the connections still open; their threads then end at once."""
-        with self.clients_lock:
-            for request in self.clients:
-                try:
-                    request.shutdown(socket.SHUT_RDWR)
-                except OSError:     # the client reset it already
-                    pass

@@ -1,10 +1,9 @@
 """The HTTP plumbing of the web port: a bounded threaded server, tokens, JSON in and out.
 
 The standard library's http.server serves it: a device on Python 3.6 (JetPack 4.6) has it
-without another dependency, and the API is a few small JSON routes. Its ThreadingMixIn is
-not used as it is: it bounds neither its threads nor how long a client may hold one, and its
-bookkeeping differs between the Pythons a device runs (3.7+ joins its threads on close);
-`BoundedServer.process_request` does what it does with a bound, as edge.metrics' server.
+without another dependency, and the API is a few small JSON routes. The server is the one of
+/metrics (edge.httpserve: a thread per connection, bounded), except that a connection past
+the bound is answered 503 at once rather than kept waiting.
 """
 
 import hmac
@@ -13,12 +12,13 @@ import logging
 import re
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from edge.httpserve import ThreadPerClientServer
 
 logger = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 128
 MAX_BODY = 256 * 1024           # bytes of a request body: every zone at the config's limits
                                 # fits in a tenth of it
 # Connections beyond max_clients are answered 503 by up to this many short-lived threads
@@ -171,24 +171,21 @@ class Handler(BaseHTTPRequestHandler):
         pass        # no access log: a request line may carry ?token=
 
 
-class BoundedServer(HTTPServer):
-    """HTTPServer with a daemon thread per connection, at most `max_clients` at once; more are
-    refused with 503 and counted."""
+class BoundedServer(ThreadPerClientServer):
+    """The web port's server (edge.httpserve): at most `max_clients` connections at once;
+    more are refused with 503 and counted, at once."""
 
-    request_queue_size = LISTEN_BACKLOG
-    daemon_threads = True
+    name = "web"
 
     def __init__(self, address, routes, token=None, max_clients=8, client_timeout=10.0):
         self.routes = routes
         self.token = token              # bytes, or None: no token asked (loopback only)
         self.max_clients = max_clients
         self.client_timeout = client_timeout
-        self.slots = threading.BoundedSemaphore(max_clients)
         self.refusers = threading.BoundedSemaphore(REFUSERS)
-        self.clients = set()            # sockets of connections being served
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "refused": 0, "unauthorized": 0, "timeouts": 0}
-        HTTPServer.__init__(self, address, Handler)
+        ThreadPerClientServer.__init__(self, address, Handler, max_clients)
 
     def count(self, name, n=1):
         with self.lock:
@@ -197,23 +194,16 @@ class BoundedServer(HTTPServer):
     def figures(self):
         """{clients, max_clients, requests, refused, unauthorized, timeouts}."""
         with self.lock:
-            return dict(self.counts, clients=len(self.clients), max_clients=self.max_clients)
+            counts = dict(self.counts)
+        with self.clients_lock:
+            counts.update(clients=len(self.clients), max_clients=self.max_clients)
+        return counts
 
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            self._refuse(request)
-            return
-        with self.lock:
-            self.clients.add(request)
-        self._thread(self._serve, request, client_address, self.slots)
-
-    def _thread(self, target, request, client_address, semaphore):
-        try:
-            threading.Thread(target=target, args=(request, client_address),
-                             name="web-client", daemon=True).start()
-        except Exception as e:  # no thread to be had
-            logger.warning("web: no thread to serve a client (%s); connection dropped", e)
-            self._done(request, semaphore)
+    def take_slot(self, request):
+        if self.slots.acquire(blocking=False):
+            return True
+        self._refuse(request)
+        return False
 
     def _refuse(self, request):
         self.count("refused")
@@ -224,7 +214,7 @@ class BoundedServer(HTTPServer):
         if not self.refusers.acquire(blocking=False):
             self.shutdown_request(request)
             return
-        self._thread(self._busy, request, None, self.refusers)
+        self.start_thread(self._busy, request, None, self._refused)
 
     def _busy(self, request, client_address):
         """Read what the client sends (briefly) and answer 503, so it sees why."""
@@ -244,33 +234,8 @@ class BoundedServer(HTTPServer):
         except OSError:
             pass
         finally:
-            self._done(request, self.refusers, client=False)
+            self._refused(request)
 
-    def _serve(self, request, client_address):
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self._done(request, self.slots)
-
-    def _done(self, request, semaphore, client=True):
-        # Out of `clients` before it closes: cut_clients never touches a closed socket.
-        if client:
-            with self.lock:
-                self.clients.discard(request)
+    def _refused(self, request):
         self.shutdown_request(request)
-        semaphore.release()
-
-    def handle_error(self, request, client_address):
-        # a client that went away or stalled past web.timeout: not worth a traceback
-        logger.debug("web: connection from %s ended early", client_address[0], exc_info=True)
-
-    def cut_clients(self):
-        """End the connections still open; their threads then end at once."""
-        with self.lock:
-            for request in self.clients:
-                try:
-                    request.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.refusers.release()
