@@ -58,3 +58,25 @@ def test_without_compensation_more_objects_lose_their_id(results):
     off = sum(counts[p]["edge off"]["lost"] for p in PROFILES)
     auto = sum(counts[p]["edge auto"]["lost"] for p in PROFILES)
     assert off > auto, counts
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_no_steady_object_loses_its_id_with_compensation(results, profile):
+    counts, _ = results
+    assert counts[profile]["edge auto"]["lost"] == 0, counts[profile]
+
+
+def test_a_box_of_two_labelled_objects_together_is_no_object():
+    import numpy as np
+    # two horses side by side (coco8 val 000000000049.jpg's labels, canvas pixels), a rider
+    # over them and a far-off person a few pixels tall
+    labels = (np.array([[240, 1046, 428, 1312], [124, 1073, 244, 1301],
+                        [299, 1095, 394, 1200], [281, 1201, 292, 1235]], np.float64),
+              np.array([17, 17, 0, 0]))
+    boxes = np.array([[122, 1070, 420, 1308],      # both horses as one
+                      [252, 1069, 424, 1309],      # the right horse alone
+                      [122, 1072, 282, 1305],      # the left horse alone
+                      [280, 1100, 420, 1320]],     # the rider, legs and all
+                     np.float64)
+    together = bench_motion.two_together(boxes, np.array([17, 17, 17, 0]), labels)
+    assert together.tolist() == [True, False, False, False]

@@ -23,7 +23,10 @@ track.low_score (0.1) after NMS, as the daemon feeds its tracker; cached per cli
 temp folder (keyed by the card, model, engine code, selection code, backend and the clip).
 Objects: every motion is the camera's, so each detection is mapped back into canvas
 coordinates by the inverse of its frame's warp, and detections of one class that overlap
-there (IoU >= SAME_OBJECT_IOU, one per object and frame) are one object. A steady object is
+there (IoU >= SAME_OBJECT_IOU, one per object and frame) are one object; a box of two
+labelled objects together (`two_together`: two horses side by side boxed as one) is no
+object and is set aside, as it would otherwise count as whichever of the two it overlaps at
+IoU >= SAME_OBJECT_IOU, and its track as that object's id. A steady object is
 detected in at least STEADY of the clip's frames. An object lost its id when its detections
 carry more than one track id over the clip (0, not yet confirmed, aside); ID switches count
 the changes from one id to another along its detections. Counted twice: on the published
@@ -81,6 +84,12 @@ JITTER_PX = 10.0
 ROLL_DEG = 1.5
 STEADY = 0.6               # share of the clip's frames a steady object is detected in
 SAME_OBJECT_IOU = 0.5
+# A detection that overlaps the union of two labelled objects of its class (IoU >=
+# SAME_OBJECT_IOU) by more than TWO_TOGETHER times its IoU with either of them alone is the detector boxing the two as one
+# (two horses side by side): no single object, so it is set aside like an unconfirmed box.
+TWO_TOGETHER = 1.2
+TWO_SHARE = 0.25           # ... each of the two at least this share of its area (a rider's
+                           # box over a far-off person's tiny one is the rider's)
 CACHE_VERSION = 1
 STILL_IDF1 = 0.79          # edge's still-camera IDF1 (tools/bench_track.py) stays above this
 
@@ -294,6 +303,31 @@ def to_canvas(rows, matrix):
     return np.concatenate([centre - half, centre + half], 1)
 
 
+def two_together(canvas, classes, labels):
+    """(n,) bool: each canvas box (n, 4) of class `classes` (n,) is a box of two of the
+    labelled objects `labels` ((m, 4) boxes, (m,) classes) together: its IoU with the union
+    of two of them is at least SAME_OBJECT_IOU and TWO_TOGETHER times its IoU with either
+    alone, and each of the two is at least TWO_SHARE of its area."""
+    boxes, kinds = labels
+    out = np.zeros(canvas.shape[0], bool)
+    if canvas.shape[0] == 0 or boxes.shape[0] < 2:
+        return out
+    alone = iou_matrix(canvas, boxes)
+    for a, b in itertools.combinations(range(boxes.shape[0]), 2):
+        if kinds[a] != kinds[b]:
+            continue
+        union = np.concatenate([np.minimum(boxes[a, :2], boxes[b, :2]),
+                                np.maximum(boxes[a, 2:], boxes[b, 2:])])[None, :]
+        both = iou_matrix(canvas, union)[:, 0]
+        best = np.maximum(alone[:, a], alone[:, b])
+        area = (canvas[:, 2] - canvas[:, 0]) * (canvas[:, 3] - canvas[:, 1])
+        smaller = min((boxes[a, 2] - boxes[a, 0]) * (boxes[a, 3] - boxes[a, 1]),
+                      (boxes[b, 2] - boxes[b, 0]) * (boxes[b, 3] - boxes[b, 1]))
+        out |= (classes == kinds[a]) & (both >= SAME_OBJECT_IOU) & \
+            (both > TWO_TOGETHER * best) & (smaller >= TWO_SHARE * area)
+    return out
+
+
 def objects(clip, frames_rows, min_score=0.0):
     """[(n,) int per frame: each detection's object, -1 for one under min_score] and the
     objects' classes: detections of one class at IoU >= SAME_OBJECT_IOU in canvas
@@ -307,6 +341,8 @@ def objects(clip, frames_rows, min_score=0.0):
         which = np.full(rows.shape[0], -1, np.int64)
         kept = np.flatnonzero(rows[:, 4] >= min_score)
         canvas = to_canvas(rows[kept].astype(np.float64), clip.warps[i])
+        single = ~two_together(canvas, rows[kept, 5].astype(np.int64), clip.labels)
+        kept, canvas = kept[single], canvas[single]
         found = np.full(kept.size, -1, np.int64)
         if boxes and kept.size:
             medians = np.array([np.median(b, 0) for b in boxes])
@@ -339,6 +375,8 @@ def labelled_objects(clip, frames_rows, min_score=0.0):
         kept = np.flatnonzero(rows[:, 4] >= min_score)
         if kept.size and boxes.shape[0]:
             canvas = to_canvas(rows[kept].astype(np.float64), clip.warps[i])
+            single = ~two_together(canvas, rows[kept, 5].astype(np.int64), clip.labels)
+            kept, canvas = kept[single], canvas[single]
             iou = iou_matrix(canvas, boxes)
             iou[rows[kept, 5][:, None].astype(np.int64) != classes[None, :]] = 0.0
             r, c = linear_sum_assignment(-iou)
