@@ -33,7 +33,7 @@ def _url(value):
 def _task_kind(name):
     """None for a registered task kind (edge.tasks.KINDS), else the kinds there are."""
     from edge import tasks
-    return None if name in tasks.KINDS else "one of " + ", ".join(tasks.KINDS)
+    return None if name in tasks.names() else "one of " + ", ".join(tasks.names())
 
 
 def _families():

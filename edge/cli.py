@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from edge import __version__, installed
+from edge import __version__, installed, tasks
 from edge.errors import EXIT_FAILURE, EXIT_OK, EdgeError, InstallError
 
 logger = logging.getLogger("edge")
@@ -21,13 +21,14 @@ def _run(args):
     from edge import cameras, config, daemon
     source, named = cameras.parse_flags(args.source)
     overrides = {
-        "source": source, "sources": named, "detector": args.detector, "matcher": args.matcher,
+        "source": source, "sources": named,
         "mqtt.url": args.mqtt, "jsonl": args.jsonl, "device_id": args.device_id,
         "backend": args.backend, "max_frames": args.max_frames, "model_mirror": args.mirror,
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
         "stereo.calib": args.calib,
         "metrics.port": args.metrics_port, "web.port": args.web_port,
     }
+    overrides.update((k.config_key, getattr(args, k.config_key)) for k in tasks.KINDS)
     cfg = config.load(args.config, overrides)
     if args.debug:
         cfg["log_level"] = "debug"
@@ -68,7 +69,7 @@ def _models_fetch(args):
 def _build(args):
     """`edge build`: build (or check) the engines the config needs, with progress;
     --export-onnx: write their graphs instead (edge.engines)."""
-    from edge import cameras, engines, tasks
+    from edge import cameras, engines
     overrides = {"source": args.source, "backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "reference": args.reference,
                  "state_dir": args.state_dir}
@@ -77,8 +78,8 @@ def _build(args):
     if not names:
         from edge.errors import ConfigError
         raise ConfigError("edge build: no card to build; name cards (edge build yolox-nano) or "
-                          "configure detector/matcher with -c (or in {})".format(
-                              installed.CONFIG))
+                          "configure {} with -c (or in {})".format(
+                              "/".join(k.config_key for k in tasks.KINDS), installed.CONFIG))
     sizes = cameras.frame_sizes(args.size, cfg)
     if args.export_onnx:
         found = engines.export_onnx(cfg, names, sizes, args.export_onnx, args.tensorrt)
@@ -213,7 +214,7 @@ def _depth(args):
 
 def _doctor(args):
     """`edge doctor`: versions, engines built or loaded, outputs checked, latency."""
-    from edge import cards, doctor, tasks
+    from edge import cards, doctor
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "state_dir": args.state_dir}
     cfg = _beside_the_service(args.config, overrides)
@@ -235,8 +236,9 @@ def parser():
     run.add_argument("--source", action="append",
                      help="source URI: test://, images:///dir, file.mp4, /dev/video0, "
                           "rtsp://..., csi://0; NAME=URI (repeatable) for named cameras")
-    run.add_argument("--detector", help="detection card name or path (e.g. yolox-nano)")
-    run.add_argument("--matcher", help="matching card name or path (e.g. coarse-loftr)")
+    for k in tasks.KINDS:
+        run.add_argument("--" + k.config_key,
+                         help="{} (e.g. {})".format(k.help, k.example))
     run.add_argument("--reference", help="image the matcher matches in this run (named after "
                                          "its file; not stored)")
     run.add_argument("--state-dir", help="folder for references and engines")

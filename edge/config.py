@@ -5,7 +5,7 @@ import copy
 import os
 import re
 
-from edge import imagefiles, topics, validate
+from edge import imagefiles, tasks, topics, validate
 from edge.errors import ConfigError
 from edge.validate import Field
 
@@ -376,8 +376,6 @@ SPEC = {
                      check=_sources_empty,
                      help="named cameras [{name, uri, track}, ...] instead of `source`; "
                           "`track`: the camera's own zones, lines, anchor, motion"),
-    "detector": Field(str, default=None, nullable=True, help="detection card name or path"),
-    "matcher": Field(str, default=None, nullable=True, help="matching card name or path"),
     "backend": Field(str, default="auto", choices=("auto", "ort", "trt")),
     "model_dir": Field(str, default=None, nullable=True,
                        help="model files; default $EDGE_MODEL_DIR or ~/.cache/edge/models"),
@@ -417,16 +415,6 @@ SPEC = {
                        help="messages held while the broker is slow or away"),
         "flush_timeout": Field(float, default=10.0, min=0.0, max=600.0,
                                help="seconds to deliver what is queued when a run ends"),
-    },
-    "match": {
-        "max_hz": Field(float, default=1.0, min=0.0, max=1000.0,
-                        help="matching rate on the newest frame; 0: every frame"),
-        "every": Field(int, default=0, min=0, help="> 0: match every N-th frame instead"),
-        "top_k": Field(int, default=500, min=0, max=100000,
-                       help="matches published per message, best first (count is always full)"),
-        "max_references": Field(int, default=4, min=1, max=64,
-                                help="references held, configured + stored with set_reference "
-                                     "(more are refused)"),
     },
     "engine": {
         "dir": Field(str, default=None, nullable=True,
@@ -568,6 +556,11 @@ SPEC = {
                               "matcher's engine runs on one)"),
     },
 }
+# Each task kind's config key naming its card, and its own section (edge.tasks.KINDS).
+for _kind in tasks.KINDS:
+    SPEC[_kind.config_key] = Field(str, default=None, nullable=True, help=_kind.help)
+    if _kind.section:
+        SPEC[_kind.section[0]] = _kind.section[1]
 
 
 MIN_TOKEN = 16      # characters of web.token: a guess must not be feasible over the network
@@ -671,9 +664,11 @@ def load(path=None, overrides=None, require_task=True, folders=None):
     if stereo["calib"]:
         stereo["calib"] = os.path.expanduser(stereo["calib"])
     _check_web(config["web"], where)
-    if require_task and not config["detector"] and not config["matcher"] and \
-            not stereo["calib"]:
-        raise ConfigError("{}: detector: no task configured; set detector (e.g. yolox-nano) "
-                          "and/or matcher (or stereo.calib for depth alone), or pass "
-                          "--detector CARD".format(where))
+    if require_task and not tasks.card_names(config) and not stereo["calib"]:
+        first = tasks.KINDS[0]
+        raise ConfigError("{}: {}: no task configured; set {} (or stereo.calib for depth "
+                          "alone), or pass --{} CARD".format(
+                              where, first.config_key, " and/or ".join(
+                                  "{} (e.g. {})".format(k.config_key, k.example)
+                                  for k in tasks.KINDS), first.config_key))
     return config

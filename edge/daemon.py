@@ -5,6 +5,7 @@ pipeline (source + tasks) is rebuilt on reload (SIGHUP or the `reload` command) 
 config file, with engines whose key did not change loaded from the cache.
 """
 
+import collections
 import logging
 import signal
 import threading
@@ -100,6 +101,17 @@ def _system_status():
     return status, lambda: system.close_jtop(client), gpu_memory_reader(client)
 
 
+class DaemonView(collections.namedtuple("DaemonView", (
+        "device started pipeline starting publisher link engines commands motion reload "
+        "source_display uris"))):
+    """The daemon for observers (health, metrics), read in one go: its device name and start
+    time; the pipeline's view (edge.pipeline.PipelineView, None while engines are prepared)
+    and whether frames flow yet (`starting`); the publisher's and the broker link's views
+    (None without them); the labels of the engines its tasks hold; the counts of the
+    commands and `motion` topics (None without MQTT); the latest reload; the sources as
+    shown, and every source URI configured or running (what redaction hides)."""
+
+
 class Daemon:
     """One `edge run`: long-lived MQTT link, publisher, health and commands; a pipeline."""
 
@@ -142,6 +154,22 @@ class Daemon:
         self.watchdog = systemd.Watchdog(self.notifier, self.progress)
 
     # -- the operations commands and signals use --------------------------------------
+
+    def snapshot(self):
+        """A DaemonView of this moment."""
+        pipeline = self.pipeline
+        view = pipeline.snapshot() if pipeline is not None else None
+        uris = list(view.uris) if view is not None else []
+        if self.config:
+            uris.extend(uri for _, uri in cameras.configured(self.config))
+        return DaemonView(
+            self.device, self.started, view, pipeline is None or pipeline.started is None,
+            self.publisher.snapshot() if self.publisher is not None else None,
+            self.link.snapshot() if self.link is not None else None,
+            [label for task in self.tasks for label in task.engine_labels()],
+            self.commands.counts() if self.commands is not None else None,
+            self.motion.counts() if self.motion is not None else None,
+            self.last_reload, self.source_display, uris)
 
     def next_frame(self, timeout=5.0, camera=None):
         """A copy of the next captured frame of a camera (default: the first) and its index

@@ -135,18 +135,9 @@ def camera_reports(view, display):
     return source, cameras
 
 
-def _source_uris(app, view):
-    """The URIs of the daemon's cameras, as configured and as running (a reload may differ)."""
-    uris = list(view.uris) if view is not None else []
-    config = getattr(app, "config", None)
-    if config:
-        from edge import cameras
-        uris.extend(uri for _, uri in cameras.configured(config))
-    return uris
-
-
 class Health(threading.Thread):
-    """Builds and publishes health reports for one running daemon."""
+    """Builds and publishes health reports for one running daemon (`app`: its reports read
+    only `app.snapshot()`; they go out through `app.publisher` and `app.link`)."""
 
     def __init__(self, app, interval, limits, system_status=None, versions=None,
                  on_report=None):
@@ -164,16 +155,25 @@ class Health(threading.Thread):
         self._dropped_seen = 0
         self._system = None             # the latest system figures sampled
 
-    def report(self, sample_system=True):
-        """The health payload (DESIGN.md, `health` topic).
+    def report(self, sample_system=True, view=None):
+        """The health payload (DESIGN.md, `health` topic), from the daemon's snapshot
+        (`view`: one taken already, edge.daemon.DaemonView).
 
         `sample_system=False`: the system figures of the latest sampled report (a scrape of
         /metrics must not shorten the CPU sampler's interval or wake jtop)."""
-        app = self.app
+        # The system first: sampling it takes a while, and the daemon (the connection's
+        # state) is read after it, so a report never calls the broker down just after it
+        # connected.
+        system = None if sample_system else self._system
+        if self.system_status is not None and sample_system:
+            try:
+                system = self._system = self.system_status()
+            except Exception:   # a broken sensor must not take health down
+                logger.exception("system status failed")
+        daemon = view or self.app.snapshot()
         now = time.time()
-        pipeline = app.pipeline
-        view = pipeline.snapshot() if pipeline is not None else None
-        source, cameras = camera_reports(view, app.source_display)
+        view = daemon.pipeline
+        source, cameras = camera_reports(view, daemon.source_display)
         tasks = {}
         for task in (view.tasks if view is not None else []):
             summary = dict(task.summary, model=task.model, queue=task.queue,
@@ -185,64 +185,46 @@ class Health(threading.Thread):
         # builds running or failed; engines dropped since (a reload, an LRU eviction) are not.
         engines = {}
         builds = build.states()
-        for task in app.tasks:
-            for engine_label in task.engine_labels():
-                engines[engine_label] = builds.get(engine_label) or {
-                    "state": "ready", "phase": "loaded", "progress": 1.0, "elapsed_s": 0.0,
-                    "error": None, "peak_mb": 0.0}
+        for engine_label in daemon.engines:
+            engines[engine_label] = builds.get(engine_label) or {
+                "state": "ready", "phase": "loaded", "progress": 1.0, "elapsed_s": 0.0,
+                "error": None, "peak_mb": 0.0}
         for label, state in sorted(builds.items()):
             if state["state"] != "ready":
                 engines.setdefault(label, state)
-        # The system first: sampling it takes a while, and the connection's state is read
-        # after it, so a report never calls the broker down just after it connected.
-        system = None if sample_system else self._system
-        if self.system_status is not None and sample_system:
-            try:
-                system = self._system = self.system_status()
-            except Exception:   # a broken sensor must not take health down
-                logger.exception("system status failed")
-        publisher = app.publisher
-        dropped = publisher.dropped if publisher else 0
+        publisher, link = daemon.publisher, daemon.link
         mqtt = None
-        if publisher is not None and app.link is not None:
-            connected = app.link.connected.is_set()
-            mqtt = {"connected": connected,
-                    "queue": publisher.depth, "sent": publisher.sent,
+        if publisher is not None and link is not None:
+            mqtt = {"connected": link.connected,
+                    "queue": publisher.queue, "sent": publisher.sent,
                     "delivered": publisher.delivered, "lost": publisher.lost,
-                    "stalled_s": round(publisher.stalled_s, 1), "dropped": dropped,
-                    "dropped_recent": dropped - self._dropped_seen,
-                    "connects": app.link.connects,
-                    "error": None if connected else app.link.last_error}
-        jsonl = None
-        if publisher is not None and publisher.jsonl is not None:
-            jsonl = {"path": publisher.jsonl.path, "missed": publisher.jsonl_missed,
-                     "error": str(publisher.error) if publisher.error else None}
-        commands = getattr(app, "commands", None)
-        motion = getattr(app, "motion", None)      # edge.motioninput: the `motion` topics
-        report = {"v": 1, "device": app.device, "ts": round(now, 3),
-                  "uptime_s": round(now - app.started, 1), "state": None,
+                    "stalled_s": publisher.stalled_s, "dropped": publisher.dropped,
+                    "dropped_recent": publisher.dropped - self._dropped_seen,
+                    "connects": link.connects, "error": link.error}
+        jsonl = publisher.jsonl if publisher is not None else None
+        report = {"v": 1, "device": daemon.device, "ts": round(now, 3),
+                  "uptime_s": round(now - daemon.started, 1), "state": None,
                   "versions": self.versions, "source": source,
                   **({"cameras": cameras} if cameras else {}), "tasks": tasks,
                   "engines": engines, "mqtt": mqtt, **({"jsonl": jsonl} if jsonl else {}),
-                  "commands": commands.counts() if commands is not None else None,
-                  "motion_topic": motion.counts() if motion is not None else None,
-                  "reload": getattr(app, "last_reload", None), "system": system}
+                  "commands": daemon.commands, "motion_topic": daemon.motion,
+                  "reload": daemon.reload, "system": system}
         # Cameras' errors may quote their URLs (a camera's, FFmpeg's, an exception's text):
         # no password reaches the report, its verdict, `status` or the log.
-        report = _bounded(redacted(report, *_source_uris(app, view)))
+        report = _bounded(redacted(report, *daemon.uris))
         healthy, reasons = verdict(report, self.limits, [
             task.name for task in (view.tasks if view is not None else [])
             if not task.background])
         report["verdict"] = {"healthy": healthy, "reasons": reasons}
         report["state"] = "online" if healthy else "degraded"
-        if healthy and (pipeline is None or pipeline.started is None):
+        if healthy and daemon.starting:
             report["state"] = "starting"     # engines are built or loaded before frames flow
         return report
 
     def publish(self):
         """Publish a fresh report now; returns it."""
         report = self.report()
-        self._dropped_seen = self.app.publisher.dropped if self.app.publisher else 0
+        self._dropped_seen = report["mqtt"]["dropped"] if report["mqtt"] else 0
         healthy = report["verdict"]["healthy"]
         if healthy != self.healthy:
             reasons = report["verdict"]["reasons"]

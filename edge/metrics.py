@@ -55,7 +55,8 @@ def _prometheus():
 
 
 class DaemonCollector:
-    """A prometheus-client collector reading one daemon (`app`) at each scrape."""
+    """A prometheus-client collector reading one daemon (`app`: its snapshot, and its health
+    report of that snapshot) at each scrape."""
 
     def __init__(self, app):
         self.app = app
@@ -64,8 +65,9 @@ class DaemonCollector:
     def collect(self):
         core = self.core
         app = self.app
-        report = app.health.report(sample_system=False)
-        device = [("device", app.device)]
+        view = app.snapshot()
+        report = app.health.report(sample_system=False, view=view)
+        device = [("device", view.device)]
 
         def family(kind, name, help_text, labels=()):
             cls = {"gauge": core.GaugeMetricFamily, "counter": core.CounterMetricFamily,
@@ -74,20 +76,19 @@ class DaemonCollector:
 
         info = family("gauge", "edge_info", "Versions of the device (value 1); an empty "
                       "label is a fact this device does not have.", INFO_LABELS)
-        info.add_metric([app.device] + info_values(report["versions"]), 1)
+        info.add_metric([view.device] + info_values(report["versions"]), 1)
         yield info
         yield _one(family("gauge", "edge_uptime_seconds", "Seconds since the daemon started."),
-                   app.device, report["uptime_s"])
+                   view.device, report["uptime_s"])
         yield _one(family("gauge", "edge_healthy", "1 when the health verdict is healthy."),
-                   app.device, 1 if report["verdict"]["healthy"] else 0)
-        yield from self._source(family, report)
-        yield from self._tasks(family, report)
-        yield from self._engines(family, report)
-        yield from self._outputs(family, report)
-        yield from self._system(family, report)
+                   view.device, 1 if report["verdict"]["healthy"] else 0)
+        yield from self._source(family, view.device, report)
+        yield from self._tasks(family, view)
+        yield from self._engines(family, view.device, report)
+        yield from self._outputs(family, view, report)
+        yield from self._system(family, view.device, report)
 
-    def _source(self, family, report):
-        device = self.app.device
+    def _source(self, family, device, report):
         named = report.get("cameras") or {}
         cameras = sorted(named.items()) if named else [(CAMERA, report["source"])]
         for name, help_text, key in (
@@ -103,8 +104,8 @@ class DaemonCollector:
                 metric.add_metric([device, camera], figures.get(key, 0))
             yield metric
 
-    def _tasks(self, family, report):
-        device = self.app.device
+    def _tasks(self, family, view):
+        device = view.device
         labels = ("task", "model", "camera")
         frames = family("counter", "edge_task_frames", "Frames a task processed.", labels)
         dropped = family("counter", "edge_task_dropped_frames", "Frames a task dropped: it "
@@ -116,10 +117,9 @@ class DaemonCollector:
                        "frame.", labels)
         latency = family("histogram", "edge_frame_latency_seconds", "Capture to message "
                          "queued for publishing, per frame.", labels)
-        pipeline = self.app.pipeline
         from edge.stats import BUCKETS_MS
         bounds = ["{:g}".format(b / _MS) for b in BUCKETS_MS] + ["+Inf"]
-        for task in (pipeline.snapshot().tasks if pipeline else []):
+        for task in (view.pipeline.tasks if view.pipeline is not None else []):
             for lane in task.cameras:
                 values = [device, task.name, task.model, lane.camera or CAMERA]
                 frames.add_metric(values, lane.frames)
@@ -131,8 +131,7 @@ class DaemonCollector:
                     metric.add_metric(values, list(zip(bounds, counts)), total_ms / _MS)
         yield from (frames, dropped, queue, fps, infer, latency)
 
-    def _engines(self, family, report):
-        device = self.app.device
+    def _engines(self, family, device, report):
         state = family("gauge", "edge_engine_state", "1 for the state an engine is in "
                        "(building, ready, failed), 0 for the others.", ("engine", "state"))
         elapsed = family("gauge", "edge_engine_build_seconds", "Seconds the engine's build "
@@ -144,19 +143,19 @@ class DaemonCollector:
         yield state
         yield elapsed
 
-    def _outputs(self, family, report):
-        device = self.app.device
+    def _outputs(self, family, view, report):
+        device = view.device
         mqtt = report["mqtt"]
         if mqtt is not None:
             yield _one(family("gauge", "edge_mqtt_connected", "1 while connected to the "
                               "broker."), device, 1 if mqtt["connected"] else 0)
             yield _one(family("counter", "edge_mqtt_connects", "Connections made to the "
                               "broker (reconnects included)."), device, mqtt["connects"])
-        publisher = self.app.publisher
+        publisher = view.publisher
         if publisher is not None:
             yield _one(family("gauge", "edge_publish_queue_messages", "Messages waiting to "
                               "be published, or handed to MQTT and not yet acknowledged."),
-                       device, publisher.depth)
+                       device, publisher.queue)
             yield _one(family("counter", "edge_publish_dropped_messages", "Messages dropped "
                               "because the publish queue was full (oldest first)."),
                        device, publisher.dropped)
@@ -171,8 +170,7 @@ class DaemonCollector:
                 metric.add_metric([device, outcome], commands[outcome])
             yield metric
 
-    def _system(self, family, report):
-        device = self.app.device
+    def _system(self, family, device, report):
         system = report["system"] or {}
         # Ratios 0..1, Prometheus' convention for a share; the health report keeps percent.
         cpu = family("gauge", "edge_cpu_busy_ratio", "Busy share per CPU core over the latest "

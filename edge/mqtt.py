@@ -4,6 +4,7 @@ paho's network thread runs the socket; our callbacks only set flags and never ra
 exception escaping a callback ends that thread and every later reconnect with it.
 """
 
+import collections
 import json
 import logging
 import os
@@ -422,6 +423,11 @@ def is_last_will(status):
         status.get("reason") == WILL_REASON
 
 
+LinkView = collections.namedtuple("LinkView", "connected connects error")
+LinkView.__doc__ = """The connection for observers: up now, connections made, and the last
+error while down (None while up)."""
+
+
 class MqttLink:
     """A connection to the broker kept up in the background, with status and last will."""
 
@@ -469,6 +475,11 @@ class MqttLink:
         # topics (edge.motioninput), set by the daemon; called in paho's thread
         self.on_motion = None
         self.on_change = None     # callable() when the broker is lost or back (health)
+
+    def snapshot(self):
+        """A LinkView of this moment."""
+        connected = self.connected.is_set()
+        return LinkView(connected, self.connects, None if connected else self.last_error)
 
     def topic(self, suffix):
         return topics.device_topic(self.prefix, self.device, suffix)

@@ -84,6 +84,13 @@ class JsonlSink:
             logger.error("jsonl %s: cannot write (%s)", self.path, e.strerror or e)
 
 
+class PublisherView(collections.namedtuple(
+        "PublisherView", "queue sent delivered lost stalled_s dropped jsonl")):
+    """What the publisher holds and has done, for observers (health, metrics): messages
+    held, sent, delivered, lost, the seconds a stuck queue has waited, results dropped
+    (queue full), and the JSONL file's {path, missed, error} or None without one."""
+
+
 class Publisher(threading.Thread):
     """Bounded hand-off from tasks to the sinks, drained by its own thread."""
 
@@ -200,6 +207,15 @@ class Publisher(threading.Thread):
             if self.link is None or not self._held():
                 return 0.0
             return time.monotonic() - self._progress
+
+    def snapshot(self):
+        """A PublisherView of this moment."""
+        jsonl = None
+        if self.jsonl is not None:
+            jsonl = {"path": self.jsonl.path, "missed": self.jsonl_missed,
+                     "error": str(self.error) if self.error else None}
+        return PublisherView(self.depth, self.sent, self.delivered, self.lost,
+                             round(self.stalled_s, 1), self.dropped, jsonl)
 
     def _watch(self):
         """Restart the stall clock while nothing waits, the broker is away, or a new

@@ -241,6 +241,9 @@ class App:
         self.tasks = task_list
         self.store = store
         self.source_display = "front=..., web=..."
+        self.config = self.commands = self.motion = self.last_reload = None
+
+    snapshot = daemon.Daemon.snapshot
 
     def next_frame(self, timeout=5.0, camera=None):
         return self.pipeline.tap(timeout, camera)

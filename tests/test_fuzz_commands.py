@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from edge import mqtt, schemas
 from edge.commands import Commands
+from edge.daemon import Daemon
 from edge.health import Health
 from edge.publisher import Publisher
 from edge.references import ReferenceStore
@@ -51,7 +52,10 @@ class App:
         self.tasks = []
         self.frame = frame
         self.reloads = 0
+        self.config = self.commands = self.motion = self.last_reload = None
         self.health = Health(self, 10.0, LIMITS)
+
+    snapshot = Daemon.snapshot
 
     def next_frame(self, timeout=5.0):
         return self.frame.copy(), 17

@@ -7,6 +7,9 @@ naming the modules. And no module outside the task registry tests a task's kind 
 
 import ast
 import os
+import subprocess
+import sys
+import textwrap
 
 from tests.conftest import ROOT
 
@@ -117,18 +120,45 @@ def kind_tests(path):
 
 def test_no_module_outside_the_tasks_tests_a_tasks_kind():
     """The daemon, the CLI, doctor, the memory plan, health and the commands ask the task
-    registry (edge.tasks: kinds, kind, card_names and each kind's class attributes) and
-    never a kind by name. The configuration still has the kinds' keys and `match:`
-    section (edge/config.py)."""
-    allowed = {os.path.join(EDGE, "config.py")}
+    registry (edge.tasks: KINDS, kinds, kind, card_names and each kind's class attributes)
+    and never a kind by name; so do the configuration's schema and the parser."""
     found = {}
     for dotted, path in modules().items():
-        if dotted.startswith(("edge.tasks", "edge.families")) or path in allowed:
+        if dotted.startswith(("edge.tasks", "edge.families")):
             continue
         lines = kind_tests(path)
         if lines:
             found[os.path.relpath(path, ROOT)] = lines
     assert not found, "modules that test a task's kind (file: lines): {}".format(found)
+
+
+def test_a_kind_declared_in_the_registry_has_its_config_key_flag_and_section():
+    """Adding a kind is its module and its declaration: the schema and the parser follow."""
+    code = textwrap.dedent("""
+        import sys
+        from edge import tasks
+        from edge.validate import Field
+        tasks.KINDS += (tasks.Kind("count", "counter", "counting card name or path",
+                                   "yolox-nano-count",
+                                   ("count", {"every": Field(int, default=1, min=1)})),)
+        from edge import cli, config
+        args = cli.parser().parse_args(["run", "--counter", "my-card"])
+        cfg = config.load(None, {"counter": args.counter, "count.every": 3})
+        print(cfg["counter"], cfg["count"]["every"], tasks.card_names(cfg))
+        try:
+            config.load(None, {"count.every": 0, "detector": "yolox-nano"})
+        except Exception as e:
+            print(e)
+        try:
+            config.load(None, {})
+        except Exception as e:
+            print(e)
+        """)
+    out = subprocess.check_output([sys.executable, "-c", code], cwd=ROOT,
+                                  universal_newlines=True).splitlines()
+    assert out[0] == "my-card 3 ['my-card']"
+    assert "count.every" in out[1]
+    assert "counter (e.g. yolox-nano-count)" in out[2]
 
 
 def test_the_kind_check_finds_a_kind_test(tmp_path):
@@ -156,3 +186,32 @@ def test_observers_read_snapshots_not_the_pipelines_insides():
     found = {name: internals_read(os.path.join(EDGE, name)) for name in OBSERVERS}
     assert not any(found.values()), "health/metrics read the pipeline's insides: {}".format(
         found)
+
+
+# What health and metrics may use of the daemon they observe: its snapshot (edge.daemon
+# DaemonView), its health report (metrics), and the outputs health's report goes to.
+DAEMON_USES = {"health.py": {"snapshot", "link", "publisher"},
+               "metrics.py": {"snapshot", "health"}}
+
+
+def daemon_reads(path):
+    """{attribute: [lines]} of what a module reads of `app` or `self.app`."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value
+        if (isinstance(owner, ast.Name) and owner.id == "app") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "app"):
+            found.setdefault(node.attr, []).append(node.lineno)
+    return found
+
+
+def test_observers_read_the_daemons_snapshot_not_its_parts():
+    for name, allowed in DAEMON_USES.items():
+        reads = daemon_reads(os.path.join(EDGE, name))
+        assert "snapshot" in reads, name
+        extra = {attr: lines for attr, lines in reads.items() if attr not in allowed}
+        assert not extra, "{} reads the daemon's parts: {}".format(name, extra)

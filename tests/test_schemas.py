@@ -24,6 +24,7 @@ import edge
 from edge import mqtt, schemas, system
 from edge.backends import select
 from edge.commands import Commands
+from edge.daemon import Daemon
 from edge.health import Health
 from edge.publisher import Publisher
 from edge.references import ReferenceStore
@@ -326,6 +327,9 @@ class App:
         self.tasks = []
         self.frame = frame
         self.reloads = 0
+        self.config = self.commands = self.motion = self.last_reload = None
+
+    snapshot = Daemon.snapshot      # what Health and metrics read: the daemon's own view
 
     def next_frame(self, timeout=5.0):
         return None if self.frame is None else (self.frame.copy(), 41)

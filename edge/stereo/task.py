@@ -23,7 +23,8 @@ from edge.stereo import calibration as calibrations
 from edge.stereo import conversion as depths
 from edge.stereo import disparity
 from edge.errors import ConfigError, SourceError
-from edge.tasks import Task, register
+from edge.tasks import register
+from edge.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ then tracking (track ids, zones, lines, events) per camera."""
 import numpy as np
 
 from edge.families.yolo import DETECTIONS
-from edge.tasks import Side, Task, register
+from edge.tasks import Side, register
+from edge.tasks.base import Task
 from edge.tracking import EVENT_QOS, EVENT_TOPIC
 from edge.validate import Field
 
@@ -50,7 +51,6 @@ class DetectTask(Task):
 
     name = "detect"
     topic = "detections"
-    config_key = "detector"
     can_batch = True
     samples = ("coco-000000000036.jpg", None)
     thresholds = {

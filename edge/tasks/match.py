@@ -14,7 +14,8 @@ import numpy as np
 from edge import nodes
 from edge.errors import SourceError
 from edge.families.loftr import MATCHES, STRIDE
-from edge.tasks import Task, register
+from edge.tasks import register
+from edge.tasks.base import Task
 from edge.validate import Field
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,6 @@ class MatchTask(Task):
 
     name = "match"
     topic = "matches"
-    config_key = "matcher"
     background = True
     references = True
     frame_copies = 2             # the frame and the reference
