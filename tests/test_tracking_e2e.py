@@ -143,5 +143,13 @@ sources:
     assert all("camera_motion" in m for m in sub.json("detections/front"))
     assert sum(1 for m in sub.json("detections/front") if m["camera_motion"]) >= 40
     assert not any("camera_motion" in m for m in sub.json("detections/rear"))
-    motion = sub.json("health")[-1]["tasks"]["detect"]["tracking"]["motion"]
+    tracking = sub.json("health")[-1]["tasks"]["detect"]["tracking"]
+    motion = tracking["motion"]
     assert motion["front"]["mode"] == "auto" and motion["rear"]["mode"] == "off", motion
+    # health says which camera's zone: each camera its own, counted from its own events
+    cameras = tracking["cameras"]
+    assert set(cameras["front"]["zones"]) == {"left"}, cameras
+    assert set(cameras["rear"]["zones"]) == {"everywhere"}, cameras
+    for camera, zone in (("front", "left"), ("rear", "everywhere")):
+        entered = sum(1 for e in sub.json("events/" + camera) if e["type"] == "zone_enter")
+        assert cameras[camera]["zones"][zone]["entered"] == entered > 0, cameras

@@ -177,17 +177,18 @@ class DetectTask(Task):
                 for i, row in enumerate(kept[:published])], events
 
     def health(self):
-        """Tracking figures for the health report: tracks, counts per zone and line, camera
-        motion per camera."""
+        """Tracking figures for the health report: tracks, counts per zone and line (over
+        every camera by name, and per camera), camera motion per camera."""
         if self.track is None:
             return {}
         summaries = [t.summary() for t in self.trackers.values()]
         tracks = {"tracks": sum(s["tracks"] for s in summaries),
                   "started": sum(s["started"] for s in summaries), "zones": {}, "lines": {},
-                  "motion": {}}
+                  "cameras": {}, "motion": {}}
         for tracking, summary in zip(self.trackers.values(), summaries):
             if tracking.tracker.frame is not None:      # cameras that sent a frame
                 tracks["motion"].update(summary["motion"])
+                tracks["cameras"].update(summary["cameras"])
             for kind in ("zones", "lines"):
                 for name, counts in summary[kind].items():
                     total = tracks[kind].setdefault(name, dict.fromkeys(counts, 0))

@@ -169,11 +169,12 @@ class CameraTracking:
         return None if motion is None else describe(motion, width, height)
 
     def summary(self):
-        """For health: tracks now, tracks started, counts per zone and line, the camera's
-        motion compensation (under its name; the one unnamed camera is `source`, as in the
-        report)."""
+        """For health: tracks now, tracks started, counts per zone and line, and under the
+        camera's name (the one unnamed camera is `source`, as in the report) the same counts
+        and its motion compensation."""
         zones, lines = self.regions.summary()
+        name = "source" if self.camera is None else self.camera
         return {"tracks": int(self.tracker.active().size),
                 "started": self.tracker.started_total, "zones": zones, "lines": lines,
-                "motion": {"source" if self.camera is None else self.camera:
-                           self.motion.summary()}}
+                "cameras": {name: {"zones": zones, "lines": lines}},
+                "motion": {name: self.motion.summary()}}
