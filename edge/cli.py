@@ -252,7 +252,8 @@ def parser():
     run.add_argument("--metrics-port", type=int, metavar="PORT",
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (metrics.port)")
     run.add_argument("--web-port", type=int, metavar="PORT",
-                     help="serve the web API on 127.0.0.1:PORT (web.port; docs/web.md)")
+                     help="serve the live page and its API on 127.0.0.1:PORT (web.port; "
+                          "docs/web.md)")
     run.add_argument("--model-dir", help="folder of model files")
     run.add_argument("--mirror", help="local folder to fetch models from (or EDGE_MODEL_MIRROR)")
     run.set_defaults(func=_run)

@@ -544,6 +544,13 @@ SPEC = {
         "timeout": Field(float, default=10.0, min=0.5, max=600.0,
                          help="seconds a client may take to send its request or read a "
                               "reply; then the connection is closed"),
+        "max_viewers": Field(int, default=4, min=0, max=64,
+                             help="live pictures (MJPEG streams) served at once, all cameras "
+                                  "together, beside max_clients; more are refused with 503 "
+                                  "(and counted); 0: no live picture"),
+        "max_fps": Field(float, default=15.0, min=0.2, max=30.0,
+                         help="the highest rate a viewer may ask of a live picture (?fps=); "
+                              "the page asks 5"),
     },
     "pipeline": {
         "pool": Field(int, default=6, min=3, max=64,

@@ -288,15 +288,21 @@ class Pipeline:
         request = {"event": threading.Event(), "image": None, "index": None, "camera": name}
         self._taps.append(request)
         if not request["event"].wait(timeout):
-            if request in self._taps:
+            try:
                 self._taps.remove(request)
-            return None
+            except ValueError:      # the capture thread took it as it expired: served
+                pass
+            if not request["event"].is_set():
+                return None
         return request["image"], request["index"]
 
     def _serve_taps(self, camera, frame):
         taps = [r for r in self._taps if r["camera"] == camera.name]
         for request in taps:
-            self._taps.remove(request)
+            try:
+                self._taps.remove(request)
+            except ValueError:      # it expired meanwhile: its asker has gone
+                continue
             request["image"] = frame.image.copy()
             request["index"] = frame.index
             request["event"].set()

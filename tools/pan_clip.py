@@ -56,20 +56,35 @@ def windows(canvas_width, canvas_height, frames, size=(640, 480)):
         yield x, y, w, h
 
 
-def make(path, images=None, frames=90, size=(640, 480), fps=15):
-    """Write the clip; returns the number of frames written."""
+def pictures(images=None, frames=90, size=(640, 480)):
+    """The clip's frames (BGR arrays of `size`), one by one."""
     canvas = panorama(images or IMAGES)
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    if not writer.isOpened():
-        raise SystemExit("pan_clip: OpenCV cannot write {}".format(path))
     for x, y, w, h in windows(canvas.shape[1], canvas.shape[0], frames, size):
         # an affine warp keeps the sub-pixel position: an integer crop would jerk the motion
         scale = size[0] / w
         matrix = np.float32([[scale, 0, -x * scale], [0, scale, -y * scale]])
-        writer.write(cv2.warpAffine(canvas, matrix, size, flags=cv2.INTER_LINEAR,
-                                    borderMode=cv2.BORDER_REPLICATE))
+        yield cv2.warpAffine(canvas, matrix, size, flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+
+
+def make(path, images=None, frames=90, size=(640, 480), fps=15):
+    """Write the clip; returns the number of frames written."""
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    if not writer.isOpened():
+        raise SystemExit("pan_clip: OpenCV cannot write {}".format(path))
+    for picture in pictures(images, frames, size):
+        writer.write(picture)
     writer.release()
     return frames
+
+
+def write_folder(folder, images=None, frames=90, size=(640, 480)):
+    """Write the clip's frames as numbered JPEGs into `folder` (a looping `images://`
+    source); returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    for i, picture in enumerate(pictures(images, frames, size)):
+        cv2.imwrite(os.path.join(folder, "{:03d}.jpg".format(i)), picture)
+    return folder
 
 
 if __name__ == "__main__":

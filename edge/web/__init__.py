@@ -1,14 +1,18 @@
-"""The web port (`edge run --web-port PORT`, config `web`): an HTTP API to list the cameras and
-to read and replace each camera's zones and lines while the daemon runs (docs/web.md).
+"""The web port (`edge run --web-port PORT`, config `web`): the live page (each camera's
+picture with its detections, zones and lines, the device's health, a zone and line editor)
+and the HTTP API under it, to list the cameras and to read and replace each camera's zones
+and lines while the daemon runs (docs/web.md).
 
 Its own daemon threads serve it ("web" accepts, "web-client" per connection, at most
-web.max_clients at once): a request reads the pipeline's snapshot and hands new zones over to
+web.max_clients at once; a live picture gives its client slot back and counts against
+web.max_viewers instead): a request reads the pipeline's snapshot and hands new zones over to
 the tracker, which takes them at its next frame, so no client ever holds up a frame.
 Nothing is imported unless web.port is set.
 
-Layout for what comes next: routes are `Route`s (edge.web.server) built in edge.web.api; the
-live page's assets and its MJPEG stream add routes of their own (a fixed table of asset
-names, never a path from the request mapped onto the disk).
+Modules: edge.web.server (the bounded server, tokens, JSON), edge.web.api (the routes),
+edge.web.page (the page's files: a fixed table of names, never a path from the request
+mapped onto the disk), edge.web.stream (the live pictures: MJPEG, encoded only while
+watched).
 """
 
 import logging
@@ -47,8 +51,10 @@ class WebServer:
     def __init__(self, app, web):
         from edge.web.api import Api
         from edge.web.server import BoundedServer
+        from edge.web.stream import Streams
         token = read_token(web)
-        self.api = Api(app, lambda: self.server.figures())
+        self.streams = Streams(app, web["max_viewers"], web["max_fps"])
+        self.api = Api(app, lambda: self.server.figures(), self.streams)
         try:
             self.server = BoundedServer((web["bind"], web["port"]), self.api.routes(), token,
                                         web["max_clients"], web["timeout"])
@@ -62,12 +68,13 @@ class WebServer:
 
     def start(self):
         self.thread.start()
-        logger.info("web API on http://%s/api/cameras%s", self.address,
+        logger.info("web: the live page on http://%s/%s", self.address,
                     "" if self.server.token is None else " (token required)")
         return self
 
     def stop(self):
         """Stop serving at once: connections still open are cut, not waited for."""
+        self.streams.stop()
         if self.thread.is_alive():      # shutdown() waits for serve_forever, if it ever ran
             self.server.shutdown()
         self.server.server_close()

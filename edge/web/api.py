@@ -7,26 +7,31 @@ A camera is named in URLs as in the configuration; the one unnamed camera (`sour
 `camera front: zones[0].points: must be ...`.
 """
 
+import importlib.util
 import os
 import threading
+from urllib.parse import unquote
 
 from edge import config as configuration
 from edge import validate
 from edge.errors import ConfigError
 from edge.files import atomic_write
+from edge.web import page
 from edge.web.server import ApiError, Route
 
 KINDS = {"zones": configuration.TRACK_ZONES, "lines": configuration.TRACK_LINES}
 NAME = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+ITEM = r"([^/]{1,200})"      # a zone's or line's name, percent-encoded
 
 
 class Api:
     """The routes of one daemon (`app`: edge.daemon.Daemon, read at each request: a reload
     replaces its pipeline and tasks)."""
 
-    def __init__(self, app, server_figures):
+    def __init__(self, app, server_figures, streams=None):
         self.app = app
         self.server_figures = server_figures      # () -> the server's counts
+        self.streams = streams                    # edge.web.stream.Streams: live pictures
         # one change at a time: read, check, save, hand over (two PUTs never interleave)
         self.lock = threading.Lock()
 
@@ -35,8 +40,13 @@ class Api:
             Route(r"/api/cameras", GET=self.cameras),
             Route(r"/api/cameras/{}/(zones|lines)".format(NAME), GET=self.get_regions,
                   PUT=self.put_regions),
+            Route(r"/api/cameras/{}/(zones|lines)/{}".format(NAME, ITEM),
+                  DELETE=self.delete_region),
+            Route(r"/api/cameras/{}/labels".format(NAME), GET=self.labels),
+            Route(r"/api/cameras/{}/stream".format(NAME), GET=self.stream),
+            Route(r"/api/health", GET=self.health),
             Route(r"/api/server", GET=self.server),
-        ]
+        ] + page.routes()
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -90,28 +100,80 @@ class Api:
         """PUT /api/cameras/{name}/zones|lines: check, save, then hand over to the tracker
         (from its next frame); 200 with the items as used (defaults filled in)."""
         camera = self._camera(name)
-        body = request.read_json()
+        request.reply(200, self._replace(name, camera, kind, request.read_json()))
+
+    def delete_region(self, request, name, kind, item):
+        """DELETE /api/cameras/{name}/zones|lines/{item}: the list without that one, as a
+        PUT of it would; 200 with the list left."""
+        camera = self._camera(name)
+        item = unquote(item)
+        with self.lock:
+            items = self._editors(camera)[0].regions(camera)[kind]
+            kept = [dict(i) for i in items if i["name"] != item]
+            if len(kept) == len(items):
+                raise ApiError(404, "camera {} has no {} named {!r}; its {}: {}".format(
+                    name, kind[:-1], item[:64], kind,
+                    ", ".join(i["name"] for i in items) or "none"))
+            request.reply(200, self._replace(name, camera, kind, kept, locked=True))
+
+    def _replace(self, name, camera, kind, body, locked=False):
         where = "camera {}".format(name)
         try:
             items = validate.check({kind: body}, {kind: KINDS[kind]}, where)[kind]
         except ConfigError as e:
             raise ApiError(400, str(e))
+        if locked:
+            return self._hand_over(name, camera, kind, items, where)
         with self.lock:
-            editors = self._editors(camera)
-            try:
-                # every editor checks the labels before anything is saved or changed
-                for task in editors:
-                    task.check_regions(camera, **{kind: items}, where=where)
-            except ConfigError as e:
-                raise ApiError(400, str(e))
-            self._save(name, kind, items)
+            return self._hand_over(name, camera, kind, items, where)
+
+    def _hand_over(self, name, camera, kind, items, where):
+        editors = self._editors(camera)
+        try:
+            # every editor checks the labels before anything is saved or changed
             for task in editors:
-                task.replace_regions(camera, **{kind: items}, where=where)
-        request.reply(200, items)
+                task.check_regions(camera, **{kind: items}, where=where)
+        except ConfigError as e:
+            raise ApiError(400, str(e))
+        self._save(name, kind, items)
+        for task in editors:
+            task.replace_regions(camera, **{kind: items}, where=where)
+        return items
+
+    def labels(self, request, name):
+        """GET /api/cameras/{name}/labels: the labels its zones and lines may name."""
+        camera = self._camera(name)
+        card = getattr(self._editors(camera)[0], "card", None)
+        request.reply(200, {"labels": list(getattr(card, "labels", None) or [])})
+
+    def stream(self, request, name):
+        """GET /api/cameras/{name}/stream?fps=N: the live picture with its overlays (MJPEG)
+        until the viewer leaves; 503 past web.max_viewers."""
+        camera = self._camera(name)
+        if self.streams is None or self.streams.max_viewers == 0:
+            raise ApiError(404, "no live picture: web.max_viewers is 0; set it above 0 to watch")
+        fps = self.streams.rate(request.query_value("fps"))
+        if importlib.util.find_spec("cv2") is None:     # the encoder's
+            raise ApiError(501, "the live picture needs OpenCV for Python (on a Jetson: "
+                                "sudo apt-get install python3-opencv; elsewhere: pip install "
+                                "opencv-python-headless)")
+        self.streams.serve(request, camera, name, fps)
+
+    def health(self, request):
+        """GET /api/health: the daemon's health report, as on its `health` topic."""
+        health = self.app.health
+        if health is None:
+            raise ApiError(503, "the daemon is starting; try again in a moment",
+                           {"Retry-After": "1"})
+        request.reply(200, health.report(sample_system=False))
 
     def server(self, request):
-        """GET /api/server: the web server's own counts (clients, refused, timeouts)."""
-        request.reply(200, self.server_figures())
+        """GET /api/server: the web server's own counts (clients, refused, timeouts), and
+        the live pictures' (`streams`)."""
+        figures = self.server_figures()
+        if self.streams is not None:
+            figures["streams"] = self.streams.figures()
+        request.reply(200, figures)
 
     def _save(self, name, kind, items):
         path = configuration.saved_regions_path(self.app.config)

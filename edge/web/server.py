@@ -144,15 +144,25 @@ class Handler(BaseHTTPRequestHandler):
     def reply(self, status, doc, headers=None):
         """Answer with a JSON document (one line)."""
         body = (json.dumps(doc, allow_nan=False) + "\n").encode("utf-8")
+        self.send_body(status, "application/json", body, headers)
+
+    def send_body(self, status, content_type, body, headers=None):
+        """Answer with these bytes."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def query_value(self, name):
+        """The last value of a query parameter, None when absent."""
+        values = parse_qs(self.query).get(name)
+        return values[-1] if values else None
 
     def send_error(self, code, message=None, explain=None):
         """The base class's own errors (a bad request line, too many headers, an unknown
@@ -179,6 +189,9 @@ class BoundedServer(ThreadPerClientServer):
 
     def __init__(self, address, routes, token=None, max_clients=8, client_timeout=10.0):
         self.routes = routes
+        # connections handed over from a client slot to a long-lived stream (detach): they
+        # hold a viewer's place (edge.web.stream), not one of the max_clients slots
+        self.viewers = set()
         self.token = token              # bytes, or None: no token asked (loopback only)
         self.max_clients = max_clients
         self.client_timeout = client_timeout
@@ -198,6 +211,35 @@ class BoundedServer(ThreadPerClientServer):
         with self.clients_lock:
             counts.update(clients=len(self.clients), max_clients=self.max_clients)
         return counts
+
+    def detach(self, request):
+        """Hand a connection from its client slot over to a stream: the slot is free for
+        the next request while the stream goes on, on the same thread."""
+        with self.clients_lock:
+            if request not in self.clients:
+                return
+            self.clients.discard(request)
+            self.viewers.add(request)
+        self.slots.release()
+
+    def _served(self, request):
+        with self.clients_lock:
+            detached = request in self.viewers
+            self.viewers.discard(request)
+            self.clients.discard(request)
+        self.shutdown_request(request)
+        if not detached:            # a stream's connection gave its slot back already
+            self.slots.release()
+
+    def cut_clients(self):
+        """End the connections still open, streams too; their threads then end at once."""
+        ThreadPerClientServer.cut_clients(self)
+        with self.clients_lock:
+            for request in self.viewers:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def take_slot(self, request):
         if self.slots.acquire(blocking=False):
