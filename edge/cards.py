@@ -1,5 +1,6 @@
 """Model cards: the YAML files in engines/ that say what a model is and how to feed it."""
 
+import copy
 import os
 import re
 import sys
@@ -68,7 +69,15 @@ SPEC = {
     "thresholds": Field(dict, default={}),
     "candidates": Field(int, default=200, min=1, max=3840,
                         help="boxes the graph returns, best first (TensorRT TopK allows 3840)"),
-    "precision": Field(str, default="fp16", choices=("fp16", "fp32")),
+    "precision": Field(str, default="fp16", choices=("fp16", "fp32"),
+                       help="on a GPU, with engine.precision auto"),
+    "calibration": {
+        "images": Field(str, default=None, nullable=True,
+                        help="folder of images (relative to the card) that engine.precision "
+                             "int8 calibrates on when `edge calibrate` was not run"),
+        "count": Field(int, default=120, min=1, max=100000,
+                       help="calibration frames made from them"),
+    },
 }
 
 class Card:
@@ -85,7 +94,20 @@ class Card:
         self.thresholds = data["thresholds"]
         self.candidates = data["candidates"]
         self.precision = data["precision"]
+        self.calibration = dict(data["calibration"])
+        if self.calibration["images"]:
+            self.calibration["images"] = os.path.join(os.path.dirname(path),
+                                                      self.calibration["images"])
+        self.calibrated = None      # the calibrated QDQ graph's path, at precision int8
         self.labels = load_labels(data["labels"], path)
+
+    def at_precision(self, precision):
+        """A copy of this card whose engines are built at `precision` (edge.precision); the
+        precision is part of its data, so of every engine's key."""
+        made = copy.copy(self)
+        made.data = dict(self.data, precision=precision)
+        made.precision = precision
+        return made
 
     @property
     def input_size(self):

@@ -27,6 +27,7 @@ def _run(args):
         "model_dir": args.model_dir, "reference": args.reference, "state_dir": args.state_dir,
         "stereo.calib": args.calib,
         "metrics.port": args.metrics_port, "web.port": args.web_port,
+        "engine.precision": args.precision,
     }
     overrides.update((k.config_key, getattr(args, k.config_key)) for k in tasks.KINDS)
     cfg = config.load(args.config, overrides)
@@ -72,7 +73,7 @@ def _build(args):
     from edge import cameras, engines
     overrides = {"source": args.source, "backend": args.backend, "model_dir": args.model_dir,
                  "model_mirror": args.mirror, "reference": args.reference,
-                 "state_dir": args.state_dir}
+                 "state_dir": args.state_dir, "engine.precision": args.precision}
     cfg = _beside_the_service(args.config, overrides)
     names = args.cards or tasks.card_names(cfg)
     if not names:
@@ -85,6 +86,24 @@ def _build(args):
         found = engines.export_onnx(cfg, names, sizes, args.export_onnx, args.tensorrt)
         return EXIT_FAILURE if found else EXIT_OK
     engines.build_all(cfg, names, sizes)
+    return EXIT_OK
+
+
+def _calibrate(args):
+    """`edge calibrate`: the card's network calibrated into its INT8 graph beside the
+    engines, where engine.precision int8 takes it (edge.precision)."""
+    from edge import precision
+    overrides = {"model_dir": args.model_dir, "model_mirror": args.mirror,
+                 "state_dir": args.state_dir}
+    cfg = _beside_the_service(args.config, overrides)
+    made = precision.calibrate(
+        cfg, args.card, args.images, args.count,
+        progress=lambda stage, fraction=None: print("calibrating {}: {}{}".format(
+            args.card, stage, "" if fraction is None else " {:.0%}".format(fraction)),
+            file=sys.stderr, flush=True))
+    print("{}: calibrated on {} frames from {} images in {:.1f} s, written to {} "
+          "(engine.precision int8 uses it)".format(args.card, made["frames"], made["images"],
+                                                   made["seconds"], made["path"]))
     return EXIT_OK
 
 
@@ -132,6 +151,13 @@ def _listen(args):
                          credentials=_credentials(args))
 
 
+def _precision_flag(command):
+    command.add_argument("--precision", choices=("auto", "fp16", "fp32", "int8"),
+                         help="engine precision (engine.precision): auto is the card's "
+                              "(fp16) on a GPU, fp32 on the CPU; int8 needs `edge "
+                              "calibrate` or the card's calibration images")
+
+
 def _broker_flags(command):
     """--mqtt, --prefix and the credential flags of the commands that are broker clients."""
     command.add_argument("--mqtt", default="mqtt://localhost:1883", help="broker URL")
@@ -156,7 +182,8 @@ def _bench(args):
     from edge import cameras, config
     from edge.bench import main as bench
     overrides = {"backend": args.backend, "model_dir": args.model_dir,
-                 "model_mirror": args.mirror, "state_dir": args.state_dir}
+                 "model_mirror": args.mirror, "state_dir": args.state_dir,
+                 "engine.precision": args.precision}
     cfg = config.load(args.config, overrides, require_task=False)
     if args.cameras is not None and args.cameras < 2:
         from edge.errors import ConfigError
@@ -248,6 +275,7 @@ def parser():
     run.add_argument("--jsonl", help="also append every message to this file")
     run.add_argument("--device-id", help="device name in topics (default: host name)")
     run.add_argument("--backend", choices=("auto", "trt", "ort"))
+    _precision_flag(run)
     run.add_argument("--max-frames", type=int, help="stop after N frames")
     run.add_argument("--metrics-port", type=int, metavar="PORT",
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (metrics.port)")
@@ -269,6 +297,7 @@ def parser():
     bld.add_argument("--source", help="source URI to learn the frame size from")
     bld.add_argument("--reference", help="reference image for matcher engines (not stored)")
     bld.add_argument("--backend", choices=("auto", "trt", "ort"))
+    _precision_flag(bld)
     bld.add_argument("--model-dir", help="folder of model files")
     bld.add_argument("--mirror", help="local folder to fetch models from")
     bld.add_argument("--state-dir", help="folder for references and engines")
@@ -338,6 +367,7 @@ def parser():
     bn.add_argument("--plot", help="draw throughput and latency into this PNG")
     bn.add_argument("-c", "--config", help="YAML config file")
     bn.add_argument("--backend", choices=("auto", "trt", "ort"))
+    _precision_flag(bn)
     bn.add_argument("--model-dir", help="folder of model files")
     bn.add_argument("--mirror", help="local folder to fetch models from")
     bn.add_argument("--state-dir", help="folder for engines")
@@ -370,6 +400,22 @@ def parser():
     dp.add_argument("--backend", choices=("auto", "trt", "ort"))
     dp.add_argument("--state-dir", help="folder for engines")
     dp.set_defaults(func=_depth)
+
+    cb = sub.add_parser("calibrate", help="calibrate a card's network for engine.precision "
+                                          "int8 on your images (docs/int8.md)")
+    cb.add_argument("card", metavar="CARD", help="detection card (e.g. yolox-nano)")
+    cb.add_argument("--images", required=True, metavar="DIR",
+                    help="folder of images like your camera's (a few hundred frames of it "
+                         "are best)")
+    cb.add_argument("--count", type=int, default=120, metavar="N",
+                    help="calibration frames made from them (default 120)")
+    cb.add_argument("-c", "--config", help="YAML config file (default: {} when it exists, "
+                                           "with the service's folders)".format(
+                                               installed.CONFIG))
+    cb.add_argument("--model-dir", help="folder of model files")
+    cb.add_argument("--mirror", help="local folder to fetch models from")
+    cb.add_argument("--state-dir", help="folder for engines (the graph is written there)")
+    cb.set_defaults(func=_calibrate)
 
     dr = sub.add_parser("doctor", help="check this device: versions, engines, outputs, latency")
     dr.add_argument("cards", nargs="*", metavar="CARD",

@@ -5,7 +5,7 @@ import copy
 import os
 import re
 
-from edge import imagefiles, tasks, topics, validate
+from edge import imagefiles, precision, tasks, topics, validate
 from edge.errors import ConfigError
 from edge.validate import Field
 
@@ -429,6 +429,10 @@ SPEC = {
                                  "runs stops it"),
         "workspace_mb": Field(int, default=256, min=0, max=1 << 20,
                               help="TensorRT builder workspace"),
+        "precision": Field(str, default="auto", choices=precision.CHOICES,
+                           help="auto: the card's (fp16) on a GPU, fp32 on the CPU; int8: "
+                                "the card's calibrated graph (edge calibrate), refused on a "
+                                "GPU without fast INT8 (the Jetson Nano)"),
         "tactic_sources": Field(str, default="auto", check=_tactic_sources,
                                 help="TensorRT tactic sources: auto (a Jetson: TensorRT's own "
                                      "kernels, no cuBLAS/cuDNN; elsewhere TensorRT's "

@@ -31,7 +31,7 @@ def engine_maker(config):
     engine = config["engine"]
     return EngineMaker(backend, EngineCache(engine["dir"], engine["cache_mb"]),
                        engine["budget_mb"] * 2 ** 20, engine["build_timeout"],
-                       engine["reserve_mb"] * 2 ** 20)
+                       engine["reserve_mb"] * 2 ** 20, engine["precision"])
 
 
 def reference_store(config):
@@ -107,7 +107,7 @@ class DaemonView(collections.namedtuple("DaemonView", (
     """The daemon for observers (health, metrics), read in one go: its device name and start
     time; the pipeline's view (edge.pipeline.PipelineView, None while engines are prepared)
     and whether frames flow yet (`starting`); the publisher's and the broker link's views
-    (None without them); the labels of the engines its tasks hold; the counts of the
+    (None without them); the engines its tasks hold, (label, precision); the counts of the
     commands and `motion` topics (None without MQTT); the latest reload; the sources as
     shown, and every source URI configured or running (what redaction hides)."""
 
@@ -166,7 +166,7 @@ class Daemon:
             self.device, self.started, view, pipeline is None or pipeline.started is None,
             self.publisher.snapshot() if self.publisher is not None else None,
             self.link.snapshot() if self.link is not None else None,
-            [label for task in self.tasks for label in task.engine_labels()],
+            [(label, task.precision) for task in self.tasks for label in task.engine_labels()],
             self.commands.counts() if self.commands is not None else None,
             self.motion.counts() if self.motion is not None else None,
             self.last_reload, self.source_display, uris)

@@ -211,7 +211,7 @@ def doctor(cfg, names, write_reference=False, out=print):
         if want is None:
             ok, detail = False, "no reference to compare with"
         else:
-            ok, detail = task.compare(card, got, want)
+            ok, detail = task.compare(task.card, got, want)   # its precision's tolerance
         latencies.sort()
         out("{:<14} {}  {} vs {}; latency p50 {:.1f} ms, p95 {:.1f} ms".format(
             card.name, "ok  " if ok else "FAIL", detail, against,

@@ -63,13 +63,17 @@ def export_onnx(cfg, names, sizes, folder, version, out=print):
     share the engine), checked against what its ONNX parser imports. Nothing is built: the
     files are for polygraphy/trtexec, and for CI. Returns the problems found (a line each)."""
     import onnx
-    from edge import cards, daemon, graph, models, tasks
+    from edge import cards, daemon, families, graph, models, precision, tasks
     from edge.backends import trt, trtcheck
     from edge.errors import ConfigError
     version = version or installed_tensorrt() or "8.2"
     reason = trt.check_version(version)
     if reason:
         raise ConfigError("--tensorrt {}: {}".format(version, reason))
+    int8 = cfg["engine"]["precision"] == "int8"
+    if int8 and precision.tensorrt_int8_problem(version):
+        raise ConfigError("--precision int8 --tensorrt {}: {}; export for 8.5 or newer".format(
+            version, precision.tensorrt_int8_problem(version)))
     dtype = trt.frame_dtype_for(version)
     release = trt.parse_version(version)[:2]
     os.makedirs(folder, exist_ok=True)
@@ -78,7 +82,14 @@ def export_onnx(cfg, names, sizes, folder, version, out=print):
     for name in names:
         card = cards.load(name)
         kind = tasks.kind(card.task)
-        model = models.load_onnx(models.ensure(card, cfg["model_dir"], cfg["model_mirror"]), card)
+        source = models.ensure(card, cfg["model_dir"], cfg["model_mirror"])
+        quantized = int8 and not families.get(card.family).int8_problem
+        if int8 and not quantized:
+            out("{}: {}; exported as it is".format(card.name,
+                                                   families.get(card.family).int8_problem))
+        if quantized:       # its calibrated QDQ graph (edge.precision), made where missing
+            source = precision.ensure_calibrated(card, cfg["engine"]["dir"], lambda: source)
+        model = models.load_onnx(source, card)
         for (width, height), count in sorted(sizes.items()):
             sizes_ref = kind.reference_sizes(store, width, height)
             # batched as the daemon on TensorRT would (pipeline.batch: auto or always)
@@ -86,7 +97,8 @@ def export_onnx(cfg, names, sizes, folder, version, out=print):
                 kind.can_batch and not graph.batch_problem(model, card) else None
             for size in sizes_ref:
                 label = tasks.engine_label(card.name, width, height, size, batch)
-                path = os.path.join(folder, "{}-{}.onnx".format(label, dtype))
+                path = os.path.join(folder, "{}{}-{}.onnx".format(
+                    label, "-int8" if quantized else "", dtype))
                 rewritten = graph.rewrite(model, card, width, height, size, dtype,
                                           batched=batch is not None)
                 onnx.save(rewritten, path)

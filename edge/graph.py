@@ -135,7 +135,8 @@ _PER_IMAGE = frozenset((
     "Floor", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "Greater",
     "GreaterOrEqual", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization",
     "LRN", "LeakyRelu", "Less", "LessOrEqual", "Log", "LpPool", "Max", "MaxPool", "Mean",
-    "Min", "Mish", "Mul", "Neg", "Not", "Or", "PRelu", "Pow", "Reciprocal", "Relu", "Round",
+    "Min", "Mish", "Mul", "Neg", "Not", "Or", "PRelu", "Pow", "QuantizeLinear",
+    "DequantizeLinear", "Reciprocal", "Relu", "Round",
     "Selu", "Sigmoid", "Sign", "Sin", "Softplus", "Softsign", "SpaceToDepth", "Sqrt", "Sub",
     "Sum", "Tanh", "ThresholdedRelu", "Where", "Xor"))
 # operator -> (attribute, default): work along one axis, per image unless it is axis 0

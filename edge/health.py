@@ -185,10 +185,12 @@ class Health(threading.Thread):
         # builds running or failed; engines dropped since (a reload, an LRU eviction) are not.
         engines = {}
         builds = build.states()
-        for engine_label in daemon.engines:
-            engines[engine_label] = builds.get(engine_label) or {
+        for engine_label, precision in daemon.engines:
+            engines[engine_label] = dict(builds.get(engine_label) or {
                 "state": "ready", "phase": "loaded", "progress": 1.0, "elapsed_s": 0.0,
-                "error": None, "peak_mb": 0.0}
+                "error": None, "peak_mb": 0.0})
+            if precision:
+                engines[engine_label]["precision"] = precision
         for label, state in sorted(builds.items()):
             if state["state"] != "ready":
                 engines.setdefault(label, state)

@@ -41,9 +41,10 @@ def load_onnx(path, card):
         model = onnx.load(path)
         onnx.checker.check_model(model)
     except Exception as e:  # onnx raises DecodeError, ValidationError and others
+        remake = "calibrate" if card.calibrated else "models fetch"
         raise ModelError("model {} ({}): not a valid ONNX file: {}; delete it and run `edge "
-                         "models fetch {}`".format(path, card.name, str(e).splitlines()[0][:200],
-                                                    card.name))
+                         "{} {}`".format(path, card.name, str(e).splitlines()[0][:200],
+                                         remake, card.name))
     check_inputs(model, card, path)
     return model
 

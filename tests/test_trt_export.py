@@ -208,3 +208,53 @@ def test_parser_opsets_by_version():
     assert trtcheck.parser_opset((8, 4)) == 17
     assert trtcheck.parser_opset((8, 6)) == 17
     assert trtcheck.parser_opset((10, 3)) == 20
+
+
+def _qdq_conv(zero=0, zero_type=TensorProto.INT8, activation_scales=1, bias_type=None,
+              with_zero=True):
+    """x -> Q -> DQ -> Conv (weights: INT8 initializer -> per-channel DQ), as edge.quantize
+    writes it, with one thing changed at a time."""
+    def const(name, array, elem=None):
+        tensor = numpy_helper.from_array(array, name)
+        if elem is not None:
+            tensor.data_type = elem
+        return tensor
+    inits = [const("s", np.full(activation_scales, 0.05, np.float32).reshape(
+                 () if activation_scales == 1 else (activation_scales,))),
+             const("z", np.array(zero, np.int8 if zero_type == TensorProto.INT8 else np.uint8)),
+             const("w", np.ones((4, 3, 1, 1), np.int8)),
+             const("ws", np.full(4, 0.01, np.float32)),
+             const("wz", np.zeros(4, np.int8))]
+    q_inputs = ["x", "s", "z"] if with_zero else ["x", "s"]
+    nodes = [helper.make_node("QuantizeLinear", q_inputs, ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"] if with_zero else ["xq", "s"],
+                              ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="wdq", axis=0)]
+    conv_inputs = ["xd", "wd"]
+    if bias_type is not None:
+        inits += [const("b", np.zeros(4, np.int32)), const("bs", np.full(4, 0.0005, np.float32)),
+                  const("bz", np.zeros(4, np.int32))]
+        nodes.append(helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], name="bdq",
+                                      axis=0))
+        conv_inputs.append("bd")
+    nodes.append(helper.make_node("Conv", conv_inputs, ["y"], name="conv"))
+    return _model(nodes, [_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                  [_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits, opset=13)
+
+
+def test_a_qdq_graph_as_edge_quantizes_passes_and_its_conv_may_take_dequantized_weights():
+    for release in ((8, 2), (8, 5), (10, 3)):
+        assert trtcheck.problems(_qdq_conv(), release) == [], release
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"zero": 3}, "zero point z is not 0; TensorRT quantizes symmetrically"),
+    ({"zero_type": TensorProto.UINT8}, "zero point z is UINT8; TensorRT quantizes to INT8"),
+    ({"activation_scales": 3}, "per-axis scales on an activation (x)"),
+    ({"bias_type": TensorProto.INT32}, "dequantizes INT32 b; TensorRT's DequantizeLinear takes "
+                                       "INT8"),
+    ({"with_zero": False}, "no zero point; TensorRT 8.0-8.5 need all three inputs"),
+])
+def test_the_checker_finds_what_tensorrt_refuses_in_a_qdq_graph(change, expected):
+    found = trtcheck.problems(_qdq_conv(**change), (8, 5))
+    assert any(expected in line for line in found), found

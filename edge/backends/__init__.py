@@ -94,6 +94,10 @@ class Backend:
         batch, ...): part of the key."""
         return {"precision": card.precision}
 
+    def int8_problem(self):
+        """Why INT8 engines (edge.precision) cannot pay here, or None."""
+        return None
+
     def build_estimate(self, model_size, options):
         """Bytes a build of a `model_size`-byte rewritten graph with these options is expected
         to need (edge.memoryplan): what the pre-check asks of the system before it starts."""

@@ -66,8 +66,9 @@ def add_listener(callback):
 class BuildState:
     """What a build is doing, for health and progress display."""
 
-    def __init__(self, label):
+    def __init__(self, label, precision=None):
         self.label = label
+        self.precision = precision     # the build options' (edge.precision)
         self.state = "building"        # building | ready | failed
         self.phase = "starting"
         self.progress = None           # 0..1 when the backend can tell
@@ -78,9 +79,12 @@ class BuildState:
         self.counted = "RSS + swap"    # what that figure holds (GPU where nvmap is readable)
 
     def as_dict(self):
-        return {"state": self.state, "phase": self.phase, "progress": self.progress,
+        made = {"state": self.state, "phase": self.phase, "progress": self.progress,
                 "elapsed_s": round(self.elapsed, 1), "error": self.error,
                 "peak_mb": round(self.peak_mb, 1)}
+        if self.precision:
+            made["precision"] = self.precision
+        return made
 
     def update(self, **changes):
         for key, value in changes.items():
@@ -304,7 +308,7 @@ def ensure(backend, model, card, label, cache, budget, timeout=None, progress=No
         if noted:
             cache.note(path, **noted)       # built before recipes were recorded, or elsewhere
         return path
-    state = BuildState(label)
+    state = BuildState(label, options.get("precision"))
     with _STATES_LOCK:
         STATES[label] = state
     if backoff:
@@ -477,9 +481,11 @@ def run_child(backend, model_bytes, path, options, budget, state, timeout=None, 
 class EngineMaker:
     """Engines for tasks: cached artefact, else a build in the child, then the backend loads it."""
 
-    def __init__(self, backend, cache, budget, timeout=None, reserve=DEFAULT_RESERVE):
+    def __init__(self, backend, cache, budget, timeout=None, reserve=DEFAULT_RESERVE,
+                 precision="auto"):
         self.backend = backend
         self.cache = cache
+        self.precision = precision      # engine.precision asked for (edge.precision)
         self.budget = budget
         self.timeout = timeout
         self.reserve = reserve

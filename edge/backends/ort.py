@@ -122,10 +122,12 @@ class OrtBackend(Backend):
                 "machine": platform.machine(), "cpu": _cpu_model()}
 
     def build_options(self, card, batch=None):
-        # The CPU runs FP32 whatever the card asks of the GPU. A batched graph's batch is
-        # dynamic, so its size changes nothing here; that it is batched is said all the
-        # same, so that no lookup ever takes a one-frame artefact for a batched one.
-        options = {"precision": "fp32", "optimization": "all"}
+        # The CPU runs FP32 whatever the card asks of the GPU, or a calibrated QDQ graph's
+        # INT8 (edge.precision). A batched graph's batch is dynamic, so its size changes
+        # nothing here; that it is batched is said all the same, so that no lookup ever
+        # takes a one-frame artefact for a batched one.
+        options = {"precision": "int8" if card.precision == "int8" else "fp32",
+                   "optimization": "all"}
         if batch:
             options["batched"] = True
         return options

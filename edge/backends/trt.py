@@ -813,6 +813,10 @@ class TrtBackend(Backend):
             options["max_batch"] = int(batch)    # the optimisation profile: 1..max_batch frames
         return options
 
+    def int8_problem(self):
+        from edge.precision import gpu_int8_problem
+        return gpu_int8_problem(self.fingerprint())
+
     def build_estimate(self, model_size, options):
         from edge import memoryplan
         # The builder loads (and initialises) cuBLAS and cuDNN only where the build's tactic
@@ -867,12 +871,17 @@ class TrtBackend(Backend):
         else:
             # 8.2/8.3: the workspace defaults to 0 ("no temporary memory"), so always set it.
             config.max_workspace_size = workspace
-        if options.get("precision") == "fp16":
+        precision = options.get("precision")
+        if precision in ("fp16", "int8"):
             if _fast_fp16(builder, version):
                 config.set_flag(trt.BuilderFlag.FP16)
-            else:
+            elif precision == "fp16":
                 logger.warning("%s: this GPU has no fast FP16; building an FP32 engine",
                                os.path.basename(onnx_path))
+        if precision == "int8":
+            # Explicit quantization: the graph's Q/DQ pairs carry the scales (no calibrator);
+            # the flag lets TensorRT run the quantized layers in INT8, FP16 the others.
+            config.set_flag(trt.BuilderFlag.INT8)
 
         sources = options.get("tactic_sources", "default")
         _apply_tactic_sources(trt, config, sources)

@@ -22,6 +22,16 @@ machine without a GPU. The rules come from the onnx-tensorrt sources at each rel
 - Our own rule, for FP16 engines: no `Equal` on floating-point tensors. With the FP16 flag
   TensorRT picks each layer's precision, so two float results that are equal in FP32 need
   not be equal in the engine, and an equality test on them silently fails.
+- QDQ graphs (engine.precision int8, edge.quantize): QuantizeLinear/DequantizeLinear as the
+  QuantDequantLinearHelper of builtin_op_importers.cpp takes them at release/8.0-GA
+  (lines 1097-1215), 8.2-GA (1123-1241), 8.5-GA (1184-1310), 8.6-GA (1157-1307) and
+  onnxOpImporters.cpp at 10.1-GA (1346-1520): the scale an initializer, positive; the zero
+  point given (three inputs, required through 8.5; from 8.6 two may do, but not for INT8
+  with a constant zero point), INT8 and 0 (symmetric; 8.5 refuses UINT8 outright); several
+  scales only along a weight's output channels (activations per tensor); a
+  DequantizeLinear reads INT8 (no INT32 bias). A Conv's weights may then be a
+  DequantizeLinear of an initializer instead of the initializer (the 8.0 Conv importer
+  takes weights as a tensor, lines 604-616). Per-axis Q/DQ needs opset 13.
 """
 
 from onnx import TensorProto, shape_inference
@@ -141,8 +151,48 @@ def problems(model, version=(8, 2)):
         if node.op_type == "Constant":
             constants.update(node.output)
     found.extend(_input_problems(graph, constants, types, version, label))
+    dequantized = {node.output[0] for node in graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in constants}
+    initializers = {t.name: t for t in graph.initializer}
     for node in graph.node:
-        found.extend(_node_problems(node, types, constants, version, opset))
+        found.extend(_node_problems(node, types, constants | dequantized, version, opset))
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            found.extend(qdq_problems(node, initializers))
+    return found
+
+
+def qdq_problems(node, initializers):
+    """What TensorRT's QuantizeLinear/DequantizeLinear importer (8.0 to 10.x, module
+    docstring) refuses in one such node, one line each; `initializers` by name."""
+    import numpy as np
+    from onnx import numpy_helper
+    where = "{} {}".format(node.op_type, node.name or node.output[0])
+    found = []
+    scale = initializers.get(node.input[1])
+    if scale is None:
+        found.append("{}: scale {} is not an initializer".format(where, node.input[1]))
+    elif not np.all(numpy_helper.to_array(scale) > 0):
+        found.append("{}: scale {} is not positive".format(where, node.input[1]))
+    elif numpy_helper.to_array(scale).size > 1 and node.input[0] not in initializers:
+        found.append("{}: per-axis scales on an activation ({}); TensorRT quantizes "
+                     "activations per tensor".format(where, node.input[0]))
+    if len(node.input) < 3 or not node.input[2]:
+        found.append("{}: no zero point; TensorRT 8.0-8.5 need all three inputs".format(where))
+        return found
+    zero = initializers.get(node.input[2])
+    if zero is None:
+        found.append("{}: zero point {} is not an initializer".format(where, node.input[2]))
+    elif zero.data_type != TensorProto.INT8:
+        found.append("{}: zero point {} is {}; TensorRT quantizes to INT8".format(
+            where, node.input[2], TensorProto.DataType.Name(zero.data_type)))
+    elif np.any(numpy_helper.to_array(zero) != 0):
+        found.append("{}: zero point {} is not 0; TensorRT quantizes symmetrically".format(
+            where, node.input[2]))
+    data = initializers.get(node.input[0])
+    if node.op_type == "DequantizeLinear" and data is not None and \
+            data.data_type != TensorProto.INT8:
+        found.append("{}: dequantizes {} {}; TensorRT's DequantizeLinear takes INT8".format(
+            where, TensorProto.DataType.Name(data.data_type), node.input[0]))
     return found
 
 

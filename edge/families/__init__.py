@@ -5,7 +5,8 @@ task it serves, adds the family's nodes (built with edge.nodes) when `edge.graph
 fuses the card into the model (`graph_inputs`, `graph_outputs`), and says whether those have a
 batched form (`batches`: several cameras' frames in one run); nothing outside the family asks
 which it is. A family may also rewrite the model's own nodes first (`rewrite_model(model)`,
-optional: Coarse LoFTR makes its attention FP16-safe there).
+optional: Coarse LoFTR makes its attention FP16-safe there), and whether its cards may run
+at engine.precision int8 (`int8_problem`: None, or why not).
 """
 
 _FAMILIES = {}

@@ -41,6 +41,10 @@ class LoftrCoarse:
     name = "loftr-coarse"
     task = "match"
     batches = False      # one frame and one reference per run (matching runs at 1 Hz)
+    # engine.precision int8 (edge.precision): its matches under INT8 are not measured, and
+    # its attention already needed rewriting to survive FP16
+    int8_problem = ("Coarse LoFTR is not quantized (its matches under INT8 are not "
+                    "measured; its attention needed rewriting even for FP16)")
 
     def rewrite_model(self, model):
         """Make every linear attention's normaliser FP16-safe, in place (edge.graph's hook)."""

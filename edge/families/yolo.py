@@ -22,6 +22,7 @@ class YoloFamily:
     name = None
     task = "detect"
     batches = True       # several frames in one run: graph_outputs has a batched form
+    int8_problem = None  # engine.precision int8 (edge.precision): why not, or None
 
     def split(self, g, card, raw):
         """Node outputs (boxes (1, N, 4) as the model gives them, objectness (1, N, 1) or

@@ -113,10 +113,16 @@ def create(card, engines, model_dir, mirror=None, **options):
     against the card) only when no engine made from this card and model is cached: a device
     that starts from its cache never imports onnx (edge.backends.cache, Recipes).
     """
-    from edge import models
+    from edge import models, precision
+    card = precision.resolve(card, getattr(engines, "precision", "auto"), engines.backend,
+                             engines.cache.folder,
+                             lambda original=card: models.ensure(original, model_dir, mirror))
     cls = kind(card.task)
-    path = models.ensure(card, model_dir, mirror)
-    key = card_key(card)
+    if card.calibrated:             # engine.precision int8: the calibrated QDQ graph
+        path = card.calibrated
+    else:
+        path = models.ensure(card, model_dir, mirror)
+    key = card_key(card, path if card.calibrated else None)
     if engines.knows(key):
         model = _Lazy(lambda: models.load_onnx(path, card))
     else:
@@ -139,13 +145,17 @@ def _rewriting_code():
     return digest.hexdigest()
 
 
-def card_key(card):
-    """What every engine of a card is made from, before the frame size: the card, the model
-    file's sha256, the rewriting code and edge's version."""
+def card_key(card, calibrated=None):
+    """What every engine of a card is made from, before the frame size: the card (its
+    precision too), the model file's sha256 (and the calibrated graph's, `calibrated` its
+    path), the rewriting code and edge's version."""
     from edge import __version__
-    text = json.dumps({"card": card.data, "model_sha256": card.model["sha256"],
-                       "rewriting": _rewriting_code(), "edge": __version__},
-                      sort_keys=True, separators=(",", ":"), default=str)
+    made = {"card": card.data, "model_sha256": card.model["sha256"],
+            "rewriting": _rewriting_code(), "edge": __version__}
+    if calibrated:
+        with open(calibrated, "rb") as f:
+            made["calibrated_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    text = json.dumps(made, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -113,6 +113,12 @@ class Task:
         """Labels of the engines this task holds (they are ready)."""
         return [self._label(*key) for key in self.engines]
 
+    @property
+    def precision(self):
+        """What its engines compute in: the backend's build option for the card
+        (edge.precision)."""
+        return self.maker.backend.build_options(self.card).get("precision")
+
     def _label(self, width, height, reference_size):
         batch = None if reference_size else self.batch_for(width, height)
         return engine_label(self.card.name, width, height, reference_size, batch)
