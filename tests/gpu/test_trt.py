@@ -428,3 +428,48 @@ def test_edge_run_batches_three_cameras_on_the_gpu(model_dir, tmp_path):
     with open(str(jsonl)) as f:
         messages = [json.loads(l) for l in f if '"detections"' in l]
     assert collections.Counter(m["camera"] for m in messages) == {"a": 6, "b": 4, "c": 5}
+
+
+# -- INT8 (issue 28): built where the GPU has fast INT8, refused where it has not ------------
+
+def test_int8_is_built_where_the_gpu_has_it_and_refused_where_not(backend, model_dir,
+                                                                   tmp_path):
+    """`edge run --precision int8` on this GPU: on a Nano (5.3) or under TensorRT 8.5, the
+    one-line refusal (exit 78); elsewhere an INT8 engine from the card's calibrated graph,
+    whose detections agree with ONNX Runtime's FP32 ones as docs/int8.md counts them."""
+    import importlib.util
+    import json
+    from edge.tasks.detect import INT8_MATCH_IOU, select
+    from edge.tracking.tracker import iou_matrix
+    from tests.conftest import run_edge
+    jsonl = tmp_path / "out.jsonl"
+    args = ["run", "--backend", "trt", "--precision", "int8", "--detector", "yolox-nano",
+            "--source", COCO8_VAL, "--state-dir", str(tmp_path), "--model-dir", model_dir,
+            "--jsonl", str(jsonl)]
+    problem = backend.int8_problem()
+    if problem is None and importlib.util.find_spec("onnxruntime.quantization") is None:
+        pytest.skip("calibration needs onnxruntime's quantization tooling (docs/int8.md)")
+    code, out, err = run_edge(*args, timeout=1800)
+    if problem is not None:
+        assert code == 78 and "engine.precision int8: refused on this device" in err, err
+        return
+    assert code == 0, err[-3000:]
+    card = cards.load("yolox-nano")
+    found = total = 0
+    with open(str(jsonl)) as f:
+        messages = {m["frame"]["name"]: m for m in map(json.loads, f) if "detections" in m}
+    for name in sorted(os.listdir(COCO8_VAL)):
+        image = read_image(os.path.join(COCO8_VAL, name))
+        model = models.load_onnx(os.path.join(model_dir, card.model["file"]), card)
+        fp32 = select(ort_outputs(card, model, tmp_path, image)["detections"],
+                      card.thresholds["score"], card.thresholds["iou"])
+        got = [d for d in messages[name]["detections"]]
+        boxes = np.array([d["box"] for d in got], np.float64).reshape(-1, 4)
+        classes = [d["class_id"] for d in got]
+        for row in fp32:
+            total += 1
+            if boxes.shape[0]:
+                iou = iou_matrix(row[None, :4].astype(np.float64), boxes)[0]
+                iou[[c != int(row[5]) for c in classes]] = 0.0
+                found += iou.max() >= INT8_MATCH_IOU
+    assert total and found >= 0.9 * total, (found, total)
