@@ -137,6 +137,7 @@ class Daemon:
         self.motion = None          # edge.motioninput.MotionInput: the `motion` topics
         self.metrics = None         # edge.metrics.MetricsServer when metrics.port is set
         self.web = None             # edge.web.WebServer when web.port is set
+        self.regions_lock = threading.Lock()    # held by a reload, tried by the web API
         if config["web"]["port"]:
             from edge.web import read_token
             read_token(config["web"])       # a bad token file fails now, before any build
@@ -395,6 +396,13 @@ class Daemon:
         logger.info("reloading %s", self.config_path or "the configuration")
         self.notifier.reloading("reloading")
         self.ready = False        # READY=1 again once the new pipeline works
+        # the web API changes no zone from reading the saved ones to the new tasks (503)
+        with self.regions_lock:
+            return self._rebuild()
+
+    def _rebuild(self):
+        """The reload's work: the config loaded, the running pipeline stopped, the new one
+        built (or the running configuration's again)."""
         try:
             config = self._load_checked()
         except EdgeError as e:

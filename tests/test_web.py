@@ -10,6 +10,7 @@ import socket
 import time
 
 import numpy as np
+import pytest
 
 from edge import config, validate
 from edge.errors import EXIT_CONFIG
@@ -312,3 +313,24 @@ def test_a_zone_change_between_frames_keeps_ids_and_makes_no_spurious_events():
         step(i, person(100 + (i - 8) * 8))
     assert events.count(("line_cross", "l")) == 1, events
     assert np.all(tracking.regions.inside.sum(0) <= 1)
+
+
+def test_no_zone_changes_while_the_daemon_reloads():
+    """A reload reads the saved zones, then builds and swaps in new tasks: a change saved
+    in between would not be used, so the API answers 503 (retry) while the daemon holds its
+    regions lock, and changes again once it is free."""
+    import threading
+    import types
+    from edge.web.api import Api
+    from edge.web.server import ApiError
+    app = types.SimpleNamespace(regions_lock=threading.Lock())
+    api = Api(app, lambda: {})
+    with app.regions_lock:                      # a reload in progress
+        with pytest.raises(ApiError) as refused:
+            with api._changing():
+                pass
+    assert refused.value.status == 503 and "reloading" in refused.value.message
+    assert refused.value.headers == {"Retry-After": "2"}
+    with api._changing():                       # free again: the change goes ahead
+        assert app.regions_lock.locked()
+    assert not app.regions_lock.locked()

@@ -7,6 +7,7 @@ A camera is named in URLs as in the configuration; the one unnamed camera (`sour
 `camera front: zones[0].points: must be ...`.
 """
 
+import contextlib
 import importlib.util
 import os
 import threading
@@ -107,7 +108,7 @@ class Api:
         PUT of it would; 200 with the list left."""
         camera = self._camera(name)
         item = unquote(item)
-        with self.lock:
+        with self._changing():
             items = self._editors(camera)[0].regions(camera)[kind]
             kept = [dict(i) for i in items if i["name"] != item]
             if len(kept) == len(items):
@@ -124,8 +125,22 @@ class Api:
             raise ApiError(400, str(e))
         if locked:
             return self._hand_over(name, camera, kind, items, where)
-        with self.lock:
+        with self._changing():
             return self._hand_over(name, camera, kind, items, where)
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """One change at a time, and none while the daemon reloads: it reads the saved zones
+        and lines, then builds and swaps in new tasks, so a change saved in between would
+        be kept on disk but not used until the next restart. 503 (retry) then."""
+        with self.lock:
+            if not self.app.regions_lock.acquire(blocking=False):
+                raise ApiError(503, "the daemon is reloading its configuration; try again in "
+                                    "a moment", {"Retry-After": "2"})
+            try:
+                yield
+            finally:
+                self.app.regions_lock.release()
 
     def _hand_over(self, name, camera, kind, items, where):
         editors = self._editors(camera)
