@@ -92,12 +92,12 @@ def _build(args):
 def _calibrate(args):
     """`edge calibrate`: the card's network calibrated into its INT8 graph beside the
     engines, where engine.precision int8 takes it (edge.precision)."""
-    from edge import precision
+    from edge import cards, precision
     overrides = {"model_dir": args.model_dir, "model_mirror": args.mirror,
                  "state_dir": args.state_dir}
     cfg = _beside_the_service(args.config, overrides)
     made = precision.calibrate(
-        cfg, args.card, args.images, args.count,
+        cfg, cards.load(args.card), args.images, args.count,
         progress=lambda stage, fraction=None: print("calibrating {}: {}{}".format(
             args.card, stage, "" if fraction is None else " {:.0%}".format(fraction)),
             file=sys.stderr, flush=True))

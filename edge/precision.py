@@ -111,15 +111,14 @@ def ensure_calibrated(card, folder, model_path):
     return path
 
 
-def calibrate(config, name, images, count, progress=None):
-    """`edge calibrate`: the card `name`'s calibrated graph from `images` (`count` frames)
-    written beside the configuration's engines; edge.quantize.calibrate's result.
-    ConfigError for a bad count or a card whose family is not quantized."""
-    from edge import cards, families, models, quantize
+def calibrate(config, card, images, count, progress=None):
+    """`edge calibrate`: the card's calibrated graph from `images` (`count` frames) written
+    beside the configuration's engines; edge.quantize.calibrate's result. ConfigError for a
+    bad count or a card whose family is not quantized."""
+    from edge import families, models, quantize
     if not 1 <= count <= 100000:
         raise ConfigError("edge calibrate: --count {}: give 1 to 100000 frames (a few hundred "
                           "are plenty)".format(count))
-    card = cards.load(name)
     reason = families.get(card.family).int8_problem
     if reason:
         raise ConfigError("edge calibrate {}: {}".format(card.name, reason))
