@@ -174,6 +174,16 @@ def _session_options(ort, threads):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # ONNX Runtime's threads spin between runs by default, burning the cores the daemon's
+    # other threads need: capture (JPEG decode), tracking, publishing. `edge bench` on the
+    # 2-core host, runs of each in turn: the image folder source (a JPEG decode per frame)
+    # 16.7-18.0 frames/s spinning, 32.4-42.3 not; tracking against none, medians of 4-5
+    # runs, 0.864 spinning, 0.915 not (single runs spread 0.83-1.02); the engine alone in
+    # a loop loses a little without (45 against 45-65 frames/s, the host's speed drifting).
+    try:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    except Exception:  # noqa: BLE001 (an old ONNX Runtime without the entry: spins)
+        pass
     return options
 
 
