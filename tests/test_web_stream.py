@@ -142,6 +142,7 @@ def test_health_and_a_bad_rate_get_clear_answers(daemon):
     assert request(port, "GET", "/api/cameras/nope/stream")[0] == 404
 
 
+@pytest.mark.timing      # compares the daemon's rate before and during: alone, not beside workers
 def test_a_viewer_that_never_reads_is_dropped_and_the_daemon_keeps_its_rate(daemon):
     proc, port = daemon
     before = figures(port)["streams"]
